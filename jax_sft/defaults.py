@@ -1,0 +1,172 @@
+"""The default SFT run: NeMo RL's examples/configs/sft.yaml, key for key, plus `policy.jax_cfg`.
+
+This is the shared contract of config keys; `configs/sft.py` re-exports it so that
+`--config configs/sft.py` works from a checkout, and this module keeps it importable from an
+installed package. A user's Python config can start from it:
+
+    from jax_sft.config import default_config
+
+    def get_config():
+        c = default_config()
+        c.policy.model_name = "Qwen/Qwen3-0.6B"
+        return c
+
+Keys whose NeMo RL value is an interpolation (`${policy.model_name}`, `${mul:...}`) are `None`
+here and are resolved by `jax_sft.config.validate` (see `DERIVED` there), so that overriding the
+source key also moves the derived one. Keys whose default is null are ml-collections placeholders
+so that they stay overridable from the command line (`--config.data.val_data_path=/x.jsonl`);
+only placeholders accept null.
+"""
+
+from ml_collections import config_dict
+from ml_collections.config_dict import placeholder
+
+# NeMo RL's sft.yaml template for squad on a base model: "Context: ... Question: ... Answer: ...".
+SQUAD_TEMPLATE = (
+    "{% for message in messages %}"
+    "{%- if message['role'] == 'system'  %}{{'Context: ' + message['content'].strip()}}"
+    "{%- elif message['role'] == 'user'  %}{{' Question: ' + message['content'].strip() + ' Answer:'}}"
+    "{%- elif message['role'] == 'assistant'  %}{{' ' + message['content'].strip()}}"
+    "{%- endif %}{% endfor %}"
+)
+
+
+def get_config() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+
+    c.sft = dict(
+        max_num_epochs=1,
+        max_num_steps=60,
+        val_period=10,
+        val_batches=8,  # <= 0: the whole validation set
+        val_global_batch_size=32,
+        val_micro_batch_size=1,
+        val_at_start=True,
+        val_at_end=False,
+        seed=42,
+        only_unmask_final=False,
+    )
+
+    c.checkpointing = dict(
+        enabled=True,
+        checkpoint_dir="results/sft",
+        metric_name=placeholder(str),  # "val:<name>" or "train:<name>"; null: keep the newest
+        higher_is_better=False,
+        keep_top_k=placeholder(int),  # NeMo RL: 3; null keeps every checkpoint
+        save_period=10,
+        checkpoint_must_save_by=placeholder(str),  # "DD:HH:MM:SS" after the start of the run
+        save_optimizer=True,
+    )
+    c.checkpointing.metric_name = "val:val_loss"
+    c.checkpointing.keep_top_k = 3
+
+    c.policy = dict(
+        model_name="meta-llama/Llama-3.2-1B",
+        tokenizer=dict(
+            name=placeholder(str),  # null: policy.model_name
+            # "default": the tokenizer's own; None: passthrough; "*.jinja": a file; else Jinja text.
+            chat_template=placeholder(str),  # set below to NeMo RL's squad template
+            chat_template_kwargs=placeholder(dict),
+        ),
+        train_global_batch_size=32,
+        train_micro_batch_size=1,
+        max_total_sequence_length=1024,
+        precision="bfloat16",  # "bfloat16" (fp32 master weights, bf16 compute) or "float32"
+        max_grad_norm=placeholder(float),  # null: no clipping
+        make_sequence_length_divisible_by=placeholder(int),  # null: tensor_parallel_size
+        dtensor_cfg=dict(
+            enabled=True,
+            cpu_offload=False,
+            sequence_parallel=False,
+            activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
+            tensor_parallel_size=1,  # maps to the mesh's tensor axis
+            context_parallel_size=1,
+            custom_parallel_plan=placeholder(str),
+        ),
+        dynamic_batching=dict(
+            enabled=False,
+            train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
+            sequence_length_round=64,
+        ),
+        sequence_packing=dict(
+            enabled=False,
+            train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
+            algorithm="modified_first_fit_decreasing",  # or first_fit, best_fit, first_fit_decreasing
+            sequence_length_round=64,
+        ),
+        optimizer=dict(
+            name="torch.optim.AdamW",
+            kwargs=dict(
+                lr=5.0e-6,
+                weight_decay=0.1,
+                betas=[0.9, 0.98],
+                eps=1.0e-5,
+                foreach=False,
+                fused=False,
+            ),
+        ),
+        # NeMo RL: absent = constant LR. A list of {name, kwargs} plus {milestones: [...]}
+        # is a sequential schedule (e.g. torch.optim.lr_scheduler.LinearLR then CosineAnnealingLR).
+        scheduler=placeholder(list),
+        # jax_sft's own keys: how this backend lays the model out and computes.
+        jax_cfg=dict(
+            mesh=dict(
+                data=1,  # pure data parallelism (replicated params)
+                fsdp=-1,  # -1: every device left after data and tensor
+                tensor=placeholder(int),  # null: dtensor_cfg.tensor_parallel_size
+            ),
+            param_dtype="float32",  # master weights; compute dtype comes from policy.precision
+            attention="auto",  # "auto", "xla" or "cudnn"
+            # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable";
+            # null: "full" if dtensor_cfg.activation_checkpointing else "none".
+            remat=placeholder(str),
+            scan_layers=False,
+            loss_chunk_size=1024,  # tokens per chunk of the fp32 log-softmax
+            compilation_cache_dir=placeholder(str),
+        ),
+    )
+    c.policy.max_grad_norm = 1.0
+    c.policy.tokenizer.chat_template = SQUAD_TEMPLATE
+
+    c.data = dict(
+        max_input_seq_length=placeholder(int),  # null: policy.max_total_sequence_length
+        add_bos=True,
+        add_eos=True,
+        add_generation_prompt=False,
+        shuffle=True,
+        dataset_name="squad",
+        prompt_file=placeholder(str),
+        system_prompt_file=placeholder(str),
+        # The guide's flat keys for ResponseDataset / openai_format / hub datasets.
+        train_data_path=placeholder(str),
+        val_data_path=placeholder(str),
+        input_key="input",
+        output_key="output",
+        train_split=placeholder(str),
+        val_split=placeholder(str),
+        chat_key="messages",
+        system_key=placeholder(str),
+        system_prompt=placeholder(str),
+        tool_key="tools",
+        use_preserving_dataset=False,
+        # jax_sft's own keys.
+        overlength="mask",  # "truncate", "drop" or "mask" (NeMo RL: kept, no loss)
+        skip_examples_without_loss=False,  # false: a conversation with no loss token is an error
+        num_workers=0,  # Grain worker processes for templating/tokenising (0: in-process)
+    )
+
+    c.logger = dict(
+        log_dir="logs",  # each run gets log_dir/exp_NNN
+        wandb_enabled=False,
+        tensorboard_enabled=True,
+        mlflow_enabled=False,
+        monitor_gpus=True,
+        num_val_samples_to_print=0,
+        wandb=dict(project="sft-dev", name="sft-dev"),
+        tensorboard=dict(log_dir=placeholder(str)),
+        mlflow=dict(experiment_name="sft-dev", run_name="sft-dev", tracking_uri=placeholder(str)),
+        gpu_monitoring=dict(collection_interval=10, flush_interval=10),
+    )
+
+    c.cluster = dict(gpus_per_node=1, num_nodes=1)
+    return c
