@@ -1,0 +1,244 @@
+"""The decoder: one Flax NNX model for Llama, Qwen2, Qwen3 and Mistral (see `ModelConfig`).
+
+    model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    logits = model(input_ids, positions=None, segment_ids=None)   # [b, t, vocab] float32
+    hidden = model.hidden_states(input_ids, positions, segment_ids)  # [b, t, hidden] compute dtype
+    logits = model.unembed(hidden)                                   # hidden @ lm_head_kernel()
+
+`input_ids`, `positions`, `segment_ids` are [batch, seq] integers. `positions` (default
+0..seq-1) feed RoPE; for packed rows they restart at 0 in each segment. `segment_ids` restricts
+attention to the token's own segment (convention in `attention.py`: 0 = padding).
+
+Parameters are stored in `param_dtype`, the forward pass runs in `dtype` (compute); RMSNorm,
+RoPE and softmax run in float32. Parameter layouts and their logical axis names are listed in
+`sharding.py`. `remat` ("none", "full" or a `jax.checkpoint_policies` name) applies per layer.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_sft.models import attention as attention_lib
+from jax_sft.models.config import ModelConfig, RopeConfig
+
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "nothing_saveable",
+    "everything_saveable",
+)
+
+_normal = nnx.initializers.normal(0.02)  # HF's initializer_range default
+
+
+def _meta(*names: str) -> dict:
+    """Param metadata: logical axis names; sharding is applied by the caller (sharding.py)."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+class RMSNorm(nnx.Module):
+    """weight * x / sqrt(mean(x^2) + eps), in float32; returns `dtype`. weight: [features]."""
+
+    def __init__(self, features: int, eps: float, *, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype), **_meta("norm"))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * normed).astype(self.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """[head_dim // 2] float32 inverse frequencies, bit-for-bit as transformers computes them
+    (float32 exponent, power in float64 rounded to float32, llama3 smoothing in float32)."""
+    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / (np.float64(rope.theta) ** exponent.astype(np.float64)).astype(np.float32)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        factor = np.float32(rope.factor)
+        low, high = rope.low_freq_factor, rope.high_freq_factor
+        old_len = rope.original_max_position_embeddings
+        wavelen = np.float32(2 * np.pi) / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (np.float32(old_len) / wavelen - np.float32(low)) / np.float32(high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [b, t, heads, d]; cos, sin: [b, t, d/2] float32. Rotates halves (HF's rotate_half) in fp32."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _dense(einsum: str, kernel: tuple[int, ...], names: tuple[str, ...], bias: tuple[int, ...] | None,
+           bias_names: tuple[str, ...], *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+    return nnx.Einsum(
+        einsum,
+        kernel,
+        bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_normal,
+        bias_init=nnx.initializers.zeros,
+        kernel_metadata=_meta(*names),
+        bias_metadata=_meta(*bias_names),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
+                 rngs: nnx.Rngs):
+        e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dense = partial(_dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        qkv_bias = cfg.qkv_bias
+        self.q_proj = dense("bte,ehd->bthd", (e, n, d), ("embed", "q_heads", "head_dim"),
+                            (n, d) if qkv_bias else None, ("q_heads", "head_dim"))
+        self.k_proj = dense("bte,ehd->bthd", (e, kv, d), ("embed", "kv_heads", "head_dim"),
+                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"))
+        self.v_proj = dense("bte,ehd->bthd", (e, kv, d), ("embed", "kv_heads", "head_dim"),
+                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"))
+        self.o_proj = dense("bthd,hde->bte", (n, d, e), ("q_heads", "head_dim", "embed"),
+                            (e,) if cfg.o_bias else None, ("embed",))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.sliding_window = cfg.sliding_windows[layer]
+        self.implementation = implementation
+        self.dtype = dtype
+
+    def __call__(self, x, cos, sin, segment_ids):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, t, heads, d]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos, sin).astype(self.dtype)
+        k = apply_rope(k, cos, sin).astype(self.dtype)
+        out = attention_lib.attention(
+            q, k, v, segment_ids=segment_ids,
+            sliding_window=self.sliding_window, implementation=self.implementation,
+        )
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        dense = partial(_dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        bias = cfg.mlp_bias
+        self.gate_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",))
+        self.up_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",))
+        self.down_proj = dense("btm,me->bte", (m, e), ("mlp", "embed"), (e,) if bias else None, ("embed",))
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
+                 rngs: nnx.Rngs):
+        norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype,
+                                   implementation=implementation, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment_ids):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _layer_fn(remat: str):
+    """DecoderLayer.__call__, wrapped in nnx.remat with the named policy unless remat == "none"."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose one of {REMAT_POLICIES}")
+    if remat == "none":
+        return DecoderLayer.__call__
+    policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+    return nnx.remat(DecoderLayer.__call__, policy=policy, prevent_cse=True)
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM; see the module docstring for the call signatures."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                 attention: str = "auto", remat: str = "none", rngs: nnx.Rngs):
+        attention_lib.check_implementation(attention, dtype, config.head_dim)
+        _layer_fn(remat)  # validates the name
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.attention = attention
+        self.remat = remat
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=_normal, embedding_metadata=_meta("vocab", "embed"), rngs=rngs,
+        )
+        self.layers = nnx.List([
+            DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, implementation=attention,
+                         rngs=rngs)
+            for i in range(config.num_layers)
+        ])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _dense("bte,ev->btv", (config.hidden_size, config.vocab_size),
+                                  ("embed", "vocab"), None, (), dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """[b, t] ints -> [b, t, hidden] in the compute dtype, after the final norm."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+            if arr is not None and arr.shape != input_ids.shape:
+                raise ValueError(f"{name} shape {arr.shape} != input_ids shape {input_ids.shape}")
+        inv_freq = jnp.asarray(rope_inv_freq(self.config.rope, self.config.head_dim))
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2] fp32
+        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+
+        x = self.embed_tokens(input_ids)
+        layer_fn = _layer_fn(self.remat)
+        for layer in self.layers:
+            x = layer_fn(layer, x, cos, sin, segment_ids)
+        return self.norm(x)
+
+    def lm_head_kernel(self) -> jax.Array:
+        """[hidden, vocab] unembedding in the compute dtype (the embedding transposed when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T.astype(self.dtype)
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+    def unembed(self, hidden: jax.Array) -> jax.Array:
+        """[..., hidden] (compute dtype) -> [..., vocab] float32 logits (fp32 accumulation)."""
+        return jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), self.lm_head_kernel(),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """[b, t] ints -> [b, t, vocab] float32 logits (whole: for tests and small evals)."""
+        return self.unembed(self.hidden_states(input_ids, positions, segment_ids))

@@ -1,0 +1,107 @@
+"""Logical axis names -> mesh axes, and the device mesh.
+
+Every parameter of the decoder carries logical axis names in its `out_sharding` metadata:
+
+    embed_tokens.embedding          ("vocab", "embed")
+    lm_head.kernel                  ("embed", "vocab")
+    self_attn.{q}_proj.kernel       ("embed", "q_heads", "head_dim")    bias ("q_heads", "head_dim")
+    self_attn.{k,v}_proj.kernel     ("embed", "kv_heads", "head_dim")   bias ("kv_heads", "head_dim")
+    self_attn.o_proj.kernel         ("q_heads", "head_dim", "embed")    bias ("embed",)
+    mlp.{gate,up}_proj.kernel       ("embed", "mlp")                    bias ("mlp",)
+    mlp.down_proj.kernel            ("mlp", "embed")                    bias ("embed",)
+    *norm.weight                    ("norm",)
+
+`LOGICAL_AXIS_RULES` below is the one place that maps them to the mesh axes ("data", "fsdp",
+"tensor"): FSDP shards the model dimension, tensor parallelism shards heads / mlp / vocab
+(Megatron layout), "data" only replicates. Changing the layout means editing this table only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),  # activations: [batch, seq, ...]
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh with Auto axes; `fsdp=-1` takes the devices left over."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    for name, size in (("data", data), ("tensor", tensor)):
+        if not (isinstance(size, int) and size >= 1):
+            raise ValueError(f"mesh {name}={size!r} must be a positive integer")
+    if fsdp == -1:
+        if n % (data * tensor):
+            raise ValueError(
+                f"mesh data={data} x tensor={tensor} = {data * tensor} does not divide the {n} devices"
+            )
+        fsdp = n // (data * tensor)
+    elif not (isinstance(fsdp, int) and fsdp >= 1):
+        raise ValueError(f"mesh fsdp={fsdp!r} must be a positive integer or -1 (the remaining devices)")
+    if data * fsdp * tensor != n:
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+            f"does not match the {n} devices"
+        )
+    return jax.make_mesh(
+        (data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec of an array whose dimensions carry these logical names (None: replicated)."""
+    unknown = [n for n in names if n is not None and n not in _RULES]
+    if unknown:
+        raise ValueError(f"logical axis names {unknown} are not in LOGICAL_AXIS_RULES {sorted(_RULES)}")
+    return PartitionSpec(*(None if n is None else _RULES[n] for n in names))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[batch, seq] inputs: the batch dimension split over ("data", "fsdp")."""
+    return NamedSharding(mesh, logical_to_spec(("batch", None)))
+
+
+def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
+    """The `NamedSharding` of every parameter, as an `nnx.State` shaped like `nnx.state(model)`.
+
+    Raises when a dimension is not divisible by the mesh axes it is split over (jax cannot
+    place such an array), naming the parameter and what to change.
+    """
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+    for path, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding")
+        if names is None:
+            raise ValueError(f"parameter {_path_str(path)} has no logical axis names (out_sharding)")
+        spec = logical_to_spec(names)
+        for dim, (size, axes) in enumerate(zip(var.shape, spec)):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            parts = math.prod(mesh.shape[a] for a in axes)
+            if size % parts:
+                raise ValueError(
+                    f"parameter {_path_str(path)} {tuple(var.shape)}: dimension {dim} "
+                    f"({names[dim]!r}, size {size}) cannot be split over mesh axes {axes} "
+                    f"of total size {parts}; choose a mesh whose {'x'.join(axes)} size divides {size}"
+                )
+    with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
+        return nnx.get_named_sharding(state, mesh)
+
+
+def _path_str(path: Sequence) -> str:
+    return ".".join(str(p) for p in path)

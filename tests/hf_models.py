@@ -1,0 +1,107 @@
+"""Tiny random Hugging Face models (torch, test-only) for parity and I/O tests.
+
+Each family's config exercises what distinguishes it: Llama with llama3 RoPE scaling (a small
+original_max_position_embeddings, so that the scaling shows) and tied embeddings; Qwen2 with its
+q/k/v biases and a sliding window on the layers from max_window_layers on; Qwen3 with q/k norms,
+head_dim != hidden/heads and attention biases; Mistral with MQA and a window shorter than the
+test sequences. Biases and norm weights are randomised (HF initialises them to 0 and 1), so that
+a wrong mapping of any tensor shows in the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=32768,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "llama": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(rope_theta=1000000.0, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(head_dim=32, attention_bias=True, rope_theta=1000000.0, tie_word_embeddings=False),
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(num_key_value_heads=1, sliding_window=5, rope_theta=10000.0),
+    ),
+}
+
+
+def make_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
+    """Builds a tiny random float32 HF model of `family`, saves it to `out_dir`, returns it (eval)."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = config_cls(**{**COMMON, **extra})
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    model.config._attn_implementation = "eager"
+    model.eval()
+    model.save_pretrained(out_dir)
+    return model
+
+
+def hf_logits(model, input_ids, position_ids=None):
+    """float32 logits [b, t, vocab] as numpy, from int numpy inputs."""
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(input_ids, dtype=torch.long),
+            position_ids=None if position_ids is None else torch.as_tensor(position_ids, dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+
+@nnx.jit
+def _jit_forward(model, input_ids, positions, segment_ids):
+    return model(input_ids, positions, segment_ids)
+
+
+def jax_logits(model, input_ids, positions=None, segment_ids=None) -> np.ndarray:
+    """model(...) under nnx.jit (compiling once per model and shape beats eager op-by-op)."""
+    as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+    return np.asarray(_jit_forward(model, as_array(input_ids), as_array(positions), as_array(segment_ids)))
