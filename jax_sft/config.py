@@ -402,7 +402,7 @@ def _is_deadline(value: str | None) -> bool:
 
 
 _POSITIVE = (
-    "sft.max_num_epochs", "sft.max_num_steps", "sft.val_global_batch_size",
+    "sft.max_num_epochs", "sft.val_global_batch_size",
     "sft.val_micro_batch_size", "checkpointing.save_period", "policy.train_global_batch_size",
     "policy.train_micro_batch_size", "policy.max_total_sequence_length",
     "data.max_input_seq_length", "policy.make_sequence_length_divisible_by",
@@ -432,6 +432,7 @@ def _check(c: ConfigDict, derived: set[str]) -> list[str]:
         need(key, lambda v: v > 0, "a positive number")
     need("policy.jax_cfg.mesh.fsdp", lambda v: v > 0 or v == -1,
          "a positive number, or -1 for all devices left after data and tensor")
+    need("sft.max_num_steps", lambda v: v >= 0, "a number >= 0 (0: only validate)")
     need("sft.val_period", lambda v: v >= 0, "a number >= 0 (0: no periodic validation)")
     need("data.num_workers", lambda v: v >= 0, "a number >= 0 (0: in-process)")
     need("policy.optimizer.kwargs.weight_decay", lambda v: v >= 0, "a number >= 0")

@@ -56,6 +56,7 @@ def get_config() -> config_dict.ConfigDict:
         save_period=10,
         checkpoint_must_save_by=placeholder(str),  # "DD:HH:MM:SS" after the start of the run
         save_optimizer=True,
+        hf_export_dir=placeholder(str),  # jax_sft: write the final model here in HF format
     )
     c.checkpointing.metric_name = "val:val_loss"
     c.checkpointing.keep_top_k = 3

@@ -1,0 +1,193 @@
+"""Metrics: analytic FLOPs / MFU, and one logger that writes every sink users look at.
+
+Names follow NeMo RL (train/loss, train/grad_norm, validation/val_loss, timing/train/...).
+Sinks: a tqdm progress bar, `metrics.jsonl` in the run folder (one JSON object per line with
+"step" and the metric names: the contract scripts read), TensorBoard event files, W&B and
+MLflow. Only process 0 writes; other processes get a logger that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+# Dense peak TFLOP/s per device by matmul dtype (bf16 tensor cores; fp32 = TF32 tensor cores,
+# which XLA uses for fp32 matmuls on these GPUs at default precision). Matched by substring of
+# `device.device_kind`, first match wins, so more specific names come first.
+PEAK_TFLOPS: Sequence[tuple[str, dict[str, float]]] = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 494.0}),
+    ("H200", {"bfloat16": 989.0, "float32": 494.0}),
+    ("GH200", {"bfloat16": 989.0, "float32": 494.0}),
+    ("B200", {"bfloat16": 2250.0, "float32": 1100.0}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("L40S", {"bfloat16": 362.0, "float32": 183.0}),
+    ("A10G", {"bfloat16": 125.0, "float32": 62.5}),
+)
+
+
+def peak_flops_per_device(device: jax.Device, precision: str) -> float | None:
+    """Dense peak FLOP/s of `device` for `precision`, or None where unknown (e.g. CPU)."""
+    for name, peaks in PEAK_TFLOPS:
+        if name in device.device_kind:
+            return peaks[precision] * 1e12
+    return None
+
+
+def training_flops(model_cfg: Any, sequence_lengths: np.ndarray) -> float:
+    """Analytic FLOPs of forward + backward (3x forward) for sequences of the given lengths.
+
+    Matmul FLOPs are 2 per multiply-add per token over every projection and the LM head;
+    causal attention counts QK^T and AV over n(n+1)/2 query-key pairs per sequence (halved
+    relative to full attention; a sliding window caps the keys per query).
+    """
+    d, hd, layers = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.num_hidden_layers
+    q, kv = model_cfg.num_attention_heads * hd, model_cfg.num_key_value_heads * hd
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * model_cfg.intermediate_size
+    matmul_params = layers * per_layer + d * model_cfg.vocab_size
+    n = np.asarray(sequence_lengths, np.float64)
+    window = getattr(model_cfg, "sliding_window", None)
+    if window:
+        w = np.minimum(n, window)
+        pairs = (n * w - w * (w - 1) / 2).sum()
+    else:
+        pairs = (n * (n + 1) / 2).sum()
+    forward = 2 * matmul_params * n.sum() + 2 * 2 * layers * q * pairs
+    return 3.0 * forward
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on this process's first device, where the backend reports it."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+class MetricsLogger:
+    """Writes metric dicts to every enabled sink. Use `log(metrics, step)`; call `close()`."""
+
+    def __init__(self, cfg: Any, run_dir: Path, *, total_steps: int, initial_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.run_dir = Path(run_dir)
+        self._bar = self._tb = self._wandb = self._mlflow = None
+        self._jsonl = None
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self._bar_range = (initial_step, total_steps)  # the bar starts with the first step
+        if cfg.tensorboard_enabled:
+            from tensorboardX import SummaryWriter
+
+            tb_dir = cfg.tensorboard.get("log_dir") or str(self.run_dir / "tensorboard")
+            self._tb = SummaryWriter(tb_dir)
+        if cfg.wandb_enabled:
+            self._wandb = _start_wandb(cfg.wandb, self.run_dir)
+        if cfg.mlflow_enabled:
+            self._mlflow = _start_mlflow(cfg.mlflow, self.run_dir)
+
+    def log_config(self, config_dict: Mapping[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.config.update(dict(config_dict), allow_val_change=True)
+        if self._mlflow is not None:
+            flat = _flatten(config_dict)
+            self._mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k.replace(":", "_"): v for k, v in clean.items()}, step=step)
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Advance the console bar to `step` and show loss, lr and throughput."""
+        if not self.enabled:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            initial, total = self._bar_range
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        shown = {
+            "loss": metrics.get("train/loss"),
+            "lr": metrics.get("train/lr"),
+            "tok/s": metrics.get("timing/train/tokens_per_sec"),
+            "val": metrics.get("validation/val_loss"),
+        }
+        self._bar.set_postfix(
+            {k: (f"{v:.3g}" if k != "tok/s" else f"{v:,.0f}") for k, v in shown.items() if v is not None},
+            refresh=False,
+        )
+        self._bar.update(step - self._bar.n)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar (process 0 only)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+
+
+def _start_wandb(cfg: Any, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(
+            "logger.wandb_enabled is true but wandb is not installed: "
+            "pip install 'jax_sft[wandb]' or set logger.wandb_enabled=false"
+        ) from None
+    wandb.init(project=cfg.project, name=cfg.name, dir=str(run_dir))
+    return wandb
+
+
+def _start_mlflow(cfg: Any, run_dir: Path):
+    try:
+        import mlflow
+    except ImportError:
+        raise RuntimeError(
+            "logger.mlflow_enabled is true but mlflow is not installed: "
+            "pip install 'jax_sft[mlflow]' or set logger.mlflow_enabled=false"
+        ) from None
+    uri = cfg.get("tracking_uri") or f"sqlite:///{os.path.abspath(run_dir / 'mlflow.db')}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.experiment_name)
+    mlflow.start_run(run_name=cfg.run_name)
+    return mlflow
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,146 @@
+"""Offline quickstart: make a tiny model, tokenizer and chat dataset, then train, all on the CPU.
+
+    python -m jax_sft.quickstart [--out .quickstart] [--config.a.b=v ...]
+
+Everything is made here, with no network: a synthetic arithmetic chat dataset (jsonl, OpenAI
+message format), a byte-level BPE tokenizer trained on it with a Llama-3-style chat template,
+and a small Llama-architecture model initialised from a config and written in Hugging Face
+format by `jax_sft.models.save_pretrained`. The run itself is the ordinary trainer with
+`configs/quickstart.py`; overrides after the flags go to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SYSTEM = "You are a careful calculator. Answer with the full equation."
+
+
+def _example(rng: random.Random) -> dict:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    op, word, value = rng.choice([("+", "plus", a + b), ("-", "minus", a - b), ("*", "times", a * b)])
+    question = rng.choice([f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"{a} {op} {b} = ?"])
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"{a} {op} {b} = {value}."},
+        ]
+    }
+
+
+def make_dataset(out: Path, *, train: int = 4000, val: int = 256, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    for name, n in (("train.jsonl", train), ("val.jsonl", val)):
+        with open(out / name, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(_example(rng)) + "\n")
+
+
+def make_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts`, with the Llama-3-style CHAT_TEMPLATE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def make_model(out: Path, tokenizer, seed: int = 0) -> None:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_sft.models import CausalLM, ModelConfig, save_pretrained
+
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "torch_dtype": "float32",
+    }
+    model = CausalLM(
+        ModelConfig.from_hf_dict(hf_config), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed)
+    )
+    save_pretrained(model, out, tokenizer=tokenizer)
+
+
+def make_assets(out: Path) -> Path:
+    """Creates out/data (jsonl) and out/model (HF model + tokenizer) unless present; returns `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    data, model_dir = out / "data", out / "model"
+    if not (data / "val.jsonl").exists():
+        data.mkdir(exist_ok=True)
+        make_dataset(data)
+    if not (model_dir / "config.json").exists():
+        rows = [json.loads(line) for line in open(data / "train.jsonl")]
+        texts = [m["content"] for r in rows for m in r["messages"]]
+        tokenizer = make_tokenizer(texts)
+        make_model(model_dir, tokenizer)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=".quickstart", help="folder for the made assets and the run")
+    args, overrides = parser.parse_known_args(argv)
+    out = make_assets(Path(args.out))
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
+    from jax_sft import train
+
+    out = out.absolute()
+    paths = {
+        "policy.model_name": out / "model",
+        "policy.tokenizer.name": out / "model",
+        "data.train_data_path": out / "data" / "train.jsonl",
+        "data.val_data_path": out / "data" / "val.jsonl",
+        "checkpointing.checkpoint_dir": out / "checkpoints",
+        "checkpointing.hf_export_dir": out / "export",
+        "logger.log_dir": out / "logs",
+    }
+    train.main(["--config", str(config), *(f"--config.{k}={v}" for k, v in paths.items()), *overrides])
+
+
+if __name__ == "__main__":
+    main()

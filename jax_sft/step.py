@@ -1,0 +1,138 @@
+"""The compiled train and eval steps: pure functions of (params, optimizer state, batch).
+
+A step is a loop of compiled micro-steps, each adding one micro-batch's gradient of the *summed*
+masked NLL into a donated accumulator, then one compiled `apply` that divides by the number of
+loss tokens of the whole global batch (NeMo RL's normalisation: the update does not depend on
+how the batch is split into micro-batches or devices), clips, and updates. Shapes are fixed per
+micro-batch, so a varying number of micro-batches per step (packing) never recompiles.
+
+Batches are dicts of int32 arrays [rows, seq]: input_ids, targets, loss_mask, segment_ids,
+positions (see jax_sft.data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jax_sft.loss import masked_nll_sum
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Accumulator:
+    """Running sums over the micro-batches of one step (fp32)."""
+
+    grads: Any
+    loss_sum: jax.Array
+    num_tokens: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    Accumulator, data_fields=["grads", "loss_sum", "num_tokens"], meta_fields=[]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The jitted functions of a run (see `make_step_fns`)."""
+
+    init_accumulator: Any  # (params) -> Accumulator of zeros
+    micro_step: Any  # (params, acc, batch) -> acc            (acc donated)
+    apply: Any  # (params, opt_state, acc, step) -> (params, opt_state, metrics)  (state donated)
+    eval_step: Any  # (params, batch) -> (nll_sum, num_tokens)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, packed: bool):
+    """(params, batch) -> summed masked NLL (fp32). `rest` is the model's non-Param state."""
+
+    def loss_sum(params: nnx.State, batch: Batch) -> jax.Array:
+        model = nnx.merge(graphdef, params, rest)
+        hidden = model.hidden_states(
+            batch["input_ids"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"] if packed else None,
+        )
+        return masked_nll_sum(
+            hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk_size
+        )
+
+    return loss_sum
+
+
+def make_step_fns(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+    opt_shardings: Any,
+    chunk_size: int,
+    packed: bool,
+) -> StepFns:
+    loss_sum = make_loss_fn(graphdef, rest, chunk_size=chunk_size, packed=packed)
+    grad_fn = jax.value_and_grad(loss_sum)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    acc_shardings = Accumulator(param_shardings, replicated, replicated)
+
+    def init_accumulator(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        return Accumulator(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+    def micro_step(params, acc: Accumulator, batch: Batch) -> Accumulator:
+        loss, grads = grad_fn(params, batch)
+        return Accumulator(
+            jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc.grads, grads),
+            acc.loss_sum + loss,
+            acc.num_tokens + batch["loss_mask"].sum(dtype=jnp.float32),
+        )
+
+    def apply(params, opt_state, acc: Accumulator, step: jax.Array):
+        denom = jnp.maximum(acc.num_tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, acc.grads)
+        grad_norm = optax.tree.norm(grads)  # before clipping, as NeMo RL reports it
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "train/loss": acc.loss_sum / denom,
+            "train/grad_norm": grad_norm,
+            "train/lr": schedule(step),
+            "train/num_unmasked_tokens": acc.num_tokens,
+        }
+        return params, opt_state, metrics
+
+    def eval_step(params, batch: Batch):
+        return loss_sum(params, batch), batch["loss_mask"].sum(dtype=jnp.float32)
+
+    return StepFns(
+        init_accumulator=jax.jit(init_accumulator, out_shardings=acc_shardings),
+        micro_step=jax.jit(micro_step, donate_argnums=(1,), out_shardings=acc_shardings),
+        apply=jax.jit(
+            apply,
+            donate_argnums=(0, 1),
+            out_shardings=(param_shardings, opt_shardings, replicated),
+        ),
+        eval_step=jax.jit(eval_step),
+    )
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh):
+    """Shardings of `tx.init(params)`: param-shaped leaves follow their param, others replicate."""
+    abstract = jax.eval_shape(tx.init, params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )

@@ -1,0 +1,401 @@
+"""The SFT training loop.
+
+    python -m jax_sft.train --config configs/sft.py [--config.a.b=v ...]
+    python -m jax_sft.train --config nemo_rl/sft.yaml [a.b=v ...]
+
+Order of a run: distributed start-up (before any other JAX call), config, every check that can
+fail on bad input (before anything compiles), model and data, then the loop: one optimizer step
+per global batch, validation every `sft.val_period` steps, a checkpoint every
+`checkpointing.save_period` steps and at the end. A rerun with the same checkpoint_dir resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jax_sft import config as config_lib
+from jax_sft import distributed
+
+PRECISIONS = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run leaves behind (returned by `run`, printed by `main`)."""
+
+    run_dir: Path
+    checkpoint_dir: Path | None
+    export_dir: Path | None
+    final_step: int
+    train_losses: dict[int, float]
+    val_losses: dict[int, float]
+    compilations: dict[str, int]
+    stopped_early: str | None = None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_before_compile(cfg: Any, *, dp_size: int, max_positions: int | None) -> None:
+    """Fails fast on inputs that would otherwise fail after minutes of compilation."""
+    p, s = cfg.policy, cfg.sft
+    errors = []
+    for name, gbs, mbs in (
+        ("policy.train_global_batch_size", p.train_global_batch_size, p.train_micro_batch_size),
+        ("sft.val_global_batch_size", s.val_global_batch_size, s.val_micro_batch_size),
+    ):
+        if gbs % (mbs * dp_size):
+            errors.append(
+                f"{name}={gbs} is not divisible by micro batch {mbs} x data-parallel size "
+                f"{dp_size} (mesh data*fsdp); choose a multiple of {mbs * dp_size}"
+            )
+    if max_positions is not None and p.max_total_sequence_length > max_positions:
+        errors.append(
+            f"policy.max_total_sequence_length={p.max_total_sequence_length} exceeds the model's "
+            f"max_position_embeddings={max_positions}; lower it"
+        )
+    if cfg.checkpointing.enabled:
+        errors += _writable("checkpointing.checkpoint_dir", Path(cfg.checkpointing.checkpoint_dir))
+    errors += _writable("logger.log_dir", Path(cfg.logger.log_dir))
+    if errors:
+        raise config_lib.ConfigError(errors, "checks against the devices and model")
+
+
+def _writable(key: str, path: Path) -> list[str]:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return [f"{key}={path} is not writable ({existing} is not a writable folder)"]
+    return []
+
+
+def parse_deadline(value: str | None) -> float | None:
+    """NeMo RL's checkpoint_must_save_by "DD:HH:MM:SS" -> seconds after the start of the run."""
+    if not value:
+        return None
+    days, hours, minutes, seconds = (int(x) for x in value.split(":"))
+    return datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def next_run_dir(log_dir: Path) -> Path:
+    """log_dir/exp_NNN with NNN one above the highest present (NeMo RL's layout)."""
+    taken = [int(m.group(1)) for p in log_dir.glob("exp_*") if (m := re.fullmatch(r"exp_(\d+)", p.name))]
+    return log_dir / f"exp_{max(taken, default=0) + 1:03d}"
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """Process-local rows [local_rows, seq] -> global arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
+
+
+def _empty_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(batch[k]) for k in BATCH_KEYS}
+
+
+def agree_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Pads every process's list of micro-batches to the longest (packing varies the count)."""
+    if jax.process_count() == 1:
+        return micro_batches
+    counts = multihost_utils.process_allgather(np.array(len(micro_batches)))
+    missing = int(np.max(counts)) - len(micro_batches)
+    return micro_batches + [_empty_like(micro_batches[0])] * missing
+
+
+def segment_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Lengths of the real (segment id > 0) sequences in a [rows, seq] batch."""
+    seg = np.asarray(batch["segment_ids"])
+    lengths = []
+    for row in seg:
+        ids, counts = np.unique(row[row > 0], return_counts=True)
+        lengths.extend(counts.tolist())
+    return np.asarray(lengths, np.int64)
+
+
+def sharding_table(params: Any) -> str:
+    """One line per distinct parameter (layer indices folded into '*'): shape, dtype, spec."""
+    rows = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+        name = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+        spec = getattr(leaf.sharding, "spec", leaf.sharding)
+        rows.setdefault(name, (tuple(leaf.shape), str(leaf.dtype), str(spec)))
+    width = max(len(n) for n in rows)
+    lines = [f"{'parameter':<{width}}  shape / dtype / sharding"]
+    lines += [f"{n:<{width}}  {s} {d} {p}" for n, (s, d, p) in rows.items()]
+    return "\n".join(lines)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(cfg: Any) -> RunResult:
+    """Trains per `cfg` (validated ConfigDict); resumes from checkpoint_dir when it has a step."""
+    if cfg.policy.precision == "float32":  # true fp32 matmuls (GPUs would otherwise use TF32)
+        with jax.default_matmul_precision("highest"):
+            return _run(cfg)
+    return _run(cfg)
+
+
+def _run(cfg: Any) -> RunResult:
+    # Imports that touch JAX devices come after distributed.initialize (see main).
+    from jax_sft import data as data_lib
+    from jax_sft import models
+    from jax_sft.checkpoint import Checkpointer
+    from jax_sft.export import model_files
+    from jax_sft.metrics import MetricsLogger, peak_flops_per_device, peak_memory_bytes, training_flops
+    from jax_sft.models import sharding as sharding_lib
+    from jax_sft.models.hf_io import resolve_model_dir
+    from jax_sft.optim import make_optimizer
+    from jax_sft.step import make_step_fns, opt_state_shardings
+
+    start_time = time.time()
+    p, jc, s = cfg.policy, cfg.policy.jax_cfg, cfg.sft
+    if jc.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(jc.compilation_cache_dir))
+
+    devices = distributed.select_devices(cfg.cluster)
+    mesh = sharding_lib.make_mesh(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, devices=devices)
+    dp_size = mesh.shape["data"] * mesh.shape["fsdp"]
+    model_dir = resolve_model_dir(p.model_name)
+    model_cfg = models.read_config(model_dir)
+    check_before_compile(cfg, dp_size=dp_size, max_positions=model_cfg.max_position_embeddings)
+
+    tokenizer = data_lib.load_tokenizer(cfg)
+    sft_data = data_lib.SFTData(cfg, tokenizer, dp_size=dp_size)
+    packed = bool(p.sequence_packing.enabled)
+
+    model = models.from_pretrained(
+        model_dir,
+        dtype=PRECISIONS[p.precision],
+        param_dtype=jnp.float32 if p.precision == "bfloat16" else PRECISIONS[p.precision],
+        mesh=mesh,
+        attention=jc.attention,
+        remat=jc.remat,
+    )
+    model_cfg = model.config
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    tx, schedule = make_optimizer(p.optimizer.to_dict(), _plain(p.scheduler), p.max_grad_norm)
+    opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    fns = make_step_fns(
+        graphdef, rest, tx, schedule,
+        mesh=mesh, param_shardings=param_shardings, opt_shardings=opt_shardings,
+        chunk_size=jc.loss_chunk_size, packed=packed,
+    )
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+
+    # Resume.
+    ckpt = Checkpointer(cfg.checkpointing) if cfg.checkpointing.enabled else None
+    train_iter = sft_data.train_iterator()
+    step, epoch, consumed = 0, 0, 0
+    resumed_from = ckpt.latest_step() if ckpt else None
+    if resumed_from is not None:
+        params, restored_opt, info, data_state = ckpt.restore(
+            resumed_from,
+            abstract_params=_abstract(params, param_shardings),
+            abstract_opt_state=_abstract(opt_state, opt_shardings),
+        )
+        if restored_opt is None:
+            raise RuntimeError(
+                f"{ckpt.step_dir(resumed_from)} has no optimizer state (save_optimizer was false); "
+                "resuming would reset AdamW's moments. Point checkpointing.checkpoint_dir elsewhere "
+                "to start a new run from exported weights instead"
+            )
+        opt_state = restored_opt
+        train_iter.set_state(data_state)
+        step, epoch, consumed = info["step"], info["epoch"], info["consumed_samples"]
+
+    total_steps = min(s.max_num_epochs * sft_data.steps_per_epoch, s.max_num_steps)
+    run_dir = next_run_dir(Path(cfg.logger.log_dir))
+    logger = MetricsLogger(cfg.logger, run_dir, total_steps=total_steps, initial_step=step)
+    config_yaml = config_lib.to_yaml(cfg)
+    if jax.process_index() == 0:
+        config_lib.save_config(cfg, run_dir / "config.yaml")
+        logger.write(f"config:\n{config_yaml}")
+        logger.write(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} devices "
+                     f"({jax.process_count()} processes)")
+        logger.write(sharding_table(params))
+        if resumed_from is not None:
+            logger.write(f"resumed from {ckpt.step_dir(resumed_from)} (step {step}, epoch {epoch})")
+        logger.write("data: " + ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in sft_data.stats.items()))
+    logger.log_config(cfg.to_dict())
+
+    peak = peak_flops_per_device(devices[0], p.precision)
+    deadline = parse_deadline(cfg.checkpointing.checkpoint_must_save_by)
+    extra_files = {**_extra_files(config_yaml, tokenizer), **model_files(model_cfg)} if ckpt else {}
+    train_losses: dict[int, float] = {}
+    val_losses: dict[int, float] = {}
+    last_val: dict[str, float] = {}
+
+    def validate() -> float:
+        t0 = time.time()
+        nll, tokens = 0.0, 0.0
+        for mb in sft_data.val_batches():
+            n, t = fns.eval_step(params, to_global(mb, batch_sharding))
+            nll, tokens = nll + float(n), tokens + float(t)
+        val_loss = nll / max(tokens, 1.0)
+        metrics = {"validation/val_loss": val_loss, "timing/validation/total_validation_time": time.time() - t0}
+        logger.log(metrics, step)
+        logger.write(f"step {step}: val_loss {val_loss:.4f} over {int(tokens)} tokens")
+        val_losses[step] = val_loss
+        last_val.clear()
+        last_val.update({"val:val_loss": val_loss})
+        return val_loss
+
+    def save() -> None:
+        ckpt.save(
+            step,
+            params=params,
+            opt_state=opt_state,
+            train_info={"step": step, "epoch": epoch, "consumed_samples": consumed, **last_val},
+            data_state=train_iter.get_state(),
+            extra_files=extra_files,
+            metrics=dict(last_val),
+        )
+
+    stopped_early = None
+    try:
+        if s.val_at_start and resumed_from is None:
+            validate()
+        iterator: Iterator = train_iter
+        while step < total_steps:
+            t_step = time.time()
+            batch = next(iterator)
+            micro_batches = agree_micro_batches(batch.micro_batches)
+            t_data = time.time() - t_step
+            acc = fns.init_accumulator(params)
+            valid = 0
+            lengths = []
+            for mb in micro_batches:
+                acc = fns.micro_step(params, acc, to_global(mb, batch_sharding))
+                lengths.append(segment_lengths(mb))
+                valid += int((np.asarray(mb["segment_ids"]) > 0).sum())
+            params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(step, jnp.int32))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            epoch = batch.epoch
+            consumed += p.train_global_batch_size
+            if not np.isfinite(metrics["train/loss"]):
+                raise TrainingDiverged(
+                    f"loss is {metrics['train/loss']} at step {step}; stopping without saving. "
+                    f"The last good checkpoint is {ckpt.latest_step() if ckpt else None}"
+                )
+            elapsed = time.time() - t_step
+            n_dev = len(devices)
+            global_valid = valid * jax.process_count()
+            metrics.update({
+                "train/global_valid_seqs": float(p.train_global_batch_size),
+                "train/global_valid_toks": float(global_valid),
+                "timing/train/total_step_time": elapsed,
+                "timing/train/data_processing": t_data,
+                "timing/train/tokens_per_sec": global_valid / elapsed,
+                "timing/train/valid_tokens_per_sec_per_gpu": global_valid / elapsed / n_dev,
+            })
+            if peak is not None:
+                local_flops = training_flops(model_cfg, np.concatenate(lengths))
+                metrics["train/mfu"] = local_flops / elapsed / (peak * len(jax.local_devices()))
+            peak_mem = peak_memory_bytes()
+            if peak_mem is not None:
+                metrics["memory/peak_bytes"] = float(peak_mem)
+            train_losses[step] = metrics["train/loss"]
+            last = step == total_steps
+            if (s.val_period > 0 and step % s.val_period == 0) or (last and s.val_at_end):
+                validate()
+            logger.log(metrics, step)
+            logger.progress(step, {**metrics, **{f"validation/{k[4:]}": v for k, v in last_val.items()}})
+            past_deadline = deadline is not None and time.time() - start_time + elapsed >= deadline
+            if ckpt and (step % cfg.checkpointing.save_period == 0 or last or past_deadline):
+                save()
+            if past_deadline and not last:
+                stopped_early = f"checkpoint_must_save_by={cfg.checkpointing.checkpoint_must_save_by} reached"
+                logger.write(f"step {step}: {stopped_early}; saved and stopping")
+                break
+    finally:
+        if ckpt:
+            ckpt.close()
+        logger.close()
+
+    export_dir = None
+    if cfg.checkpointing.get("hf_export_dir"):
+        export_dir = Path(cfg.checkpointing.hf_export_dir)
+        models.save_pretrained(nnx.merge(graphdef, params, rest), export_dir, tokenizer=tokenizer)
+    result = RunResult(
+        run_dir=run_dir,
+        checkpoint_dir=ckpt.dir if ckpt else None,
+        export_dir=export_dir,
+        final_step=step,
+        train_losses=train_losses,
+        val_losses=val_losses,
+        compilations={f.name: getattr(fns, f.name)._cache_size() for f in dataclasses.fields(fns)},
+        stopped_early=stopped_early,
+    )
+    return result
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict / FrozenConfigDict values -> plain Python containers."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _extra_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
+    """config.yaml and the tokenizer's files, stored in every checkpoint (process 0 writes)."""
+    import tempfile
+
+    files = {"config.yaml": config_yaml.encode()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in Path(tmp).iterdir():
+            files[f"tokenizer/{path.name}"] = path.read_bytes()
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> RunResult:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, overrides, extra = config_lib.parse_args(argv)
+    distributed.initialize(extra)
+    cfg = config_lib.load_config(config_path, overrides)
+    result = run(cfg)
+    if jax.process_index() == 0:
+        print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
+        if result.checkpoint_dir:
+            print(f"checkpoints: {result.checkpoint_dir}")
+        if result.export_dir:
+            print(f"export:      {result.export_dir} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
