@@ -1,0 +1,60 @@
+"""Metric sinks (jsonl, TensorBoard, W&B offline, MLflow sqlite) and the analytic FLOPs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from jax_sft.config import default_config
+from jax_sft.metrics import MetricsLogger, PEAK_TFLOPS, peak_flops_per_device, training_flops
+
+
+def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = default_config().logger
+    cfg.unlock()
+    cfg.wandb_enabled = cfg.tensorboard_enabled = cfg.mlflow_enabled = True
+    logger = MetricsLogger(cfg, tmp_path / "run", total_steps=2)
+    logger.log_config({"policy": {"model_name": "tiny"}})
+    for step, loss in ((1, 2.5), (2, 2.0)):
+        logger.log({"train/loss": loss, "train/lr": 1e-3, "train/mfu": None}, step)
+        logger.progress(step, {"train/loss": loss})
+    logger.close()
+
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows == [{"step": 1, "train/loss": 2.5, "train/lr": 1e-3}, {"step": 2, "train/loss": 2.0, "train/lr": 1e-3}]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-dev").experiment_id])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2.5, 2.0]
+    assert run.data.params["policy.model_name"] == "tiny"
+
+
+def test_training_flops_by_hand():
+    cfg = SimpleNamespace(hidden_size=8, head_dim=2, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=16, vocab_size=10, sliding_window=None)
+    per_layer = 8 * 8 + 2 * 8 * 4 + 8 * 8 + 3 * 8 * 16  # q, k+v, o, gate/up/down
+    matmul = 3 * per_layer + 8 * 10
+    lengths = np.array([5, 3])
+    pairs = 5 * 6 / 2 + 3 * 4 / 2  # causal query-key pairs
+    expected = 3 * (2 * matmul * 8 + 4 * 3 * 8 * pairs)
+    assert training_flops(cfg, lengths) == pytest.approx(expected)
+    windowed = SimpleNamespace(**{**vars(cfg), "sliding_window": 2})
+    pairs_w = (1 + 2 + 2 + 2 + 2) + (1 + 2 + 2)
+    assert training_flops(windowed, lengths) == pytest.approx(3 * (2 * matmul * 8 + 4 * 3 * 8 * pairs_w))
+
+
+def test_peak_table_knows_h100_and_not_cpu():
+    h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+    assert peak_flops_per_device(h100, "bfloat16") == 989e12
+    assert peak_flops_per_device(SimpleNamespace(device_kind="NVIDIA H100 PCIe"), "bfloat16") == 756e12
+    assert peak_flops_per_device(SimpleNamespace(device_kind="cpu"), "bfloat16") is None
+    assert all(set(peaks) == {"bfloat16", "float32"} for _, peaks in PEAK_TFLOPS)

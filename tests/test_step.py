@@ -1,0 +1,119 @@
+"""The compiled step: micro-batch split invariance, the chunked loss, compilation count."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_sft.loss import masked_nll_sum
+from jax_sft.models import CausalLM, ModelConfig, sharding
+from jax_sft.optim import make_optimizer
+from jax_sft.step import make_step_fns, opt_state_shardings
+
+HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97, "hidden_size": 32,
+      "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
+OPT = {"name": "torch.optim.AdamW", "kwargs": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-5}}
+
+
+def rows(n: int, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """n packed rows: two segments each, ragged loss masks (so token counts differ per row)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, HF["vocab_size"], (n, seq)).astype(np.int32)
+    cut = rng.integers(3, seq - 3, n)
+    col = np.arange(seq)[None]
+    seg = np.where(col < cut[:, None], 1, 2).astype(np.int32)
+    pos = np.where(seg == 1, col, col - cut[:, None]).astype(np.int32)
+    mask = (rng.random((n, seq)) < rng.uniform(0.2, 0.9, (n, 1))).astype(np.int32)
+    return dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=mask, segment_ids=seg, positions=pos)
+
+
+def setup(devices):
+    mesh = sharding.make_mesh(1, len(devices), 1, devices=devices)
+    model = CausalLM(ModelConfig.from_hf_dict(HF), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shardings = sharding.param_shardings(params, mesh)
+    params = jax.device_put(params, shardings)
+    tx, schedule = make_optimizer(OPT, None, 1.0)
+    opt_shardings = opt_state_shardings(tx, params, shardings, mesh)
+    fns = make_step_fns(graphdef, rest, tx, schedule, mesh=mesh, param_shardings=shardings,
+                        opt_shardings=opt_shardings, chunk_size=8, packed=True)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return fns, params, opt_state, sharding.batch_sharding(mesh)
+
+
+def one_step(fns, params, opt_state, batch_sharding, micro_batches):
+    acc = fns.init_accumulator(params)
+    for mb in micro_batches:
+        acc = fns.micro_step(params, acc, {k: jax.device_put(v, batch_sharding) for k, v in mb.items()})
+    return fns.apply(params, opt_state, acc, jnp.asarray(0))
+
+
+def test_one_micro_batch_of_8_equals_four_of_2():
+    batch = rows(8)
+    with jax.default_matmul_precision("highest"):
+        fns, params, opt_state, bs = setup(jax.devices()[:1])
+        p1, _, m1 = one_step(fns, params, opt_state, bs, [batch])
+        fns, params, opt_state, bs = setup(jax.devices()[:1])
+        split = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+        p4, _, m4 = one_step(fns, params, opt_state, bs, split)
+    # The loss is the token mean over the whole global batch, not a mean of micro-batch means.
+    mask = batch["loss_mask"]
+    assert float(m1["train/num_unmasked_tokens"]) == float(m4["train/num_unmasked_tokens"]) == mask.sum()
+    np.testing.assert_allclose(float(m4["train/loss"]), float(m1["train/loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m4["train/grad_norm"]), float(m1["train/grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # lr = 1e-2
+    # Micro-batch means would differ: the test would catch a per-micro-batch normalisation.
+    per_mb = [m.sum() for m in np.split(mask, 4)]
+    assert len(set(per_mb)) > 1
+
+
+def test_micro_steps_compile_once_for_any_number_of_micro_batches():
+    fns, params, opt_state, bs = setup(jax.devices()[:1])
+    for step, count in enumerate([1, 3, 2]):
+        acc = fns.init_accumulator(params)
+        for i in range(count):
+            acc = fns.micro_step(params, acc, {k: jax.device_put(v, bs) for k, v in rows(2, seed=i).items()})
+        params, opt_state, _ = fns.apply(params, opt_state, acc, jnp.asarray(step))
+    assert fns.micro_step._cache_size() == 1 and fns.apply._cache_size() == 1
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 32])
+def test_chunked_loss_and_grads_equal_full_log_softmax(chunk):
+    k = jax.random.split(jax.random.key(0), 4)
+    hidden = jax.random.normal(k[0], (2, 32, 16))
+    kernel = jax.random.normal(k[1], (16, 50))
+    targets = jax.random.randint(k[2], (2, 32), 0, 50)
+    mask = (jax.random.uniform(k[3], (2, 32)) > 0.3).astype(jnp.int32)
+
+    def full(h, w):
+        logp = jax.nn.log_softmax((h @ w).astype(jnp.float32))
+        return -(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum()
+
+    with jax.default_matmul_precision("highest"):
+        ref, ref_g = jax.value_and_grad(full, argnums=(0, 1))(hidden, kernel)
+        got, got_g = jax.value_and_grad(
+            lambda h, w: masked_nll_sum(h, w, targets, mask, chunk), argnums=(0, 1))(hidden, kernel)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    for a, b in zip(got_g, ref_g):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_never_holds_whole_fp32_logits():
+    """The compiled loss's largest fp32 buffer is one chunk of logits, not [batch, seq, vocab]."""
+    batch, seq, dim, vocab, chunk = 2, 256, 16, 4096, 32
+    f = jax.jit(jax.grad(lambda h, w: masked_nll_sum(h, w, jnp.zeros((batch, seq), jnp.int32),
+                                                   jnp.ones((batch, seq), jnp.int32), chunk), argnums=(0, 1)))
+    mem = f.lower(jnp.zeros((batch, seq, dim)), jnp.zeros((dim, vocab))).compile().memory_analysis()
+    whole = batch * seq * vocab * 4
+    assert mem.temp_size_in_bytes < whole / 2, (mem.temp_size_in_bytes, whole)
+
+
+def test_chunk_size_must_divide_sequence():
+    with pytest.raises(ValueError, match="loss_chunk_size=24"):
+        masked_nll_sum(jnp.zeros((1, 64, 4)), jnp.zeros((4, 8)), jnp.zeros((1, 64), jnp.int32),
+                       jnp.ones((1, 64)), 24)
