@@ -68,6 +68,7 @@ def get_config() -> config_dict.ConfigDict:
             # "default": the tokenizer's own; None: passthrough; "*.jinja": a file; else Jinja text.
             chat_template=placeholder(str),  # set below to NeMo RL's squad template
             chat_template_kwargs=placeholder(dict),
+            custom_template=placeholder(str),  # the guide's key; when set it wins over chat_template
         ),
         train_global_batch_size=32,
         train_micro_batch_size=1,
@@ -150,6 +151,10 @@ def get_config() -> config_dict.ConfigDict:
         system_prompt=placeholder(str),
         tool_key="tools",
         use_preserving_dataset=False,
+        # openmathinstruct2 (NeMo RL's keys): hub split, and the validation carve-out.
+        split="train_1M",
+        test_size=0.05,
+        seed=42,
         # jax_sft's own keys.
         overlength="mask",  # "truncate", "drop" or "mask" (NeMo RL: kept, no loss)
         skip_examples_without_loss=False,  # false: a conversation with no loss token is an error

@@ -215,7 +215,7 @@ def test_wrong_type_names_the_key_and_the_expected_type(override, message):
         ("policy.jax_cfg.mesh.fsdp=0",
          "policy.jax_cfg.mesh.fsdp=0: expected a positive number, or -1 for all devices left"),
         ("policy.jax_cfg.mesh.data=-1", "policy.jax_cfg.mesh.data=-1: expected a positive number"),
-        ("sft.max_num_steps=0", "sft.max_num_steps=0: expected a positive number"),
+        ("sft.max_num_steps=-1", "sft.max_num_steps=-1: expected a number >= 0 (0: only validate)"),
         ("policy.max_total_sequence_length=-8",  # one problem, not one per derived key
          "policy.max_total_sequence_length=-8: expected a positive number"),
         ("policy.train_micro_batch_size=5",

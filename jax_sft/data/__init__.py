@@ -1,0 +1,36 @@
+"""The data side of jax_sft: datasets, chat templates, loss masks and the Grain batch pipeline.
+
+    tokenizer = load_tokenizer(cfg)                     # policy.tokenizer + chat-template choice
+    data = SFTData(cfg, tokenizer, dp_size=dp)          # builds the dataset, tokenises up front
+    it = data.train_iterator()                          # StepBatch per optimizer step
+    state = it.get_state(); it.set_state(state)         # JSON-serialisable, exact resume
+    for mb in data.val_batches(): ...                   # fresh from the start on every call
+    data.steps_per_epoch, data.stats                    # counts: truncated/dropped/masked/skipped
+"""
+
+from jax_sft.data.chat import PASSTHROUGH_TEMPLATE, ConversationEncoder, Encoded, load_tokenizer, resolve_chat_template
+from jax_sft.data.datasets import (
+    DATASETS,
+    NoneFilledToolsWarning,
+    PreservingDataset,
+    SFTDataset,
+    TaskDataSpec,
+    build_dataset,
+)
+from jax_sft.data.pipeline import (
+    ARRAY_KEYS,
+    Layout,
+    SFTData,
+    StepBatch,
+    TokenizedSplit,
+    TrainIterator,
+    apply_overlength,
+    pad_micro_batches,
+)
+
+__all__ = [
+    "ARRAY_KEYS", "DATASETS", "PASSTHROUGH_TEMPLATE", "ConversationEncoder", "Encoded", "Layout",
+    "NoneFilledToolsWarning", "PreservingDataset", "SFTData", "SFTDataset", "StepBatch", "TaskDataSpec",
+    "TokenizedSplit", "TrainIterator", "apply_overlength", "build_dataset", "load_tokenizer",
+    "pad_micro_batches", "resolve_chat_template",
+]

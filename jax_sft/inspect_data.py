@@ -1,0 +1,92 @@
+"""Print training examples as the model sees them, loss tokens highlighted.
+
+    python -m jax_sft.inspect_data --config configs/sft.py [overrides] --num 3
+    python -m jax_sft.inspect_data --config run.yaml data.train_data_path=x.jsonl --format jsonl
+
+The first `--num` examples of `--split` (train or validation, in dataset order), templated,
+tokenised and loss-masked exactly as training does, with `data.overlength` applied (dropped
+examples are skipped with a note on stderr), before padding or packing.
+
+`--format text` (default): the decoded tokens, loss tokens in colour on a terminal (ANSI) and
+as [[...]] otherwise (`--color always|never|auto`). `--format jsonl`: one JSON object per
+example, `{"input_ids": [...], "loss_mask": [...], "text": "..."}`, where loss_mask[i] is 1 when
+token input_ids[i] is a training target (token-aligned, not shifted like the batches' mask) and
+text is the decoded input_ids.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from jax_sft.config import load_config, parse_args
+from jax_sft.data.chat import ConversationEncoder, load_tokenizer
+from jax_sft.data.datasets import build_dataset
+from jax_sft.data.pipeline import apply_overlength
+
+_OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto"}
+_CHOICES = {"format": ("text", "jsonl"), "split": ("train", "validation"), "color": ("auto", "always", "never")}
+_ON, _OFF = "\x1b[1;42;30m", "\x1b[0m"  # bold black on green
+
+
+def highlight(tokenizer, ids: np.ndarray, loss: np.ndarray, color: bool) -> str:
+    """The decoded ids, runs of loss tokens wrapped in ANSI colour or [[...]]."""
+    out, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or loss[end] != loss[start]:
+            text = tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False)
+            if loss[start]:
+                text = f"{_ON}{text}{_OFF}" if color else f"[[{text}]]"
+            out.append(text)
+            start = end
+    return "".join(out)
+
+
+def _options(extra: dict) -> dict[str, str]:
+    unknown = set(extra) - set(_OPTIONS)
+    if unknown:
+        raise SystemExit(f"inspect_data: unknown option(s) {sorted('--' + k for k in unknown)}; "
+                         f"expected {sorted('--' + k for k in _OPTIONS)}")
+    opts = {**_OPTIONS, **{k: str(v) for k, v in extra.items()}}
+    for key, choices in _CHOICES.items():
+        if opts[key] not in choices:
+            raise SystemExit(f"inspect_data: --{key}={opts[key]!r}: expected one of {choices}")
+    if not opts["num"].isdigit():
+        raise SystemExit(f"inspect_data: --num={opts['num']!r}: expected a non-negative integer")
+    return opts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config_path, overrides, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    opts = _options(extra)
+    cfg = load_config(config_path, overrides)
+    tokenizer = load_tokenizer(cfg)
+    dataset = build_dataset(cfg)
+    encoder = ConversationEncoder.from_config(cfg, tokenizer, dataset.task_spec)
+    rows = dataset.formatted_ds[opts["split"]]
+    indices = list(range(min(int(opts["num"]), len(rows))))
+    max_length = cfg.data.get("max_input_seq_length") or cfg.policy.max_total_sequence_length
+    encoded = encoder.encode([rows[i] for i in indices], [f"{opts['split']} example {i}" for i in indices])
+    color = opts["color"] == "always" or (opts["color"] == "auto" and sys.stdout.isatty())
+    for i, e in zip(indices, encoded):
+        ids, loss, status = apply_overlength(e.ids, e.loss, max_length, cfg.data.overlength)
+        if ids is None:
+            print(f"{opts['split']} example {i}: {len(e.ids)} tokens > {max_length}: dropped (data.overlength=drop)",
+                  file=sys.stderr)
+            continue
+        if opts["format"] == "jsonl":
+            text = tokenizer.decode(ids.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            print(json.dumps({"input_ids": ids.tolist(), "loss_mask": loss.tolist(), "text": text},
+                             ensure_ascii=False))
+        else:
+            note = "" if status == "ok" else f", {status} to {max_length} (data.overlength)"
+            print(f"=== {opts['split']} example {i}: {len(ids)} tokens, {int(loss.sum())} loss tokens{note} ===")
+            print(highlight(tokenizer, ids, loss, color))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The Grain pipeline: fixed-shape batches, packing, sharding, epochs, over-length rules, validation,
+bad input at construction and exact resume in a new process (Qwen3 tokenizer, tiny jsonl files)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from jax_sft.config import load_config
+from jax_sft.data import ARRAY_KEYS, SFTData, load_tokenizer, pad_micro_batches
+from jax_sft.data.pipeline import pack
+
+
+def conversation(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {i} " + "word " * (i % 9)},
+                         {"role": "assistant", "content": f"answer {i} " + "x " * (i * 3 % 17)}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return (write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(30)]),
+            write_jsonl(tmp_path / "val.jsonl", [conversation(100 + i) for i in range(7)]))
+
+
+def overrides(qwen_path, train, val, **kw):
+    base = {"policy.tokenizer.name": str(qwen_path), "policy.tokenizer.chat_template": "default",
+            "data.dataset_name": "openai_format", "data.use_preserving_dataset": True,
+            "data.train_data_path": train, "data.val_data_path": val,
+            "policy.max_total_sequence_length": 64, "policy.train_global_batch_size": 8,
+            "policy.train_micro_batch_size": 2, "sft.val_global_batch_size": 4, "sft.val_micro_batch_size": 2,
+            "data.overlength": "truncate"}
+    base.update(kw)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def build(fixture_tokenizer_path, files, dp_size=1, process_index=0, process_count=1, **kw):
+    cfg = load_config(None, overrides(fixture_tokenizer_path("qwen3"), *files, **kw))
+    return SFTData(cfg, load_tokenizer(cfg), dp_size=dp_size, process_index=process_index,
+                   process_count=process_count)
+
+
+def segments(mb: dict, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, token-aligned loss) of each segment of row r, rebuilt from the shifted arrays."""
+    out = []
+    for s in range(1, mb["segment_ids"][r].max() + 1):
+        where = np.flatnonzero(mb["segment_ids"][r] == s)
+        assert (np.diff(where) == 1).all(), "a segment is contiguous"
+        np.testing.assert_array_equal(mb["positions"][r, where], np.arange(len(where)))
+        ids = mb["input_ids"][r, where]
+        np.testing.assert_array_equal(mb["targets"][r, where[:-1]], ids[1:])  # next token within the segment
+        assert mb["loss_mask"][r, where[-1]] == 0
+        out.append((ids, np.concatenate([[0], mb["loss_mask"][r, where[:-1]]])))
+    return out
+
+
+def check_padding(mb: dict, pad_id: int):
+    pad = mb["segment_ids"] == 0
+    assert (mb["input_ids"][pad] == pad_id).all() and (mb["loss_mask"][pad] == 0).all()
+    assert (mb["positions"][pad] == 0).all()
+
+
+def test_padded_batches(fixture_tokenizer_path, files):
+    data = build(fixture_tokenizer_path, files)
+    assert data.steps_per_epoch == 30 // 8
+    step = next(data.train_iterator())
+    assert (step.step, step.epoch, step.num_sequences, step.local_sequences) == (0, 0, 8, 8)
+    assert step.num_micro_batches == 4  # 8 sequences / (2 per micro-batch * 1 rank)
+    seen = []
+    for mb in step.micro_batches:
+        assert set(mb) == set(ARRAY_KEYS)
+        assert all(a.shape == (2, 64) and a.dtype == np.int32 for a in mb.values())
+        check_padding(mb, data.layout.pad_id)
+        for r in range(2):
+            (ids, loss), = segments(mb, r)
+            seen.append((ids, loss))
+    assert len(seen) == 8 and step.indices.shape == (8,)
+    for (ids, loss), index in zip(seen, step.indices):
+        cached = data.train_split.example(int(np.flatnonzero(data.train_split.source == index)[0]))
+        np.testing.assert_array_equal(ids, cached[0])
+        np.testing.assert_array_equal(loss, cached[1])
+    assert step.num_loss_tokens == sum(int(mb["loss_mask"].sum()) for mb in step.micro_batches) > 0
+
+
+def test_epochs_are_reshuffled_and_drop_the_partial_batch(fixture_tokenizer_path, files):
+    data = build(fixture_tokenizer_path, files)
+    it = data.train_iterator()
+    epochs = [[next(it) for _ in range(data.steps_per_epoch)] for _ in range(2)]
+    orders = [np.concatenate([s.indices for s in e]) for e in epochs]
+    assert [s.epoch for s in epochs[1]] == [1, 1, 1]
+    assert all(len(set(o.tolist())) == 24 for o in orders)  # 3 steps of 8 distinct examples of 30
+    assert orders[0].tolist() != orders[1].tolist()
+    unshuffled = build(fixture_tokenizer_path, files, **{"data.shuffle": False}).train_iterator()
+    assert np.concatenate([next(unshuffled).indices for _ in range(3)]).tolist() == list(range(24))
+
+
+def test_processes_read_disjoint_shards(fixture_tokenizer_path, files):
+    parts = [build(fixture_tokenizer_path, files, dp_size=2, process_index=p, process_count=2) for p in range(2)]
+    assert [len(p.train_split) for p in parts] == [15, 15]
+    assert set(parts[0].train_split.source) | set(parts[1].train_split.source) == set(range(30))
+    assert not set(parts[0].train_split.source) & set(parts[1].train_split.source)
+    steps = [next(p.train_iterator()) for p in parts]
+    for s in steps:  # 8 sequences over 2 processes; micro-batches of 2 per rank * 2 ranks / 2 processes
+        assert s.local_sequences == 4 and s.num_micro_batches == 2
+        assert s.micro_batches[0]["input_ids"].shape == (2, 64)
+
+
+def test_packing(fixture_tokenizer_path, files):
+    data = build(fixture_tokenizer_path, files, **{"policy.sequence_packing.enabled": True,
+                                                   "policy.sequence_packing.train_mb_tokens": 128})
+    it = data.train_iterator()
+    for _ in range(data.steps_per_epoch):
+        step = next(it)
+        packed = []
+        for mb in step.micro_batches:
+            assert all(a.shape == (2, 64) for a in mb.values())  # 128 tokens = 2 rows of 64 per rank
+            check_padding(mb, data.layout.pad_id)
+            for r in range(2):
+                packed += segments(mb, r)
+        assert len(packed) == 8
+        cached = {int(i): data.train_split.example(int(np.flatnonzero(data.train_split.source == i)[0]))
+                  for i in step.indices}
+        assert sorted(len(p[0]) for p in packed) == sorted(len(c[0]) for c in cached.values())
+        for ids, loss in packed:
+            match = [c for c in cached.values() if np.array_equal(c[0], ids)]
+            assert match and np.array_equal(match[0][1], loss)
+        real = sum(len(p[0]) for p in packed)
+        rows = sum(1 for mb in step.micro_batches for r in range(2) if mb["segment_ids"][r].any())
+        assert rows == len(pack([len(p[0]) for p in packed], 64, "modified_first_fit_decreasing"))
+        assert step.num_tokens == real
+
+
+def test_pack_algorithms():
+    lengths = [5, 9, 3, 7, 1, 6]
+    assert pack(lengths, 10, "first_fit") == [[0, 2, 4], [1], [3], [5]]
+    assert pack(lengths, 10, "first_fit_decreasing") == [[1, 4], [3, 2], [5], [0]]
+    assert pack(lengths, 10, "best_fit") == [[1, 4], [3, 2], [5], [0]]
+    assert pack([6, 5, 4], 10, "best_fit") == [[0, 2], [1]]
+    for algorithm in ("first_fit", "best_fit", "modified_first_fit_decreasing"):
+        bins = pack(lengths, 10, algorithm)
+        assert sorted(i for b in bins for i in b) == list(range(6))
+        assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    with pytest.raises(ValueError, match="does not fit a row of 10"):
+        pack([11], 10, "first_fit")
+
+
+def _long(tmp_path, train):
+    rows = [json.loads(line) for line in open(train)]
+    rows[3]["messages"][1]["content"] = "long " * 200  # far over 64 tokens
+    rows[5]["messages"][0]["content"] = "long " * 200  # over-length before the assistant turn
+    return write_jsonl(tmp_path / "long.jsonl", rows)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "drop", "mask"])
+def test_overlength(fixture_tokenizer_path, files, tmp_path, mode):
+    train = _long(tmp_path, files[0])
+    kw = {"data.overlength": mode, "data.skip_examples_without_loss": True}
+    data = build(fixture_tokenizer_path, (train, files[1]), **kw)
+    stats = data.stats
+    lengths = dict(zip(data.train_split.source.tolist(), data.train_split.lengths.tolist()))
+    if mode == "truncate":  # example 5 loses its assistant turn: no loss left, skipped and counted
+        assert (stats["data/train_truncated"], stats["data/train_skipped"], stats["data/train_kept"]) == (2, 1, 29)
+        assert lengths[3] == 64 and 5 not in lengths
+    elif mode == "drop":
+        assert (stats["data/train_dropped"], stats["data/train_kept"]) == (2, 28)
+        assert 3 not in lengths and 5 not in lengths
+    else:
+        assert (stats["data/train_masked"], stats["data/train_kept"], stats["data/train_skipped"]) == (2, 30, 0)
+        for i in (3, 5):
+            k = int(np.flatnonzero(data.train_split.source == i)[0])
+            ids, loss = data.train_split.example(k)
+            assert len(ids) == 64 and not loss.any()
+    with pytest.raises(ValueError, match="train example 5: no token to train on after truncation to 64 tokens"):
+        build(fixture_tokenizer_path, (train, files[1]), **{"data.overlength": "truncate"})
+
+
+def test_conversation_without_loss_is_an_error_or_skipped(fixture_tokenizer_path, files, tmp_path):
+    rows = [conversation(i) for i in range(30)]
+    rows[11]["messages"][1]["content"] = ""  # passthrough template, no eos: nothing to train on
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    kw = {"policy.tokenizer.chat_template": "null", "data.add_eos": False}
+    with pytest.raises(ValueError, match="train example 11: no token to train on .*skip_examples_without_loss"):
+        build(fixture_tokenizer_path, (train, files[1]), **kw)
+    data = build(fixture_tokenizer_path, (train, files[1]), **kw, **{"data.skip_examples_without_loss": True})
+    assert (data.stats["data/train_skipped"], data.stats["data/train_kept"]) == (1, 29)
+    assert 11 not in data.train_split.source
+
+
+def test_bad_example_fails_at_construction(fixture_tokenizer_path, files, tmp_path):
+    rows = [conversation(i) for i in range(30)]
+    rows[27]["messages"].insert(1, {"role": "narrator", "content": "meanwhile"})
+    rows[27]["messages"].append({"role": "assistant", "content": "end"})
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(ValueError, match="train example 27: message 1: unknown role 'narrator'"):
+        build(fixture_tokenizer_path, (train, files[1]))
+
+
+def test_validation_batches(fixture_tokenizer_path, files):
+    data = build(fixture_tokenizer_path, files, **{"sft.val_batches": 0})
+    first, again = list(data.val_batches()), list(data.val_batches())
+    assert data.num_val_batches == 2 and len(first) == 4  # 7 examples in batches of 4, micro-batches of 2
+    for a, b in zip(first, again):
+        for k in ARRAY_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])
+    got = [segments(mb, r)[0][0] for mb in first for r in range(2) if mb["segment_ids"][r].any()]
+    assert len(got) == 7
+    for k, ids in enumerate(got):  # in order, unshuffled
+        np.testing.assert_array_equal(ids, data.val_split.example(k)[0])
+    assert not first[-1]["segment_ids"][1].any()  # the 8th row is padding
+    assert len(list(build(fixture_tokenizer_path, files, **{"sft.val_batches": 1}).val_batches())) == 2
+
+
+def test_layout_errors(fixture_tokenizer_path, files):
+    with pytest.raises(ValueError, match="train_global_batch_size=8 must be a multiple of train_micro_batch_size"):
+        build(fixture_tokenizer_path, files, dp_size=3)
+    # Rows are max_total_sequence_length rounded up to make_sequence_length_divisible_by: 64 -> 96.
+    data = build(fixture_tokenizer_path, files, **{"policy.make_sequence_length_divisible_by": 48})
+    assert next(data.train_iterator()).micro_batches[0]["input_ids"].shape == (2, 96)
+    with pytest.raises(ValueError, match="train_mb_tokens=64 is less than one row of 96"):
+        build(fixture_tokenizer_path, files, **{"policy.sequence_packing.enabled": True,
+                                                "policy.sequence_packing.train_mb_tokens": 64,
+                                                "policy.make_sequence_length_divisible_by": 48})
+
+
+def test_pad_micro_batches(fixture_tokenizer_path, files):
+    data = build(fixture_tokenizer_path, files)
+    step = pad_micro_batches(next(data.train_iterator()), 6, data.layout.pad_id)
+    assert step.num_micro_batches == 6 and not step.micro_batches[-1]["loss_mask"].any()
+    check_padding(step.micro_batches[-1], data.layout.pad_id)
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_cache_and_name_bad_examples(fixture_tokenizer_path, files, tmp_path):
+    serial = build(fixture_tokenizer_path, files)
+    parallel = build(fixture_tokenizer_path, files, **{"data.num_workers": 2})
+    for a, b in ((serial.train_split, parallel.train_split), (serial.val_split, parallel.val_split)):
+        for field in ("tokens", "loss", "starts", "source"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    rows = [conversation(i) for i in range(30)]
+    rows[21]["messages"][0]["role"] = "narrator"
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(ValueError, match="train example 21: message 0: unknown role 'narrator'"):
+        build(fixture_tokenizer_path, (train, files[1]), **{"data.num_workers": 1,
+                                                            "data.use_preserving_dataset": True})
+
+
+_RESUME = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from jax_sft.config import load_config
+    from jax_sft.data import SFTData, load_tokenizer
+    overrides, state, n, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    cfg = load_config(None, overrides)
+    it = SFTData(cfg, load_tokenizer(cfg), dp_size=1, process_index=0, process_count=1).train_iterator()
+    it.set_state(state)
+    arrays = {}
+    for s in range(n):
+        step = next(it)
+        arrays[f"{s}/epoch"] = np.asarray(step.epoch)
+        for m, mb in enumerate(step.micro_batches):
+            for k, v in mb.items():
+                arrays[f"{s}/{m}/{k}"] = v
+    np.savez(out, **arrays)
+""")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_in_a_new_process_across_an_epoch_boundary(fixture_tokenizer_path, files, tmp_path, packing):
+    kw = {"policy.sequence_packing.enabled": packing, "policy.sequence_packing.train_mb_tokens": 128}
+    data = build(fixture_tokenizer_path, files, **kw)
+    it = data.train_iterator()
+    k, n = 2, 4  # steps_per_epoch is 3: the resumed steps cross into epoch 1
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(n)]
+    assert [s.epoch for s in expected] == [0, 1, 1, 1]
+    out = tmp_path / "resumed.npz"
+    cmd = [sys.executable, "-c", _RESUME, json.dumps(overrides(fixture_tokenizer_path("qwen3"), *files, **kw)),
+           json.dumps(state), str(n), str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    got = np.load(out)
+    for s, step in enumerate(expected):
+        assert int(got[f"{s}/epoch"]) == step.epoch
+        assert len([key for key in got.files if key.startswith(f"{s}/") and key.endswith("/input_ids")]) == \
+            step.num_micro_batches
+        for m, mb in enumerate(step.micro_batches):
+            for key, value in mb.items():
+                np.testing.assert_array_equal(got[f"{s}/{m}/{key}"], value)
+    # A state from other data or settings is refused.
+    other = build(fixture_tokenizer_path, files, **{**kw, "sft.seed": 7}).train_iterator()
+    with pytest.raises(ValueError, match="saved for different data or settings.*'seed': \\(42, 7\\)"):
+        other.set_state(state)
