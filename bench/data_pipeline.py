@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", default=str(FIXTURE))
     parser.add_argument("--conversations", type=int, default=1000)
-    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=4096, help="max_total_sequence_length (row length)")
     parser.add_argument("--batch", type=int, default=64, help="train_global_batch_size (sequences per step)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -129,18 +129,18 @@ def main() -> None:
     t_encode = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    padded = SFTData(cfg(False), tokenizer, dp_size=1, process_index=0, process_count=1, dataset=dataset)
+    padded = SFTData(cfg(False), tokenizer, dp_size=1, dp_ranks=[0], dataset=dataset)
     t_tokenise = time.perf_counter() - t0
     tokens = padded.stats["data/train_tokens"]
     pad_padded, t_pad_steps = padding_fraction(padded, padded.steps_per_epoch)
-    packed = SFTData(cfg(True), tokenizer, dp_size=1, process_index=0, process_count=1, dataset=dataset)
+    packed = SFTData(cfg(True), tokenizer, dp_size=1, dp_ranks=[0], dataset=dataset)
     pad_packed, t_pack_steps = padding_fraction(packed, packed.steps_per_epoch)
     epoch_tokens = packed.steps_per_epoch * args.batch * tokens / len(padded.train_split)
 
     by_batch = {}
     for g in (32, 64, 128):  # the last row of a step is partly empty: ~seq / 2 of G * mean length tokens
         c = cfg(True) if g == args.batch else cfg(True, batch=g)
-        data = packed if g == args.batch else SFTData(c, tokenizer, dp_size=1, process_index=0, process_count=1,
+        data = packed if g == args.batch else SFTData(c, tokenizer, dp_size=1, dp_ranks=[0],
                                                       dataset=dataset)
         by_batch[g] = round(padding_fraction(data, data.steps_per_epoch)[0], 4)
     lengths = padded.train_split.lengths

@@ -61,7 +61,11 @@ def _options(extra: dict) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config_path, overrides, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
+    config_path, overrides, extra = parse_args(argv)
     opts = _options(extra)
     cfg = load_config(config_path, overrides)
     tokenizer = load_tokenizer(cfg)

@@ -11,7 +11,7 @@ import pytest
 
 from jax_sft.config import load_config
 from jax_sft.data import ARRAY_KEYS, SFTData, load_tokenizer, pad_micro_batches
-from jax_sft.data.pipeline import pack
+from jax_sft.data.pipeline import pack, process_dp_ranks
 
 
 def conversation(i: int) -> dict:
@@ -43,8 +43,8 @@ def overrides(qwen_path, train, val, **kw):
 
 def build(fixture_tokenizer_path, files, dp_size=1, process_index=0, process_count=1, **kw):
     cfg = load_config(None, overrides(fixture_tokenizer_path("qwen3"), *files, **kw))
-    return SFTData(cfg, load_tokenizer(cfg), dp_size=dp_size, process_index=process_index,
-                   process_count=process_count)
+    return SFTData(cfg, load_tokenizer(cfg), dp_size=dp_size,
+                   dp_ranks=process_dp_ranks(dp_size, process_index, process_count))
 
 
 def segments(mb: dict, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -103,13 +103,44 @@ def test_epochs_are_reshuffled_and_drop_the_partial_batch(fixture_tokenizer_path
 
 def test_processes_read_disjoint_shards(fixture_tokenizer_path, files):
     parts = [build(fixture_tokenizer_path, files, dp_size=2, process_index=p, process_count=2) for p in range(2)]
-    assert [len(p.train_split) for p in parts] == [15, 15]
+    # 30 examples dealt into 8 shards (one per sequence of a step): shards 0-5 hold 4, 6-7 hold 3;
+    # rank 0 supplies shards 0-3, rank 1 shards 4-7.
+    assert [len(p.train_split) for p in parts] == [16, 14]
     assert set(parts[0].train_split.source) | set(parts[1].train_split.source) == set(range(30))
     assert not set(parts[0].train_split.source) & set(parts[1].train_split.source)
     steps = [next(p.train_iterator()) for p in parts]
     for s in steps:  # 8 sequences over 2 processes; micro-batches of 2 per rank * 2 ranks / 2 processes
         assert s.local_sequences == 4 and s.num_micro_batches == 2
         assert s.micro_batches[0]["input_ids"].shape == (2, 64)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_do_not_depend_on_the_number_of_processes(fixture_tokenizer_path, files, packing):
+    """dp 2: one process holding both ranks gives, row for row, the two processes' rows stacked;
+    dp 1 takes the same sequences per step."""
+    kw = {"policy.sequence_packing.enabled": packing, "policy.sequence_packing.train_mb_tokens": 128}
+    one = build(fixture_tokenizer_path, files, dp_size=2, **kw)
+    two = [build(fixture_tokenizer_path, files, dp_size=2, process_index=p, process_count=2, **kw) for p in range(2)]
+    assert one.steps_per_epoch == two[0].steps_per_epoch == two[1].steps_per_epoch
+    iters = [one.train_iterator()] + [t.train_iterator() for t in two]
+    for _ in range(one.steps_per_epoch + 1):  # into the second epoch
+        whole, *parts = [next(it) for it in iters]
+        assert whole.num_micro_batches == max(p.num_micro_batches for p in parts)
+        parts = [pad_micro_batches(p, whole.num_micro_batches, one.layout.pad_id) for p in parts]
+        for k, mb in enumerate(whole.micro_batches):
+            for key in ARRAY_KEYS:
+                np.testing.assert_array_equal(mb[key], np.concatenate([p.micro_batches[k][key] for p in parts]))
+    # ... and a single data-parallel rank sees the same sequences in every step.
+    single = build(fixture_tokenizer_path, files, dp_size=1, **kw).train_iterator()
+    again = one.train_iterator()
+    for _ in range(one.steps_per_epoch + 1):
+        assert sorted(next(single).indices.tolist()) == sorted(next(again).indices.tolist())
+    val_whole = list(one.val_batches())
+    val_parts = [list(t.val_batches()) for t in two]
+    assert len(val_whole) == len(val_parts[0]) == len(val_parts[1])
+    for k, mb in enumerate(val_whole):
+        for key in ARRAY_KEYS:
+            np.testing.assert_array_equal(mb[key], np.concatenate([v[k][key] for v in val_parts]))
 
 
 def test_packing(fixture_tokenizer_path, files):
@@ -258,7 +289,7 @@ _RESUME = textwrap.dedent("""
     from jax_sft.data import SFTData, load_tokenizer
     overrides, state, n, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     cfg = load_config(None, overrides)
-    it = SFTData(cfg, load_tokenizer(cfg), dp_size=1, process_index=0, process_count=1).train_iterator()
+    it = SFTData(cfg, load_tokenizer(cfg), dp_size=1, dp_ranks=[0]).train_iterator()
     it.set_state(state)
     arrays = {}
     for s in range(n):

@@ -6,10 +6,16 @@ the training loop only gathers, packs and pads. The work runs in `data.num_worke
 processes (`mp_prefetch`; 0: in-process). One core does the whole pipeline at several hundred
 thousand tokens per second (bench/data_pipeline.py), far beyond what a training step consumes.
 
-Sharding: the train split's first `n - n % process_count` examples are dealt out round-robin
-(process p holds examples p, p + P, ...); validation likewise, keeping every example. A step
-takes `train_global_batch_size / process_count` of this process's examples, in an order that a
-seeded Grain shuffle makes different every epoch; the last partial batch of an epoch is dropped.
+Sharding does not depend on the device layout, so that a step's sequences are the same on one
+device, on a mesh of any data-parallel size and over any number of processes. The train split is
+cut into G = train_global_batch_size shards: a seeded permutation of the examples (the identity
+with `data.shuffle=false`) dealt out round-robin, so shard j holds the examples at permuted
+positions j, j + G, ... Each step takes one example of every shard, in an order that a seeded
+Grain shuffle of each shard makes different every epoch; an epoch has as many steps as the
+smallest shard has examples (NeMo RL drops the last partial batch too). Data-parallel rank r of
+dp supplies shards [r G/dp, (r+1) G/dp), and a process tokenises only the examples of the shards
+of its ranks (`dp_ranks`). Validation is cut likewise into val_global_batch_size shards without
+permutation, so that validation batch b is examples [b Gv, (b+1) Gv) as in NeMo RL.
 
 Rows have fixed length `seq` = max_total_sequence_length rounded up to
 make_sequence_length_divisible_by, so that the train step compiles once. Arrays of a micro-batch,
@@ -21,11 +27,11 @@ all int32 [rows, seq]:
   segment_ids  1, 2, ... for the sequences packed in a row (1 unpacked); 0 on padding
   positions    0, 1, ... within each segment; 0 on padding
 
-Padded rows: one sequence per row, micro-batches of `train_micro_batch_size * dp_size /
-process_count` rows. Packed rows (`policy.sequence_packing.enabled`): a step's sequences are
-packed into rows (first fit / best fit), micro-batches of `train_mb_tokens // seq` rows per
-data-parallel rank; the number of micro-batches per step varies (and may differ between
-processes: see `pad_micro_batches`).
+A micro-batch holds `train_micro_batch_size` rows of each local rank, rank after rank (the order
+of the rows of the global array). Padded rows: one sequence per row. Packed rows
+(`policy.sequence_packing.enabled`): each rank packs its own sequences of the step into rows
+(first fit / best fit), `train_mb_tokens // seq` rows per rank per micro-batch; the number of
+micro-batches per step varies (and may differ between processes: see `pad_micro_batches`).
 """
 
 from __future__ import annotations
@@ -241,23 +247,38 @@ def fill_rows(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_rows:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How sequences become micro-batches on this process (all counts derived from the config)."""
+    """How sequences become micro-batches on this process (all counts derived from the config).
+
+    Data is sharded by data-parallel rank, not by process: rank r of `dp_size` owns train examples
+    r, r + dp_size, ... and supplies `rank_batch` of them per step; this process supplies the
+    ranks `dp_ranks` (ascending, as its rows appear in the global arrays). The global batches are
+    therefore the same whatever the number of processes.
+    """
 
     seq_len: int  # row length
     max_length: int  # over-length threshold (data.max_input_seq_length)
     pad_id: int
-    global_batch: int  # sequences per optimizer step, all processes
-    local_batch: int  # sequences per step on this process
-    rows_per_micro_batch: int  # local rows of one micro-batch
+    global_batch: int  # sequences per optimizer step, all ranks
+    dp_size: int
+    dp_ranks: tuple[int, ...]  # the data-parallel ranks whose rows this process supplies
+    rank_batch: int  # sequences per step of one rank
+    rank_rows: int  # rows of one micro-batch of one rank
     packing: bool
     algorithm: str
     val_global_batch: int
-    val_rows_per_micro_batch: int  # local
-    process_index: int
-    process_count: int
+    val_rank_batch: int  # validation sequences per batch of one rank
+    val_rank_rows: int  # rows of one validation micro-batch of one rank
+
+    @property
+    def local_batch(self) -> int:
+        return self.rank_batch * len(self.dp_ranks)
+
+    @property
+    def rows_per_micro_batch(self) -> int:  # local rows
+        return self.rank_rows * len(self.dp_ranks)
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, dp_size: int, process_index: int, process_count: int) -> Layout:
+    def from_config(cls, cfg, tokenizer, dp_size: int, dp_ranks: Sequence[int]) -> Layout:
         policy, sft = cfg.policy, cfg.sft
         divisible = policy.get("make_sequence_length_divisible_by") or 1
         seq_len = -(-policy.max_total_sequence_length // divisible) * divisible
@@ -268,41 +289,57 @@ class Layout:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token to pad with")
-        if dp_size < 1 or process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"dp_size={dp_size}, process_index={process_index}, process_count={process_count}: "
-                             "expected dp_size >= 1 and 0 <= process_index < process_count")
+        dp_ranks = tuple(int(r) for r in dp_ranks)
+        if dp_size < 1 or not dp_ranks or list(dp_ranks) != sorted(set(dp_ranks)) \
+                or not all(0 <= r < dp_size for r in dp_ranks):
+            raise ValueError(f"dp_size={dp_size}, dp_ranks={dp_ranks}: expected dp_size >= 1 and distinct "
+                             "ascending ranks in [0, dp_size)")
         G, mbs = policy.train_global_batch_size, policy.train_micro_batch_size
+        if G % (mbs * dp_size):
+            raise ValueError(f"policy.train_global_batch_size={G} must be a multiple of train_micro_batch_size "
+                             f"* dp_size = {mbs} * {dp_size}")
         packing = bool(policy.sequence_packing.enabled)
+        rank_rows = mbs
         if packing:
             mb_tokens = policy.sequence_packing.get("train_mb_tokens") or policy.max_total_sequence_length * mbs
-            per_rank = mb_tokens // seq_len
-            if per_rank < 1:
+            rank_rows = mb_tokens // seq_len
+            if rank_rows < 1:
                 raise ValueError(f"policy.sequence_packing.train_mb_tokens={mb_tokens} is less than one row of "
                                  f"{seq_len} tokens")
-            rows = _split_rows(per_rank * dp_size, process_count, "packed micro-batch rows (train_mb_tokens // seq "
-                               "* dp_size)")
-        else:
-            if G % (mbs * dp_size):
-                raise ValueError(f"policy.train_global_batch_size={G} must be a multiple of train_micro_batch_size "
-                                 f"* dp_size = {mbs} * {dp_size}")
-            rows = _split_rows(mbs * dp_size, process_count, "policy.train_micro_batch_size * dp_size")
-        local_batch = _split_rows(G, process_count, "policy.train_global_batch_size")
         Gv, vmbs = sft.val_global_batch_size, sft.val_micro_batch_size
         if Gv % (vmbs * dp_size):
             raise ValueError(f"sft.val_global_batch_size={Gv} must be a multiple of val_micro_batch_size * dp_size "
                              f"= {vmbs} * {dp_size}")
-        val_rows = _split_rows(vmbs * dp_size, process_count, "sft.val_micro_batch_size * dp_size")
         algorithm = policy.sequence_packing.get("algorithm") or "first_fit_decreasing"
         if packing and algorithm not in PACKING:
             raise ValueError(f"policy.sequence_packing.algorithm={algorithm!r}: expected one of {PACKING}")
-        return cls(seq_len, max_length, int(pad_id), G, local_batch, rows, packing, algorithm, Gv, val_rows,
-                   process_index, process_count)
+        return cls(seq_len, max_length, int(pad_id), G, dp_size, dp_ranks, G // dp_size, rank_rows, packing,
+                   algorithm, Gv, Gv // dp_size, vmbs)
 
 
-def _split_rows(total: int, process_count: int, what: str) -> int:
-    if total % process_count:
-        raise ValueError(f"{what} = {total} must be a multiple of the number of processes ({process_count})")
-    return total // process_count
+def process_dp_ranks(dp_size: int, process_index: int, process_count: int) -> tuple[int, ...]:
+    """The data-parallel ranks of a process when each holds a contiguous block of the mesh's
+    (data, fsdp) positions: dp_size / P ranks each, or, with fewer ranks than processes (tensor
+    parallelism across hosts), the one rank that P / dp_size processes share."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    if dp_size % process_count == 0:
+        per = dp_size // process_count
+        return tuple(range(process_index * per, (process_index + 1) * per))
+    if process_count % dp_size == 0:
+        return (process_index // (process_count // dp_size),)
+    raise ValueError(f"data-parallel size {dp_size} and {process_count} processes: one must divide the other")
+
+
+def _shard_members(split: TokenizedSplit, shard_of: np.ndarray, position: np.ndarray,
+                   shards: Sequence[int]) -> list[np.ndarray]:
+    """For each shard, the positions in `split` of its kept examples, in dealing order.
+    shard_of / position: the shard of each source example and its place in the dealing order."""
+    shard, pos = shard_of[split.source], position[split.source]
+    by_shard = np.lexsort((pos, shard))  # positions in split, grouped by shard, dealing order within
+    starts = np.searchsorted(shard[by_shard], list(shards), side="left")
+    ends = np.searchsorted(shard[by_shard], list(shards), side="right")
+    return [by_shard[a:b] for a, b in zip(starts, ends)]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -342,31 +379,62 @@ def pad_micro_batches(batch: StepBatch, count: int, pad_id: int) -> StepBatch:
     return dataclasses.replace(batch, micro_batches=batch.micro_batches + extra)
 
 
-def _micro_batches(seqs: list[tuple[np.ndarray, np.ndarray]], layout: Layout, rows_per_mb: int,
-                   packing: bool, min_micro_batches: int = 1) -> list[dict[str, np.ndarray]]:
-    if packing:
-        rows = [[seqs[i] for i in b] for b in pack([len(s[0]) for s in seqs], layout.seq_len, layout.algorithm)]
-    else:
-        rows = [[s] for s in seqs]
-    n = max(min_micro_batches, math.ceil(len(rows) / rows_per_mb))
-    return [fill_rows(rows[k * rows_per_mb:(k + 1) * rows_per_mb], rows_per_mb, layout.seq_len, layout.pad_id)
-            for k in range(n)]
+def _rank_rows(seqs: list[tuple[np.ndarray, np.ndarray]], layout: Layout, packing: bool) -> list[list]:
+    """One rank's rows: each a list of (ids, loss) sequences (packed) or a single one (padded)."""
+    if not packing:
+        return [[s] for s in seqs]
+    return [[seqs[i] for i in b] for b in pack([len(s[0]) for s in seqs], layout.seq_len, layout.algorithm)]
+
+
+def _micro_batches(per_rank: list[list[list]], rank_rows: int, layout: Layout,
+                   min_micro_batches: int = 1) -> list[dict[str, np.ndarray]]:
+    """Micro-batches from each local rank's rows: micro-batch k holds rows [k*rank_rows, (k+1)*rank_rows)
+    of every rank in turn (padding where a rank has fewer), so that its rows sit where the global
+    arrays put that rank's shard."""
+    n = max([min_micro_batches] + [math.ceil(len(rows) / rank_rows) for rows in per_rank])
+    out = []
+    for k in range(n):
+        rows = []
+        for rank in per_rank:
+            part = rank[k * rank_rows:(k + 1) * rank_rows]
+            rows += part + [[]] * (rank_rows - len(part))
+        out.append(fill_rows(rows, rank_rows * len(per_rank), layout.seq_len, layout.pad_id))
+    return out
 
 
 class _AssembleStep:
-    """Grain map_with_index: step index -> StepBatch (reads the cache; picklable)."""
+    """Grain map_with_index: step index -> StepBatch (reads the cache; picklable).
 
-    def __init__(self, split: TokenizedSplit, order: grain.MapDataset, layout: Layout, steps_per_epoch: int):
-        self.split, self.order, self.layout, self.steps_per_epoch = split, order, layout, steps_per_epoch
+    Each shard's order in epoch e is a permutation seeded by (seed, shard, e) (identity without
+    `data.shuffle`), the same in whichever process holds the shard. (Grain's index shuffle costs
+    about a millisecond per lookup on shards this small; a step needs one lookup per sequence.)"""
+
+    def __init__(self, split: TokenizedSplit, members: list[list[np.ndarray]], shards: list[list[int]],
+                 layout: Layout, steps_per_epoch: int, seed: int | None):
+        self.split, self.members, self.shards = split, members, shards  # [local rank][shard of the rank]
+        self.layout, self.steps_per_epoch, self.seed = layout, steps_per_epoch, seed
+        self._epoch, self._orders = -1, []
+
+    def _orders_of(self, epoch: int) -> list[list[np.ndarray]]:
+        if epoch != self._epoch:
+            self._orders = [[m if self.seed is None else m[np.random.default_rng([self.seed, shard, epoch])
+                                                            .permutation(len(m))]
+                             for shard, m in zip(shards, members)]
+                            for shards, members in zip(self.shards, self.members)]
+            self._epoch = epoch
+        return self._orders
 
     def __call__(self, step: int, _) -> StepBatch:
         epoch, b = divmod(step, self.steps_per_epoch)
-        L, n = self.layout, len(self.split)
-        base = epoch * n + b * L.local_batch
-        picks = [self.order[base + j] for j in range(L.local_batch)]
-        seqs = [self.split.example(i) for i in picks]
-        micro = _micro_batches(seqs, L, L.rows_per_micro_batch, L.packing)
-        return StepBatch(micro, step, epoch, L.global_batch, L.local_batch, sum(len(s[0]) for s in seqs),
+        L = self.layout
+        picks, per_rank = [], []
+        for orders in self._orders_of(epoch):
+            rank_picks = [int(order[b]) for order in orders]
+            picks += rank_picks
+            per_rank.append(_rank_rows([self.split.example(i) for i in rank_picks], L, L.packing))
+        micro = _micro_batches(per_rank, L.rank_rows, L)
+        return StepBatch(micro, step, epoch, L.global_batch, L.local_batch,
+                         int(sum(len(self.split.example(i)[0]) for i in picks)),
                          sum(int(mb["loss_mask"].sum()) for mb in micro), self.split.source[picks])
 
 
@@ -405,16 +473,13 @@ class TrainIterator(Iterator[StepBatch]):
 # ----------------------------------------------------------------------------- SFTData
 
 
-def _agree_min(value: int, process_count: int) -> int:
+def _agree_min(value: int) -> int:
     """The minimum of `value` over JAX processes (so that every process runs the same steps)."""
-    if process_count == 1:
-        return value
-    import jax  # noqa: PLC0415 (jax only for multi-process runs)
+    import jax  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    if jax.process_count() == 1:  # processes simulated in one (tests): nothing to agree with
+    if jax.process_count() == 1:
         return value
-
     return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
@@ -423,37 +488,56 @@ class SFTData:
     batches. See the module docstring for shapes and conventions.
 
     cfg: the validated run config. tokenizer: from `load_tokenizer(cfg)`. dp_size: data-parallel
-    ranks (mesh data * fsdp). process_index / process_count: default jax.process_index() /
-    jax.process_count(). dataset: a built dataset (default `build_dataset(cfg)`).
+    ranks (mesh data * fsdp). dp_ranks: the ranks whose rows this process supplies, ascending
+    (default: `process_dp_ranks` of jax.process_index() / jax.process_count(); a single process
+    supplies all). dataset: a built dataset (default `build_dataset(cfg)`).
     """
 
-    def __init__(self, cfg, tokenizer, *, dp_size: int, process_index: int | None = None,
-                 process_count: int | None = None, dataset: SFTDataset | None = None):
-        if process_index is None or process_count is None:
+    def __init__(self, cfg, tokenizer, *, dp_size: int, dp_ranks: Sequence[int] | None = None,
+                 dataset: SFTDataset | None = None):
+        if dp_ranks is None:
             import jax  # noqa: PLC0415
 
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
+            dp_ranks = process_dp_ranks(dp_size, jax.process_index(), jax.process_count())
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.layout = L = Layout.from_config(cfg, tokenizer, dp_size, process_index, process_count)
+        self.layout = L = Layout.from_config(cfg, tokenizer, dp_size, dp_ranks)
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
         self.encoder = ConversationEncoder.from_config(cfg, tokenizer, self.dataset.task_spec)
         train_rows, val_rows = self.dataset.formatted_ds["train"], self.dataset.formatted_ds["validation"]
-        n_train = len(train_rows) - len(train_rows) % process_count
-        self.num_val_examples = len(val_rows)
+        self.num_train_examples, self.num_val_examples = len(train_rows), len(val_rows)
         common = dict(max_length=L.max_length, overlength=cfg.data.overlength,
                       skip_without_loss=bool(cfg.data.skip_examples_without_loss),
                       num_workers=int(cfg.data.get("num_workers") or 0))
+        seed, G, Gv = int(cfg.sft.seed), L.global_batch, L.val_global_batch
+        n = len(train_rows)
+        dealt = np.random.default_rng(seed).permutation(n) if cfg.data.shuffle else np.arange(n)
+        train_position = np.empty(n, np.int64)
+        train_position[dealt] = np.arange(n)  # example i is dealt at train_position[i]
+        train_shard, val_shard = train_position % G, np.arange(len(val_rows)) % Gv
+        val_position = np.arange(len(val_rows))
+
+        def owned(r: int, total: int) -> range:  # the shards of rank r
+            return range(r * total // dp_size, (r + 1) * total // dp_size)
+
+        my_train = [list(owned(r, G)) for r in L.dp_ranks]
+        my_val = [list(owned(r, Gv)) for r in L.dp_ranks]
         self.train_split, train_counts = tokenize_split(
-            train_rows, np.arange(process_index, n_train, process_count), self.encoder, split="train", **common)
-        self.val_split, val_counts = tokenize_split(
-            val_rows, np.arange(process_index, len(val_rows), process_count), self.encoder, split="validation",
+            train_rows, np.flatnonzero(np.isin(train_shard, sum(my_train, []))), self.encoder, split="train",
             **common)
+        self.val_split, val_counts = tokenize_split(
+            val_rows, np.flatnonzero(np.isin(val_shard, sum(my_val, []))), self.encoder, split="validation",
+            **common)
+        self._train_members = [_shard_members(self.train_split, train_shard, train_position, sh) for sh in my_train]
+        self._val_members = [_shard_members(self.val_split, val_shard, val_position, sh) for sh in my_val]
+        self._train_shards = my_train
         self._counts = {"train": train_counts, "validation": val_counts}
-        self.steps_per_epoch = _agree_min(len(self.train_split) // L.local_batch, process_count)
+        # The smallest shard holds n // G examples as dealt; drops and skips (known to the process that
+        # tokenised them) can make a shard smaller still, so the processes agree on the minimum.
+        smallest = min([n // G] + [len(m) for rank in self._train_members for m in rank])
+        self.steps_per_epoch = _agree_min(smallest)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the train split has {len(self.train_split)} usable examples on this process, fewer "
-                             f"than one step's {L.local_batch} (train_global_batch_size / processes)")
+            raise ValueError(f"the train split has too few usable examples for one step of "
+                             f"train_global_batch_size={G} (a shard of its examples is empty)")
         for split, c in self._counts.items():
             if c["truncated"] or c["dropped"] or c["masked"] or c["skipped"]:
                 log.warning("%s: of %d examples, %d truncated, %d dropped, %d masked (over %d tokens), %d skipped "
@@ -469,32 +553,31 @@ class SFTData:
 
     def train_iterator(self) -> TrainIterator:
         """A fresh iterator from the first step; `set_state` moves it to a saved position."""
-        L = self.layout
-        order = grain.MapDataset.range(len(self.train_split))
-        if self.cfg.data.shuffle:
-            order = order.shuffle(seed=int(self.cfg.sft.seed))
+        L, seed = self.layout, int(self.cfg.sft.seed)
         steps = grain.MapDataset.range(self.steps_per_epoch).repeat()
-        steps = steps.map_with_index(_AssembleStep(self.train_split, order, L, self.steps_per_epoch))
-        fingerprint = dict(examples=len(self.train_split), tokens=int(self.train_split.starts[-1]),
-                           steps_per_epoch=self.steps_per_epoch, seed=int(self.cfg.sft.seed),
-                           shuffle=bool(self.cfg.data.shuffle), global_batch=L.global_batch, seq_len=L.seq_len,
-                           packing=L.packing, process_index=L.process_index, process_count=L.process_count)
+        steps = steps.map_with_index(_AssembleStep(self.train_split, self._train_members, self._train_shards, L,
+                                                   self.steps_per_epoch, seed if self.cfg.data.shuffle else None))
+        # What the stream depends on; not the device layout (a run may resume on another one).
+        fingerprint = dict(train_examples=self.num_train_examples, steps_per_epoch=self.steps_per_epoch,
+                           seed=seed, shuffle=bool(self.cfg.data.shuffle), global_batch=L.global_batch,
+                           seq_len=L.seq_len, packing=L.packing)
         return TrainIterator(steps, fingerprint)
 
     @property
     def num_val_batches(self) -> int:
         """Global validation batches per validation run (sft.val_batches; <= 0: the whole split)."""
-        n = math.ceil(self.num_val_examples / self.layout.val_global_batch)
+        L = self.layout
+        n = math.ceil(self.num_val_examples / L.val_global_batch)
         val_batches = self.cfg.sft.val_batches
         return n if val_batches <= 0 else min(n, val_batches)
 
     def val_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """Validation micro-batches (padded rows, int32 [val_micro_batch_size * dp_size /
-        process_count, seq]) from the start of the split, in order, fresh on every call. Every process
-        yields the same number; rows past the end of the split are padding (no loss)."""
+        """Validation micro-batches (padded rows, int32 [val_micro_batch_size * len(dp_ranks), seq])
+        from the start of the split, in order, fresh on every call. Every process yields the same
+        number; rows past the end of a rank's share are padding (no loss)."""
         L = self.layout
-        local = L.val_global_batch // L.process_count
-        per_batch = L.val_global_batch // (L.val_rows_per_micro_batch * L.process_count)
+        per_batch = L.val_rank_batch // L.val_rank_rows
         for b in range(self.num_val_batches):
-            seqs = [self.val_split.example(i) for i in range(b * local, min((b + 1) * local, len(self.val_split)))]
-            yield from _micro_batches(seqs, L, L.val_rows_per_micro_batch, False, per_batch)
+            per_rank = [[[self.val_split.example(int(m[b]))] for m in members if b < len(m)]
+                        for members in self._val_members]
+            yield from _micro_batches(per_rank, L.val_rank_rows, L, per_batch)
