@@ -246,3 +246,11 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(assets, tmp_pat
 
     out = export_checkpoint(tmp_path / "ckpt" / f"step_{bad - 1}", tmp_path / "hf")
     assert AutoConfig.from_pretrained(out).num_hidden_layers == 2
+
+
+def test_checkpoint_must_save_by_saves_and_stops(assets, tmp_path):
+    result = train.run(load(assets, tmp_path, sft__max_num_steps=50, checkpointing__save_period=100,
+                            checkpointing__checkpoint_must_save_by="00:00:00:01"))
+    assert result.stopped_early and "checkpoint_must_save_by" in result.stopped_early
+    assert result.final_step < 50
+    assert sorted(int(p.name[5:]) for p in (tmp_path / "ckpt").glob("step_*")) == [result.final_step]
