@@ -410,6 +410,7 @@ _POSITIVE = (
     "policy.sequence_packing.train_mb_tokens", "policy.sequence_packing.sequence_length_round",
     "policy.dynamic_batching.train_mb_tokens", "policy.dynamic_batching.sequence_length_round",
     "policy.jax_cfg.mesh.data", "policy.jax_cfg.mesh.tensor", "policy.jax_cfg.loss_chunk_size",
+    "policy.jax_cfg.max_segments_per_row",
     "policy.optimizer.kwargs.lr", "policy.optimizer.kwargs.eps", "cluster.gpus_per_node",
     "cluster.num_nodes", "logger.gpu_monitoring.collection_interval",
     "logger.gpu_monitoring.flush_interval",

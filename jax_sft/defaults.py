@@ -118,11 +118,12 @@ def get_config() -> config_dict.ConfigDict:
                 tensor=placeholder(int),  # null: dtensor_cfg.tensor_parallel_size
             ),
             param_dtype="float32",  # master weights; compute dtype comes from policy.precision
-            attention="auto",  # "auto", "xla" or "cudnn"
+            attention="auto",  # "auto", "xla" or "cudnn" (GPU flash attention, padded and packed rows)
+            max_segments_per_row=64,  # packed rows, cudnn: static bound on sequences per row
             # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable";
             # null: "full" if dtensor_cfg.activation_checkpointing else "none".
             remat=placeholder(str),
-            scan_layers=False,
+            scan_layers=False,  # true: one lax.scan over stacked layers (compile time flat in depth)
             loss_chunk_size=1024,  # tokens per chunk of the fp32 log-softmax
             compilation_cache_dir=placeholder(str),
         ),

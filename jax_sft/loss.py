@@ -1,24 +1,100 @@
 """NeMo RL's SFT loss: masked next-token NLL, with an fp32 log-softmax computed chunk by chunk.
 
 The vocabularies of current models are 128k-152k, so fp32 logits of shape [batch, seq, vocab]
-would dwarf the activations. `masked_nll_sum` scans over sequence chunks and rematerialises each
-chunk's logits in the backward pass, so at most [batch, chunk, vocab] fp32 logits live at once.
+would dwarf the activations. `masked_nll_sum` walks over sequence chunks, so at most
+[batch, chunk, vocab] fp32 logits live at once, and it is a fused "linear + cross-entropy": under
+differentiation each chunk's gradient with respect to its logits, softmax - onehot(target), is
+formed while the logits are at hand and contracted at once into the gradients of the hidden
+states and of the unembedding (a custom VJP), so the backward pass neither stores nor recomputes
+logits (the unembedding matmul runs once forward and twice for gradients, the minimum).
 It returns the *sum* of the NLL over loss tokens: the train step divides by the number of loss
 tokens of the whole global batch, so the update does not depend on the micro-batch split.
+
+Precision: logits come out of the matmul in the compute dtype and are upcast to fp32 for the
+log-softmax (as torch autocast + NeMo RL's fp32 loss do); the gradient matmuls take the logit
+gradients in the unembedding's dtype and accumulate in fp32.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 
-def _chunk_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array):
-    """hidden [b, c, d] (compute dtype), kernel [d, vocab], targets/mask [b, c] -> fp32 nll sum."""
-    logits = jnp.einsum("bcd,dv->bcv", hidden, kernel).astype(jnp.float32)
+def _chunk_logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+    """hidden [b, c, d] (compute dtype), kernel [d, vocab] -> fp32 logits [b, c, vocab]."""
+    return jnp.einsum("bcd,dv->bcv", hidden, kernel).astype(jnp.float32)
+
+
+def _chunk_nll(hidden, kernel, targets, mask):
+    """-> (fp32 nll sum over masked positions, fp32 logits, fp32 log-normaliser [b, c])."""
+    logits = _chunk_logits(hidden, kernel)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return ((log_z - target_logit) * mask).sum()
+    return ((log_z - target_logit) * mask).sum(), logits, log_z
+
+
+def _split(x: jax.Array, n: int) -> jax.Array:
+    """[batch, seq, ...] -> [n, batch, seq / n, ...]."""
+    b, seq = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, n, seq // n, *x.shape[2:]), 1, 0)
+
+
+def _merge(x: jax.Array) -> jax.Array:
+    """[n, batch, chunk, ...] -> [batch, n * chunk, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _nll_sum(hidden, kernel, targets, mask, n_chunks: int):
+    """Forward only (evaluation): the summed NLL, chunk by chunk."""
+    if n_chunks == 1:
+        return _chunk_nll(hidden, kernel, targets, mask)[0]
+
+    def body(total, xs):
+        return total + _chunk_nll(xs[0], kernel, xs[1], xs[2])[0], None
+
+    zero = jnp.zeros((), jnp.float32)
+    total, _ = jax.lax.scan(body, zero, tuple(_split(x, n_chunks) for x in (hidden, targets, mask)))
+    return total
+
+
+def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int):
+    vocab = kernel.shape[-1]
+
+    def chunk(h, t, m):
+        nll, logits, log_z = _chunk_nll(h, kernel, t, m)
+        probs = jnp.exp(logits - log_z[..., None])
+        g = jnp.where(jnp.arange(vocab) == t[..., None], probs - 1.0, probs) * m[..., None]
+        g = g.astype(kernel.dtype)  # dNLL/dlogits [b, c, vocab]
+        d_hidden = jnp.einsum("bcv,dv->bcd", g, kernel, preferred_element_type=jnp.float32)
+        d_kernel = jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=jnp.float32)
+        return nll, d_hidden.astype(hidden.dtype), d_kernel
+
+    if n_chunks == 1:
+        nll, d_hidden, d_kernel = chunk(hidden, targets, mask)
+    else:
+        def body(carry, xs):
+            total, dk = carry
+            nll, dh, dk_chunk = chunk(*xs)
+            return (total + nll, dk + dk_chunk), dh
+
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+        xs = tuple(_split(x, n_chunks) for x in (hidden, targets, mask))
+        (nll, d_kernel), d_hidden = jax.lax.scan(body, zero, xs)
+        d_hidden = _merge(d_hidden)
+    return nll, (d_hidden, d_kernel.astype(kernel.dtype))
+
+
+def _nll_sum_bwd(n_chunks, res, g):
+    d_hidden, d_kernel = res
+    return d_hidden * g.astype(d_hidden.dtype), d_kernel * g.astype(d_kernel.dtype), None, None
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
 def masked_nll_sum(
@@ -33,7 +109,7 @@ def masked_nll_sum(
     hidden: [batch, seq, hidden] final-norm activations; kernel: [hidden, vocab] unembedding;
     targets: [batch, seq] int32 next tokens; loss_mask: [batch, seq] (1 = a training target).
     Returns the fp32 scalar NLL sum. `seq` must be a multiple of `chunk_size`
-    when it is larger than it.
+    when it is larger than it. Differentiable in `hidden` and `kernel` (see the module docstring).
     """
     batch, seq, dim = hidden.shape
     mask = loss_mask.astype(jnp.float32)
@@ -43,18 +119,4 @@ def masked_nll_sum(
             f"sequence length {seq} is not a multiple of policy.jax_cfg.loss_chunk_size={chunk}; "
             "pick a chunk size that divides the padded sequence length"
         )
-    n = seq // chunk
-    if n == 1:
-        return _chunk_nll(hidden, kernel, targets, mask)
-
-    def split(x):  # [batch, seq, ...] -> [n, batch, chunk, ...]
-        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-
-    chunk_fn = jax.checkpoint(_chunk_nll)
-
-    def body(total, xs):
-        return total + chunk_fn(xs[0], kernel, xs[1], xs[2]), None
-
-    zero = jnp.zeros((), jnp.float32)
-    total, _ = jax.lax.scan(body, zero, (split(hidden), split(targets), split(mask)))
-    return total
+    return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, seq // chunk)

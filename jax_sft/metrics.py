@@ -44,22 +44,21 @@ def peak_flops_per_device(device: jax.Device, precision: str) -> float | None:
 def training_flops(model_cfg: Any, sequence_lengths: np.ndarray) -> float:
     """Analytic FLOPs of forward + backward (3x forward) for sequences of the given lengths.
 
-    Matmul FLOPs are 2 per multiply-add per token over every projection and the LM head;
-    causal attention counts QK^T and AV over n(n+1)/2 query-key pairs per sequence (halved
-    relative to full attention; a sliding window caps the keys per query).
+    `model_cfg` is a `jax_sft.models.ModelConfig`. Matmul FLOPs are 2 per multiply-add per token
+    over every projection and the LM head; causal attention counts QK^T and AV over the n(n+1)/2
+    query-key pairs of a sequence (half of full attention), or fewer in a layer whose sliding
+    window W caps the keys per query.
     """
-    d, hd, layers = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.num_hidden_layers
-    q, kv = model_cfg.num_attention_heads * hd, model_cfg.num_key_value_heads * hd
+    d, hd = model_cfg.hidden_size, model_cfg.head_dim
+    q, kv = model_cfg.num_heads * hd, model_cfg.num_kv_heads * hd
     per_layer = d * q + 2 * d * kv + q * d + 3 * d * model_cfg.intermediate_size
-    matmul_params = layers * per_layer + d * model_cfg.vocab_size
+    matmul_params = model_cfg.num_layers * per_layer + d * model_cfg.vocab_size
     n = np.asarray(sequence_lengths, np.float64)
-    window = getattr(model_cfg, "sliding_window", None)
-    if window:
-        w = np.minimum(n, window)
-        pairs = (n * w - w * (w - 1) / 2).sum()
-    else:
-        pairs = (n * (n + 1) / 2).sum()
-    forward = 2 * matmul_params * n.sum() + 2 * 2 * layers * q * pairs
+    pairs = 0.0
+    for window in model_cfg.sliding_windows:
+        w = n if window is None else np.minimum(n, window)
+        pairs += (n * w - w * (w - 1) / 2).sum()  # = n(n+1)/2 when w = n
+    forward = 2 * matmul_params * n.sum() + 2 * 2 * q * pairs
     return 3.0 * forward
 
 

@@ -3,10 +3,12 @@
     python -m jax_sft.train --config configs/sft.py [--config.a.b=v ...]
     python -m jax_sft.train --config nemo_rl/sft.yaml [a.b=v ...]
 
-Order of a run: distributed start-up (before any other JAX call), config, every check that can
-fail on bad input (before anything compiles), model and data, then the loop: one optimizer step
-per global batch, validation every `sft.val_period` steps, a checkpoint every
+Order of a run: config (plain Python), distributed start-up (before any other JAX call), every
+check that can fail on bad input (before anything compiles), model and data, then the loop: one
+optimizer step per global batch, validation every `sft.val_period` steps, a checkpoint every
 `checkpointing.save_period` steps and at the end. A rerun with the same checkpoint_dir resumes.
+SIGTERM / SIGUSR1 stop the run after the current step with a checkpoint and exit code 75
+(`distributed.PREEMPTED_EXIT_CODE`); several processes: see distributed.py and launch/README.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class RunResult:
     val_losses: dict[int, float]
     compilations: dict[str, int]
     stopped_early: str | None = None
+    exit_code: int = 0  # distributed.PREEMPTED_EXIT_CODE after stopping on SIGTERM / SIGUSR1
 
 
 # ----------------------------------------------------------------------------- checks
@@ -156,20 +159,26 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def run(cfg: Any) -> RunResult:
-    """Trains per `cfg` (validated ConfigDict); resumes from checkpoint_dir when it has a step."""
-    if cfg.policy.precision == "float32":  # true fp32 matmuls (GPUs would otherwise use TF32)
-        with jax.default_matmul_precision("highest"):
-            return _run(cfg)
-    return _run(cfg)
+    """Trains per `cfg` (validated ConfigDict); resumes from checkpoint_dir when it has a step.
+
+    SIGTERM / SIGUSR1 during the run: the current step finishes, a checkpoint is saved and the
+    result has `exit_code` = distributed.PREEMPTED_EXIT_CODE (before the first step: no save).
+    """
+    with distributed.StopSignals() as stop_signals:
+        if cfg.policy.precision == "float32":  # true fp32 matmuls (GPUs would otherwise use TF32)
+            with jax.default_matmul_precision("highest"):
+                return _run(cfg, stop_signals)
+        return _run(cfg, stop_signals)
 
 
-def _run(cfg: Any) -> RunResult:
+def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     # Imports that touch JAX devices come after distributed.initialize (see main).
     from jax_sft import data as data_lib
     from jax_sft import models
     from jax_sft.checkpoint import Checkpointer
     from jax_sft.export import model_files
     from jax_sft.metrics import MetricsLogger, peak_flops_per_device, peak_memory_bytes, training_flops
+    from jax_sft.models import attention as attention_lib
     from jax_sft.models import sharding as sharding_lib
     from jax_sft.models.hf_io import resolve_model_dir
     from jax_sft.optim import make_optimizer
@@ -188,7 +197,7 @@ def _run(cfg: Any) -> RunResult:
     check_before_compile(cfg, dp_size=dp_size, max_positions=model_cfg.max_position_embeddings)
 
     tokenizer = data_lib.load_tokenizer(cfg)
-    sft_data = data_lib.SFTData(cfg, tokenizer, dp_size=dp_size)
+    sft_data = data_lib.SFTData(cfg, tokenizer, dp_size=dp_size, dp_ranks=sharding_lib.local_dp_ranks(mesh))
     packed = bool(p.sequence_packing.enabled)
 
     model = models.from_pretrained(
@@ -198,8 +207,13 @@ def _run(cfg: Any) -> RunResult:
         mesh=mesh,
         attention=jc.attention,
         remat=jc.remat,
+        scan_layers=jc.scan_layers,
+        max_segments=jc.max_segments_per_row,
     )
     model_cfg = model.config
+    attention_line = model.describe_attention(packed)
+    # cuDNN's packed layout takes a static bound on segments per row: checked per micro-batch.
+    check_rows = packed and "cudnn" in model.attention_kernel(packed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -244,6 +258,7 @@ def _run(cfg: Any) -> RunResult:
         logger.write(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} devices "
                      f"({jax.process_count()} processes)")
         logger.write(sharding_table(params))
+        logger.write(attention_line)
         if resumed_from is not None:
             logger.write(f"resumed from {ckpt.step_dir(resumed_from)} (step {step}, epoch {epoch})")
         logger.write("data: " + ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in sft_data.stats.items()))
@@ -260,6 +275,8 @@ def _run(cfg: Any) -> RunResult:
         t0 = time.time()
         nll, tokens = 0.0, 0.0
         for mb in sft_data.val_batches():
+            if check_rows:
+                attention_lib.check_packed_rows(mb["segment_ids"], jc.max_segments_per_row)
             n, t = fns.eval_step(params, to_global(mb, batch_sharding))
             nll, tokens = nll + float(n), tokens + float(t)
         val_loss = nll / max(tokens, 1.0)
@@ -282,12 +299,16 @@ def _run(cfg: Any) -> RunResult:
             metrics=dict(last_val),
         )
 
-    stopped_early = None
+    stopped_early, exit_code = None, 0
     try:
         if s.val_at_start and resumed_from is None:
             validate()
         iterator: Iterator = train_iter
-        while step < total_steps:
+        early_signal, _ = distributed.agree_to_stop(stop_signals.signum)
+        if early_signal:  # nothing trained since the last checkpoint: nothing to save
+            stopped_early, exit_code = early_signal, distributed.PREEMPTED_EXIT_CODE
+            logger.write(f"{stopped_early} before the first step; stopping (exit code {exit_code})")
+        while step < total_steps and not exit_code:
             t_step = time.time()
             batch = next(iterator)
             micro_batches = agree_micro_batches(batch.micro_batches)
@@ -296,6 +317,8 @@ def _run(cfg: Any) -> RunResult:
             valid = 0
             lengths = []
             for mb in micro_batches:
+                if check_rows:
+                    attention_lib.check_packed_rows(mb["segment_ids"], jc.max_segments_per_row)
                 acc = fns.micro_step(params, acc, to_global(mb, batch_sharding))
                 lengths.append(segment_lengths(mb))
                 valid += int((np.asarray(mb["segment_ids"]) > 0).sum())
@@ -311,7 +334,7 @@ def _run(cfg: Any) -> RunResult:
                 )
             elapsed = time.time() - t_step
             n_dev = len(devices)
-            global_valid = valid * jax.process_count()
+            global_valid = int(distributed.allgather_ints([valid]).sum())
             metrics.update({
                 "train/global_valid_seqs": float(p.train_global_batch_size),
                 "train/global_valid_toks": float(global_valid),
@@ -333,8 +356,15 @@ def _run(cfg: Any) -> RunResult:
             logger.log(metrics, step)
             logger.progress(step, {**metrics, **{f"validation/{k[4:]}": v for k, v in last_val.items()}})
             past_deadline = deadline is not None and time.time() - start_time + elapsed >= deadline
-            if ckpt and (step % cfg.checkpointing.save_period == 0 or last or past_deadline):
+            # Every process decides alike (a signal may reach only some; clocks differ).
+            stop_signal, (past_deadline,) = distributed.agree_to_stop(stop_signals.signum, past_deadline)
+            if ckpt and (step % cfg.checkpointing.save_period == 0 or last or past_deadline or stop_signal):
                 save()
+            if stop_signal and not last:
+                stopped_early, exit_code = stop_signal, distributed.PREEMPTED_EXIT_CODE
+                saved = f"saved step_{step}; a rerun resumes from it" if ckpt else "checkpointing is disabled"
+                logger.write(f"step {step}: {stopped_early}; {saved}; stopping with exit code {exit_code}")
+                break
             if past_deadline and not last:
                 stopped_early = f"checkpoint_must_save_by={cfg.checkpointing.checkpoint_must_save_by} reached"
                 logger.write(f"step {step}: {stopped_early}; saved and stopping")
@@ -345,7 +375,7 @@ def _run(cfg: Any) -> RunResult:
         logger.close()
 
     export_dir = None
-    if cfg.checkpointing.get("hf_export_dir"):
+    if cfg.checkpointing.get("hf_export_dir") and not exit_code:  # a preempted run is unfinished
         export_dir = Path(cfg.checkpointing.hf_export_dir)
         models.save_pretrained(nnx.merge(graphdef, params, rest), export_dir, tokenizer=tokenizer)
     result = RunResult(
@@ -357,6 +387,7 @@ def _run(cfg: Any) -> RunResult:
         val_losses=val_losses,
         compilations={f.name: getattr(fns, f.name)._cache_size() for f in dataclasses.fields(fns)},
         stopped_early=stopped_early,
+        exit_code=exit_code,
     )
     return result
 
@@ -385,8 +416,9 @@ def _extra_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
 def main(argv: Sequence[str] | None = None) -> RunResult:
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, overrides, extra = config_lib.parse_args(argv)
-    distributed.initialize(extra)
-    cfg = config_lib.load_config(config_path, overrides)
+    distributed.parse_flags(extra)  # bad flags fail before the config is read
+    cfg = config_lib.load_config(config_path, overrides)  # plain Python: no JAX backend yet
+    distributed.initialize(extra, gpus_per_node=cfg.cluster.gpus_per_node)
     result = run(cfg)
     if jax.process_index() == 0:
         print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
@@ -394,6 +426,10 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
             print(f"checkpoints: {result.checkpoint_dir}")
         if result.export_dir:
             print(f"export:      {result.export_dir} (transformers.AutoModelForCausalLM.from_pretrained)")
+        if result.exit_code:
+            print(f"stopped:     {result.stopped_early}; exit code {result.exit_code} (rerun to resume)")
+    if result.exit_code:
+        raise SystemExit(result.exit_code)
     return result
 
 

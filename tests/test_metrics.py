@@ -10,6 +10,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from jax_sft.config import default_config
+from jax_sft.models import ModelConfig
 from jax_sft.metrics import MetricsLogger, PEAK_TFLOPS, peak_flops_per_device, training_flops
 
 
@@ -39,17 +40,19 @@ def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
 
 
 def test_training_flops_by_hand():
-    cfg = SimpleNamespace(hidden_size=8, head_dim=2, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=16, vocab_size=10, sliding_window=None)
+    hf = {"architectures": ["MistralForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 2,
+          "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": None}
+    cfg = ModelConfig.from_hf_dict(hf)
     per_layer = 8 * 8 + 2 * 8 * 4 + 8 * 8 + 3 * 8 * 16  # q, k+v, o, gate/up/down
     matmul = 3 * per_layer + 8 * 10
     lengths = np.array([5, 3])
-    pairs = 5 * 6 / 2 + 3 * 4 / 2  # causal query-key pairs
-    expected = 3 * (2 * matmul * 8 + 4 * 3 * 8 * pairs)
-    assert training_flops(cfg, lengths) == pytest.approx(expected)
-    windowed = SimpleNamespace(**{**vars(cfg), "sliding_window": 2})
-    pairs_w = (1 + 2 + 2 + 2 + 2) + (1 + 2 + 2)
-    assert training_flops(windowed, lengths) == pytest.approx(3 * (2 * matmul * 8 + 4 * 3 * 8 * pairs_w))
+    pairs = 5 * 6 / 2 + 3 * 4 / 2  # causal query-key pairs per layer
+    assert training_flops(cfg, lengths) == pytest.approx(3 * (2 * matmul * 8 + 4 * 8 * 3 * pairs))
+    windowed = ModelConfig.from_hf_dict({**hf, "sliding_window": 2})
+    assert windowed.sliding_windows == (2, 2, 2)
+    pairs_w = (1 + 2 + 2 + 2 + 2) + (1 + 2 + 2)  # each query sees at most 2 keys
+    assert training_flops(windowed, lengths) == pytest.approx(3 * (2 * matmul * 8 + 4 * 8 * 3 * pairs_w))
 
 
 def test_peak_table_knows_h100_and_not_cpu():

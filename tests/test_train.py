@@ -23,7 +23,7 @@ from jax_sft.quickstart import make_dataset, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_NAMES = (
-    "train/loss", "train/grad_norm", "train/lr", "train/num_unmasked_tokens",
+    "train/loss", "train/mfu", "train/grad_norm", "train/lr", "train/num_unmasked_tokens",
     "train/global_valid_toks", "timing/train/total_step_time", "timing/train/data_processing",
     "timing/train/valid_tokens_per_sec_per_gpu",
 )
@@ -83,7 +83,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
-def test_end_to_end_val_loss_falls_and_metrics_are_written(assets, tmp_path):
+def test_end_to_end_val_loss_falls_and_metrics_are_written(assets, tmp_path, monkeypatch):
+    # A made-up peak for the CPU, so that the MFU path runs here as it does on a GPU.
+    monkeypatch.setattr("jax_sft.metrics.peak_flops_per_device", lambda device, precision: 1e12)
     result = train.run(load(assets, tmp_path, sft__max_num_steps=12, sft__val_period=6,
                             logger__tensorboard_enabled=True))
     vals = [result.val_losses[s] for s in sorted(result.val_losses)]

@@ -1,6 +1,7 @@
-"""Causal self-attention with a selectable implementation.
+"""Causal self-attention with a selectable kernel.
 
-    attention(q, k, v, segment_ids=None, sliding_window=None, implementation="auto") -> out
+    attention(q, k, v, segment_ids=None, sliding_window=None, implementation="auto",
+              max_segments=64) -> out
 
 q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (q_heads a multiple of
 kv_heads: GQA); out like q. Query i attends key j when j <= i, and, with `sliding_window` W (HF's
@@ -13,22 +14,65 @@ every query sees at least itself, so no softmax row is ever empty (no NaN). Rows
 segment_ids that are only right-padded need none: under the causal mask the padding at the end
 cannot affect the real tokens before it.
 
-Implementations:
+Kernels:
   "xla":   runs everywhere. fp32 logits and softmax; GQA by grouping the query heads
-           ([b, t, kv, group, d]), without repeating k/v.
-  "cudnn": GPU flash attention via `jax.nn.dot_product_attention(implementation="cudnn")`;
-           bfloat16/float16 only. It cannot honour segment ids (several sequences in one row),
-           so it raises when given them instead of attending across sequences.
-  "auto":  "cudnn" on GPU when dtype, head_dim and the absence of segment_ids allow, else "xla".
+           ([b, t, kv, group, d]), without repeating k/v. Materialises [b, heads, t, t] scores.
+  "cudnn": GPU flash attention (bfloat16/float16). Without segment ids:
+           `jax.nn.dot_product_attention(implementation="cudnn")`. With segment ids: cuDNN's packed
+           ("ragged") layout, each segment an independent causal sequence, so the work is that of
+           the segments and not of the whole row. It needs a Hopper or newer GPU, segments that
+           each occupy one contiguous run of a row (the data pipeline's layout: 1, 1, 2, 2, 2, 0, 0),
+           and at most `max_segments` runs per row (a static bound: cuDNN keeps softmax
+           statistics of shape [batch * max_segments, heads, seq]). The trailing padding counts
+           as one run; it attends causally to itself, exactly as under "xla". The training loop
+           checks every packed micro-batch against the bound on the host (`check_packed_rows`),
+           since a jitted kernel cannot raise. Packed rows with a sliding window raise (cuDNN
+           takes the window, but that combination is not verified against "xla" here).
+  "auto":  "cudnn" on a GPU where dtype, head_dim and the batch layout allow (packed rows: Hopper
+           or newer, no sliding window), else "xla"; decided per layer, so a model whose layers
+           differ in window may mix them. `resolve_implementation` says which one a call gets.
+
+Checked on an H100 (cuDNN 9.19, jax 0.11.2) against "xla", forward and gradients, bf16 inputs:
+padded rows with MHA/GQA/MQA, head_dim 64 and 128, no window and windows 40 and 100; packed rows
+with MHA and GQA, head_dim 128 and 64 (||a - b|| / ||b|| < 2e-2 in tests/test_attention.py;
+2.7e-3 to 3.9e-3 in tests/gpu/probe_packed.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+DEFAULT_MAX_SEGMENTS = 64  # runs of segment ids per packed row for the cuDNN packed layout
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
+def _compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the first GPU, or None off GPU."""
+    if _backend() != "gpu":
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if not cc:
+        return None
+    major, minor = (int(x) for x in str(cc).split(".")[:2])
+    return major, minor
+
+
+def _max_cudnn_head_dim() -> int:
+    cc = _compute_capability()
+    return 256 if cc is not None and cc >= (9, 0) else 128
+
+
+def _cudnn_dtype(dtype) -> bool:
+    return jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
 
 
 def check_implementation(implementation: str, dtype, head_dim: int) -> None:
@@ -36,37 +80,73 @@ def check_implementation(implementation: str, dtype, head_dim: int) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r}; choose one of {IMPLEMENTATIONS}")
     if implementation == "cudnn":
-        if jax.default_backend() != "gpu":
+        if _backend() != "gpu":
             raise ValueError(
-                f"attention='cudnn' needs a GPU but the JAX backend is {jax.default_backend()!r}; "
+                f"attention='cudnn' needs a GPU but the JAX backend is {_backend()!r}; "
                 "use attention='xla' (or 'auto')"
             )
-        if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+        if not _cudnn_dtype(dtype):
             raise ValueError(
                 f"attention='cudnn' needs bfloat16 or float16 compute, got {jnp.dtype(dtype).name}; "
                 "use attention='xla' for float32"
             )
-        if head_dim % 8 or head_dim > 256:
-            raise ValueError(f"attention='cudnn' needs head_dim <= 256 and a multiple of 8, got {head_dim}")
+        limit = _max_cudnn_head_dim()
+        if head_dim % 8 or head_dim > limit:
+            raise ValueError(
+                f"attention='cudnn' needs head_dim <= {limit} and a multiple of 8 on this GPU, "
+                f"got {head_dim}; use attention='xla'"
+            )
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int, packed: bool) -> str:
-    """"auto" -> "cudnn" or "xla" for this call; "cudnn" with segment ids raises."""
-    if implementation == "cudnn" and packed:
+def resolve_implementation(implementation: str, dtype, head_dim: int, packed: bool,
+                           windowed: bool = False) -> str:
+    """The kernel ("cudnn" or "xla") a call gets; "cudnn" that cannot honour the layout raises.
+    `windowed`: the layer has a sliding window."""
+    hopper = (_compute_capability() or (0, 0)) >= (9, 0)
+    if implementation == "cudnn" and packed and windowed:
         raise ValueError(
-            "attention='cudnn' cannot restrict attention to segments (segment_ids, i.e. packed "
-            "sequences); use attention='xla' or disable sequence packing"
+            "attention='cudnn' with segment_ids (packed sequences) and a sliding window: cuDNN's "
+            "packed layout with a window is not verified against 'xla' in jax_sft; use "
+            "attention='auto' or 'xla' (the windowed layers then run 'xla'), or disable sequence packing"
         )
-    if implementation != "auto":
-        return implementation
+    if implementation == "cudnn" and packed and not hopper:
+        raise ValueError(
+            "attention='cudnn' with segment_ids (packed sequences) uses cuDNN's packed layout, "
+            f"which needs a Hopper or newer GPU (compute capability >= 9.0; found "
+            f"{_compute_capability() or _backend()}); use attention='xla' or disable sequence packing"
+        )
+    check_implementation(implementation, dtype, head_dim)
+    if implementation == "cudnn":
+        return "cudnn"
+    if implementation == "xla":
+        return "xla"
     cudnn_ok = (
-        jax.default_backend() == "gpu"
-        and jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
+        _backend() == "gpu"
+        and _cudnn_dtype(dtype)
         and head_dim % 8 == 0
-        and head_dim <= 128
-        and not packed
+        and head_dim <= _max_cudnn_head_dim()
+        and (hopper or not packed)
+        and not (packed and windowed)
     )
     return "cudnn" if cudnn_ok else "xla"
+
+
+def describe(implementation: str, dtype, head_dim: int, packed: bool, max_segments: int,
+             windows: Sequence[int | None] = (None,)) -> str:
+    """One line for the run log: which kernel the layers (their `windows`) run, and why."""
+    names = {
+        "xla": "xla (fp32 softmax over materialised [batch, heads, seq, seq] scores)",
+        "cudnn": "cudnn flash attention"
+        + (f", packed layout (<= {max_segments} segments per row)" if packed else ""),
+    }
+    by_kind = {}
+    for w in windows:
+        kind = "sliding-window layers" if w is not None else "full-attention layers"
+        by_kind[kind] = resolve_implementation(implementation, dtype, head_dim, packed, w is not None)
+    chosen = f"attention={implementation!r} -> "
+    if len(set(by_kind.values())) == 1:
+        return chosen + names[next(iter(by_kind.values()))]
+    return chosen + "; ".join(f"{names[impl]} on {kind}" for kind, impl in by_kind.items())
 
 
 def attention(
@@ -77,11 +157,14 @@ def attention(
     segment_ids: jax.Array | None = None,
     sliding_window: int | None = None,
     implementation: str = "auto",
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
 ) -> jax.Array:
     """Causal attention, see the module docstring. Softmax scale is head_dim ** -0.5."""
     head_dim = q.shape[-1]
-    check_implementation(implementation, q.dtype, head_dim)
-    impl = resolve_implementation(implementation, q.dtype, head_dim, segment_ids is not None)
+    impl = resolve_implementation(implementation, q.dtype, head_dim, segment_ids is not None,
+                                  sliding_window is not None)
+    if impl == "cudnn" and segment_ids is not None:
+        return _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
             q,
@@ -93,6 +176,87 @@ def attention(
             implementation="cudnn",
         )
     return _xla_attention(q, k, v, segment_ids, sliding_window)
+
+
+# ----------------------------------------------------------------------------- packed rows
+
+
+def segment_runs(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed-layout description of rows of contiguous segments.
+
+    segment_ids [b, t] -> (seqlen [b, M] int32, offsets [b, M + 1] int32), M = max_segments:
+    the length and start of each run of equal ids, -1 beyond the row's last run. A row with more
+    than M runs would leave tokens outside every segment; the last described run is then
+    stretched to the end of the row so that every output stays finite (but wrong across those
+    runs): `check_packed_rows` rejects such batches on the host before they get here.
+    """
+    b, t = segment_ids.shape
+    starts = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+
+    def row(s):
+        idx = jnp.nonzero(s, size=max_segments, fill_value=t)[0].astype(jnp.int32)  # [M]
+        ends = jnp.concatenate([idx[1:], jnp.full((1,), t, jnp.int32)])
+        valid = idx < t
+        seqlen = jnp.where(valid, ends - idx, -1)
+        offsets = jnp.concatenate([jnp.where(valid, idx, -1), jnp.full((1,), -1, jnp.int32)])
+        return seqlen, offsets
+
+    return jax.vmap(row)(starts)
+
+
+_PACKED_MASK_TYPE = "PADDING_CAUSAL"  # each segment: its own causal sequence of `seqlen` tokens
+
+
+def _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments):
+    # jax exposes the packed layout only through its cuDNN module (jax 0.10 and 0.11 alike).
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    seqlen, offsets = segment_runs(segment_ids, max_segments)
+    return cudnn_attention(
+        q, k, v,
+        q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+        scale=float(q.shape[-1]) ** -0.5,
+        mask_type=MaskType[_PACKED_MASK_TYPE],
+        qkv_layout="BTNH",
+        sliding_window_length=sliding_window,  # cuDNN's window is HF's: (i - W, i]
+    )
+
+
+def count_runs(segment_ids: np.ndarray) -> np.ndarray:
+    """Host side: [rows, seq] segment ids -> [rows] number of runs of equal ids."""
+    seg = np.asarray(segment_ids)
+    return 1 + (seg[:, 1:] != seg[:, :-1]).sum(axis=1)
+
+
+def check_packed_rows(segment_ids: np.ndarray, max_segments: int) -> None:
+    """Host side: raises when a packed micro-batch cannot go through the cuDNN packed layout.
+
+    Every segment id must occupy one contiguous run of its row, and a row may hold at most
+    `max_segments` runs (the trailing padding is one).
+    """
+    seg = np.asarray(segment_ids)
+    runs = count_runs(seg)
+    worst = int(runs.argmax())
+    if runs[worst] > max_segments:
+        raise ValueError(
+            f"packed row {worst} of the micro-batch holds {int(runs[worst])} segments (padding "
+            f"included), more than policy.jax_cfg.max_segments_per_row={max_segments} that the "
+            "cuDNN packed-attention kernel was compiled for; raise max_segments_per_row (softmax "
+            "statistics grow with it) or use policy.jax_cfg.attention='xla'"
+        )
+    for r, row in enumerate(seg):
+        if len(np.unique(row)) != runs[r]:
+            raise ValueError(
+                f"packed row {r}: a segment id occurs in more than one run ({row.tolist()[:64]}...); "
+                "the cuDNN packed-attention kernel needs each sequence contiguous. Use "
+                "policy.jax_cfg.attention='xla' for such layouts"
+            )
+
+
+# ----------------------------------------------------------------------------- xla
 
 
 def _xla_attention(

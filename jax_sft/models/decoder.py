@@ -12,6 +12,13 @@ attention to the token's own segment (convention in `attention.py`: 0 = padding)
 Parameters are stored in `param_dtype`, the forward pass runs in `dtype` (compute); RMSNorm,
 RoPE and softmax run in float32. Parameter layouts and their logical axis names are listed in
 `sharding.py`. `remat` ("none", "full" or a `jax.checkpoint_policies` name) applies per layer.
+
+`scan_layers=True` stores the layers stacked (every layer parameter gets a leading [num_layers]
+axis, path `layers.<name>` instead of `layers.<i>.<name>`) and runs them with one `jax.lax.scan`,
+so compile time does not grow with depth; the values are the same as unrolled. It needs the same
+attention window on every layer. `hf_io` reads and writes both layouts (HF files are per layer).
+`attention` picks the kernel (see `attention.py`); `max_segments` bounds the segments per packed
+row for the cuDNN packed layout.
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ def _dense(einsum: str, kernel: tuple[int, ...], names: tuple[str, ...], bias: t
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
-                 rngs: nnx.Rngs):
+                 max_segments: int, rngs: nnx.Rngs):
         e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dense = partial(_dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv_bias = cfg.qkv_bias
@@ -124,6 +131,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.sliding_window = cfg.sliding_windows[layer]
         self.implementation = implementation
+        self.max_segments = max_segments
         self.dtype = dtype
 
     def __call__(self, x, cos, sin, segment_ids):
@@ -135,6 +143,7 @@ class Attention(nnx.Module):
         out = attention_lib.attention(
             q, k, v, segment_ids=segment_ids,
             sliding_window=self.sliding_window, implementation=self.implementation,
+            max_segments=self.max_segments,
         )
         return self.o_proj(out)
 
@@ -154,11 +163,12 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
-                 rngs: nnx.Rngs):
+                 max_segments: int, rngs: nnx.Rngs):
         norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype,
-                                   implementation=implementation, rngs=rngs)
+                                   implementation=implementation, max_segments=max_segments,
+                                   rngs=rngs)
         self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -167,13 +177,17 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _layer_fn(remat: str):
-    """DecoderLayer.__call__, wrapped in nnx.remat with the named policy unless remat == "none"."""
+def _remat_policy(remat: str):
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; choose one of {REMAT_POLICIES}")
+    return None if remat in ("none", "full") else getattr(jax.checkpoint_policies, remat)
+
+
+def _layer_fn(remat: str):
+    """DecoderLayer.__call__, wrapped in nnx.remat with the named policy unless remat == "none"."""
+    policy = _remat_policy(remat)
     if remat == "none":
         return DecoderLayer.__call__
-    policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
     return nnx.remat(DecoderLayer.__call__, policy=policy, prevent_cse=True)
 
 
@@ -181,23 +195,41 @@ class CausalLM(nnx.Module):
     """Decoder-only LM; see the module docstring for the call signatures."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                 attention: str = "auto", remat: str = "none", rngs: nnx.Rngs):
+                 attention: str = "auto", remat: str = "none", scan_layers: bool = False,
+                 max_segments: int = attention_lib.DEFAULT_MAX_SEGMENTS, rngs: nnx.Rngs):
         attention_lib.check_implementation(attention, dtype, config.head_dim)
-        _layer_fn(remat)  # validates the name
+        _remat_policy(remat)  # validates the name
+        if not (isinstance(max_segments, int) and max_segments >= 1):
+            raise ValueError(f"max_segments={max_segments!r} must be a positive integer")
         self.config = config
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.attention = attention
         self.remat = remat
+        self.scan_layers = scan_layers
+        self.max_segments = max_segments
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=_normal, embedding_metadata=_meta("vocab", "embed"), rngs=rngs,
         )
-        self.layers = nnx.List([
-            DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, implementation=attention,
-                         rngs=rngs)
-            for i in range(config.num_layers)
-        ])
+        layer = partial(DecoderLayer, config, dtype=dtype, param_dtype=param_dtype,
+                        implementation=attention, max_segments=max_segments)
+        if scan_layers:
+            if len(set(config.sliding_windows)) != 1:
+                raise ValueError(
+                    f"scan_layers=True needs the same attention window on every layer, but this "
+                    f"{config.architecture} has per-layer windows {config.sliding_windows}; set "
+                    "policy.jax_cfg.scan_layers=false"
+                )
+
+            @nnx.split_rngs(splits=config.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+            def stacked(rngs):
+                return layer(0, rngs=rngs)
+
+            self.layers = stacked(rngs)  # one DecoderLayer whose parameters are [num_layers, ...]
+        else:
+            self.layers = nnx.List([layer(i, rngs=rngs) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -222,10 +254,40 @@ class CausalLM(nnx.Module):
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)
 
         x = self.embed_tokens(input_ids)
-        layer_fn = _layer_fn(self.remat)
-        for layer in self.layers:
-            x = layer_fn(layer, x, cos, sin, segment_ids)
+        if self.scan_layers:
+            x = self._scan_layers(x, cos, sin, segment_ids)
+        else:
+            layer_fn = _layer_fn(self.remat)
+            for layer in self.layers:
+                x = layer_fn(layer, x, cos, sin, segment_ids)
         return self.norm(x)
+
+    def _scan_layers(self, x, cos, sin, segment_ids):
+        """The stacked layers as one lax.scan over their [num_layers, ...] parameters."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state)
+        return x
+
+    def attention_kernel(self, packed: bool) -> str:
+        """The attention kernel this model runs for padded or packed rows: "cudnn", "xla", or
+        "cudnn+xla" when its full-attention and sliding-window layers differ."""
+        kernels = {
+            attention_lib.resolve_implementation(self.attention, self.dtype, self.config.head_dim,
+                                                 packed, w is not None)
+            for w in self.config.sliding_windows
+        }
+        return "+".join(sorted(kernels))
+
+    def describe_attention(self, packed: bool) -> str:
+        """One log line: the kernel chosen for this batch layout."""
+        return attention_lib.describe(self.attention, self.dtype, self.config.head_dim, packed,
+                                      self.max_segments, self.config.sliding_windows)
 
     def lm_head_kernel(self) -> jax.Array:
         """[hidden, vocab] unembedding in the compute dtype (the embedding transposed when tied)."""

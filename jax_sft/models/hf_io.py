@@ -1,7 +1,8 @@
 """Hugging Face checkpoints <-> `CausalLM`, without torch.
 
     model = from_pretrained("Qwen/Qwen3-0.6B" or "/path/to/folder", dtype=jnp.bfloat16,
-                            param_dtype=jnp.float32, mesh=None, attention="auto", remat="none")
+                            param_dtype=jnp.float32, mesh=None, attention="auto", remat="none",
+                            scan_layers=False, max_segments=64)
     save_pretrained(model, "out/hf", tokenizer=tok, max_shard_size="5GB", dtype=None)
 
 Reading: `config.json` picks the family (`ModelConfig`); tensors come from `model.safetensors` or
@@ -21,6 +22,9 @@ a single model.safetensors) and the tokenizer. Everything is written into a temp
 part in gathering sharded parameters (multi-host gathering is untested so far).
 
 The HF <-> jax name and layout tables are `_NAMES` below: one per family, sharing Llama's names.
+With `scan_layers=True` a layer parameter is stacked ([num_layers, ...], path `layers.<name>`):
+it is read from, and written to, the per-layer HF tensors (`model.layers.{i}.<name>`), so the files
+are the same either way.
 """
 
 from __future__ import annotations
@@ -151,6 +155,18 @@ _NAMES = {
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
+def is_stacked(path: tuple) -> bool:
+    """Whether `path` is a stacked ([num_layers, ...]) layer parameter of a scan_layers model."""
+    return len(path) > 1 and path[0] == "layers" and not isinstance(path[1], int) and not str(path[1]).isdigit()
+
+
+def layer_paths(path: tuple, num_layers: int) -> list[tuple]:
+    """The per-layer paths of a parameter: [path] as is, one per layer when stacked."""
+    if not is_stacked(path):
+        return [path]
+    return [("layers", i, *path[1:]) for i in range(num_layers)]
+
+
 def hf_name(config: ModelConfig, path: tuple) -> tuple[str, Layout]:
     """(HF tensor name, layout) of the jax parameter at `path` (an nnx state path)."""
     key = ".".join(str(p) for p in path)
@@ -259,9 +275,12 @@ def from_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     attention: str = "auto",
     remat: str = "none",
+    scan_layers: bool = False,
+    max_segments: int = 64,
 ) -> CausalLM:
     """Loads an HF Llama/Qwen2/Qwen3/Mistral checkpoint; with `mesh`, each parameter is created
-    directly in its sharding (sharding.LOGICAL_AXIS_RULES). `dtype` is the compute dtype."""
+    directly in its sharding (sharding.LOGICAL_AXIS_RULES). `dtype` is the compute dtype;
+    `attention`, `remat`, `scan_layers`, `max_segments` as `CausalLM` takes them."""
     model_dir = resolve_model_dir(name_or_path)
     config = read_config(model_dir)
     gen_path = model_dir / "generation_config.json"
@@ -274,29 +293,35 @@ def from_pretrained(
         config = _resolve_tying(config, ckpt)
         abstract = nnx.eval_shape(
             lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
-                             remat=remat, rngs=nnx.Rngs(0))
+                             remat=remat, scan_layers=scan_layers, max_segments=max_segments,
+                             rngs=nnx.Rngs(0))
         )
         graphdef, abs_state = nnx.split(abstract)
         shardings = {}
         if mesh is not None:
             shardings = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh))}
 
-        plan = []  # (path, variable, hf name, layout), all checked before any data is read
+        plan = []  # (path, variable, hf names, layout), all checked before any data is read
         for path, var in nnx.to_flat_state(abs_state):
-            name, layout = hf_name(config, path)
-            if name == _EMBED and name not in ckpt.file_of and config.tie_word_embeddings:
-                name = _LM_HEAD  # transformers ties to whichever of the two the checkpoint has
-            if name not in ckpt.file_of:
-                raise CheckpointError(f"{ckpt.where(name)}: tensor {name} is missing")
-            found = tuple(ckpt.slice(name).get_shape())
-            expected = layout.hf_shape(tuple(var.shape))
-            if found != expected:
-                raise CheckpointError(
-                    f"{ckpt.where(name)}: tensor {name} has shape {found}, but config.json "
-                    f"implies {expected}"
-                )
-            plan.append((path, var, name, layout))
-        used = {name for _, _, name, _ in plan}
+            stacked = is_stacked(path)
+            per_layer_shape = tuple(var.shape[1:] if stacked else var.shape)
+            names = []
+            for layer_path in layer_paths(path, config.num_layers):
+                name, layout = hf_name(config, layer_path)
+                if name == _EMBED and name not in ckpt.file_of and config.tie_word_embeddings:
+                    name = _LM_HEAD  # transformers ties to whichever of the two the checkpoint has
+                if name not in ckpt.file_of:
+                    raise CheckpointError(f"{ckpt.where(name)}: tensor {name} is missing")
+                found = tuple(ckpt.slice(name).get_shape())
+                expected = layout.hf_shape(per_layer_shape)
+                if found != expected:
+                    raise CheckpointError(
+                        f"{ckpt.where(name)}: tensor {name} has shape {found}, but config.json "
+                        f"implies {expected}"
+                    )
+                names.append(name)
+            plan.append((path, var, names if stacked else names[0], layout))
+        used = {n for _, _, names, _ in plan for n in (names if isinstance(names, list) else [names])}
         unused = sorted(
             n for n in ckpt.file_of
             if n not in used and not _IGNORED.match(n)
@@ -310,10 +335,18 @@ def from_pretrained(
 
         filled = []
         for path, var, name, layout in plan:
-            shape, sl = tuple(var.shape), ckpt.slice(name)
+            shape = tuple(var.shape)
+            if isinstance(name, list):  # stacked: index[0] picks layers, each from its own tensor
+                slices = [ckpt.slice(n) for n in name]
 
-            def read(index, layout=layout, sl=sl, shape=shape):
-                return layout.read(sl, shape, index).astype(np_dtype)
+                def read(index, layout=layout, slices=slices, shape=shape):
+                    layers = range(*index[0].indices(shape[0]))
+                    return np.stack(
+                        [layout.read(slices[i], shape[1:], index[1:]) for i in layers]
+                    ).astype(np_dtype)
+            else:
+                def read(index, layout=layout, sl=ckpt.slice(name), shape=shape):
+                    return layout.read(sl, shape, index).astype(np_dtype)
 
             if mesh is None:
                 value = jax.device_put(read(tuple(slice(None) for _ in shape)))
@@ -412,15 +445,23 @@ def save_pretrained(
     np_dtype = np.dtype(jnp.dtype(dtype_name))
     limit = parse_size(max_shard_size)
 
-    params = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    # (per-layer path, shape, value getter), in the order of an unstacked model's parameters.
+    params: list[tuple[tuple, tuple[int, ...], Any]] = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if is_stacked(path):
+            for i, layer_path in enumerate(layer_paths(path, var.shape[0])):
+                params.append((layer_path, tuple(var.shape[1:]), lambda v=var, i=i: v[...][i]))
+        else:
+            params.append((path, tuple(var.shape), lambda v=var: v[...]))
+    params.sort(key=lambda p: tuple((0, x) if isinstance(x, int) else (1, str(x)) for x in p[0]))
     shards: list[list[tuple[tuple, Any]]] = [[]]  # planned from shapes, before gathering
     size = 0
-    for path, var in params:
-        nbytes = math.prod(var.shape) * np_dtype.itemsize
+    for path, shape, get in params:
+        nbytes = math.prod(shape) * np_dtype.itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
-        shards[-1].append((path, var))
+        shards[-1].append((path, get))
         size += nbytes
     n = len(shards)
     file_names = [SAFE_WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -430,9 +471,9 @@ def save_pretrained(
         weight_map, total = {}, 0
         for file, shard in zip(file_names, shards):
             tensors = {}
-            for path, var in shard:
+            for path, get in shard:
                 name, layout = hf_name(config, path)
-                tensors[name] = layout.to_hf(_to_host(var[...])).astype(np_dtype)
+                tensors[name] = layout.to_hf(_to_host(get())).astype(np_dtype)
                 weight_map[name] = file
                 total += tensors[name].nbytes
             if writer:

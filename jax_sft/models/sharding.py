@@ -78,6 +78,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", None)))
 
 
+def local_dp_ranks(mesh: Mesh) -> tuple[int, ...]:
+    """The data-parallel ranks (positions along ("data", "fsdp")) of this process's devices, in the
+    order their rows appear in `make_array_from_process_local_data`'s local data."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((dp, 1))
+    return tuple(sorted({idx[0].start or 0 for idx in index_map.values()}))
+
+
 def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
     """The `NamedSharding` of every parameter, as an `nnx.State` shaped like `nnx.state(model)`.
 

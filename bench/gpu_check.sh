@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6, as one script: the GPU attention/scan tests, a probe of cuDNN's packed
+# layout, then bench/train_step.py (jax_sft vs PyTorch). Logs and the table go to $OUT (default
+# ./gpu_check_out). Run from the repository root with the GPU image's python3:
+#
+#     bash bench/gpu_check.sh [bench time budget in seconds, default 340]
+#
+# Wall time: ~3-4 min of tests (each GPU test compiles its kernels) + the bench budget + <= 90 s
+# of test_model.py. The 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
+set -u -o pipefail
+OUT=${OUT:-gpu_check_out}
+BUDGET=${1:-340}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__); print(jax.devices(), jax.devices()[0].device_kind, jax.devices()[0].compute_capability)"
+  $PY -c "from jax._src.lib import cuda_versions as c; print('cudnn', c.cudnn_get_version())"
+} 2>&1 | tee "$OUT/env.txt"
+
+# fp32 parity tests need true fp32 matmuls (XLA's GPU default is TF32).
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $PY -m pytest -q -p no:cacheprovider \
+  tests/test_attention.py tests/test_scan.py 2>&1 | tee "$OUT/pytest_gpu.log"
+
+timeout 25 $PY tests/gpu/probe_packed.py 2>&1 | tee "$OUT/probe.log"
+
+timeout $((BUDGET + 15)) $PY bench/train_step.py --out "$OUT" --time-budget "$BUDGET" \
+  --scan ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+
+# The model tests on the GPU (parity with transformers), if time remains in the caller's limit.
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $PY -m pytest -q -p no:cacheprovider -x \
+  tests/test_model.py 2>&1 | tail -15 | tee "$OUT/pytest_model_gpu.log"
+cat "$OUT/bench_table.txt" 2>/dev/null
