@@ -10,14 +10,8 @@ from transformers import AutoTokenizer
 from jax_sft.data.chat import PASSTHROUGH_TEMPLATE, ConversationEncoder, _boundary, check_conversation, \
     load_tokenizer, resolve_chat_template
 from jax_sft.data.datasets import TaskDataSpec
+from jax_sft.defaults import SQUAD_TEMPLATE  # NeMo RL's default template
 
-SQUAD_TEMPLATE = (
-    "{% for message in messages %}"
-    "{%- if message['role'] == 'system'  %}{{'Context: ' + message['content'].strip()}}"
-    "{%- elif message['role'] == 'user'  %}{{' Question: ' + message['content'].strip() + ' Answer:'}}"
-    "{%- elif message['role'] == 'assistant'  %}{{' ' + message['content'].strip()}}"
-    "{%- endif %}{% endfor %}"
-)
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

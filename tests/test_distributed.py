@@ -19,16 +19,13 @@ import threading
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file
 
 from jax_sft import config as config_lib
 from jax_sft import distributed, train
-from jax_sft.models import CausalLM, ModelConfig, save_pretrained
-from jax_sft.quickstart import make_dataset, make_tokenizer
+from tiny_run import make_tiny_run_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -38,22 +35,7 @@ HEARTBEAT_S = 10  # --heartbeat_timeout_seconds of the kill -9 test
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     """A tiny Llama with a BPE tokenizer, and 512/64 arithmetic conversations (as test_train)."""
-    out = tmp_path_factory.mktemp("assets")
-    (out / "data").mkdir()
-    make_dataset(out / "data", train=512, val=64)
-    rows = [json.loads(line) for line in open(out / "data" / "train.jsonl")]
-    tokenizer = make_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=320)
-    hf = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokenizer),
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id, "torch_dtype": "float32",
-    }
-    model = CausalLM(ModelConfig.from_hf_dict(hf), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    save_pretrained(model, out / "model", tokenizer=tokenizer)
-    return out
+    return make_tiny_run_assets(tmp_path_factory.mktemp("assets"))
 
 
 def overrides(assets: Path, run: Path, **extra) -> list[str]:
