@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,10 @@ class MetricsLogger:
             from tqdm.auto import tqdm
 
             initial, total = self._bar_range
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            # Redrawn live on a terminal; in log files (Slurm, CI) one line every 30 s at most.
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             mininterval=interval, maxinterval=max(interval, 10.0))
         shown = {
             "loss": metrics.get("train/loss"),
             "lr": metrics.get("train/lr"),
