@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from jax_sft import config as config_lib
 from jax_sft import distributed
@@ -114,17 +113,12 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
 
 
-def _empty_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.zeros_like(batch[k]) for k in BATCH_KEYS}
+def agree_micro_batches(batch: Any, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """The step's micro-batches, padded to the most any process has (packing varies the count)."""
+    from jax_sft.data import pad_micro_batches
 
-
-def agree_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Pads every process's list of micro-batches to the longest (packing varies the count)."""
-    if jax.process_count() == 1:
-        return micro_batches
-    counts = multihost_utils.process_allgather(np.array(len(micro_batches)))
-    missing = int(np.max(counts)) - len(micro_batches)
-    return micro_batches + [_empty_like(micro_batches[0])] * missing
+    most = int(distributed.allgather_ints([batch.num_micro_batches]).max())
+    return pad_micro_batches(batch, most, pad_id).micro_batches
 
 
 def segment_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -311,17 +305,17 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         while step < total_steps and not exit_code:
             t_step = time.time()
             batch = next(iterator)
-            micro_batches = agree_micro_batches(batch.micro_batches)
+            micro_batches = agree_micro_batches(batch, sft_data.layout.pad_id)
             t_data = time.time() - t_step
             acc = fns.init_accumulator(params)
-            valid = 0
             lengths = []
             for mb in micro_batches:
                 if check_rows:
                     attention_lib.check_packed_rows(mb["segment_ids"], jc.max_segments_per_row)
                 acc = fns.micro_step(params, acc, to_global(mb, batch_sharding))
                 lengths.append(segment_lengths(mb))
-                valid += int((np.asarray(mb["segment_ids"]) > 0).sum())
+            lengths = np.concatenate(lengths)
+            valid = int(lengths.sum())  # this process's real (non-padding) tokens
             params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(step, jnp.int32))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
@@ -344,7 +338,7 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
                 "timing/train/valid_tokens_per_sec_per_gpu": global_valid / elapsed / n_dev,
             })
             if peak is not None:
-                local_flops = training_flops(model_cfg, np.concatenate(lengths))
+                local_flops = training_flops(model_cfg, lengths)
                 metrics["train/mfu"] = local_flops / elapsed / (peak * len(jax.local_devices()))
             peak_mem = peak_memory_bytes()
             if peak_mem is not None:

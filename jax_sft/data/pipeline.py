@@ -48,6 +48,7 @@ import numpy as np
 from absl import flags as absl_flags
 
 from jax_sft.data.chat import ConversationEncoder
+from jax_sft.distributed import allgather_ints
 from jax_sft.data.datasets import SFTDataset, build_dataset
 
 log = logging.getLogger(__name__)
@@ -473,16 +474,6 @@ class TrainIterator(Iterator[StepBatch]):
 # ----------------------------------------------------------------------------- SFTData
 
 
-def _agree_min(value: int) -> int:
-    """The minimum of `value` over JAX processes (so that every process runs the same steps)."""
-    import jax  # noqa: PLC0415
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    if jax.process_count() == 1:
-        return value
-    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
-
-
 class SFTData:
     """The data side of an SFT run: datasets, tokenisation (once, up front), train and validation
     batches. See the module docstring for shapes and conventions.
@@ -534,7 +525,7 @@ class SFTData:
         # The smallest shard holds n // G examples as dealt; drops and skips (known to the process that
         # tokenised them) can make a shard smaller still, so the processes agree on the minimum.
         smallest = min([n // G] + [len(m) for rank in self._train_members for m in rank])
-        self.steps_per_epoch = _agree_min(smallest)
+        self.steps_per_epoch = int(allgather_ints([smallest]).min())  # every process runs the same steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"the train split has too few usable examples for one step of "
                              f"train_global_batch_size={G} (a shard of its examples is empty)")
