@@ -25,7 +25,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jax_sft.defaults import get_config as _defaults
+from jax_sft.errors import InputError
 
 __all__ = [
     "ConfigError", "IgnoredKeysWarning", "default_config", "load_config", "apply_overrides",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A bad config. `problems`: one line each, "<dotted.key>=<value>: expected ...[; fix]"."""
 
     def __init__(self, problems: Sequence[str], source: str = "config"):
@@ -73,6 +74,11 @@ IGNORED = (
     "logger.swanlab",
     "checkpointing.model_save_format",
     "checkpointing.save_consolidated",
+    "cluster.segment_size",  # Ray placement by NVLink domain; the mesh follows jax.devices()
+    "policy.sequence_packing.microbatch_order",  # packed micro-batches run in the packer's order
+    "policy.dtensor_cfg.expert_parallel_size",  # mixture-of-experts models are not supported yet
+    "policy.dequantize_base_checkpoint",  # quantised (MXFP4) base checkpoints are not supported
+    "policy.tokenizer.video",  # vision-language processing
 )
 _LORA = "LoRA is not supported by jax_sft yet; set enabled=false for full fine-tuning"
 _MUST_BE_DISABLED = {
@@ -255,14 +261,26 @@ def _read(path: str) -> dict:
 # ------------------------------------------------------------------------------ overrides
 
 
-def _split_override(text: str) -> tuple[str, str]:
-    """'a.b=v', '++a.b=v', '+a.b=v' or '--config.a.b=v' -> ('a.b', 'v')."""
-    body = text.removeprefix("--config.") if text.startswith("--config.") else text.lstrip("+")
+def _split_override(text: str) -> tuple[str, str, str]:
+    """An override -> (op, key, raw value), as NeMo RL's (Hydra's) syntax reads it:
+    'a.b=v' and '--config.a.b=v' set ('', 'a.b', 'v'); '+a.b=v' and '++a.b=v' add or set
+    ('+', ...): a key unknown here is then dropped with the IgnoredKeysWarning instead of failing;
+    '~a.b' (or '~a.b=v') removes the key, back to its default ('~', 'a.b', '')."""
+    if text.startswith("--config."):
+        op, body = "", text.removeprefix("--config.")
+    elif text.startswith("~"):
+        op, body = "~", text[1:] if "=" in text else text[1:] + "="
+    else:
+        op, body = "+" * text.startswith("+"), text.lstrip("+")
     key, eq, raw = body.partition("=")
     if not eq or not _KEY.fullmatch(key):
         expected = "key.path=value, e.g. policy.train_micro_batch_size=2"
         raise ConfigError([f"override {text!r}: expected {expected}"], "command line")
-    return key, raw
+    return op, key, "" if op == "~" else raw
+
+
+def _join_override(op: str, key: str, raw: str) -> str:
+    return f"~{key}" if op == "~" else f"{op}{key}={raw}"
 
 
 def _parse_value(raw: str, field: tuple[type, bool] | None) -> Any:
@@ -293,17 +311,34 @@ def _set(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = _merge(below, value) if both_maps else value
 
 
-def _apply(tree: dict, overrides: Sequence[str], source: str) -> dict:
-    defaults, problems = default_config(), []
+def _delete(tree: dict, key: str) -> None:
+    """Removes tree[a][b][c] for key "a.b.c"; a key that is not there is an error naming it."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        raise ConfigError([f"override ~{key}: there is no key {key} to remove"])
+    del node[leaf]
+
+
+def _apply(tree: dict, overrides: Sequence[str], source: str) -> tuple[dict, set[str]]:
+    """`tree` with the overrides applied, and the keys added with '+' (see _split_override)."""
+    defaults, problems, added = default_config(), [], set()
     for text in overrides:
         try:
-            key, raw = _split_override(text)
+            op, key, raw = _split_override(text)
+            if op == "~":
+                _delete(tree, key)
+                continue
             _set(tree, key, _parse_value(raw, _field(defaults, key)))
+            if op == "+":
+                added.add(key)
         except ConfigError as e:
             problems += e.problems
     if problems:
         raise ConfigError(problems, source)
-    return tree
+    return tree, added
 
 
 def _resolve(tree: dict, source: str) -> dict:
@@ -347,8 +382,9 @@ def _coerce(value: Any, kind: type, nullable: bool) -> Any:
 
 
 def _write(node: ConfigDict, tree: Mapping, prefix: str, known: list[str],
-           problems: list[str], ignored: list[str]) -> None:
-    """Writes `tree` onto `node` (whose keys are at `prefix`), appending to problems / ignored."""
+           problems: list[str], ignored: list[str], added: Set[str] = frozenset()) -> None:
+    """Writes `tree` onto `node` (whose keys are at `prefix`), appending to problems / ignored;
+    unknown keys in `added` (or below one) are ignored rather than problems."""
     fields = dict(node.items(preserve_field_references=True))
     for key, value in tree.items():
         path = f"{prefix}{key}"
@@ -360,6 +396,9 @@ def _write(node: ConfigDict, tree: Mapping, prefix: str, known: list[str],
                 problems.append(_problem(f"{path}.enabled", value["enabled"], "false", why))
         elif key not in fields and prefix[:-1] in OPEN:
             node[key] = value
+        elif key not in fields and _is_added(path, added):
+            near = difflib.get_close_matches(path, known, n=1, cutoff=0.8)
+            ignored.append(f"{path} (added with +{f'; did you mean {near[0]}?' if near else ''})")
         elif key not in fields:
             for leaf, leaf_value in _leaves({key: value}, prefix):
                 candidates = [k for k in known if not leaf.startswith(k + ".")]  # not its sections
@@ -368,7 +407,7 @@ def _write(node: ConfigDict, tree: Mapping, prefix: str, known: list[str],
                 problems.append(f"{leaf}={_show(leaf_value)}: unknown key; {hint}")
         elif isinstance(field, ConfigDict):
             if isinstance(value, Mapping):
-                _write(field, value, f"{path}.", known, problems, ignored)
+                _write(field, value, f"{path}.", known, problems, ignored, added)
             else:
                 problems.append(_problem(path, value, "a section with keys " + ", ".join(field)))
         else:
@@ -379,13 +418,18 @@ def _write(node: ConfigDict, tree: Mapping, prefix: str, known: list[str],
                 problems.append(f"{path}={_show(value)}: {e}")
 
 
-def _build(tree: Mapping, source: str) -> ConfigDict:
+def _is_added(path: str, added: Set[str]) -> bool:
+    return any(path == key or key.startswith(path + ".") for key in added)
+
+
+def _build(tree: Mapping, source: str, added: Set[str] = frozenset()) -> ConfigDict:
     """A fresh default ConfigDict with `tree` written onto it: types coerced or rejected, unknown
-    keys reported with a suggestion, IGNORED keys dropped with one warning."""
+    keys reported with a suggestion (those `added` with '+' dropped instead), IGNORED keys dropped;
+    one warning lists every dropped key."""
     cfg = default_config()
     problems: list[str] = []
     ignored: list[str] = []
-    _write(cfg, tree, "", _paths(cfg), problems, ignored)
+    _write(cfg, tree, "", _paths(cfg), problems, ignored, added)
     if ignored:
         listed = ", ".join(sorted(ignored))
         message = f"{source}: these NeMo RL keys do not apply to jax_sft and are ignored: {listed}"
@@ -477,11 +521,13 @@ def _check(c: ConfigDict, derived: set[str]) -> list[str]:
     return problems
 
 
-def validate(cfg: ConfigDict | Mapping, source: str = "config") -> ConfigDict:
+def validate(cfg: ConfigDict | Mapping, source: str = "config",
+             added: Set[str] = frozenset()) -> ConfigDict:
     """A new, locked ConfigDict: `cfg` written onto the defaults (keys and types checked), its null
     `DERIVED` keys filled from their source, every value checked. Raises ConfigError listing all
-    problems found."""
-    c = _build(cfg.to_dict() if isinstance(cfg, ConfigDict) else cfg, source)
+    problems found. Unknown keys in `added` (overrides given with '+') are dropped with the
+    warning, as NeMo RL accepts new keys that way."""
+    c = _build(cfg.to_dict() if isinstance(cfg, ConfigDict) else cfg, source, added)
     derived = {key for key in DERIVED if _get(c, key) is None}
     for key in derived:
         parent, _, leaf = key.rpartition(".")
@@ -497,20 +543,22 @@ def validate(cfg: ConfigDict | Mapping, source: str = "config") -> ConfigDict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ConfigDict:
     """The validated config of a run: the defaults, then `path` (a `.py[:arg]` with `get_config()`
-    or a NeMo RL `.yaml`; None: the defaults alone), then `overrides` ("a.b=v", "++a.b=v" or
-    "--config.a.b=v"; values parsed as YAML). Interpolations see the overrides, as in NeMo RL."""
+    or a NeMo RL `.yaml`; None: the defaults alone), then `overrides` ("a.b=v", "+a.b=v",
+    "++a.b=v", "~a.b" or "--config.a.b=v"; values parsed as YAML). Interpolations see the
+    overrides, as in NeMo RL."""
     source = ("defaults" if path is None else str(path)) + (" + overrides" if overrides else "")
     tree = _escape(default_config().to_dict())
     if path is not None:
         tree = _merge(tree, _read(str(path)))
-    return validate(_resolve(_apply(tree, overrides, source), source), source)
+    tree, added = _apply(tree, overrides, source)
+    return validate(_resolve(tree, source), source, added)
 
 
 def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
     """A new ConfigDict: `cfg` with `overrides` applied, keys and types checked, not validated.
     Apply overrides before `validate`, so that the derived keys follow their source."""
-    tree = _apply(_escape(cfg.to_dict()), overrides, "overrides")
-    return _build(_resolve(tree, "overrides"), "overrides")
+    tree, added = _apply(_escape(cfg.to_dict()), overrides, "overrides")
+    return _build(_resolve(tree, "overrides"), "overrides", added)
 
 
 def to_yaml(cfg: ConfigDict) -> str:
@@ -550,10 +598,12 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str], dict[str, st
                 raise ConfigError(["--config: expected a file after it"], "command line")
             config, i = (arg[len("--config="):], i) if "=" in arg else (args[i], i + 1)
         elif arg.startswith("--config.") and "=" not in arg and has_value:
-            overrides.append("=".join(_split_override(f"{arg}={args[i]}")))
+            overrides.append(_join_override(*_split_override(f"{arg}={args[i]}")))
             i += 1
         elif arg.startswith("--config.") or (not arg.startswith("--") and "=" in arg):
-            overrides.append("=".join(_split_override(arg)))
+            overrides.append(_join_override(*_split_override(arg)))
+        elif arg.startswith("~"):
+            overrides.append(_join_override(*_split_override(arg)))
         elif arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")
             if not eq and has_value:

@@ -347,8 +347,8 @@ def test_parse_args():
         {"num_processes": "2", "process_id": "1", "coordinator_address": "host:1234",
          "dry_run": True},
     )
-    assert parse_args(["--config=x.yaml", "a.b=1", "++c.d=[1, 2]", "+e=null"]) == (
-        "x.yaml", ["a.b=1", "c.d=[1, 2]", "e=null"], {})
+    assert parse_args(["--config=x.yaml", "a.b=1", "++c.d=[1, 2]", "+e=null", "~f.g"]) == (
+        "x.yaml", ["a.b=1", "+c.d=[1, 2]", "+e=null", "~f.g"], {})
     assert parse_args([]) == (None, [], {})
     for bad in (["stray"], ["--config", "a.py", "--config", "b.py"], ["--config"], ["a..b=1"],
                 ["--config.sft.seed"]):
@@ -371,3 +371,34 @@ def test_bad_files_name_the_file(tmp_path):
         assert str(tmp_path / name) in str(info.value)
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_plus_adds_unknown_keys_with_the_warning_and_tilde_removes():
+    """NeMo RL (Hydra) overrides: `+a.b=v` adds a key: one unknown here is dropped and named in the
+    one warning (with a near valid key when there is one), not an error; a known key is set.
+    `~a.b` removes a key, so it falls back to the default."""
+    with pytest.warns(IgnoredKeysWarning) as record:
+        cfg = load_config(None, ["+policy.new_thing.x=3", "+sft.max_num_steps=7",
+                                 "++policy.train_micro_batch_szie=2"])
+    assert cfg.sft.max_num_steps == 7 and "new_thing" not in cfg.policy
+    (message,) = [str(w.message) for w in record]
+    assert "policy.new_thing (added with +)" in message
+    assert ("policy.train_micro_batch_szie (added with +; did you mean "
+            "policy.train_micro_batch_size?)") in message
+    with pytest.raises(ConfigError, match="policy.new_thing.x=3: unknown key"):
+        load_config(None, ["policy.new_thing.x=3"])
+    cfg = load_config(None, ["sft.max_num_steps=7", "~sft.max_num_steps"])
+    assert cfg.sft.max_num_steps == default_config().sft.max_num_steps
+    with pytest.raises(ConfigError, match="no key sft.nope to remove"):
+        load_config(None, ["~sft.nope"])
+
+
+def test_todays_nemo_rl_keys_without_meaning_here_are_named_in_the_warning():
+    keys = ["cluster.segment_size=4", "policy.sequence_packing.microbatch_order=packer",
+            "policy.dtensor_cfg.expert_parallel_size=1", "policy.dequantize_base_checkpoint=true",
+            "policy.tokenizer.video.num_frames=16"]
+    with pytest.warns(IgnoredKeysWarning) as record:
+        load_config(None, keys)
+    (message,) = [str(w.message) for w in record]
+    for key in keys:
+        assert key.split("=")[0].removesuffix(".num_frames") in message

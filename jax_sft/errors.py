@@ -1,0 +1,42 @@
+"""Errors that mean "the input is wrong", as opposed to a bug in jax_sft.
+
+Every error raised for bad user input (a config value, a data file, a model folder, a tokenizer)
+derives from `InputError`. The command-line tools print it as `error: ...` lines and exit with
+status 2 (`USAGE_EXIT_CODE`); anything else is a bug and keeps its traceback. Each class also
+derives from the built-in exception that describes it (ValueError, FileNotFoundError, ...), so
+callers that catch those keep working.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["InputError", "DataError", "MissingFileError", "USAGE_EXIT_CODE", "exit_on_input_error"]
+
+USAGE_EXIT_CODE = 2  # as argparse and the shells use for bad usage
+
+T = TypeVar("T")
+
+
+class InputError(Exception):
+    """Marker base: the user's input is wrong; the message says what and where."""
+
+
+class DataError(InputError, ValueError):
+    """A dataset row, file or dataset setting is wrong (names the file and 1-based line, or row)."""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A file or folder named by the user does not exist."""
+
+
+def exit_on_input_error(fn: Callable[[], T]) -> T:
+    """`fn()`, except that an InputError prints `error: <message>` on stderr and exits with
+    USAGE_EXIT_CODE, without a traceback."""
+    try:
+        return fn()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(USAGE_EXIT_CODE) from None
