@@ -51,8 +51,11 @@ class ConfigError(InputError, ValueError):
     def __init__(self, problems: Sequence[str], source: str = "config"):
         self.problems, self.source = list(problems), source
         n = len(self.problems)
+        if n == 1:  # one line
+            super().__init__(f"{source}: {self.problems[0]}")
+            return
         lines = "".join(f"\n  - {p}" for p in self.problems)
-        super().__init__(f"{source}: {n} config problem{'s' * (n != 1)}:{lines}")
+        super().__init__(f"{source}: {n} config problems:{lines}")
 
 
 class IgnoredKeysWarning(UserWarning):

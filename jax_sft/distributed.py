@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax_sft.errors import UsageError
+
 # Exit code of a run that stopped on SIGTERM/SIGUSR1 after saving a checkpoint: sysexits.h's
 # EX_TEMPFAIL ("temporary failure; the user is invited to retry"). A rerun (a requeued Slurm
 # job, see launch/sft.sbatch) resumes from checkpointing.checkpoint_dir.
@@ -52,28 +54,28 @@ def parse_flags(extra: Mapping[str, str | bool]) -> dict[str, str | int]:
     """The trainer's extra command-line flags (strings from `config.parse_args`), checked and typed."""
     unknown = sorted(set(extra) - set(FLAGS))
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown command-line flag(s) {', '.join('--' + u for u in unknown)}; the trainer takes "
             f"--config PATH, overrides (a.b=v or --config.a.b=v) and {', '.join('--' + f for f in FLAGS)}"
         )
     out: dict[str, str | int] = {}
     for name, value in extra.items():
         if value is True or value == "":
-            raise ValueError(f"--{name} needs a value (--{name}=...)")
+            raise UsageError(f"--{name} needs a value (--{name}=...)")
         if name == "coordinator_address":
             host, _, port = str(value).rpartition(":")
             if not host or not port.isdigit():
-                raise ValueError(f"--coordinator_address={value}: expected HOST:PORT, e.g. 10.0.0.1:3389")
+                raise UsageError(f"--coordinator_address={value}: expected HOST:PORT, e.g. 10.0.0.1:3389")
             out[name] = str(value)
             continue
         try:
             out[name] = int(value)
         except ValueError:
-            raise ValueError(f"--{name}={value}: expected an integer") from None
+            raise UsageError(f"--{name}={value}: expected an integer") from None
         if out[name] < (0 if name == "process_id" else 1):
-            raise ValueError(f"--{name}={value}: expected {'>= 0' if name == 'process_id' else '>= 1'}")
+            raise UsageError(f"--{name}={value}: expected {'>= 0' if name == 'process_id' else '>= 1'}")
     if "process_id" in out and "num_processes" in out and out["process_id"] >= out["num_processes"]:
-        raise ValueError(f"--process_id={out['process_id']} must be below --num_processes={out['num_processes']}")
+        raise UsageError(f"--process_id={out['process_id']} must be below --num_processes={out['num_processes']}")
     return out
 
 
@@ -141,14 +143,14 @@ def select_devices(cluster: Any) -> list[jax.Device]:
     wanted = int(cluster.num_nodes) * int(cluster.gpus_per_node)
     present = jax.device_count()
     if jax.process_count() > 1 and wanted != present:
-        raise ValueError(
+        raise UsageError(
             f"cluster.num_nodes * cluster.gpus_per_node = {cluster.num_nodes} * "
             f"{cluster.gpus_per_node} = {wanted}, but the {jax.process_count()} processes have "
             f"{present} devices ({jax.local_device_count()} on this one); set cluster.* to match "
             "the launch"
         )
     if wanted > present:
-        raise ValueError(
+        raise UsageError(
             f"cluster.num_nodes * cluster.gpus_per_node = {wanted} devices requested, but only "
             f"{present} are present ({jax.devices()[0].platform}); lower cluster.gpus_per_node"
         )

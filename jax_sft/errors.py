@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["InputError", "DataError", "MissingFileError", "USAGE_EXIT_CODE", "exit_on_input_error"]
+__all__ = ["InputError", "DataError", "MissingFileError", "UsageError", "USAGE_EXIT_CODE", "exit_on_input_error"]
 
 USAGE_EXIT_CODE = 2  # as argparse and the shells use for bad usage
 
@@ -40,3 +40,7 @@ def exit_on_input_error(fn: Callable[[], T]) -> T:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
+
+
+class UsageError(InputError, ValueError):
+    """A command-line flag, or a setting that does not fit the devices or processes present."""

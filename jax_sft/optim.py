@@ -130,3 +130,18 @@ def make_optimizer(
     if max_grad_norm is None:
         return adamw, schedule
     return optax.chain(optax.clip_by_global_norm(float(max_grad_norm)), adamw), schedule
+
+
+def optimizer_from_config(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule, str]:
+    """(tx, schedule, one-line description) of the run config `cfg`: what the trainer runs and
+    `--dry_run` shows."""
+    p = cfg.policy
+    opt = p.optimizer.to_dict()
+    scheduler = [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in p.scheduler or []]
+    tx, schedule = make_optimizer(opt, scheduler or None, p.max_grad_norm)
+    k = opt.get("kwargs") or {}
+    names = [str(e.get("name", "")).rsplit(".", 1)[-1] for e in scheduler if "name" in e]
+    description = (f"AdamW lr={k.get('lr')} betas={list(k.get('betas', ()))} eps={k.get('eps')} "
+                   f"weight_decay={k.get('weight_decay')}, clip grad norm {p.max_grad_norm}, "
+                   f"schedule {' then '.join(names) or 'constant'}")
+    return tx, schedule, description

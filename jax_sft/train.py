@@ -30,6 +30,7 @@ from flax import nnx
 
 from jax_sft import config as config_lib
 from jax_sft import distributed
+from jax_sft.errors import exit_on_input_error
 
 PRECISIONS = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -175,7 +176,7 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     from jax_sft.models import attention as attention_lib
     from jax_sft.models import sharding as sharding_lib
     from jax_sft.models.hf_io import resolve_model_dir
-    from jax_sft.optim import make_optimizer
+    from jax_sft.optim import optimizer_from_config
     from jax_sft.step import make_step_fns, opt_state_shardings
 
     start_time = time.time()
@@ -211,7 +212,7 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    tx, schedule = make_optimizer(p.optimizer.to_dict(), _plain(p.scheduler), p.max_grad_norm)
+    tx, schedule, _ = optimizer_from_config(cfg)
     opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     fns = make_step_fns(
@@ -386,15 +387,6 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     return result
 
 
-def _plain(value: Any) -> Any:
-    """ConfigDict / FrozenConfigDict values -> plain Python containers."""
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _extra_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
     """config.yaml and the tokenizer's files, stored in every checkpoint (process 0 writes)."""
     import tempfile
@@ -407,11 +399,25 @@ def _extra_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
     return files
 
 
-def main(argv: Sequence[str] | None = None) -> RunResult:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str] | None = None) -> RunResult | None:
+    """The command line: bad input (config, data, model files) prints `error: ...` and exits 2."""
+    return exit_on_input_error(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _main(argv: list[str]) -> RunResult | None:
     config_path, overrides, extra = config_lib.parse_args(argv)
+    dry_run = extra.pop("dry_run", False)
+    if dry_run not in (False, True):
+        raise config_lib.ConfigError([f"--dry_run={dry_run}: takes no value"], "command line")
     distributed.parse_flags(extra)  # bad flags fail before the config is read
     cfg = config_lib.load_config(config_path, overrides)  # plain Python: no JAX backend yet
+    if dry_run:
+        from jax_sft.dry_run import plan
+
+        lines = plan(cfg)
+        print(f"config:\n{config_lib.to_yaml(cfg)}\nplan:\n" + "\n".join(f"  {x}" for x in lines))
+        print("dry run: the config is valid; a real run would start")
+        return None
     distributed.initialize(extra, gpus_per_node=cfg.cluster.gpus_per_node)
     result = run(cfg)
     if jax.process_index() == 0:

@@ -169,7 +169,7 @@ def test_unknown_key_suggests_the_nearest_valid_key(tmp_path):
     assert e.problems == [
         "policy.max_total_seq_length=8: unknown key; did you mean policy.max_total_sequence_length?"
     ]
-    assert str(e).startswith(f"{typo}: 1 config problem:")
+    assert str(e) == f"{typo}: {e.problems[0]}"  # one problem, one line
     (tmp_path / "bad.py").write_text(
         "from jax_sft.config import default_config\n"
         "def get_config():\n    c = default_config()\n    c.sft.max_steps = 3\n    return c\n"

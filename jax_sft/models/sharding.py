@@ -25,6 +25,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jax_sft.errors import UsageError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -40,29 +42,34 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes over `n_devices`; `fsdp=-1` takes the devices left over.
+    Pure arithmetic (no devices touched): `--dry_run` checks a layout with it."""
+    for name, size in (("data", data), ("tensor", tensor)):
+        if not (isinstance(size, int) and size >= 1):
+            raise UsageError(f"policy.jax_cfg.mesh {name}={size!r} must be a positive integer")
+    if fsdp == -1:
+        if n_devices % (data * tensor):
+            raise UsageError(
+                f"policy.jax_cfg.mesh data={data} x tensor={tensor} = {data * tensor} does not divide the "
+                f"{n_devices} devices"
+            )
+        fsdp = n_devices // (data * tensor)
+    elif not (isinstance(fsdp, int) and fsdp >= 1):
+        raise UsageError(f"policy.jax_cfg.mesh fsdp={fsdp!r} must be a positive integer or -1 (the remaining devices)")
+    if data * fsdp * tensor != n_devices:
+        raise UsageError(
+            f"policy.jax_cfg.mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+            f"does not match the {n_devices} devices"
+        )
+    return data, fsdp, tensor
+
+
 def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh with Auto axes; `fsdp=-1` takes the devices left over."""
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    for name, size in (("data", data), ("tensor", tensor)):
-        if not (isinstance(size, int) and size >= 1):
-            raise ValueError(f"mesh {name}={size!r} must be a positive integer")
-    if fsdp == -1:
-        if n % (data * tensor):
-            raise ValueError(
-                f"mesh data={data} x tensor={tensor} = {data * tensor} does not divide the {n} devices"
-            )
-        fsdp = n // (data * tensor)
-    elif not (isinstance(fsdp, int) and fsdp >= 1):
-        raise ValueError(f"mesh fsdp={fsdp!r} must be a positive integer or -1 (the remaining devices)")
-    if data * fsdp * tensor != n:
-        raise ValueError(
-            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
-            f"does not match the {n} devices"
-        )
-    return jax.make_mesh(
-        (data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
-    )
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:

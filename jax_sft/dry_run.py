@@ -1,0 +1,125 @@
+"""`python -m jax_sft.train --config X [overrides] --dry_run`: the plan of a run, checked without
+devices or network, then exit.
+
+It resolves and validates what a run would check at start-up before touching an accelerator: the
+config and overrides, the datasets (names, section keys, local files; no rows are read), the
+optimizer and learning-rate schedule, the mesh over `cluster.num_nodes * cluster.gpus_per_node`
+devices and the batch sizes against it, the model's `config.json` when it is local (a folder, or
+already in the Hugging Face cache) and the writable folders. Every problem found is reported at
+once as a ConfigError; `main` prints it and exits 2. JAX runs on the CPU here (the schedule is
+evaluated), so a dry run works on a login node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jax_sft import config as config_lib
+
+__all__ = ["plan"]
+
+
+def plan(cfg: Any) -> list[str]:
+    """Lines describing the run `cfg` (a validated config) would do; ConfigError listing every
+    problem found otherwise."""
+    problems: list[str] = []
+
+    def attempt(fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except config_lib.ConfigError as e:
+            problems.extend(e.problems)
+        except (ValueError, FileNotFoundError) as e:  # the input errors of the readers called
+            problems.append(str(e))
+        return None
+
+    model = attempt(_model, cfg)
+    lines = model[0] if model else []
+    for section in (_data, _optimizer, _steps_and_outputs):
+        lines += attempt(section, cfg) or []
+    mesh = attempt(_mesh_and_batches, cfg, model[1] if model else None)
+    if problems:
+        raise config_lib.ConfigError(problems, "dry run")
+    return mesh + lines
+
+
+def _mesh_and_batches(cfg: Any, max_positions: int | None) -> list[str]:
+    from jax_sft.models.sharding import mesh_shape
+    from jax_sft.train import check_before_compile
+
+    c, jc = cfg.cluster, cfg.policy.jax_cfg
+    n = c.num_nodes * c.gpus_per_node
+    data, fsdp, tensor = mesh_shape(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, n)
+    check_before_compile(cfg, dp_size=data * fsdp, max_positions=max_positions)
+    micro = cfg.policy.train_global_batch_size // (data * fsdp) // cfg.policy.train_micro_batch_size
+    return [
+        f"mesh: data={data} x fsdp={fsdp} x tensor={tensor} over {n} devices "
+        f"({c.num_nodes} node(s) x {c.gpus_per_node}; one process per node)",
+        f"batches: {cfg.policy.train_global_batch_size} sequences per step = {data * fsdp} "
+        f"data-parallel ranks x {micro} micro-batch(es) of {cfg.policy.train_micro_batch_size}, "
+        f"rows of {cfg.policy.max_total_sequence_length} tokens"
+        + (" (packed)" if cfg.policy.sequence_packing.enabled else ""),
+    ]
+
+
+def _local_model_dir(name: str) -> Path | None:
+    """The folder holding `name`'s config.json: `name` itself, or its snapshot in the HF cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.count("/") != 1 or name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"policy.model_name={name!r}: not a model folder (and not a hub id "
+                                "of the form org/name)")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _model(cfg: Any) -> tuple[list[str], int | None]:
+    """(lines, max_position_embeddings or None when the config is not local)."""
+    from jax_sft import models
+
+    name = cfg.policy.model_name
+    model_dir = _local_model_dir(name)
+    if model_dir is None:
+        return [f"model: {name} is a hub id not in the local Hugging Face cache; its config.json "
+                "is read (and its architecture checked) when the run downloads it"], None
+    m = models.read_config(model_dir)
+    return [f"model: {m.architecture} from {model_dir}: {m.num_layers} layers, hidden "
+            f"{m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
+            f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"], \
+        m.max_position_embeddings
+
+
+def _data(cfg: Any) -> list[str]:
+    from jax_sft.data import describe_data
+
+    return [f"data: {line}" for line in describe_data(cfg)]
+
+
+def _optimizer(cfg: Any) -> list[str]:
+    import jax
+
+    from jax_sft.optim import optimizer_from_config
+
+    jax.config.update("jax_platforms", "cpu")  # only the schedule is evaluated
+    _, schedule, description = optimizer_from_config(cfg)
+    last = max(cfg.sft.max_num_steps - 1, 0)
+    points = sorted({0, 1, last // 2, last} & set(range(last + 1)))
+    lrs = ", ".join(f"step {i}: {float(schedule(i)):.4g}" for i in points)
+    return [f"optimizer: {description}", f"learning rate: {lrs}"]
+
+
+def _steps_and_outputs(cfg: Any) -> list[str]:
+    s, ck = cfg.sft, cfg.checkpointing
+    lines = [f"steps: at most {s.max_num_steps} (sft.max_num_steps), or {s.max_num_epochs} "
+             f"epoch(s) of the train split if fewer; validation every {s.val_period} steps"]
+    if ck.enabled:
+        steps = sorted(int(p.name[5:]) for p in Path(ck.checkpoint_dir).glob("step_*")
+                       if p.name[5:].isdigit())
+        resume = f"; resumes from step_{steps[-1]}" if steps else ""
+        lines.append(f"checkpoints: {ck.checkpoint_dir} every {ck.save_period} steps{resume}")
+    lines.append(f"logs: {cfg.logger.log_dir}")
+    return lines

@@ -1,0 +1,107 @@
+"""`python -m jax_sft.train --dry_run` on every SFT config of today's NeMo RL, and input errors as
+one-line messages with exit code 2 (no traceback)."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from jax_sft.config import IgnoredKeysWarning
+from jax_sft.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+NEMO_CONFIGS = ROOT.parent / "shared" / "reference" / "nemo-rl-configs" / "examples" / "configs"
+CONFIGS = sorted(NEMO_CONFIGS.glob("*.yaml")) + sorted(NEMO_CONFIGS.glob("recipes/llm/*.yaml"))
+# What a config may not do here, as the one error line must say it.
+VISION = {"sft_vlm_3B.yaml": "vision-language", "sft_avlm.yaml": "vision-language"}
+LORA = {  # until LoRA lands (issue 12)
+    "sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml", "sft-llama3.1-8b-1n8g-megatron-lora.yaml",
+    "sft-nanov3-30BA3B-2n4g-fsdp2-lora.yaml", "sft-nanov3-30BA3B-2n8g-fsdp2-lora.yaml",
+}
+
+
+def dry_run(args, capsys) -> tuple[int, str, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IgnoredKeysWarning)
+        try:
+            main([*args, "--dry_run"])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def nemo_rl_checkout(tmp_path, monkeypatch):
+    """A working directory shaped like a NeMo RL checkout: the recipes' relative prompt file."""
+    (tmp_path / "examples" / "prompts").mkdir(parents=True)
+    (tmp_path / "examples" / "prompts" / "math.txt").write_text("Solve step by step.\n\n{}\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.skipif(not CONFIGS, reason="../shared/reference/nemo-rl-configs is absent")
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_dry_run_of_every_nemo_rl_sft_config(path, nemo_rl_checkout, capsys):
+    code, out, err = dry_run(["--config", str(path)], capsys)
+    if path.name in VISION or path.name in LORA:
+        reason = VISION.get(path.name, "LoRA")
+        assert code == 2 and out == "", (out, err)
+        (line,) = err.strip().splitlines()  # one line, no traceback
+        assert line.startswith("error: ") and reason in line, line
+        return
+    assert code == 0, err
+    assert "dry run: the config is valid" in out
+    plan = out[out.index("\nplan:\n"):]
+    for part in ("mesh: data=", "batches: ", "model: ", "data: ", "optimizer: ", "learning rate: "):
+        assert f"\n  {part}" in plan, plan
+
+
+@pytest.mark.skipif(not CONFIGS, reason="../shared/reference/nemo-rl-configs is absent")
+def test_dry_run_names_a_missing_prompt_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no examples/prompts/math.txt here
+    code, out, err = dry_run(["--config", str(NEMO_CONFIGS / "sft_openmathinstruct2.yaml")], capsys)
+    assert code == 2 and "examples/prompts/math.txt" in err and "Traceback" not in err
+
+
+def test_dry_run_checks_the_mesh_and_reads_a_local_model(tmp_path, capsys):
+    sft = str(ROOT / "configs" / "sft.py")
+    code, out, err = dry_run(["--config", sft, "cluster.gpus_per_node=8",
+                              "policy.jax_cfg.mesh.tensor=3"], capsys)
+    assert code == 2
+    assert "policy.jax_cfg.mesh data=1 x tensor=3 = 3 does not divide the 8 devices" in err
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    args = ["--config", sft, f"policy.model_name={model}", "cluster.gpus_per_node=8",
+            "policy.jax_cfg.mesh.tensor=2", f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
+            f"logger.log_dir={tmp_path}/logs"]
+    code, out, err = dry_run([*args, "policy.max_total_sequence_length=512"], capsys)
+    assert code == 2 and "exceeds the model's max_position_embeddings=256" in err
+    code, out, err = dry_run([*args, "policy.max_total_sequence_length=256"], capsys)
+    assert code == 0, err
+    assert "  mesh: data=1 x fsdp=4 x tensor=2 over 8 devices" in out
+    assert f"  model: LlamaForCausalLM from {model}: 2 layers, hidden 64, 4 heads (2 kv)" in out
+
+
+def test_input_errors_print_one_message_and_exit_2_without_traceback(tmp_path):
+    """A real process: bad config key, missing config file, bad flag."""
+    cases = [
+        (["--config", "configs/sft.py", "policy.train_micro_batch_szie=2"],
+         "did you mean policy.train_micro_batch_size?"),
+        (["--config", str(tmp_path / "absent.yaml")], "no such file"),
+        (["--config", "configs/sft.py", "--num_processes=zero"], "--num_processes=zero"),
+    ]
+    for args, expected in cases:
+        proc = subprocess.run([sys.executable, "-m", "jax_sft.train", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
