@@ -79,7 +79,6 @@ IGNORED = (
     "checkpointing.save_consolidated",
     "cluster.segment_size",  # Ray placement by NVLink domain; the mesh follows jax.devices()
     "policy.sequence_packing.microbatch_order",  # packed micro-batches run in the packer's order
-    "policy.dtensor_cfg.expert_parallel_size",  # mixture-of-experts models are not supported yet
     "policy.dequantize_base_checkpoint",  # quantised (MXFP4) base checkpoints are not supported
     "policy.tokenizer.video",  # vision-language processing
 )
@@ -107,6 +106,7 @@ DERIVED: dict[str, Callable[[ConfigDict], Any]] = {
     "policy.dynamic_batching.train_mb_tokens": _mb_tokens,
     "policy.make_sequence_length_divisible_by": lambda c: c.policy.dtensor_cfg.tensor_parallel_size,
     "policy.jax_cfg.mesh.tensor": lambda c: c.policy.dtensor_cfg.tensor_parallel_size,
+    "policy.jax_cfg.mesh.expert": lambda c: c.policy.dtensor_cfg.expert_parallel_size,
     "policy.jax_cfg.remat": lambda c: ("full" if c.policy.dtensor_cfg.activation_checkpointing
                                        else "none"),
 }
@@ -457,6 +457,7 @@ _POSITIVE = (
     "policy.sequence_packing.train_mb_tokens", "policy.sequence_packing.sequence_length_round",
     "policy.dynamic_batching.train_mb_tokens", "policy.dynamic_batching.sequence_length_round",
     "policy.jax_cfg.mesh.data", "policy.jax_cfg.mesh.tensor", "policy.jax_cfg.loss_chunk_size",
+    "policy.jax_cfg.mesh.expert", "policy.dtensor_cfg.expert_parallel_size",
     "policy.jax_cfg.max_segments_per_row",
     "policy.optimizer.kwargs.lr", "policy.optimizer.kwargs.eps", "cluster.gpus_per_node",
     "cluster.num_nodes", "logger.gpu_monitoring.collection_interval",

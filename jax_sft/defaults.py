@@ -82,6 +82,7 @@ def get_config() -> config_dict.ConfigDict:
             sequence_parallel=False,
             activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
             tensor_parallel_size=1,  # maps to the mesh's tensor axis
+            expert_parallel_size=1,  # maps to the mesh's expert axis (mixture-of-experts models)
             context_parallel_size=1,
             custom_parallel_plan=placeholder(str),
         ),
@@ -116,6 +117,7 @@ def get_config() -> config_dict.ConfigDict:
                 data=1,  # pure data parallelism (replicated params)
                 fsdp=-1,  # -1: every device left after data and tensor
                 tensor=placeholder(int),  # null: dtensor_cfg.tensor_parallel_size
+                expert=placeholder(int),  # null: dtensor_cfg.expert_parallel_size; shards MoE experts
             ),
             param_dtype="float32",  # master weights; compute dtype comes from policy.precision
             attention="auto",  # "auto", "xla" or "cudnn" (GPU flash attention, padded and packed rows)

@@ -50,13 +50,15 @@ def _mesh_and_batches(cfg: Any, max_positions: int | None) -> list[str]:
 
     c, jc = cfg.cluster, cfg.policy.jax_cfg
     n = c.num_nodes * c.gpus_per_node
-    data, fsdp, tensor = mesh_shape(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, n)
-    check_before_compile(cfg, dp_size=data * fsdp, max_positions=max_positions)
-    micro = cfg.policy.train_global_batch_size // (data * fsdp) // cfg.policy.train_micro_batch_size
+    expert = jc.mesh.expert
+    data, fsdp, tensor = mesh_shape(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, n, expert)
+    dp = data * fsdp * expert
+    check_before_compile(cfg, dp_size=dp, max_positions=max_positions)
+    micro = cfg.policy.train_global_batch_size // dp // cfg.policy.train_micro_batch_size
     return [
-        f"mesh: data={data} x fsdp={fsdp} x tensor={tensor} over {n} devices "
+        f"mesh: data={data} x fsdp={fsdp} x expert={expert} x tensor={tensor} over {n} devices "
         f"({c.num_nodes} node(s) x {c.gpus_per_node}; one process per node)",
-        f"batches: {cfg.policy.train_global_batch_size} sequences per step = {data * fsdp} "
+        f"batches: {cfg.policy.train_global_batch_size} sequences per step = {dp} "
         f"data-parallel ranks x {micro} micro-batch(es) of {cfg.policy.train_micro_batch_size}, "
         f"rows of {cfg.policy.max_total_sequence_length} tokens"
         + (" (packed)" if cfg.policy.sequence_packing.enabled else ""),
@@ -87,10 +89,15 @@ def _model(cfg: Any) -> tuple[list[str], int | None]:
         return [f"model: {name} is a hub id not in the local Hugging Face cache; its config.json "
                 "is read (and its architecture checked) when the run downloads it"], None
     m = models.read_config(model_dir)
-    return [f"model: {m.architecture} from {model_dir}: {m.num_layers} layers, hidden "
-            f"{m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
-            f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"], \
-        m.max_position_embeddings
+    lines = [f"model: {m.architecture} ({m.family} family) from {model_dir}: {m.num_layers} layers, "
+             f"hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
+             f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"]
+    if m.num_experts:
+        lines.append(f"model: mixture of experts: {m.num_experts} experts, top {m.experts_per_token}, "
+                     f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
+                     f"{m.router_aux_loss_coef}; experts over mesh expert="
+                     f"{cfg.policy.jax_cfg.mesh.expert}")
+    return lines, m.max_position_embeddings
 
 
 def _data(cfg: Any) -> list[str]:

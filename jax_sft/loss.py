@@ -13,6 +13,9 @@ tokens of the whole global batch, so the update does not depend on the micro-bat
 Precision: logits come out of the matmul in the compute dtype and are upcast to fp32 for the
 log-softmax (as torch autocast + NeMo RL's fp32 loss do); the gradient matmuls take the logit
 gradients in the unembedding's dtype and accumulate in fp32.
+
+Final logit soft-capping (Gemma 2's `final_logit_softcapping` c): the log-softmax runs over
+c * tanh(logits / c) in fp32, and the chunk gradient carries the factor 1 - tanh^2.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunk_logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
-    """hidden [b, c, d] (compute dtype), kernel [d, vocab] -> fp32 logits [b, c, vocab]."""
-    return jnp.einsum("bcd,dv->bcv", hidden, kernel).astype(jnp.float32)
+def _chunk_logits(hidden: jax.Array, kernel: jax.Array, softcap: float | None = None) -> jax.Array:
+    """hidden [b, c, d] (compute dtype), kernel [d, vocab] -> fp32 logits [b, c, vocab],
+    soft-capped to c * tanh(logits / c) when `softcap` is c."""
+    logits = jnp.einsum("bcd,dv->bcv", hidden, kernel).astype(jnp.float32)
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
-def _chunk_nll(hidden, kernel, targets, mask):
+def _chunk_nll(hidden, kernel, targets, mask, softcap=None):
     """-> (fp32 nll sum over masked positions, fp32 logits, fp32 log-normaliser [b, c])."""
-    logits = _chunk_logits(hidden, kernel)
+    logits = _chunk_logits(hidden, kernel, softcap)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return ((log_z - target_logit) * mask).sum(), logits, log_z
@@ -48,27 +53,29 @@ def _merge(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _nll_sum(hidden, kernel, targets, mask, n_chunks: int):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _nll_sum(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None):
     """Forward only (evaluation): the summed NLL, chunk by chunk."""
     if n_chunks == 1:
-        return _chunk_nll(hidden, kernel, targets, mask)[0]
+        return _chunk_nll(hidden, kernel, targets, mask, softcap)[0]
 
     def body(total, xs):
-        return total + _chunk_nll(xs[0], kernel, xs[1], xs[2])[0], None
+        return total + _chunk_nll(xs[0], kernel, xs[1], xs[2], softcap)[0], None
 
     zero = jnp.zeros((), jnp.float32)
     total, _ = jax.lax.scan(body, zero, tuple(_split(x, n_chunks) for x in (hidden, targets, mask)))
     return total
 
 
-def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int):
+def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None):
     vocab = kernel.shape[-1]
 
     def chunk(h, t, m):
-        nll, logits, log_z = _chunk_nll(h, kernel, t, m)
+        nll, logits, log_z = _chunk_nll(h, kernel, t, m, softcap)
         probs = jnp.exp(logits - log_z[..., None])
         g = jnp.where(jnp.arange(vocab) == t[..., None], probs - 1.0, probs) * m[..., None]
+        if softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2 = 1 - (capped / c)^2
+            g = g * (1.0 - jnp.square(logits / softcap))
         g = g.astype(kernel.dtype)  # dNLL/dlogits [b, c, vocab]
         d_hidden = jnp.einsum("bcv,dv->bcd", g, kernel, preferred_element_type=jnp.float32)
         d_kernel = jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=jnp.float32)
@@ -89,7 +96,7 @@ def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int):
     return nll, (d_hidden, d_kernel.astype(kernel.dtype))
 
 
-def _nll_sum_bwd(n_chunks, res, g):
+def _nll_sum_bwd(n_chunks, softcap, res, g):
     d_hidden, d_kernel = res
     return d_hidden * g.astype(d_hidden.dtype), d_kernel * g.astype(d_kernel.dtype), None, None
 
@@ -103,8 +110,10 @@ def masked_nll_sum(
     targets: jax.Array,
     loss_mask: jax.Array,
     chunk_size: int,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Sum over masked positions of -log softmax(hidden @ kernel)[target], in fp32.
+    """Sum over masked positions of -log softmax(hidden @ kernel)[target], in fp32
+    (of softcap * tanh(hidden @ kernel / softcap) when `softcap` is given).
 
     hidden: [batch, seq, hidden] final-norm activations; kernel: [hidden, vocab] unembedding;
     targets: [batch, seq] int32 next tokens; loss_mask: [batch, seq] (1 = a training target).
@@ -119,4 +128,4 @@ def masked_nll_sum(
             f"sequence length {seq} is not a multiple of policy.jax_cfg.loss_chunk_size={chunk}; "
             "pick a chunk size that divides the padded sequence length"
         )
-    return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, seq // chunk)
+    return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, seq // chunk, softcap)

@@ -8,6 +8,11 @@ micro-batch, so a varying number of micro-batches per step (packing) never recom
 
 Batches are dicts of int32 arrays [rows, seq]: input_ids, targets, loss_mask, segment_ids,
 positions (see jax_sft.data).
+
+Mixture-of-experts models: each micro-batch's router load-balancing loss (over its real tokens)
+is accumulated weighted by the micro-batch's loss tokens and logged as train/router_aux_loss; when
+the model's `router_aux_loss_coef` is non-zero, coef x that loss joins the objective the same way
+(so the update is mean NLL + coef x the token-weighted mean of the micro-batches' aux losses).
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ class Accumulator:
     grads: Any
     loss_sum: jax.Array
     num_tokens: jax.Array
+    aux_sum: jax.Array  # router aux loss x loss tokens, summed (MoE; 0 for dense models)
 
 
 jax.tree_util.register_dataclass(
-    Accumulator, data_fields=["grads", "loss_sum", "num_tokens"], meta_fields=[]
+    Accumulator, data_fields=["grads", "loss_sum", "num_tokens", "aux_sum"], meta_fields=[]
 )
 
 
@@ -50,18 +56,25 @@ class StepFns:
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, packed: bool):
-    """(params, batch) -> summed masked NLL (fp32). `rest` is the model's non-Param state."""
+    """(params, batch) -> (objective, (summed masked NLL, router aux loss)), fp32. The objective
+    is the NLL sum plus, for MoE models with a router_aux_loss_coef, coef x aux x loss tokens.
+    `rest` is the model's non-Param state."""
 
-    def loss_sum(params: nnx.State, batch: Batch) -> jax.Array:
+    def loss_sum(params: nnx.State, batch: Batch):
         model = nnx.merge(graphdef, params, rest)
-        hidden = model.hidden_states(
+        hidden, aux = model.hidden_states_and_aux(
             batch["input_ids"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"] if packed else None,
+            token_mask=batch["segment_ids"] > 0,
         )
-        return masked_nll_sum(
-            hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk_size
+        nll = masked_nll_sum(
+            hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk_size,
+            softcap=model.config.final_softcap,
         )
+        coef = model.config.router_aux_loss_coef
+        objective = nll + coef * aux * batch["loss_mask"].sum(dtype=jnp.float32) if coef else nll
+        return objective, (nll, aux)
 
     return loss_sum
 
@@ -77,22 +90,27 @@ def make_step_fns(
     opt_shardings: Any,
     chunk_size: int,
     packed: bool,
+    moe: bool = False,
 ) -> StepFns:
+    """The jitted step functions; `moe`: the model has experts (train/router_aux_loss is logged)."""
     loss_sum = make_loss_fn(graphdef, rest, chunk_size=chunk_size, packed=packed)
-    grad_fn = jax.value_and_grad(loss_sum)
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    acc_shardings = Accumulator(param_shardings, replicated, replicated)
+    acc_shardings = Accumulator(param_shardings, replicated, replicated, replicated)
 
     def init_accumulator(params):
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        return Accumulator(zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        zero = jnp.zeros((), jnp.float32)
+        return Accumulator(zeros, zero, zero, zero)
 
     def micro_step(params, acc: Accumulator, batch: Batch) -> Accumulator:
-        loss, grads = grad_fn(params, batch)
+        (_, (loss, aux)), grads = grad_fn(params, batch)
+        tokens = batch["loss_mask"].sum(dtype=jnp.float32)
         return Accumulator(
             jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc.grads, grads),
             acc.loss_sum + loss,
-            acc.num_tokens + batch["loss_mask"].sum(dtype=jnp.float32),
+            acc.num_tokens + tokens,
+            acc.aux_sum + aux * tokens,
         )
 
     def apply(params, opt_state, acc: Accumulator, step: jax.Array):
@@ -107,10 +125,12 @@ def make_step_fns(
             "train/lr": schedule(step),
             "train/num_unmasked_tokens": acc.num_tokens,
         }
+        if moe:
+            metrics["train/router_aux_loss"] = acc.aux_sum / denom
         return params, opt_state, metrics
 
     def eval_step(params, batch: Batch):
-        return loss_sum(params, batch), batch["loss_mask"].sum(dtype=jnp.float32)
+        return loss_sum(params, batch)[1][0], batch["loss_mask"].sum(dtype=jnp.float32)
 
     return StepFns(
         init_accumulator=jax.jit(init_accumulator, out_shardings=acc_shardings),

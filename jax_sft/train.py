@@ -69,7 +69,7 @@ def check_before_compile(cfg: Any, *, dp_size: int, max_positions: int | None) -
         if gbs % (mbs * dp_size):
             errors.append(
                 f"{name}={gbs} is not divisible by micro batch {mbs} x data-parallel size "
-                f"{dp_size} (mesh data*fsdp); choose a multiple of {mbs * dp_size}"
+                f"{dp_size} (mesh data*fsdp*expert); choose a multiple of {mbs * dp_size}"
             )
     if max_positions is not None and p.max_total_sequence_length > max_positions:
         errors.append(
@@ -185,8 +185,9 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         jax.config.update("jax_compilation_cache_dir", str(jc.compilation_cache_dir))
 
     devices = distributed.select_devices(cfg.cluster)
-    mesh = sharding_lib.make_mesh(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, devices=devices)
-    dp_size = mesh.shape["data"] * mesh.shape["fsdp"]
+    mesh = sharding_lib.make_mesh(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, devices=devices,
+                                  expert=jc.mesh.expert)
+    dp_size = sharding_lib.dp_size(mesh)
     model_dir = resolve_model_dir(p.model_name)
     model_cfg = models.read_config(model_dir)
     check_before_compile(cfg, dp_size=dp_size, max_positions=model_cfg.max_position_embeddings)
@@ -218,7 +219,7 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     fns = make_step_fns(
         graphdef, rest, tx, schedule,
         mesh=mesh, param_shardings=param_shardings, opt_shardings=opt_shardings,
-        chunk_size=jc.loss_chunk_size, packed=packed,
+        chunk_size=jc.loss_chunk_size, packed=packed, moe=model_cfg.num_experts > 0,
     )
     batch_sharding = sharding_lib.batch_sharding(mesh)
 

@@ -4,7 +4,10 @@ Each family's config exercises what distinguishes it: Llama with llama3 RoPE sca
 original_max_position_embeddings, so that the scaling shows) and tied embeddings; Qwen2 with its
 q/k/v biases and a sliding window on the layers from max_window_layers on; Qwen3 with q/k norms,
 head_dim != hidden/heads and attention biases; Mistral with MQA and a window shorter than the
-test sequences. Biases and norm weights are randomised (HF initialises them to 0 and 1), so that
+test sequences; Gemma 2 with soft-capping small enough to bite, query_pre_attn_scalar != head_dim
+and alternating sliding/full layers; Gemma 3 with q/k norms and linear-scaled global RoPE beside a
+plain local one; Qwen3-MoE with a dense layer (mlp_only_layers) and top-k without
+renormalisation; Mixtral (renormalised top-2) with a window. Biases and norm weights are randomised (HF initialises them to 0 and 1), so that
 a wrong mapping of any tensor shows in the logits.
 """
 
@@ -62,7 +65,37 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
         transformers.MistralForCausalLM,
         dict(num_key_value_heads=1, sliding_window=5, rope_theta=10000.0),
     ),
+    "gemma2": (
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=5, final_logit_softcapping=2.0,
+             attn_logit_softcapping=3.0, rope_theta=10000.0, pad_token_id=0),
+    ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=5, pad_token_id=0,
+             layer_types=["sliding_attention", "full_attention"],
+             rope_parameters=dict(
+                 full_attention=dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
+                 sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+             )),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             mlp_only_layers=[1], norm_topk_prob=False, output_router_logits=True,
+             router_aux_loss_coef=0.01, rope_theta=1000000.0),
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=5,
+             output_router_logits=True, router_aux_loss_coef=0.02, rope_theta=1000000.0),
+    ),
 }
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
 def make_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
@@ -80,6 +113,27 @@ def make_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.Pre
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     model.config._attn_implementation = "eager"
+    model.eval()
+    model.save_pretrained(out_dir)
+    return model
+
+
+def make_gemma3_multimodal(out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny random Gemma3ForConditionalGeneration (SigLIP tower included) saved to `out_dir`:
+    its text model is the "gemma3" family's."""
+    text = FAMILIES["gemma3"][0](**{**COMMON, **FAMILIES["gemma3"][2]})
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4, image_token_index=255, boi_token_index=253,
+                                       eoi_token_index=254)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.08 * torch.randn_like(p))
+    model.config._attn_implementation = "eager"
+    model.config.text_config._attn_implementation = "eager"
     model.eval()
     model.save_pretrained(out_dir)
     return model

@@ -395,10 +395,20 @@ def test_plus_adds_unknown_keys_with_the_warning_and_tilde_removes():
 
 def test_todays_nemo_rl_keys_without_meaning_here_are_named_in_the_warning():
     keys = ["cluster.segment_size=4", "policy.sequence_packing.microbatch_order=packer",
-            "policy.dtensor_cfg.expert_parallel_size=1", "policy.dequantize_base_checkpoint=true",
+            "policy.dequantize_base_checkpoint=true",
             "policy.tokenizer.video.num_frames=16"]
     with pytest.warns(IgnoredKeysWarning) as record:
         load_config(None, keys)
     (message,) = [str(w.message) for w in record]
     for key in keys:
         assert key.split("=")[0].removesuffix(".num_frames") in message
+
+
+def test_expert_parallel_size_maps_to_the_expert_mesh_axis():
+    assert load_config(None, []).policy.jax_cfg.mesh.expert == 1
+    cfg = load_config(None, ["policy.dtensor_cfg.expert_parallel_size=4"])
+    assert cfg.policy.jax_cfg.mesh.expert == 4
+    cfg = load_config(None, ["policy.dtensor_cfg.expert_parallel_size=4", "policy.jax_cfg.mesh.expert=2"])
+    assert cfg.policy.jax_cfg.mesh.expert == 2
+    with pytest.raises(ConfigError, match="policy.jax_cfg.mesh.expert=0"):
+        load_config(None, ["policy.jax_cfg.mesh.expert=0"])

@@ -87,8 +87,8 @@ def test_dry_run_checks_the_mesh_and_reads_a_local_model(tmp_path, capsys):
     assert code == 2 and "exceeds the model's max_position_embeddings=256" in err
     code, out, err = dry_run([*args, "policy.max_total_sequence_length=256"], capsys)
     assert code == 0, err
-    assert "  mesh: data=1 x fsdp=4 x tensor=2 over 8 devices" in out
-    assert f"  model: LlamaForCausalLM from {model}: 2 layers, hidden 64, 4 heads (2 kv)" in out
+    assert "  mesh: data=1 x fsdp=4 x expert=1 x tensor=2 over 8 devices" in out
+    assert f"  model: LlamaForCausalLM (llama family) from {model}: 2 layers, hidden 64, 4 heads (2 kv)" in out
 
 
 def test_input_errors_print_one_message_and_exit_2_without_traceback(tmp_path):

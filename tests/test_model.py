@@ -100,13 +100,18 @@ def test_packed_row_matches_separate_sequences(family, f32_models):
 def test_bf16_compute_close_to_f32(family, hf_models, f32_models):
     _, path = hf_models[family]
     bf16 = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    assert bf16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32  # master weights stay fp32
+    params = jax.tree.leaves(nnx.state(bf16, nnx.Param))
+    assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}  # master weights stay fp32
     ids = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, (2, 16)))
     assert jax.eval_shape(bf16.hidden_states, ids).dtype == jnp.bfloat16
     logits = jax_logits(bf16, ids)
     assert logits.dtype == np.float32
     err = rel_err(logits, jax_logits(f32_models[family], ids))
-    assert err < 3e-2, f"{family}: bf16 vs f32 rel err {err:.2e}"
+    # Gemma: sqrt(hidden)-scaled embeddings, (1 + w) norms around both blocks and logits capped at
+    # 2 (the denominator) make bf16 rounding show more; transformers' own bf16 model is off from
+    # its float32 one by 3.7e-2 (gemma2) and 4.5e-2 (gemma3) on these inputs.
+    tol = 6e-2 if family.startswith("gemma") else 3e-2
+    assert err < tol, f"{family}: bf16 vs f32 rel err {err:.2e}"
 
 
 def test_hidden_states_unembed_and_lm_head_kernel(f32_models):

@@ -1,12 +1,14 @@
 """Causal self-attention with a selectable kernel.
 
     attention(q, k, v, segment_ids=None, sliding_window=None, implementation="auto",
-              max_segments=64) -> out
+              max_segments=64, scale=None, softcap=None) -> out
 
 q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (q_heads a multiple of
 kv_heads: GQA); out like q. Query i attends key j when j <= i, and, with `sliding_window` W (HF's
 meaning, as transformers' sdpa/eager mask `kv_idx > q_idx - W`), when i - j < W; with
-`segment_ids` [batch, seq] int, only when both tokens have the same segment id.
+`segment_ids` [batch, seq] int, only when both tokens have the same segment id. Scores are
+q.k * `scale` (None: head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5), then with `softcap`
+c (Gemma 2) c * tanh(scores / c), before the mask and the fp32 softmax.
 
 Packing convention: real tokens of the k-th sequence in a row have segment id k >= 1; padding has
 segment id 0. Padding therefore attends (causally) only to padding, real tokens never see it, and
@@ -29,8 +31,9 @@ Kernels:
            since a jitted kernel cannot raise. Packed rows with a sliding window raise (cuDNN
            takes the window, but that combination is not verified against "xla" here).
   "auto":  "cudnn" on a GPU where dtype, head_dim and the batch layout allow (packed rows: Hopper
-           or newer, no sliding window), else "xla"; decided per layer, so a model whose layers
-           differ in window may mix them. `resolve_implementation` says which one a call gets.
+           or newer, no sliding window; no soft-capping, which cuDNN's kernel lacks), else "xla";
+           decided per layer, so a model whose layers differ in window may mix them.
+           `resolve_implementation` says which one a call gets.
 
 Checked on an H100 (cuDNN 9.19, jax 0.11.2) against "xla", forward and gradients, bf16 inputs:
 padded rows with MHA/GQA/MQA, head_dim 64 and 128, no window and windows 40 and 100; packed rows
@@ -99,10 +102,15 @@ def check_implementation(implementation: str, dtype, head_dim: int) -> None:
 
 
 def resolve_implementation(implementation: str, dtype, head_dim: int, packed: bool,
-                           windowed: bool = False) -> str:
+                           windowed: bool = False, softcap: bool = False) -> str:
     """The kernel ("cudnn" or "xla") a call gets; "cudnn" that cannot honour the layout raises.
-    `windowed`: the layer has a sliding window."""
+    `windowed`: the layer has a sliding window; `softcap`: its scores are soft-capped."""
     hopper = (_compute_capability() or (0, 0)) >= (9, 0)
+    if implementation == "cudnn" and softcap:
+        raise ValueError(
+            "attention='cudnn' with attention logit soft-capping (Gemma 2's attn_logit_softcapping): "
+            "cuDNN's flash attention does not soft-cap; use attention='auto' or 'xla'"
+        )
     if implementation == "cudnn" and packed and windowed:
         raise ValueError(
             "attention='cudnn' with segment_ids (packed sequences) and a sliding window: cuDNN's "
@@ -127,22 +135,24 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, packed: bo
         and head_dim <= _max_cudnn_head_dim()
         and (hopper or not packed)
         and not (packed and windowed)
+        and not softcap
     )
     return "cudnn" if cudnn_ok else "xla"
 
 
 def describe(implementation: str, dtype, head_dim: int, packed: bool, max_segments: int,
-             windows: Sequence[int | None] = (None,)) -> str:
+             windows: Sequence[int | None] = (None,), softcap: bool = False) -> str:
     """One line for the run log: which kernel the layers (their `windows`) run, and why."""
     names = {
-        "xla": "xla (fp32 softmax over materialised [batch, heads, seq, seq] scores)",
+        "xla": "xla (fp32 softmax over materialised [batch, heads, seq, seq] scores"
+        + (", soft-capped scores: no cudnn kernel" if softcap else "") + ")",
         "cudnn": "cudnn flash attention"
         + (f", packed layout (<= {max_segments} segments per row)" if packed else ""),
     }
     by_kind = {}
     for w in windows:
         kind = "sliding-window layers" if w is not None else "full-attention layers"
-        by_kind[kind] = resolve_implementation(implementation, dtype, head_dim, packed, w is not None)
+        by_kind[kind] = resolve_implementation(implementation, dtype, head_dim, packed, w is not None, softcap)
     chosen = f"attention={implementation!r} -> "
     if len(set(by_kind.values())) == 1:
         return chosen + names[next(iter(by_kind.values()))]
@@ -158,24 +168,28 @@ def attention(
     sliding_window: int | None = None,
     implementation: str = "auto",
     max_segments: int = DEFAULT_MAX_SEGMENTS,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Causal attention, see the module docstring. Softmax scale is head_dim ** -0.5."""
+    """Causal attention, see the module docstring. Softmax scale: `scale`, default head_dim ** -0.5."""
     head_dim = q.shape[-1]
+    scale = float(head_dim) ** -0.5 if scale is None else float(scale)
     impl = resolve_implementation(implementation, q.dtype, head_dim, segment_ids is not None,
-                                  sliding_window is not None)
+                                  sliding_window is not None, softcap is not None)
     if impl == "cudnn" and segment_ids is not None:
-        return _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments)
+        return _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments, scale)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
             q,
             k,
             v,
+            scale=scale,
             is_causal=True,
             # jax's (left, right) window is inclusive: i - j <= left; HF's W is exclusive.
             local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
             implementation="cudnn",
         )
-    return _xla_attention(q, k, v, segment_ids, sliding_window)
+    return _xla_attention(q, k, v, segment_ids, sliding_window, scale, softcap)
 
 
 # ----------------------------------------------------------------------------- packed rows
@@ -209,7 +223,7 @@ def segment_runs(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, 
 _PACKED_MASK_TYPE = "PADDING_CAUSAL"  # each segment: its own causal sequence of `seqlen` tokens
 
 
-def _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments):
+def _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments, scale):
     # jax exposes the packed layout only through its cuDNN module (jax 0.10 and 0.11 alike).
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
@@ -218,7 +232,7 @@ def _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments):
     return cudnn_attention(
         q, k, v,
         q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
-        scale=float(q.shape[-1]) ** -0.5,
+        scale=scale,
         mask_type=MaskType[_PACKED_MASK_TYPE],
         qkv_layout="BTNH",
         sliding_window_length=sliding_window,  # cuDNN's window is HF's: (i - W, i]
@@ -265,6 +279,8 @@ def _xla_attention(
     v: jax.Array,  # [b, s, kv, d]
     segment_ids: jax.Array | None,  # [b, t]
     sliding_window: int | None,
+    scale: float,
+    softcap: float | None = None,
 ) -> jax.Array:
     b, t, n, d = q.shape
     kv = k.shape[2]
@@ -272,7 +288,9 @@ def _xla_attention(
         raise ValueError(f"q_heads={n} is not a multiple of kv_heads={kv}")
     qg = q.reshape(b, t, kv, n // kv, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(d**-0.5)  # [b, kv, g, t, s] fp32
+    logits = logits * jnp.float32(scale)  # [b, kv, g, t, s] fp32
+    if softcap is not None:
+        logits = jnp.float32(softcap) * jnp.tanh(logits / jnp.float32(softcap))
 
     i = jnp.arange(t)[:, None]
     j = jnp.arange(t)[None, :]

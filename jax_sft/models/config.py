@@ -1,9 +1,13 @@
 """`ModelConfig`: the decoder's hyper-parameters, read from (and written back to) HF `config.json`.
 
 Supported families (`config.json` "architectures"): LlamaForCausalLM, Qwen2ForCausalLM,
-Qwen3ForCausalLM, MistralForCausalLM. Each reading mirrors the transformers 5 config class of the
-family (defaults, `head_dim`, biases, which layers use a sliding window), so a checkpoint means the
-same thing here as in `transformers`.
+Qwen3ForCausalLM, MistralForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (and the text part of
+Gemma3ForConditionalGeneration), Qwen3MoeForCausalLM, MixtralForCausalLM. Each reading mirrors the
+transformers 5 config class of the family (defaults, `head_dim`, biases, which layers use a sliding
+window, which layers are mixture-of-experts), so a checkpoint means the same thing here as in
+`transformers`. The Gemma and MoE specifics are read by `_gemma_fields` and `_moe_fields`: flags
+(`norm_offset`, `activation`, `sandwich_norm`, `embed_scale`, soft-capping, `local_rope`,
+`moe_layers`, ...) that the one decoder in decoder.py follows.
 
 RoPE: transformers 5 writes `rope_parameters` {"rope_type", "rope_theta", ...}; older files write
 `rope_theta` beside `rope_scaling` {"type" or "rope_type", ...}. Both are read; rope types
@@ -21,6 +25,11 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",  # its text model; exported as Gemma3ForCausalLM
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -65,6 +74,23 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...]
     max_position_embeddings: int
     torch_dtype: str | None  # the checkpoint's dtype as config.json names it ("bfloat16"), if any
+    # Gemma 2 / 3 (defaults: the Llama-like families).
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): Gemma's (1 + w)
+    activation: str = "silu"  # MLP gate activation: "silu" or "gelu_tanh"
+    sandwich_norm: bool = False  # extra norms after attention and around the MLP (Gemma)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    query_scale: float | None = None  # attention softmax scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) before the mask
+    final_softcap: float | None = None  # logits -> c * tanh(logits / c)
+    local_rope: RopeConfig | None = None  # RoPE of the sliding-window layers when it differs (Gemma 3)
+    text_of_multimodal: bool = False  # read from a Gemma3ForConditionalGeneration checkpoint
+    # Mixture of experts (num_experts 0: dense).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE block (True) or dense MLP
+    router_aux_loss_coef: float = 0.0  # 0 unless config.json's output_router_logits is true
     hf_config_json: str = dataclasses.field(default="{}", repr=False)
     generation_config_json: str | None = dataclasses.field(default=None, repr=False)
 
@@ -82,6 +108,9 @@ class ModelConfig:
                 f"{source}: architectures={archs!r} is not supported; "
                 f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if arch == "Gemma3ForConditionalGeneration":
+            return _text_of_multimodal(cls, d, source)
+        d = {**_FAMILY_DEFAULTS.get(arch, {}), **d}  # keys config.json leaves to the HF class
 
         def req(key: str) -> Any:
             if d.get(key) is None:
@@ -90,9 +119,11 @@ class ModelConfig:
 
         hidden, heads = int(req("hidden_size")), int(req("num_attention_heads"))
         num_layers = int(req("num_hidden_layers"))
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+        gemma = arch in _GEMMA
+        act_key = "hidden_activation" if gemma else "hidden_act"
+        act = d.get(act_key, "silu")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"{source}: {act_key}={act!r} is not supported (one of {sorted(_ACTIVATIONS)})")
         if float(d.get("attention_dropout") or 0.0) != 0.0:
             raise ValueError(
                 f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0.0"
@@ -106,9 +137,9 @@ class ModelConfig:
             qkv_bias, o_bias, mlp_bias = attention_bias, attention_bias, bool(d.get("mlp_bias", False))
         elif arch == "Qwen2ForCausalLM":  # hard-coded in Qwen2Attention: q/k/v biases, none on o_proj
             qkv_bias, o_bias, mlp_bias = True, False, False
-        elif arch == "Qwen3ForCausalLM":
+        elif arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", *_GEMMA):
             qkv_bias, o_bias, mlp_bias = attention_bias, attention_bias, False
-        else:  # Mistral: no biases anywhere
+        else:  # Mistral, Mixtral: no biases anywhere
             qkv_bias, o_bias, mlp_bias = False, False, False
 
         return cls(
@@ -121,15 +152,18 @@ class ModelConfig:
             num_kv_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope=_read_rope(d, source),
+            rope=_read_rope(d, source) if arch != "Gemma3ForCausalLM" else _gemma3_ropes(d, source)[0],
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             sliding_windows=_read_sliding_windows(d, arch, num_layers, source),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             torch_dtype=d.get("dtype") or d.get("torch_dtype"),
+            activation=_ACTIVATIONS[act],
+            **(_gemma_fields(d, arch, source) if gemma else {}),
+            **_moe_fields(d, arch, num_layers, source),
             hf_config_json=json.dumps(d, sort_keys=True),
         )
 
@@ -143,6 +177,99 @@ class ModelConfig:
             if "torch_dtype" in d:
                 d["torch_dtype"] = dtype
         return d
+
+
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+_MOE = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# The transformers 5 config classes' defaults for keys a config.json may leave out (hub Gemma 3
+# text_configs list only what differs from Gemma3TextConfig).
+_GEMMA_DEFAULTS = dict(
+    head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
+    query_pre_attn_scalar=256, sliding_window=4096, num_attention_heads=8, num_key_value_heads=4,
+    hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+)
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Gemma2ForCausalLM": dict(_GEMMA_DEFAULTS, vocab_size=256000, max_position_embeddings=8192,
+                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "Gemma3ForCausalLM": dict(_GEMMA_DEFAULTS, vocab_size=262208, max_position_embeddings=131072,
+                              sliding_window_pattern=6),
+    "Qwen3MoeForCausalLM": dict(num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                                router_aux_loss_coef=0.001),
+    "MixtralForCausalLM": dict(num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001),
+}
+
+
+def _text_of_multimodal(cls, d: dict[str, Any], source: str) -> ModelConfig:
+    """Gemma3ForConditionalGeneration: its `text_config` read as a Gemma3ForCausalLM (what the
+    export writes; the vision tower is not part of the model)."""
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{source}: Gemma3ForConditionalGeneration needs a text_config dict")
+    text = {**text, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", True))
+    if text.get("dtype") is None and text.get("torch_dtype") is None:
+        text["dtype"] = d.get("dtype") or d.get("torch_dtype")
+    config = cls.from_hf_dict(text, source=f"{source} (text_config)")
+    return dataclasses.replace(config, text_of_multimodal=True)
+
+
+def _gemma_fields(d: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+    """Gemma 2 / 3: (1 + w) norms, pre/post norms, scaled embeddings, query_pre_attn_scalar,
+    soft-capping (Gemma 3's attention ignores attn_logit_softcapping, as transformers does) and
+    Gemma 3's separate RoPE of the sliding-window layers."""
+    if d.get("use_bidirectional_attention"):
+        raise ValueError(f"{source}: use_bidirectional_attention=true is not supported (causal LM only)")
+    fields = dict(
+        norm_offset=1.0, sandwich_norm=True, embed_scale=True,
+        query_scale=float(d["query_pre_attn_scalar"]) ** -0.5,
+        final_softcap=_optional_float(d.get("final_logit_softcapping")),
+    )
+    if arch == "Gemma2ForCausalLM":
+        fields["attn_softcap"] = _optional_float(d.get("attn_logit_softcapping"))
+    else:
+        fields["local_rope"] = _gemma3_ropes(d, source)[1]
+    return fields
+
+
+def _optional_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _gemma3_ropes(d: dict[str, Any], source: str) -> tuple[RopeConfig, RopeConfig]:
+    """(full-attention RoPE, sliding-window RoPE). transformers 5 writes rope_parameters per layer
+    type; older files write rope_theta (+ rope_scaling, global layers only) and rope_local_base_freq."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} <= set(params):
+        return tuple(_read_rope({**d, "rope_parameters": params[t] or {"rope_type": "default"}},
+                                f"{source} rope_parameters.{t}")
+                     for t in ("full_attention", "sliding_attention"))
+    full = _read_rope({**d, "rope_theta": d.get("rope_theta", 1_000_000.0)}, source)
+    return full, RopeConfig(theta=float(d.get("rope_local_base_freq", 10_000.0)))
+
+
+def _moe_fields(d: dict[str, Any], arch: str, num_layers: int, source: str) -> dict[str, Any]:
+    """Qwen3-MoE and Mixtral: experts, top-k, which layers are sparse, the router's aux loss.
+
+    As in transformers, the load-balancing loss joins the training loss only when config.json's
+    `output_router_logits` is true (Qwen3-30B-A3B ships false); it is logged either way."""
+    if arch not in _MOE:
+        return {}
+    experts = d.get("num_local_experts", d.get("num_experts", 128))
+    top_k = int(d["num_experts_per_tok"])
+    if not (isinstance(experts, int) and 1 <= top_k <= experts):
+        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be within 1..num experts={experts}")
+    if arch == "MixtralForCausalLM":
+        if float(d.get("router_jitter_noise") or 0.0) != 0.0:
+            raise ValueError(f"{source}: router_jitter_noise={d['router_jitter_noise']} is not supported; set 0.0")
+        size, norm_topk, sparse = int(d["intermediate_size"]), True, (True,) * num_layers
+    else:
+        size, norm_topk = int(d["moe_intermediate_size"]), bool(d.get("norm_topk_prob", False))
+        step, dense = int(d["decoder_sparse_step"]), set(d.get("mlp_only_layers") or [])
+        sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    coef = float(d["router_aux_loss_coef"]) if d.get("output_router_logits") else 0.0
+    return dict(num_experts=experts, experts_per_token=top_k, moe_intermediate_size=size,
+                norm_topk_prob=norm_topk, moe_layers=sparse, router_aux_loss_coef=coef)
 
 
 def _read_rope(d: dict[str, Any], source: str) -> RopeConfig:
@@ -198,17 +325,25 @@ def _read_sliding_windows(
     """
     if arch == "LlamaForCausalLM":
         return (None,) * num_layers
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         window = d.get("sliding_window")
         return (int(window) if window is not None else None,) * num_layers
-    window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
-    layer_types = d.get("layer_types")
-    if layer_types is None:
+    if arch == "Qwen3MoeForCausalLM":  # every layer when use_sliding_window
+        window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
+        return (int(window) if window is not None else None,) * num_layers
+    if arch in _GEMMA:
+        window = d.get("sliding_window")
+        # Gemma 2: even layers slide; Gemma 3: all but every sliding_window_pattern-th layer.
+        period = 2 if arch == "Gemma2ForCausalLM" else int(d.get("sliding_window_pattern", 6))
+        default_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
+    else:
+        window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
         max_window_layers = int(d.get("max_window_layers", 28))
-        layer_types = [
+        default_types = [
             "sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
             for i in range(num_layers)
         ]
+    layer_types = d.get("layer_types") or default_types
     if len(layer_types) != num_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
         raise ValueError(
             f"{source}: layer_types={layer_types!r} must list 'full_attention' or 'sliding_attention' "

@@ -1,4 +1,6 @@
-"""The decoder: one Flax NNX model for Llama, Qwen2, Qwen3 and Mistral (see `ModelConfig`).
+"""The decoder: one Flax NNX model for Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Qwen3-MoE
+and Mixtral (see `ModelConfig`, whose flags select norms, activation, soft-capping, RoPE per layer
+type and mixture-of-experts layers).
 
     model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     logits = model(input_ids, positions=None, segment_ids=None)   # [b, t, vocab] float32
@@ -12,6 +14,11 @@ attention to the token's own segment (convention in `attention.py`: 0 = padding)
 Parameters are stored in `param_dtype`, the forward pass runs in `dtype` (compute); RMSNorm,
 RoPE and softmax run in float32. Parameter layouts and their logical axis names are listed in
 `sharding.py`. `remat` ("none", "full" or a `jax.checkpoint_policies` name) applies per layer.
+
+Mixture of experts (`MoE`): top-k softmax routing, dropless: the (token, expert) pairs are sorted
+by expert and run through `jax.lax.ragged_dot` grouped matmuls, no dense loop over experts.
+`hidden_states_and_aux(...)` also returns the router's load-balancing loss, as transformers'
+`load_balancing_loss_func` computes it over the real tokens (segment id > 0) of all MoE layers.
 
 `scan_layers=True` stores the layers stacked (every layer parameter gets a leading [num_layers]
 axis, path `layers.<name>` instead of `layers.<i>.<name>`) and runs them with one `jax.lax.scan`,
@@ -53,17 +60,19 @@ def _meta(*names: str) -> dict:
 
 
 class RMSNorm(nnx.Module):
-    """weight * x / sqrt(mean(x^2) + eps), in float32; returns `dtype`. weight: [features]."""
+    """(offset + weight) * x / sqrt(mean(x^2) + eps), in float32; returns `dtype`.
+    weight: [features]; offset 0 (Llama) or 1 (Gemma, whose weights are stored around 0)."""
 
-    def __init__(self, features: int, eps: float, *, dtype, param_dtype):
-        self.weight = nnx.Param(jnp.ones((features,), param_dtype), **_meta("norm"))
+    def __init__(self, features: int, eps: float, *, dtype, param_dtype, offset: float = 0.0):
+        self.weight = nnx.Param(jnp.full((features,), 1.0 - offset, param_dtype), **_meta("norm"))
         self.eps = eps
+        self.offset = offset
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.weight[...].astype(jnp.float32) * normed).astype(self.dtype)
+        return ((self.offset + self.weight[...].astype(jnp.float32)) * normed).astype(self.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -125,11 +134,14 @@ class Attention(nnx.Module):
         self.o_proj = dense("bthd,hde->bte", (n, d, e), ("q_heads", "head_dim", "embed"),
                             (e,) if cfg.o_bias else None, ("embed",))
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            norm = partial(RMSNorm, d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                           offset=cfg.norm_offset)
+            self.q_norm, self.k_norm = norm(), norm()
         else:
             self.q_norm = self.k_norm = None
         self.sliding_window = cfg.sliding_windows[layer]
+        self.scale = cfg.query_scale
+        self.softcap = cfg.attn_softcap
         self.implementation = implementation
         self.max_segments = max_segments
         self.dtype = dtype
@@ -143,7 +155,7 @@ class Attention(nnx.Module):
         out = attention_lib.attention(
             q, k, v, segment_ids=segment_ids,
             sliding_window=self.sliding_window, implementation=self.implementation,
-            max_segments=self.max_segments,
+            max_segments=self.max_segments, scale=self.scale, softcap=self.softcap,
         )
         return self.o_proj(out)
 
@@ -156,25 +168,109 @@ class MLP(nnx.Module):
         self.gate_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",))
         self.up_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",))
         self.down_proj = dense("btm,me->bte", (m, e), ("mlp", "embed"), (e,) if bias else None, ("embed",))
+        self.act = ACTIVATIONS[cfg.activation]
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, token_mask=None):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)), None
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+
+
+class MoE(nnx.Module):
+    """Sparse MLP: router [embed, experts]; experts' gate/up [experts, embed, mlp], down
+    [experts, mlp, embed]. Each token goes to its top-k experts (softmax probabilities, renormalised
+    over the k when `norm_topk_prob`), weighted by them; no token is dropped."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, m, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        init = lambda shape, *names: nnx.Param(_normal(rngs.params(), shape, param_dtype), **_meta(*names))  # noqa: E731
+        self.router = init((e, n), "embed", "router")
+        self.gate_proj = init((n, e, m), "expert", "embed", "expert_mlp")
+        self.up_proj = init((n, e, m), "expert", "embed", "expert_mlp")
+        self.down_proj = init((n, m, e), "expert", "expert_mlp", "embed")
+        self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.act = ACTIVATIONS[cfg.activation]
+        self.dtype = dtype
+
+    def route(self, x2d):
+        """[tokens, embed] -> fp32 probabilities [tokens, experts], top-k (weights, experts)."""
+        logits = jnp.einsum("ne,ex->nx", x2d, self.router[...].astype(self.dtype))
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights, experts = jax.lax.top_k(probs, self.top_k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return probs, weights, experts
+
+    def __call__(self, x, token_mask=None):
+        """-> (output like x, router statistics [2, experts] fp32: top-k counts and probability
+        sums over the tokens of `token_mask` ([b, t], None: all))."""
+        b, t, e = x.shape
+        x2d = x.reshape(b * t, e)
+        probs, weights, experts = self.route(x2d)
+        out = grouped_experts(x2d, experts, weights, self.gate_proj[...].astype(self.dtype),
+                              self.up_proj[...].astype(self.dtype),
+                              self.down_proj[...].astype(self.dtype), self.act)
+        mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
+        counts = (jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32).sum(1) * mask[:, None]).sum(0)
+        stats = jnp.stack([counts, (probs * mask[:, None]).sum(0)])
+        return out.reshape(b, t, e).astype(self.dtype), stats
+
+
+def grouped_experts(x, experts, weights, gate, up, down, act):
+    """Dropless expert MLPs: x [n, embed]; experts, weights [n, k] -> [n, embed] fp32.
+
+    The n * k (token, expert) pairs are sorted by expert and each expert's contiguous rows go
+    through its matrices in one `jax.lax.ragged_dot` per projection."""
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // k]  # [n * k, embed], grouped by expert
+    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    h = act(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+    y = jax.lax.ragged_dot(h.astype(x.dtype), down, sizes, preferred_element_type=jnp.float32)
+    y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)  # back to (token, slot) order
+    return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32))
+
+
+def dense_experts(x, experts, weights, gate, up, down, act):
+    """Reference for `grouped_experts` (tests, benchmarks): every expert on every token."""
+    h = act(jnp.einsum("nd,xdm->xnm", x, gate)) * jnp.einsum("nd,xdm->xnm", x, up)
+    y = jnp.einsum("xnm,xmd->xnd", h, down, preferred_element_type=jnp.float32)  # [experts, n, d]
+    w = (jax.nn.one_hot(experts, gate.shape[0], dtype=jnp.float32) * weights[..., None]).sum(1)
+    return jnp.einsum("xnd,nx->nd", y, w)
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
                  max_segments: int, rngs: nnx.Rngs):
-        norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                       offset=cfg.norm_offset)
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype,
                                    implementation=implementation, max_segments=max_segments,
                                    rngs=rngs)
         self.post_attention_layernorm = norm()
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Gemma: post_attention_layernorm normalises the attention output; the MLP has its own
+        # pre and post norms.
+        self.pre_feedforward_layernorm = norm() if cfg.sandwich_norm else None
+        self.post_feedforward_layernorm = norm() if cfg.sandwich_norm else None
+        sparse = cfg.num_experts > 0 and cfg.moe_layers[layer]
+        self.mlp = (MoE if sparse else MLP)(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_experts = cfg.num_experts
 
-    def __call__(self, x, cos, sin, segment_ids):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, segment_ids, token_mask=None):
+        """-> (x, router statistics [2, num_experts]; zeros for a dense layer)."""
+        if self.pre_feedforward_layernorm is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+            y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
+        else:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, segment_ids))
+            y, stats = self.mlp(self.pre_feedforward_layernorm(x), token_mask)
+            y = self.post_feedforward_layernorm(y)
+        if stats is None:
+            stats = jnp.zeros((2, self.num_experts), jnp.float32)
+        return x + y, stats
 
 
 def _remat_policy(remat: str):
@@ -198,6 +294,8 @@ class CausalLM(nnx.Module):
                  attention: str = "auto", remat: str = "none", scan_layers: bool = False,
                  max_segments: int = attention_lib.DEFAULT_MAX_SEGMENTS, rngs: nnx.Rngs):
         attention_lib.check_implementation(attention, dtype, config.head_dim)
+        if config.attn_softcap is not None:  # raises for "cudnn", which cannot soft-cap
+            attention_lib.resolve_implementation(attention, dtype, config.head_dim, False, softcap=True)
         _remat_policy(remat)  # validates the name
         if not (isinstance(max_segments, int) and max_segments >= 1):
             raise ValueError(f"max_segments={max_segments!r} must be a positive integer")
@@ -221,6 +319,12 @@ class CausalLM(nnx.Module):
                     f"{config.architecture} has per-layer windows {config.sliding_windows}; set "
                     "policy.jax_cfg.scan_layers=false"
                 )
+            if len(set(config.moe_layers)) > 1:
+                raise ValueError(
+                    f"scan_layers=True needs the same MLP on every layer, but this {config.architecture} "
+                    "mixes dense and mixture-of-experts layers (mlp_only_layers / decoder_sparse_step); "
+                    "set policy.jax_cfg.scan_layers=false"
+                )
 
             @nnx.split_rngs(splits=config.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
@@ -230,7 +334,8 @@ class CausalLM(nnx.Module):
             self.layers = stacked(rngs)  # one DecoderLayer whose parameters are [num_layers, ...]
         else:
             self.layers = nnx.List([layer(i, rngs=rngs) for i in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                            offset=config.norm_offset)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -241,45 +346,76 @@ class CausalLM(nnx.Module):
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None) -> jax.Array:
         """[b, t] ints -> [b, t, hidden] in the compute dtype, after the final norm."""
+        return self.hidden_states_and_aux(input_ids, positions, segment_ids)[0]
+
+    def hidden_states_and_aux(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                              segment_ids: jax.Array | None = None,
+                              token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """-> (hidden states, router load-balancing loss: fp32 scalar, 0 for dense models).
+        `token_mask` [b, t]: the tokens the loss averages over (None: all; HF's attention_mask)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids), ("token_mask", token_mask)):
             if arr is not None and arr.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {arr.shape} != input_ids shape {input_ids.shape}")
-        inv_freq = jnp.asarray(rope_inv_freq(self.config.rope, self.config.head_dim))
-        freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2] fp32
-        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        tables = {}  # RopeConfig -> (cos, sin) [b, t, d/2] fp32
+
+        def rope_of(layer: int):
+            rope = self.config.rope
+            if self.config.local_rope is not None and self.config.sliding_windows[layer] is not None:
+                rope = self.config.local_rope
+            if rope not in tables:
+                inv_freq = jnp.asarray(rope_inv_freq(rope, self.config.head_dim))
+                freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+                tables[rope] = (jnp.cos(freqs), jnp.sin(freqs))
+            return tables[rope]
 
         x = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
         if self.scan_layers:
-            x = self._scan_layers(x, cos, sin, segment_ids)
+            x, stats = self._scan_layers(x, *rope_of(0), segment_ids, token_mask)
         else:
             layer_fn = _layer_fn(self.remat)
-            for layer in self.layers:
-                x = layer_fn(layer, x, cos, sin, segment_ids)
-        return self.norm(x)
+            stats = jnp.zeros((2, self.config.num_experts), jnp.float32)
+            for i, layer in enumerate(self.layers):
+                x, layer_stats = layer_fn(layer, x, *rope_of(i), segment_ids, token_mask)
+                stats = stats + layer_stats
+        return self.norm(x), self._aux_loss(stats, b * t if token_mask is None else token_mask.sum())
 
-    def _scan_layers(self, x, cos, sin, segment_ids):
+    def _aux_loss(self, stats: jax.Array, tokens) -> jax.Array:
+        """transformers' load_balancing_loss_func from summed statistics: num_experts *
+        sum_e (top-k count_e / rows) * (probability sum_e / rows), rows = tokens x MoE layers."""
+        n_moe = sum(self.config.moe_layers)
+        if not n_moe:
+            return jnp.zeros((), jnp.float32)
+        rows = jnp.maximum(jnp.asarray(tokens, jnp.float32) * n_moe, 1.0)
+        return self.config.num_experts * jnp.sum((stats[0] / rows) * (stats[1] / rows))
+
+    def _scan_layers(self, x, cos, sin, segment_ids, token_mask):
         """The stacked layers as one lax.scan over their [num_layers, ...] parameters."""
         graphdef, state = nnx.split(self.layers)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids), None
+        def body(carry, layer_state):
+            h, stats = carry
+            h, layer_stats = nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, token_mask)
+            return (h, stats + layer_stats), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
-        return x
+        zeros = jnp.zeros((2, self.config.num_experts), jnp.float32)
+        (x, stats), _ = jax.lax.scan(body, (x, zeros), state)
+        return x, stats
 
     def attention_kernel(self, packed: bool) -> str:
         """The attention kernel this model runs for padded or packed rows: "cudnn", "xla", or
         "cudnn+xla" when its full-attention and sliding-window layers differ."""
         kernels = {
             attention_lib.resolve_implementation(self.attention, self.dtype, self.config.head_dim,
-                                                 packed, w is not None)
+                                                 packed, w is not None, self.config.attn_softcap is not None)
             for w in self.config.sliding_windows
         }
         return "+".join(sorted(kernels))
@@ -287,7 +423,8 @@ class CausalLM(nnx.Module):
     def describe_attention(self, packed: bool) -> str:
         """One log line: the kernel chosen for this batch layout."""
         return attention_lib.describe(self.attention, self.dtype, self.config.head_dim, packed,
-                                      self.max_segments, self.config.sliding_windows)
+                                      self.max_segments, self.config.sliding_windows,
+                                      self.config.attn_softcap is not None)
 
     def lm_head_kernel(self) -> jax.Array:
         """[hidden, vocab] unembedding in the compute dtype (the embedding transposed when tied)."""
@@ -296,9 +433,12 @@ class CausalLM(nnx.Module):
         return self.lm_head.kernel[...].astype(self.dtype)
 
     def unembed(self, hidden: jax.Array) -> jax.Array:
-        """[..., hidden] (compute dtype) -> [..., vocab] float32 logits (fp32 accumulation)."""
-        return jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), self.lm_head_kernel(),
-                          preferred_element_type=jnp.float32)
+        """[..., hidden] (compute dtype) -> [..., vocab] float32 logits (fp32 accumulation),
+        soft-capped when the config says so (Gemma 2)."""
+        logits = jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), self.lm_head_kernel(),
+                            preferred_element_type=jnp.float32)
+        cap = self.config.final_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:

@@ -146,12 +146,38 @@ _QWEN3_NAMES = {
     "layers.{i}.self_attn.q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", SAME),
     "layers.{i}.self_attn.k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", SAME),
 }
+_GEMMA2_NAMES = {
+    **_LLAMA_NAMES,
+    **{f"layers.{{i}}.{n}.weight": (f"model.layers.{{i}}.{n}.weight", SAME)
+       for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")},
+}
+# Mixture of experts: "{j}" = expert; a stacked [experts, ...] parameter is one HF tensor per expert.
+_QWEN3_MOE_NAMES = {
+    **_QWEN3_NAMES,
+    "layers.{i}.mlp.router": ("model.layers.{i}.mlp.gate.weight", LINEAR),
+    **{f"layers.{{i}}.mlp.{p}_proj": (f"model.layers.{{i}}.mlp.experts.{{j}}.{p}_proj.weight", LINEAR)
+       for p in ("gate", "up", "down")},
+}
+_MIXTRAL_NAMES = {
+    **_LLAMA_NAMES,
+    "layers.{i}.mlp.router": ("model.layers.{i}.block_sparse_moe.gate.weight", LINEAR),
+    **{f"layers.{{i}}.mlp.{p}_proj": (f"model.layers.{{i}}.block_sparse_moe.experts.{{j}}.{w}.weight", LINEAR)
+       for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))},
+}
 _NAMES = {
     "LlamaForCausalLM": _LLAMA_NAMES,
     "MistralForCausalLM": _LLAMA_NAMES,
     "Qwen2ForCausalLM": _LLAMA_NAMES,  # + q/k/v biases, which the Llama table already names
     "Qwen3ForCausalLM": _QWEN3_NAMES,
+    "Gemma2ForCausalLM": _GEMMA2_NAMES,
+    "Gemma3ForCausalLM": {**_GEMMA2_NAMES, **_QWEN3_NAMES},  # + q/k norms
+    "Qwen3MoeForCausalLM": _QWEN3_MOE_NAMES,
+    "MixtralForCausalLM": _MIXTRAL_NAMES,
 }
+# Gemma3ForConditionalGeneration: the text model's tensors under a prefix (transformers 5's, then
+# the hub's older one); the vision tower and projector are left unread.
+_MULTIMODAL_TEXT = (("model.language_model.", "lm_head."), ("language_model.model.", "language_model.lm_head."))
+_MULTIMODAL_OTHER = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
@@ -175,7 +201,18 @@ def hf_name(config: ModelConfig, path: tuple) -> tuple[str, Layout]:
     if entry is None:
         raise KeyError(f"no HF name for parameter {key} ({config.architecture})")
     layer = re.match(r"^layers\.(\d+)\.", key)
-    return entry[0].format(i=layer.group(1) if layer else ""), entry[1]
+    return entry[0].format(i=layer.group(1) if layer else "", j="{j}"), entry[1]
+
+
+def hf_names(config: ModelConfig, path: tuple) -> tuple[np.ndarray, Layout]:
+    """The HF tensors of the parameter at `path`: an object array of names whose shape is the
+    parameter's leading stacked dims ([layers] when scan-stacked, [experts] for expert weights,
+    both, or none), and their common layout."""
+    grid = []
+    for layer_path in layer_paths(path, config.num_layers):
+        name, layout = hf_name(config, layer_path)
+        grid.append([name.format(j=j) for j in range(config.num_experts)] if "{j}" in name else name)
+    return np.array(grid if is_stacked(path) else grid[0], dtype=object), layout
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -256,6 +293,31 @@ class _Checkpoint:
                     f"{model_dir / file}: tensor {name} (listed in {self.index}) is missing"
                 )
         self.dir = model_dir
+        self.stored: dict[str, str] = {}  # name as read -> name in the file, where they differ
+
+    def view_text_of_multimodal(self) -> None:
+        """Gemma3ForConditionalGeneration: its text tensors under their text-model names
+        (model.*, lm_head.weight); the vision tower and projector are dropped from view."""
+        for text, head in _MULTIMODAL_TEXT:
+            if any(n.startswith(text) for n in self.file_of):
+                break
+        else:
+            raise CheckpointError(
+                f"{self.dir}: a Gemma3ForConditionalGeneration checkpoint without text-model tensors "
+                f"(none starts with {' or '.join(t for t, _ in _MULTIMODAL_TEXT)})"
+            )
+        file_of = {}
+        for name, file in self.file_of.items():
+            if name.startswith(text):
+                file_of["model." + name.removeprefix(text)] = file
+            elif name.startswith(head):
+                file_of["lm_head." + name.removeprefix(head)] = file
+            elif not _MULTIMODAL_OTHER.match(name):
+                file_of[name] = file  # reported as unused
+            else:
+                continue
+            self.stored[next(reversed(file_of))] = name
+        self.file_of = file_of
 
     def where(self, name: str) -> str:
         """The file holding `name`, else the file that should have (the index or model.safetensors)."""
@@ -264,7 +326,7 @@ class _Checkpoint:
         return str(self.index or self.dir / SAFE_WEIGHTS)
 
     def slice(self, name: str):
-        return self.handles[self.file_of[name]].get_slice(name)
+        return self.handles[self.file_of[name]].get_slice(self.stored.get(name, name))
 
 
 def from_pretrained(
@@ -290,6 +352,10 @@ def from_pretrained(
 
     with contextlib.ExitStack() as stack:
         ckpt = _Checkpoint(model_dir, stack)
+        if config.text_of_multimodal:
+            ckpt.view_text_of_multimodal()
+            logger.warning("%s: Gemma3ForConditionalGeneration: its text model is loaded; an export "
+                           "writes a text-only Gemma3ForCausalLM (no vision tower)", model_dir)
         config = _resolve_tying(config, ckpt)
         abstract = nnx.eval_shape(
             lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
@@ -303,25 +369,23 @@ def from_pretrained(
 
         plan = []  # (path, variable, hf names, layout), all checked before any data is read
         for path, var in nnx.to_flat_state(abs_state):
-            stacked = is_stacked(path)
-            per_layer_shape = tuple(var.shape[1:] if stacked else var.shape)
-            names = []
-            for layer_path in layer_paths(path, config.num_layers):
-                name, layout = hf_name(config, layer_path)
+            names, layout = hf_names(config, path)
+            inner_shape = tuple(var.shape[names.ndim:])
+            for index in np.ndindex(names.shape):
+                name = names[index]
                 if name == _EMBED and name not in ckpt.file_of and config.tie_word_embeddings:
-                    name = _LM_HEAD  # transformers ties to whichever of the two the checkpoint has
+                    name = names[index] = _LM_HEAD  # transformers ties to whichever of the two it has
                 if name not in ckpt.file_of:
                     raise CheckpointError(f"{ckpt.where(name)}: tensor {name} is missing")
                 found = tuple(ckpt.slice(name).get_shape())
-                expected = layout.hf_shape(per_layer_shape)
+                expected = layout.hf_shape(inner_shape)
                 if found != expected:
                     raise CheckpointError(
                         f"{ckpt.where(name)}: tensor {name} has shape {found}, but config.json "
                         f"implies {expected}"
                     )
-                names.append(name)
-            plan.append((path, var, names if stacked else names[0], layout))
-        used = {n for _, _, names, _ in plan for n in (names if isinstance(names, list) else [names])}
+            plan.append((path, var, names, layout))
+        used = {n for _, _, names, _ in plan for n in names.flat}
         unused = sorted(
             n for n in ckpt.file_of
             if n not in used and not _IGNORED.match(n)
@@ -334,19 +398,15 @@ def from_pretrained(
             )
 
         filled = []
-        for path, var, name, layout in plan:
+        for path, var, names, layout in plan:
             shape = tuple(var.shape)
-            if isinstance(name, list):  # stacked: index[0] picks layers, each from its own tensor
-                slices = [ckpt.slice(n) for n in name]
 
-                def read(index, layout=layout, slices=slices, shape=shape):
-                    layers = range(*index[0].indices(shape[0]))
-                    return np.stack(
-                        [layout.read(slices[i], shape[1:], index[1:]) for i in layers]
-                    ).astype(np_dtype)
-            else:
-                def read(index, layout=layout, sl=ckpt.slice(name), shape=shape):
-                    return layout.read(sl, shape, index).astype(np_dtype)
+            def read(index, layout=layout, names=names, shape=shape):
+                """Block `index` of the parameter: leading stacked dims pick HF tensors."""
+                lead, inner = index[: names.ndim], index[names.ndim:]
+                picked = np.asarray(names[tuple(lead)], dtype=object)
+                blocks = [layout.read(ckpt.slice(n), shape[names.ndim:], inner) for n in picked.flat]
+                return np.stack(blocks).reshape(picked.shape + blocks[0].shape).astype(np_dtype)
 
             if mesh is None:
                 value = jax.device_put(read(tuple(slice(None) for _ in shape)))
@@ -472,10 +532,13 @@ def save_pretrained(
         for file, shard in zip(file_names, shards):
             tensors = {}
             for path, get in shard:
-                name, layout = hf_name(config, path)
-                tensors[name] = layout.to_hf(_to_host(get())).astype(np_dtype)
-                weight_map[name] = file
-                total += tensors[name].nbytes
+                names, layout = hf_names(config, path)
+                value = _to_host(get())
+                for index in np.ndindex(names.shape):  # one tensor per expert of expert weights
+                    name = names[index]
+                    tensors[name] = layout.to_hf(value[index]).astype(np_dtype)
+                    weight_map[name] = file
+                    total += tensors[name].nbytes
             if writer:
                 save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         if not writer:

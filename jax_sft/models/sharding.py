@@ -10,10 +10,16 @@ Every parameter of the decoder carries logical axis names in its `out_sharding` 
     mlp.{gate,up}_proj.kernel       ("embed", "mlp")                    bias ("mlp",)
     mlp.down_proj.kernel            ("mlp", "embed")                    bias ("embed",)
     *norm.weight                    ("norm",)
+    mlp.router (MoE)                ("embed", "router")
+    mlp.{gate,up}_proj (MoE)        ("expert", "embed", "expert_mlp")
+    mlp.down_proj (MoE)             ("expert", "expert_mlp", "embed")
 
 `LOGICAL_AXIS_RULES` below is the one place that maps them to the mesh axes ("data", "fsdp",
-"tensor"): FSDP shards the model dimension, tensor parallelism shards heads / mlp / vocab
-(Megatron layout), "data" only replicates. Changing the layout means editing this table only.
+"expert", "tensor"): FSDP shards the model dimension, tensor parallelism shards heads / mlp / vocab
+(Megatron layout), "expert" shards the experts of MoE layers (each device holds num_experts /
+expert of them) and, like "data", splits the batch for everything else. "data" only replicates.
+Changing the layout means editing this table only. The expert axis has size 1 unless asked for
+(`policy.jax_cfg.mesh.expert`, or NeMo RL's `policy.dtensor_cfg.expert_parallel_size`).
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jax_sft.errors import UsageError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the data-parallel axes: each holds different rows
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),  # activations: [batch, seq, ...]
+    ("batch", BATCH_AXES),  # activations: [batch, seq, ...]
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
@@ -38,38 +45,51 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("router", None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes over `n_devices`; `fsdp=-1` takes the devices left over.
-    Pure arithmetic (no devices touched): `--dry_run` checks a layout with it."""
-    for name, size in (("data", data), ("tensor", tensor)):
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes over `n_devices` with an `expert` axis of the given size;
+    `fsdp=-1` takes the devices left over. Pure arithmetic (no devices touched): `--dry_run`
+    checks a layout with it."""
+    for name, size in (("data", data), ("tensor", tensor), ("expert", expert)):
         if not (isinstance(size, int) and size >= 1):
             raise UsageError(f"policy.jax_cfg.mesh {name}={size!r} must be a positive integer")
+    others = data * tensor * expert
+    named = f"data={data} x tensor={tensor}" + (f" x expert={expert}" if expert > 1 else "")
     if fsdp == -1:
-        if n_devices % (data * tensor):
+        if n_devices % others:
             raise UsageError(
-                f"policy.jax_cfg.mesh data={data} x tensor={tensor} = {data * tensor} does not divide the "
-                f"{n_devices} devices"
+                f"policy.jax_cfg.mesh {named} = {others} does not divide the {n_devices} devices"
             )
-        fsdp = n_devices // (data * tensor)
+        fsdp = n_devices // others
     elif not (isinstance(fsdp, int) and fsdp >= 1):
         raise UsageError(f"policy.jax_cfg.mesh fsdp={fsdp!r} must be a positive integer or -1 (the remaining devices)")
-    if data * fsdp * tensor != n_devices:
+    if fsdp * others != n_devices:
         raise UsageError(
-            f"policy.jax_cfg.mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+            f"policy.jax_cfg.mesh {named} x fsdp={fsdp} = {fsdp * others} "
             f"does not match the {n_devices} devices"
         )
     return data, fsdp, tensor
 
 
-def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axes; `fsdp=-1` takes the devices left over."""
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None, *,
+              expert: int = 1) -> Mesh:
+    """A ("data", "fsdp", "expert", "tensor") mesh with Auto axes; `fsdp=-1` takes the devices
+    left over; the expert axis has size `expert` (1: no expert parallelism)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    data, fsdp, tensor = mesh_shape(data, fsdp, tensor, len(devices), expert)
+    return jax.make_mesh((data, fsdp, expert, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 4,
+                         devices=devices)
+
+
+def dp_size(mesh: Mesh) -> int:
+    """How many different row blocks a batch is split into (the BATCH_AXES' sizes multiplied)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
@@ -81,14 +101,14 @@ def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[batch, seq] inputs: the batch dimension split over ("data", "fsdp")."""
+    """[batch, seq] inputs: the batch dimension split over BATCH_AXES ("data", "fsdp", "expert")."""
     return NamedSharding(mesh, logical_to_spec(("batch", None)))
 
 
 def local_dp_ranks(mesh: Mesh) -> tuple[int, ...]:
-    """The data-parallel ranks (positions along ("data", "fsdp")) of this process's devices, in the
+    """The data-parallel ranks (positions along BATCH_AXES) of this process's devices, in the
     order their rows appear in `make_array_from_process_local_data`'s local data."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = dp_size(mesh)
     index_map = batch_sharding(mesh).addressable_devices_indices_map((dp, 1))
     return tuple(sorted({idx[0].start or 0 for idx in index_map.values()}))
 
