@@ -48,12 +48,17 @@ def training_flops(model_cfg: Any, sequence_lengths: np.ndarray) -> float:
     `model_cfg` is a `jax_sft.models.ModelConfig`. Matmul FLOPs are 2 per multiply-add per token
     over every projection and the LM head; causal attention counts QK^T and AV over the n(n+1)/2
     query-key pairs of a sequence (half of full attention), or fewer in a layer whose sliding
-    window W caps the keys per query.
+    window W caps the keys per query. Mixture-of-experts layers count their active parameters:
+    the router and the top-k experts a token goes through.
     """
     d, hd = model_cfg.hidden_size, model_cfg.head_dim
     q, kv = model_cfg.num_heads * hd, model_cfg.num_kv_heads * hd
-    per_layer = d * q + 2 * d * kv + q * d + 3 * d * model_cfg.intermediate_size
-    matmul_params = model_cfg.num_layers * per_layer + d * model_cfg.vocab_size
+    attn = d * q + 2 * d * kv + q * d
+    moe_layers = sum(model_cfg.moe_layers) if model_cfg.num_experts else 0
+    dense_mlp = 3 * d * model_cfg.intermediate_size
+    moe_mlp = d * model_cfg.num_experts + model_cfg.experts_per_token * 3 * d * model_cfg.moe_intermediate_size
+    matmul_params = (model_cfg.num_layers * attn + (model_cfg.num_layers - moe_layers) * dense_mlp
+                     + moe_layers * moe_mlp + d * model_cfg.vocab_size)
     n = np.asarray(sequence_lengths, np.float64)
     pairs = 0.0
     for window in model_cfg.sliding_windows:

@@ -161,7 +161,7 @@ def test_sharded_load_matches_unsharded(family, hf_models):
 
     ids = np.random.default_rng(1).integers(0, VOCAB, (4, 16))
     ids_sharded = jax.device_put(jnp.asarray(ids), sharding.batch_sharding(mesh))
-    assert ids_sharded.sharding.spec == P(("data", "fsdp"), None)
+    assert ids_sharded.sharding.spec == P(("data", "fsdp", "expert"), None)
     with jax.set_mesh(mesh):
         a = jax_logits(sharded, ids_sharded)
     b = jax_logits(plain, ids)
@@ -173,7 +173,7 @@ def test_make_mesh_and_param_shardings(hf_models):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
     mesh = sharding.make_mesh(data=2, fsdp=-1, tensor=1)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(ValueError, match="data=3 x tensor=1 = 3 does not divide the 8 devices"):
         sharding.make_mesh(data=3, fsdp=-1, tensor=1)

@@ -12,9 +12,30 @@ from jax_sft.models import CausalLM, ModelConfig, save_pretrained
 from jax_sft.quickstart import make_dataset, make_tokenizer
 
 
-def make_tiny_run_assets(out: Path) -> Path:
-    """out/model: a 2-layer Llama (tied embeddings, GQA) with its tokenizer; out/data/{train,val}.jsonl:
-    512 / 64 conversations (the quickstart's generator)."""
+# What each family adds to the tiny Llama's config.json (make_tiny_run_assets(family=...)).
+FAMILY_CONFIGS = {
+    "llama": {},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "query_pre_attn_scalar": 16,
+               "sliding_window": 24, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+               "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "query_pre_attn_scalar": 16,
+               "sliding_window": 24, "hidden_activation": "gelu_pytorch_tanh",
+               "layer_types": ["sliding_attention", "full_attention"], "rope_theta": None,
+               "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 64, "norm_topk_prob": True,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": True,
+                  "router_aux_loss_coef": 0.01},
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 4,
+                "num_experts_per_tok": 2, "output_router_logits": True, "router_aux_loss_coef": 0.02},
+}
+
+
+def make_tiny_run_assets(out: Path, family: str = "llama") -> Path:
+    """out/model: a 2-layer model of `family` (Llama: tied embeddings, GQA; see FAMILY_CONFIGS)
+    with its tokenizer; out/data/{train,val}.jsonl: 512 / 64 conversations (the quickstart's
+    generator)."""
     (out / "data").mkdir(parents=True)
     make_dataset(out / "data", train=512, val=64)
     rows = [json.loads(line) for line in open(out / "data" / "train.jsonl")]
@@ -27,6 +48,7 @@ def make_tiny_run_assets(out: Path) -> Path:
         "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "torch_dtype": "float32",
     }
+    hf = {k: v for k, v in {**hf, **FAMILY_CONFIGS[family]}.items() if v is not None}
     model = CausalLM(ModelConfig.from_hf_dict(hf), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     save_pretrained(model, out / "model", tokenizer=tokenizer)
     return out

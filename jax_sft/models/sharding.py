@@ -70,8 +70,9 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 
     elif not (isinstance(fsdp, int) and fsdp >= 1):
         raise UsageError(f"policy.jax_cfg.mesh fsdp={fsdp!r} must be a positive integer or -1 (the remaining devices)")
     if fsdp * others != n_devices:
+        ep = f" x expert={expert}" if expert > 1 else ""
         raise UsageError(
-            f"policy.jax_cfg.mesh {named} x fsdp={fsdp} = {fsdp * others} "
+            f"policy.jax_cfg.mesh data={data} x fsdp={fsdp} x tensor={tensor}{ep} = {fsdp * others} "
             f"does not match the {n_devices} devices"
         )
     return data, fsdp, tensor
