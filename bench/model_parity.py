@@ -5,7 +5,8 @@
 Tiny random models of each family (tests/hf_models.py, the ground truth of the model tests);
 relative error = max|a - b| / max|b|, b the reference. Columns: float32 vs HF at positions
 0..15 and at sorted positions up to 20000 (rope scaling shows at long distances), bfloat16
-compute vs float32, and a model loaded onto 8 CPU devices vs unsharded.
+compute vs float32, and a model loaded onto 8 CPU devices vs unsharded (mesh shape: data, fsdp,
+expert, tensor; the MoE families' experts split over the expert axis).
 """
 
 import os
@@ -34,12 +35,18 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 256, (2, 16)).astype(np.int32)
     pos = np.sort(rng.choice(20000, (2, 16), replace=False), axis=1).astype(np.int32)
-    print(f"{'family':8} {'f32 vs HF':>10} {'f32 vs HF, pos<=20000':>22} {'bf16 vs f32':>12} {'sharded vs unsharded':>21}")
+    print(f"{'family':9} {'f32 vs HF':>10} {'f32 vs HF, pos<=20000':>22} {'bf16 vs f32':>12} {'sharded vs unsharded':>21}")
     for family in FAMILIES:
         hf = make_hf_model(family, root / family)
         f32 = from_pretrained(root / family, dtype=jnp.float32)
-        # A mesh whose tensor axis divides the kv heads (the tiny Mistral has one).
-        mesh = sharding.make_mesh(2, 2, 2) if f32.config.num_kv_heads % 2 == 0 else sharding.make_mesh(2, 4, 1)
+        # A mesh whose tensor axis divides the kv heads (the tiny Mistral has one); MoE models
+        # split their 4 experts over an expert axis of 4.
+        if f32.config.num_experts:
+            mesh = sharding.make_mesh(1, 2, 1, expert=4)
+        elif f32.config.num_kv_heads % 2 == 0:
+            mesh = sharding.make_mesh(2, 2, 2)
+        else:
+            mesh = sharding.make_mesh(2, 4, 1)
         sharded = from_pretrained(root / family, dtype=jnp.float32, mesh=mesh)
         errors = (
             rel(jax_logits(f32, ids), hf_logits(hf, ids)),
@@ -47,7 +54,7 @@ def main() -> None:
             rel(jax_logits(from_pretrained(root / family, dtype=jnp.bfloat16), ids), jax_logits(f32, ids)),
             rel(jax_logits(sharded, ids), jax_logits(f32, ids)),
         )
-        print(f"{family:8} {errors[0]:10.2e} {errors[1]:22.2e} {errors[2]:12.2e} {errors[3]:14.2e} "
+        print(f"{family:9} {errors[0]:10.2e} {errors[1]:22.2e} {errors[2]:12.2e} {errors[3]:14.2e} "
               f"mesh{tuple(mesh.shape.values())}")
 
 

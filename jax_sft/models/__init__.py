@@ -1,4 +1,5 @@
-"""Causal LM decoders (Llama, Qwen2, Qwen3, Mistral) in Flax NNX, HF checkpoint I/O, sharding.
+"""Causal LM decoders (Llama, Qwen2, Qwen3, Mistral, Gemma 2/3, Qwen3-MoE, Mixtral) in Flax NNX,
+HF checkpoint I/O, sharding.
 
     from jax_sft.models import from_pretrained, save_pretrained, sharding
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)

@@ -340,7 +340,7 @@ def from_pretrained(
     scan_layers: bool = False,
     max_segments: int = 64,
 ) -> CausalLM:
-    """Loads an HF Llama/Qwen2/Qwen3/Mistral checkpoint; with `mesh`, each parameter is created
+    """Loads an HF checkpoint of a supported family (models.SUPPORTED_ARCHITECTURES); with `mesh`, each parameter is created
     directly in its sharding (sharding.LOGICAL_AXIS_RULES). `dtype` is the compute dtype;
     `attention`, `remat`, `scan_layers`, `max_segments` as `CausalLM` takes them."""
     model_dir = resolve_model_dir(name_or_path)
