@@ -252,17 +252,19 @@ def test_dense_models_have_zero_aux_loss(hf_models):
     assert float(aux) == 0.0
 
 
-def test_experts_sharded_over_the_expert_axis_match_unsharded(hf_models):
+@pytest.mark.parametrize("data, fsdp, expert, tensor", [(1, 2, 4, 1), (2, 1, 2, 2)])
+def test_experts_sharded_over_the_expert_axis_match_unsharded(hf_models, data, fsdp, expert, tensor):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py)")
     _, path = hf_models["qwen3_moe"]
-    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=1, expert=4)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
+    mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, expert=expert)
+    assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     sharded = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
     plain = from_pretrained(path, dtype=jnp.float32)
     gate = sharded.layers[0].mlp.gate_proj[...]
     assert gate.sharding.spec == P("expert", "fsdp", "tensor")
-    assert gate.addressable_shards[0].data.shape == (1, 32, 32)  # [4 experts, 64, 32] / (expert 4, fsdp 2)
+    # [4 experts, 64, 32] split over (expert, fsdp, tensor)
+    assert gate.addressable_shards[0].data.shape == (4 // expert, 64 // fsdp, 32 // tensor)
     assert sharded.layers[0].mlp.router[...].sharding.spec == P("fsdp", None)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(sharded), nnx.state(plain))
 
@@ -275,6 +277,8 @@ def test_experts_sharded_over_the_expert_axis_match_unsharded(hf_models):
         return jnp.mean(model.unembed(hidden) ** 2) + aux
 
     grad_fn = nnx.jit(nnx.value_and_grad(loss))
+    jaxpr = str(jax.make_jaxpr(sharded.hidden_states)(ids_sharded))
+    assert "shard_map" in jaxpr and "reduce_scatter" in jaxpr and "ragged_dot" in jaxpr  # expert_parallel
     with jax.set_mesh(mesh):
         a = jax_logits(sharded, ids_sharded)
         (va, ga) = grad_fn(sharded, ids_sharded)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jax_sft.models import attention as attention_lib
 from jax_sft.models.config import ModelConfig, RopeConfig
@@ -182,7 +183,7 @@ class MoE(nnx.Module):
     [experts, mlp, embed]. Each token goes to its top-k experts (softmax probabilities, renormalised
     over the k when `norm_topk_prob`), weighted by them; no token is dropped."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, mesh=None):
         e, m, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         init = lambda shape, *names: nnx.Param(_normal(rngs.params(), shape, param_dtype), **_meta(*names))  # noqa: E731
         self.router = init((e, n), "embed", "router")
@@ -192,6 +193,8 @@ class MoE(nnx.Module):
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
         self.act = ACTIVATIONS[cfg.activation]
         self.dtype = dtype
+        # A mesh with an expert axis > 1: experts run under `expert_parallel`.
+        self.mesh = mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None
 
     def route(self, x2d):
         """[tokens, embed] -> fp32 probabilities [tokens, experts], top-k (weights, experts)."""
@@ -208,9 +211,12 @@ class MoE(nnx.Module):
         b, t, e = x.shape
         x2d = x.reshape(b * t, e)
         probs, weights, experts = self.route(x2d)
-        out = grouped_experts(x2d, experts, weights, self.gate_proj[...].astype(self.dtype),
-                              self.up_proj[...].astype(self.dtype),
-                              self.down_proj[...].astype(self.dtype), self.act)
+        mats = (self.gate_proj[...].astype(self.dtype), self.up_proj[...].astype(self.dtype),
+                self.down_proj[...].astype(self.dtype))
+        if self.mesh is None:
+            out = grouped_experts(x2d, experts, weights, *mats, self.act)
+        else:
+            out = expert_parallel(self.mesh, x2d, experts, weights, *mats, self.act)
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
         counts = (jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32).sum(1) * mask[:, None]).sum(0)
         stats = jnp.stack([counts, (probs * mask[:, None]).sum(0)])
@@ -221,16 +227,45 @@ def grouped_experts(x, experts, weights, gate, up, down, act):
     """Dropless expert MLPs: x [n, embed]; experts, weights [n, k] -> [n, embed] fp32.
 
     The n * k (token, expert) pairs are sorted by expert and each expert's contiguous rows go
-    through its matrices in one `jax.lax.ragged_dot` per projection."""
+    through its matrices in one `jax.lax.ragged_dot` per projection. Expert ids >= the number of
+    experts given (another device's, under expert parallelism) contribute zero."""
     n, k = experts.shape
+    groups = gate.shape[0]
     flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    order = jnp.argsort(flat, stable=True)  # foreign ids (>= groups) sort last
     rows = x[order // k]  # [n * k, embed], grouped by expert
-    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    sizes = jnp.zeros((groups,), jnp.int32).at[flat].add(1, mode="drop")
     h = act(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
     y = jax.lax.ragged_dot(h.astype(x.dtype), down, sizes, preferred_element_type=jnp.float32)
+    y = jnp.where((flat[order] < groups)[:, None], y, 0.0)  # rows outside every group
     y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)  # back to (token, slot) order
     return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32))
+
+
+def expert_parallel(mesh, x, experts, weights, gate, up, down, act):
+    """`grouped_experts` with the experts split over the mesh's "expert" axis (shard_map).
+
+    Each device gathers the tokens (and their routing) of its expert-axis group, runs the pairs
+    that go to its own num_experts / expert experts, and the partial outputs are summed and
+    scattered back to the devices the tokens came from (all-gather / reduce-scatter, dropless).
+    Expert weights arrive gathered over "fsdp" and split over "tensor" (their mlp dimension,
+    whose partial down projections are summed)."""
+    from jax_sft.models.sharding import BATCH_AXES  # (sharding imports nothing from here)
+
+    rows = P(BATCH_AXES, None)
+    up_spec, down_spec = P("expert", None, "tensor"), P("expert", "tensor", None)
+
+    def local(x, experts, weights, gate, up, down):
+        gather = partial(jax.lax.all_gather, axis_name="expert", axis=0, tiled=True)
+        x, experts, weights = gather(x), gather(experts), gather(weights)
+        n_local = gate.shape[0]
+        mine = experts - jax.lax.axis_index("expert") * n_local
+        mine = jnp.where((mine >= 0) & (mine < n_local), mine, n_local)
+        y = jax.lax.psum(grouped_experts(x, mine, weights, gate, up, down, act), "tensor")
+        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, up_spec, up_spec, down_spec),
+                         out_specs=rows)(x, experts, weights, gate, up, down)
 
 
 def dense_experts(x, experts, weights, gate, up, down, act):
@@ -243,7 +278,7 @@ def dense_experts(x, experts, weights, gate, up, down, act):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
-                 max_segments: int, rngs: nnx.Rngs):
+                 max_segments: int, rngs: nnx.Rngs, mesh=None):
         norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
                        offset=cfg.norm_offset)
         self.input_layernorm = norm()
@@ -256,7 +291,10 @@ class DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = norm() if cfg.sandwich_norm else None
         self.post_feedforward_layernorm = norm() if cfg.sandwich_norm else None
         sparse = cfg.num_experts > 0 and cfg.moe_layers[layer]
-        self.mlp = (MoE if sparse else MLP)(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if sparse:
+            self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
+        else:
+            self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_experts = cfg.num_experts
 
     def __call__(self, x, cos, sin, segment_ids, token_mask=None):
@@ -292,7 +330,8 @@ class CausalLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                  attention: str = "auto", remat: str = "none", scan_layers: bool = False,
-                 max_segments: int = attention_lib.DEFAULT_MAX_SEGMENTS, rngs: nnx.Rngs):
+                 max_segments: int = attention_lib.DEFAULT_MAX_SEGMENTS, rngs: nnx.Rngs,
+                 mesh: jax.sharding.Mesh | None = None):
         attention_lib.check_implementation(attention, dtype, config.head_dim)
         if config.attn_softcap is not None:  # raises for "cudnn", which cannot soft-cap
             attention_lib.resolve_implementation(attention, dtype, config.head_dim, False, softcap=True)
@@ -311,7 +350,7 @@ class CausalLM(nnx.Module):
             embedding_init=_normal, embedding_metadata=_meta("vocab", "embed"), rngs=rngs,
         )
         layer = partial(DecoderLayer, config, dtype=dtype, param_dtype=param_dtype,
-                        implementation=attention, max_segments=max_segments)
+                        implementation=attention, max_segments=max_segments, mesh=mesh)
         if scan_layers:
             if len(set(config.sliding_windows)) != 1:
                 raise ValueError(

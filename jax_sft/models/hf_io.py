@@ -360,7 +360,7 @@ def from_pretrained(
         abstract = nnx.eval_shape(
             lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
                              remat=remat, scan_layers=scan_layers, max_segments=max_segments,
-                             rngs=nnx.Rngs(0))
+                             rngs=nnx.Rngs(0), mesh=mesh)
         )
         graphdef, abs_state = nnx.split(abstract)
         shardings = {}
