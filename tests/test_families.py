@@ -366,3 +366,33 @@ def test_moe_training_with_expert_parallelism_matches_one_device(tmp_path):
     # of routed tokens x MoE layers per step here), i.e. < 4e-3.
     np.testing.assert_allclose(aux[1][0], aux[0][0], rtol=1e-5)
     np.testing.assert_allclose(aux[1], aux[0], atol=4e-3)
+
+
+def test_mfu_counts_active_expert_parameters():
+    from jax_sft.metrics import training_flops
+
+    moe = ModelConfig.from_hf_dict(dict(BASE, architectures=["MixtralForCausalLM"], num_local_experts=8,
+                                        num_experts_per_tok=2, intermediate_size=32))
+    # The same model with one dense MLP of top_k x the expert width, plus the router's matmul.
+    dense = dataclasses.replace(moe, num_experts=0, intermediate_size=2 * 32)
+    lengths = np.array([10, 20])
+    router = 3 * 2 * (64 * 8) * lengths.sum() * 4  # 3x (fwd + bwd), 2 flops per MAC, 4 layers
+    assert training_flops(moe, lengths) == pytest.approx(training_flops(dense, lengths) + router, rel=1e-12)
+
+
+def test_dry_run_names_the_family_and_the_experts(hf_models):
+    from jax_sft import config as config_lib
+    from jax_sft.dry_run import _mesh_and_batches, _model
+
+    for family, expected in (("gemma2", "Gemma2ForCausalLM (gemma2 family)"),
+                             ("qwen3_moe", "Qwen3MoeForCausalLM (qwen3moe family)")):
+        cfg = config_lib.load_config(None, [f"policy.model_name={hf_models[family][1]}",
+                                            "policy.dtensor_cfg.expert_parallel_size=2"])
+        lines, _ = _model(cfg)
+        assert lines[0].startswith(f"model: {expected} from "), lines
+    assert lines[1] == ("model: mixture of experts: 4 experts, top 2, 1 of 2 layers sparse; router aux "
+                        "loss coef 0.01; experts over mesh expert=2"), lines
+    cfg = config_lib.load_config(None, ["policy.dtensor_cfg.expert_parallel_size=2", "cluster.gpus_per_node=8",
+                                        "policy.train_global_batch_size=16", "sft.val_global_batch_size=16"])
+    mesh_line = _mesh_and_batches(cfg, None)[0]
+    assert mesh_line.startswith("mesh: data=1 x fsdp=4 x expert=2 x tensor=1 over 8 devices"), mesh_line

@@ -218,7 +218,8 @@ class MoE(nnx.Module):
         else:
             out = expert_parallel(self.mesh, x2d, experts, weights, *mats, self.act)
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
-        counts = (jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32).sum(1) * mask[:, None]).sum(0)
+        slot_mask = jnp.broadcast_to(mask[:, None], experts.shape).reshape(-1)
+        counts = jnp.zeros((probs.shape[-1],), jnp.float32).at[experts.reshape(-1)].add(slot_mask)
         stats = jnp.stack([counts, (probs * mask[:, None]).sum(0)])
         return out.reshape(b, t, e).astype(self.dtype), stats
 

@@ -22,6 +22,11 @@ a single model.safetensors) and the tokenizer. Everything is written into a temp
 part in gathering sharded parameters (multi-host gathering is untested so far).
 
 The HF <-> jax name and layout tables are `_NAMES` below: one per family, sharing Llama's names.
+A mixture-of-experts weight is one jax parameter [experts, ...] and one HF tensor per expert
+(`...experts.{j}.gate_proj.weight`, Mixtral's `w1`/`w3`/`w2`), as the hub and transformers 5's
+save_pretrained store them. A Gemma3ForConditionalGeneration folder is read through its text
+model's tensors (`model.language_model.*` or the older `language_model.model.*`; the vision
+tower and projector are not read) and written back as a text-only Gemma3ForCausalLM.
 With `scan_layers=True` a layer parameter is stacked ([num_layers, ...], path `layers.<name>`):
 it is read from, and written to, the per-layer HF tensors (`model.layers.{i}.<name>`), so the files
 are the same either way.
