@@ -306,6 +306,7 @@ def test_scan_layers_rejects_mixed_dense_and_moe_layers(hf_models):
 # --- a short training run per family -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", NEW)
 def test_training_run_val_loss_falls_and_export_reproduces_it(family, tmp_path):
     from test_train import load, read_metrics
@@ -339,9 +340,12 @@ def test_training_run_val_loss_falls_and_export_reproduces_it(family, tmp_path):
         mask = torch.tensor(mb["loss_mask"], dtype=torch.float64)
         nll += float(-(tok * mask).sum())
         count += float(mask.sum())
+    print(f"\n{family}: val_loss step 0 {vals[0]:.4f} -> step 8 {vals[1]:.4f}; exported, in transformers: "
+          f"{nll / count:.6f} (jax_sft {result.val_losses[8]:.6f})")
     np.testing.assert_allclose(nll / count, result.val_losses[8], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_moe_training_with_expert_parallelism_matches_one_device(tmp_path):
     """NeMo RL's expert_parallel_size maps to the expert axis: 8 devices (fsdp 2 x expert 4)."""
     if jax.device_count() < 8:
@@ -358,6 +362,9 @@ def test_moe_training_with_expert_parallelism_matches_one_device(tmp_path):
                            policy__dtensor_cfg__expert_parallel_size=4, policy__train_micro_batch_size=2,
                            sft__val_micro_batch_size=4))
     losses = [[r.train_losses[s] for s in range(1, 5)] for r in (one, eight)]
+    print("\nstep  1 device      8 devices (fsdp 2 x expert 4)")
+    for s, (a, b) in enumerate(zip(*losses), 1):
+        print(f"{s:>4}  {a:.7f}   {b:.7f}")
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     aux = [[r["train/router_aux_loss"] for r in read_metrics(run.run_dir) if "train/loss" in r]
            for run in (one, eight)]
