@@ -109,7 +109,7 @@ def get_config() -> config_dict.ConfigDict:
             ),
             scheduler=dict(
                 lr_decay_style="constant",  # constant, linear, cosine, inverse-square-root, WSD
-                lr_decay_iters=1000,  # null: the run's number of steps
+                lr_decay_iters=placeholder(int),  # null: the run's number of steps
                 lr_warmup_iters=50,
                 lr_warmup_fraction=placeholder(float),  # of lr_decay_iters, instead of lr_warmup_iters
                 lr_warmup_init=4.9999e-6,
@@ -164,6 +164,7 @@ def get_config() -> config_dict.ConfigDict:
         ),
     )
     c.policy.max_grad_norm = 1.0
+    c.policy.megatron_cfg.scheduler.lr_decay_iters = 1000  # NeMo RL's sft.yaml
     c.policy.tokenizer.chat_template = SQUAD_TEMPLATE
 
     c.data = dict(
