@@ -16,8 +16,9 @@ listing them all. LoRA (`lora_cfg.enabled: true`) is an error. `policy.megatron_
 `enabled: true` maps NeMo RL's Megatron recipes onto this backend: its tensor size, activation
 checkpointing, optimizer and scheduler are used (`_megatron`), its other keys are listed in the
 warning, and a value that would change results but cannot be honoured (FP8, LoRA, fp16) is an
-error; `policy.optimizer: null` is then accepted. With `enabled: false` it is ignored. Strings of the defaults and of Python configs are
-literal (their `${` is escaped); YAML files and override values may interpolate, as in NeMo RL.
+error; `policy.optimizer: null` is then accepted. With `enabled: false` it is ignored and
+unchecked. Strings of the defaults and of Python configs are literal (their `${` is escaped);
+YAML files and override values may interpolate, as in NeMo RL.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def _tensor_size(c: ConfigDict) -> int:
 
 def _remat(c: ConfigDict) -> str:
     m, d = c.policy.megatron_cfg, c.policy.dtensor_cfg
-    return "full" if (m.activation_checkpointing if m.enabled else d.activation_checkpointing) else "none"
+    checkpointing = m.activation_checkpointing if m.enabled else d.activation_checkpointing
+    return "full" if checkpointing else "none"
 
 
 def _megatron_wd(c: ConfigDict) -> float:
@@ -433,7 +435,8 @@ def _megatron(tree: Mapping, section: ConfigDict, ignored: list[str],
         return None
     kept: dict[str, Any] = {}
     for key, value in tree.items():
-        fixed = {n.partition(".")[2]: w for n, w in _MEGATRON_FIXED.items() if n.startswith(key + ".")}
+        fixed = {n.partition(".")[2]: w for n, w in _MEGATRON_FIXED.items()
+                 if n.startswith(key + ".")}
         if key in _MEGATRON_INERT and isinstance(value, Mapping):
             kept[key] = {}
             for k, v in value.items():
@@ -529,8 +532,7 @@ _POSITIVE = (
     "policy.train_micro_batch_size", "policy.max_total_sequence_length",
     "data.max_input_seq_length", "policy.make_sequence_length_divisible_by",
     "policy.dtensor_cfg.tensor_parallel_size", "policy.dtensor_cfg.context_parallel_size",
-    "policy.dtensor_cfg.dp_replicate_size", "policy.megatron_cfg.tensor_model_parallel_size",
-    "policy.megatron_cfg.optimizer.lr", "policy.megatron_cfg.optimizer.adam_eps",
+    "policy.dtensor_cfg.dp_replicate_size",
     "policy.sequence_packing.train_mb_tokens", "policy.sequence_packing.sequence_length_round",
     "policy.dynamic_batching.train_mb_tokens", "policy.dynamic_batching.sequence_length_round",
     "policy.jax_cfg.mesh.data", "policy.jax_cfg.mesh.tensor", "policy.jax_cfg.loss_chunk_size",
@@ -589,7 +591,8 @@ def _check(c: ConfigDict, derived: set[str]) -> list[str]:
         if mbs > 0 and gbs % mbs:
             expected = f"a multiple of {prefix}_micro_batch_size={mbs}"
             problems.append(_problem(f"{prefix}_global_batch_size", gbs, expected))
-    problems += _check_megatron(c, derived)
+    if c.policy.megatron_cfg.enabled:
+        problems += _check_megatron(c, derived)
     packing, p = c.policy.sequence_packing, c.policy
     if packing.enabled and p.dynamic_batching.enabled:
         problems.append(_problem("policy.sequence_packing.enabled", True, "false when "
@@ -609,10 +612,15 @@ MEGATRON_WD_STYLES = ("constant", "linear", "cosine")
 
 
 def _check_megatron(c: ConfigDict, derived: set[str]) -> list[str]:
-    """The problems of policy.megatron_cfg's optimizer and scheduler (what Megatron asserts)."""
-    o, s = c.policy.megatron_cfg.optimizer, c.policy.megatron_cfg.scheduler
+    """The problems of an enabled policy.megatron_cfg (what Megatron asserts)."""
+    m = c.policy.megatron_cfg
+    o, s = m.optimizer, m.scheduler
     at = "policy.megatron_cfg."
     checks = [
+        ("tensor_model_parallel_size", m.tensor_model_parallel_size,
+         m.tensor_model_parallel_size > 0, "a positive number"),
+        ("optimizer.lr", o.lr, o.lr > 0, "a positive number"),
+        ("optimizer.adam_eps", o.adam_eps, o.adam_eps > 0, "a positive number"),
         ("optimizer.optimizer", o.optimizer, o.optimizer in MEGATRON_OPTIMIZERS,
          "one of " + ", ".join(MEGATRON_OPTIMIZERS)),
         ("optimizer.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, f"in [0, optimizer.lr={o.lr}]"),
@@ -628,7 +636,8 @@ def _check_megatron(c: ConfigDict, derived: set[str]) -> list[str]:
          s.lr_wsd_decay_style in MEGATRON_WSD_STYLES, "one of " + ", ".join(MEGATRON_WSD_STYLES)),
         ("scheduler.weight_decay_incr_style", s.weight_decay_incr_style,
          s.weight_decay_incr_style in MEGATRON_WD_STYLES, "one of " + ", ".join(MEGATRON_WD_STYLES)),
-        ("scheduler.lr_decay_iters", s.lr_decay_iters, s.lr_decay_iters is None or s.lr_decay_iters > 0,
+        ("scheduler.lr_decay_iters", s.lr_decay_iters,
+         s.lr_decay_iters is None or s.lr_decay_iters > 0,
          "a positive number, or null for the run's number of steps"),
         ("scheduler.lr_wsd_decay_iters", s.lr_wsd_decay_iters,
          s.lr_wsd_decay_iters is None or s.lr_wsd_decay_iters > 0,
@@ -643,12 +652,13 @@ def _check_megatron(c: ConfigDict, derived: set[str]) -> list[str]:
     problems = [_problem(at + key, value, expected) for key, value, ok, expected in checks if not ok]
     start, end = s.start_weight_decay, s.end_weight_decay
     if not 0 <= start <= end:
-        key = "start_weight_decay" if f"{at}scheduler.start_weight_decay" not in derived else "end_weight_decay"
+        given = f"{at}scheduler.start_weight_decay" not in derived
+        key = "start_weight_decay" if given else "end_weight_decay"
         problems.append(_problem(f"{at}scheduler.{key}", s[key],
                                  "0 <= scheduler.start_weight_decay <= scheduler.end_weight_decay"))
     elif s.weight_decay_incr_style == "constant" and start != end:
         problems.append(_problem(f"{at}scheduler.end_weight_decay", end,
-                                 f"start_weight_decay={start} when weight_decay_incr_style is constant"))
+                                 f"start_weight_decay={start} (weight_decay_incr_style constant)"))
     return problems
 
 

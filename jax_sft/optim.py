@@ -181,12 +181,12 @@ def megatron_lr_schedule(opt: Mapping[str, Any], sched: Mapping[str, Any], *, to
         elif style == "inverse-square-root":
             lr = jnp.maximum(min_lr, max_lr * max(warmup, 1) ** 0.5 / jnp.sqrt(jnp.maximum(n, 1.0)))
         else:
-            ratio = jnp.clip((n - warmup) / (decay - warmup), 0.0, 1.0)
-            if style == "WSD":
+            if style == "WSD":  # constant, then the last `wsd` samples anneal
                 start = decay - wsd
-                coeff = jnp.where(n <= start, 1.0, _ramp(wsd_style, jnp.clip((n - start) / wsd, 0.0, 1.0)))
+                anneal = _ramp(wsd_style, jnp.clip((n - start) / wsd, 0.0, 1.0))
+                coeff = jnp.where(n <= start, 1.0, anneal)
             else:
-                coeff = _ramp(style, ratio)
+                coeff = _ramp(style, jnp.clip((n - warmup) / (decay - warmup), 0.0, 1.0))
             lr = min_lr + coeff * (max_lr - min_lr)
         if style != "constant":
             lr = jnp.where(n > decay, min_lr, lr)

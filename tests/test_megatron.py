@@ -316,6 +316,8 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
 def test_disabled_megatron_cfg_stays_ignored_and_optimizer_null_needs_it():
     cfg, ignored = load_warned(NEMO_YAML, [])
     assert "policy.megatron_cfg" in ignored and not cfg.policy.megatron_cfg.enabled
+    # Disabled: not used, so not checked (Megatron would refuse min_lr > lr).
+    assert load_config(None, ["policy.megatron_cfg.optimizer.min_lr=1.0"]).policy.megatron_cfg.optimizer.min_lr == 1.0
     with pytest.raises(ConfigError) as info:
         load_config(ROOT / "configs" / "sft.py", ["policy.optimizer=null"])
     assert info.value.problems == ["policy.optimizer=None: expected a section {name, kwargs}; "
