@@ -83,7 +83,42 @@ def get_config() -> config_dict.ConfigDict:
             activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
             tensor_parallel_size=1,  # maps to the mesh's tensor axis
             context_parallel_size=1,
+            dp_replicate_size=1,  # HSDP: maps to the mesh's data axis (replicas; fsdp shards within)
             custom_parallel_plan=placeholder(str),
+        ),
+        # Keys merged into the model's config.json before the model is built (and exported), e.g.
+        # {rope_scaling: {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32768}}.
+        hf_config_overrides=placeholder(dict),
+        # NeMo RL's Megatron backend settings that mean something here (enabled: true maps them
+        # onto this backend; see jax_sft/optim.py make_megatron_optimizer); the rest of NeMo RL's
+        # megatron_cfg keys are listed in the IgnoredKeysWarning.
+        megatron_cfg=dict(
+            enabled=False,
+            tensor_model_parallel_size=1,  # maps to the mesh's tensor axis
+            activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
+            optimizer=dict(
+                optimizer="adam",  # "adam" (AdamW, decoupled weight decay) or "sgd"
+                lr=5.0e-6,
+                min_lr=4.9999e-6,
+                weight_decay=0.1,  # not on biases and norm weights (Megatron's param groups)
+                adam_beta1=0.9,
+                adam_beta2=0.98,
+                adam_eps=1.0e-5,
+                sgd_momentum=0.9,
+                clip_grad=placeholder(float),  # null: policy.max_grad_norm; 0: no clipping
+            ),
+            scheduler=dict(
+                lr_decay_style="constant",  # constant, linear, cosine, inverse-square-root, WSD
+                lr_decay_iters=placeholder(int),  # null: the run's number of steps
+                lr_warmup_iters=50,
+                lr_warmup_fraction=placeholder(float),  # of lr_decay_iters, instead of lr_warmup_iters
+                lr_warmup_init=4.9999e-6,
+                lr_wsd_decay_style="exponential",  # WSD: exponential, linear, cosine, minus_sqrt
+                lr_wsd_decay_iters=placeholder(int),  # WSD; null: lr_decay_iters
+                start_weight_decay=placeholder(float),  # null: optimizer.weight_decay
+                end_weight_decay=placeholder(float),  # null: optimizer.weight_decay
+                weight_decay_incr_style="constant",  # constant, linear, cosine
+            ),
         ),
         dynamic_batching=dict(
             enabled=False,
@@ -113,7 +148,7 @@ def get_config() -> config_dict.ConfigDict:
         # jax_sft's own keys: how this backend lays the model out and computes.
         jax_cfg=dict(
             mesh=dict(
-                data=1,  # pure data parallelism (replicated params)
+                data=placeholder(int),  # replicas (HSDP); null: dtensor_cfg.dp_replicate_size
                 fsdp=-1,  # -1: every device left after data and tensor
                 tensor=placeholder(int),  # null: dtensor_cfg.tensor_parallel_size
             ),
@@ -129,6 +164,7 @@ def get_config() -> config_dict.ConfigDict:
         ),
     )
     c.policy.max_grad_norm = 1.0
+    c.policy.megatron_cfg.scheduler.lr_decay_iters = 1000  # NeMo RL's sft.yaml
     c.policy.tokenizer.chat_template = SQUAD_TEMPLATE
 
     c.data = dict(

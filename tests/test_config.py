@@ -294,10 +294,10 @@ def test_lora_enabled_is_an_error(override):
     ]
 
 
-def test_megatron_enabled_is_an_error():
-    e = errors(NEMO_YAML, ["policy.megatron_cfg.enabled=true"])
-    assert len(e.problems) == 1
-    assert e.problems[0].startswith("policy.megatron_cfg.enabled=True: expected false; jax_sft is")
+def test_megatron_enabled_maps_onto_this_backend():  # details: test_megatron.py
+    cfg = load_quiet(NEMO_YAML, ["policy.megatron_cfg.enabled=true", "policy.optimizer=null",
+                                 "policy.megatron_cfg.tensor_model_parallel_size=2"])
+    assert cfg.policy.megatron_cfg.enabled and cfg.policy.jax_cfg.mesh.tensor == 2
 
 
 def test_yaml_round_trip(tmp_path):
