@@ -49,7 +49,8 @@ from absl import flags as absl_flags
 
 from jax_sft.data.chat import ConversationEncoder
 from jax_sft.distributed import allgather_ints
-from jax_sft.data.datasets import SFTDataset, build_dataset
+from jax_sft.data.datasets import SFTDataset
+from jax_sft.data.layout import build_dataset
 
 log = logging.getLogger(__name__)
 
