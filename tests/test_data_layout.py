@@ -191,10 +191,14 @@ def test_mixed_train_datasets_carved_then_config_validation_and_task_specs(tmp_p
 
 def test_validation_null_and_nothing_carved_means_no_validation(tmp_path):
     a = _qa(tmp_path, "a.jsonl", 4, "a")
-    c = cfg(train={"dataset_name": "ResponseDataset", "data_path": a}, validation=None)
+    c = validate({"data": {"train": {"dataset_name": "ResponseDataset", "data_path": a}, "validation": None},
+                  "sft": {"val_period": 0}})
     ds = build_dataset(c)
     assert len(ds.formatted_ds["train"]) == 4 and len(ds.formatted_ds["validation"]) == 0
     assert describe_data(c)[-1].startswith("validation: none (data.validation is null")
+    # NeMo RL asserts sft.val_period <= 0 when there is no validation data
+    with pytest.raises(ConfigError, match=r"sft.val_period=10: expected 0 when there is no validation data"):
+        describe_data(cfg(train={"dataset_name": "ResponseDataset", "data_path": a}))
 
 
 def test_data_default_fills_what_a_section_lacks_and_its_own_null_wins(tmp_path):

@@ -379,3 +379,14 @@ def test_flat_and_today_layouts_give_identical_batches(fixture_tokenizer_path, f
     for ma, mb in zip(val_a, val_b):
         for k in ARRAY_KEYS:
             np.testing.assert_array_equal(ma[k], mb[k])
+
+
+def test_no_validation_data(fixture_tokenizer_path, files):
+    """validation: null and nothing carved: no validation batches; NeMo RL requires sft.val_period <= 0 then."""
+    today = {**_NO_FLAT, "data.train": {"dataset_name": "openai_format", "data_path": files[0]},
+             "data.validation": None, "data.default": {"use_preserving_dataset": True}}
+    data = build(fixture_tokenizer_path, files, **today, **{"sft.val_period": 0})
+    assert (data.num_val_examples, data.num_val_batches, list(data.val_batches())) == (0, 0, [])
+    assert data.steps_per_epoch == 30 // 8
+    with pytest.raises(ValueError, match=r"sft.val_period=10: expected 0 when there is no validation data"):
+        build(fixture_tokenizer_path, files, **today, **{"sft.val_period": 10})

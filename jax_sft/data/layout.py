@@ -524,6 +524,10 @@ def describe_data(cfg) -> list[str]:
     _raise(list(dict.fromkeys(problems)))
     carves = any(s.keys.get("split_validation_size", _default(s, "split_validation_size")) for s in train)
     if not validation and not carves:
+        if cfg.sft.val_period > 0:
+            from jax_sft.data.pipeline import NO_VALIDATION  # noqa: PLC0415
+
+            _raise([NO_VALIDATION.format(cfg.sft.val_period)])
         lines.append("validation: none (data.validation is null and no train dataset carves a split; "
                      "validation is skipped)")
     return lines
