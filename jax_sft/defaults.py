@@ -15,7 +15,7 @@ Keys whose NeMo RL value is an interpolation (`${policy.model_name}`, `${mul:...
 here and are resolved by `jax_sft.config.validate` (see `DERIVED` there), so that overriding the
 source key also moves the derived one. Keys whose default is null are ml-collections placeholders
 so that they stay overridable from the command line (`--config.data.val_data_path=/x.jsonl`);
-only placeholders accept null.
+only placeholders and FieldReferences (a default that also accepts null) accept null.
 """
 
 from ml_collections import config_dict

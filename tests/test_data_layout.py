@@ -283,7 +283,7 @@ def test_describe_data_checks_local_files_without_loading(tmp_path):
     c = cfg(train={"dataset_name": "OpenMathInstruct-2", "split": "train_1M", "data_path": "missing.parquet"},
             default={"prompt_file": str(tmp_path / "math.txt")})
     with pytest.raises(ConfigError, match=r"data.train.data_path='missing.parquet': no such file or folder \(expected "
-                                          "a local copy of the hub dataset\)"):
+                                          r"a local copy of the hub dataset\)"):
         describe_data(c)
     c = cfg(train={"dataset_name": "ResponseDataset", "data_path": "org/name"})  # a hub id is not checked
     assert describe_data(c)[0] == "train: ResponseDataset (hub org/name)"
@@ -312,3 +312,18 @@ def test_guide_era_flat_yaml_with_nulls_and_interpolation_of_data_train(tmp_path
         warnings.simplefilter("error")
         assert describe_data(c)[0] == "train: OpenMathInstruct-2 (hub nvidia/OpenMathInstruct-2, split train_2M, " \
                                       "5% carved for validation, seed 42)"
+
+
+def test_flat_val_split_reads_the_train_source(tmp_path):
+    saved = tmp_path / "saved"
+    hf_datasets.DatasetDict({"train": hf_datasets.Dataset.from_list([{"q": "x", "a": "y"}]),
+                             "test": hf_datasets.Dataset.from_list([{"q": "t", "a": "u"}])}).save_to_disk(str(saved))
+    c = cfg(dataset_name="ResponseDataset", train_data_path=str(saved), train_split="train", val_split="test",
+            input_key="q", output_key="a")
+    ds = build_dataset(c)
+    assert messages(ds.formatted_ds["train"]) == [ua("x", "y")]
+    assert messages(ds.formatted_ds["validation"]) == [ua("t", "u")]
+    assert describe_data(c) == [f"train: ResponseDataset (local {saved}, split train, input_key q, output_key a)",
+                                f"validation: ResponseDataset (local {saved}, split test, input_key q, output_key a)"]
+    with pytest.raises(ConfigError, match=r"data.train_data_path: required by dataset 'ResponseDataset'"):
+        cfg(dataset_name="ResponseDataset")

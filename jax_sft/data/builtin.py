@@ -139,7 +139,11 @@ class RawDataset:
 
     def split_train_validation(self, test_size: float | None, seed: int | None) -> None:
         if test_size and test_size > 0:
-            self.dataset, self.val_dataset = carve(self.dataset, test_size, 42 if seed is None else seed)
+            try:
+                self.dataset, self.val_dataset = carve(self.dataset, test_size, 42 if seed is None else seed)
+            except ValueError as e:  # datasets' message on sizes that leave a split empty
+                raise ValueError(f"{self.task_name}: split_validation_size={test_size} of {len(self.dataset)} rows: "
+                                 f"{e}") from None
 
     def set_task_spec(self, data_config: dict) -> None:
         self.data_config = data_config

@@ -199,6 +199,8 @@ def _flat_section(data, cls: type, name: str, split: str) -> Section:
 
     path_key = "data_files" if "data_files" in params else "data_path"
     put(path_key, "train_data_path" if split == "train" else "val_data_path")
+    if split == "validation" and data.get("val_split") is not None:
+        put(path_key, "train_data_path")  # the guide: val_split of the same hub dataset
     if "split" in params:
         put("split", "train_split" if split == "train" else "val_split")
         if split == "train":
@@ -280,6 +282,11 @@ def _section_problems(s: Section, cls: type) -> list[str]:
         where = s.origin.get("processor", f"{s.where}.processor")
         problems.append(f"{where}={processor!r}: expected {PROCESSORS[0]!r} (the processor of SFT; NeMo RL's other "
                         "processors serve RL and distillation)")
+    for key in ("data_path", "data_files", "split", "subset", "prompt_file", "system_prompt_file",
+                "processor"):
+        value = s.keys.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{s.origin.get(key, f'{s.where}.{key}')}={value!r:.60}: expected a string")
     for key, kind in (("split_validation_size", (int, float)), ("seed", int), ("max_samples", int)):
         value = s.keys.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value < 0):
@@ -400,10 +407,15 @@ def build_dataset(cfg):
     if is_guide_class(cfg.data):
         return _build_guide(cfg)
     train_sections, val_sections, problems = data_sections(cfg.data)
-    _raise(problems or check_data(cfg.data))
+    _raise(problems + check_data(cfg.data))
     train = [_load_section(s) for s in train_sections]
     validation = [_load_section(s) for s in val_sections]
     train_specs = {d.task_name: d.task_spec for d in train}  # NeMo RL keys task specs by task name
+    for s, d in zip(train_sections, train):
+        if d.task_spec != train_specs[d.task_name]:
+            log.warning("%s: task name %r is shared with a later train dataset whose prompt_file / "
+                        "system_prompt_file apply to its rows too (NeMo RL binds them by task name)",
+                        s.label, d.task_name)
     val_specs, val_parts = {}, []
     for d in train:
         if d.val_dataset is not None:
@@ -508,7 +520,10 @@ def describe_data(cfg) -> list[str]:
     rows, tokenizer or network are touched. Raises jax_sft.config.ConfigError listing problems."""
     data = cfg.data
     if is_guide_class(data):
-        cls = resolve_class(data.dataset_name, "data.dataset_name")
+        try:
+            cls = resolve_class(data.dataset_name, "data.dataset_name")
+        except ValueError as e:
+            _raise([str(e)])
         return [f"train, validation: {data.dataset_name} (class {cls.__module__}.{cls.__qualname__}, the guide's "
                 "protocol: Class(cfg.data).formatted_ds)"]
     train, validation, problems = data_sections(data)
