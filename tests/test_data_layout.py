@@ -272,10 +272,11 @@ def test_bad_section_keys_names_and_processors_are_one_line_each(tmp_path):
 
 
 def test_describe_data_checks_local_files_without_loading(tmp_path):
-    c = cfg(train={"dataset_name": "OpenMathInstruct-2", "output_key": "generated_solution", "split": "train_1M",
-                   "split_validation_size": 0.05, "seed": 42, "max_samples": 100000},
-            default={"prompt_file": "examples/prompts/math.txt"})
-    with pytest.raises(ConfigError) as e:
+    with pytest.warns(IgnoredDatasetKeyWarning, match="max_samples=100000: dataset 'OpenMathInstruct-2' does not"):
+        c = cfg(train={"dataset_name": "OpenMathInstruct-2", "output_key": "generated_solution", "split": "train_1M",
+                       "split_validation_size": 0.05, "seed": 42, "max_samples": 100000},
+                default={"prompt_file": "examples/prompts/math.txt"})
+    with pytest.warns(IgnoredDatasetKeyWarning), pytest.raises(ConfigError) as e:
         describe_data(c)
     assert e.value.problems == ["data.default.prompt_file='examples/prompts/math.txt': no such file or folder "
                                 "(expected a local file)"]
@@ -285,8 +286,8 @@ def test_describe_data_checks_local_files_without_loading(tmp_path):
     with pytest.raises(ConfigError, match=r"data.train.data_path='missing.parquet': no such file or folder \(expected "
                                           r"a local copy of the hub dataset\)"):
         describe_data(c)
-    c = cfg(train={"dataset_name": "ResponseDataset", "data_path": "org/name"})  # a hub id is not checked
-    assert describe_data(c)[0] == "train: ResponseDataset (hub org/name)"
+    c = cfg(train={"dataset_name": "ResponseDataset", "data_path": "org/name", "split_validation_size": 0.1})
+    assert describe_data(c) == ["train: ResponseDataset (hub org/name, 10% carved for validation, seed 42)"]
 
 
 def test_guide_era_flat_yaml_with_nulls_and_interpolation_of_data_train(tmp_path):
