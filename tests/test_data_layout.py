@@ -65,9 +65,13 @@ def test_math_datasets_format_user_problem_assistant_answer(tmp_path):
     aime = [{"id": 60, "problem": "Find n.", "solution": "...", "answer": "204", "url": "u", "year": "2024"}]
     rows, _ = one("AIME2024", write_jsonl(tmp_path / "aime.jsonl", aime), repeat=2)
     assert messages(rows) == [ua("Find n.", "204")] * 2
+    aime25 = [{"question": "Find k.", "answer": 70, "id": "0"}]  # opencompass/AIME2025: question, int answer
+    assert messages(one("AIME2025", write_jsonl(tmp_path / "aime25.jsonl", aime25))[0]) == [ua("Find k.", "70")]
     dapo = [{"data_source": "math_dapo", "prompt": [{"content": "Solve x.", "role": "user"}], "ability": "MATH",
              "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"}, "extra_info": {"index": "i"}}]
-    assert messages(one("DAPOMath17K", write_jsonl(tmp_path / "dapo.jsonl", dapo))[0]) == [ua("Solve x.", "34")]
+    for name in ("DAPOMath17K", "DAPOMathAIME2024"):
+        rows, ds = one(name, write_jsonl(tmp_path / "dapo.jsonl", dapo))
+        assert messages(rows) == [ua("Solve x.", "34")] and ds.datasets[0].task_name == name
 
 
 def test_openmathinstruct2_today_defaults_and_recipe_keys(tmp_path):
