@@ -720,10 +720,17 @@ def validate(cfg: ConfigDict | Mapping, source: str = "config",
     for key in derived:
         parent, _, leaf = key.rpartition(".")
         _get(c, parent)[leaf] = DERIVED[key](c)
-    problems = _check(c, derived)
+    problems = _check(c, derived) + _data_problems(c)
     if problems:
         raise ConfigError(problems, source)
     return c.lock()
+
+
+def _data_problems(c: ConfigDict) -> list[str]:
+    """Dataset names, dataset-section keys and processors (jax_sft.data.layout; no data is read)."""
+    from jax_sft.data.layout import check_data  # noqa: PLC0415  (the data package imports this module)
+
+    return check_data(c.data)
 
 
 # ------------------------------------------------------------------------------ public entry points

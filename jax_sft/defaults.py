@@ -15,11 +15,11 @@ Keys whose NeMo RL value is an interpolation (`${policy.model_name}`, `${mul:...
 here and are resolved by `jax_sft.config.validate` (see `DERIVED` there), so that overriding the
 source key also moves the derived one. Keys whose default is null are ml-collections placeholders
 so that they stay overridable from the command line (`--config.data.val_data_path=/x.jsonl`);
-only placeholders accept null.
+only placeholders and FieldReferences (a default that also accepts null) accept null.
 """
 
 from ml_collections import config_dict
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 # NeMo RL's sft.yaml template for squad on a base model: "Context: ... Question: ... Answer: ...".
 SQUAD_TEMPLATE = (
@@ -173,25 +173,32 @@ def get_config() -> config_dict.ConfigDict:
         add_eos=True,
         add_generation_prompt=False,
         shuffle=True,
+        # Today's layout (NeMo RL since 2026-01): data.train / data.validation = one dataset section
+        # {dataset_name, data_path, split, ...} or a list of them, data.default = keys every section
+        # lacks. When data.train is set it is used and the flat keys below must stay at their defaults.
+        # See jax_sft/data/layout.py for the keys each dataset takes.
+        train=placeholder(object),
+        validation=placeholder(object),
+        default=placeholder(object),
+        # The guide's flat layout (used when data.train is null). null: the dataset's own default.
         dataset_name="squad",
         prompt_file=placeholder(str),
         system_prompt_file=placeholder(str),
-        # The guide's flat keys for ResponseDataset / openai_format / hub datasets.
         train_data_path=placeholder(str),
         val_data_path=placeholder(str),
-        input_key="input",
-        output_key="output",
+        input_key=FieldReference("input", field_type=str),
+        output_key=placeholder(str),  # null: "output" (OpenMathInstruct-2: "generated_solution")
         train_split=placeholder(str),
         val_split=placeholder(str),
-        chat_key="messages",
+        chat_key=FieldReference("messages", field_type=str),
         system_key=placeholder(str),
         system_prompt=placeholder(str),
-        tool_key="tools",
-        use_preserving_dataset=False,
-        # openmathinstruct2 (NeMo RL's keys): hub split, and the validation carve-out.
-        split="train_1M",
-        test_size=0.05,
-        seed=42,
+        tool_key=FieldReference("tools", field_type=str),
+        use_preserving_dataset=FieldReference(False, field_type=bool),
+        # OpenMathInstruct-2 / open_assistant: the hub split, and the validation carve-out.
+        split=placeholder(str),  # null: the dataset's default ("train_1M" for OpenMathInstruct-2)
+        test_size=placeholder(float),  # null: the dataset's default (0.05)
+        seed=placeholder(int),  # null: 42
         # jax_sft's own keys.
         overlength="mask",  # "truncate", "drop" or "mask" (NeMo RL: kept, no loss)
         skip_examples_without_loss=False,  # false: a conversation with no loss token is an error

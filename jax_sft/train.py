@@ -269,6 +269,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     last_val: dict[str, float] = {}
 
     def validate() -> float:
+        if sft_data.num_val_examples == 0:  # no validation data: skipped, as NeMo RL does
+            return float("nan")
         t0 = time.time()
         nll, tokens = 0.0, 0.0
         for mb in sft_data.val_batches():
