@@ -447,3 +447,47 @@ def test_hsdp_run_matches_fsdp(assets, tmp_path, capsys):
     # fp32 sums of a few thousand terms in another order: ~1e-6 relative.
     np.testing.assert_allclose(list(losses["hsdp"].values()), list(losses["fsdp"].values()),
                                rtol=1e-5)
+
+
+NEMO_RECIPES = ROOT.parent / "shared" / "reference" / "nemo-rl-configs" / "examples" / "configs"
+
+
+@pytest.mark.skipif(not NEMO_RECIPES.is_dir(), reason="../shared/reference/nemo-rl-configs is absent")
+def test_nemo_rl_megatron_recipe_yaml_trains_on_the_cpu(assets, tmp_path, capsys):
+    """NeMo RL's own sft-llama3.1-8b-1n8g-megatron.yaml as it is (megatron_cfg with tensor 2 and
+    pipeline 2, its optimizer and scheduler, OpenMathInstruct-2 in today's data layout with 5%
+    carved for validation, a prompt file), with only the model, the data file, the sizes and the
+    output folders overridden: 4 steps on 8 CPU devices, the learning rates being Megatron's."""
+    rows = [json.loads(line) for line in open(assets / "data" / "train.jsonl")]
+    omi2 = tmp_path / "omi2.jsonl"  # OpenMathInstruct-2's columns
+    omi2.write_text("".join(json.dumps({"problem": r["messages"][1]["content"],
+                                        "generated_solution": r["messages"][2]["content"],
+                                        "expected_answer": "", "problem_source": "test"}) + "\n"
+                            for r in rows))
+    (tmp_path / "math.txt").write_text("Solve: {}")
+    gbs, steps = 16, 4
+    overrides = [f"policy.model_name={assets / 'model'}", f"policy.tokenizer.name={assets / 'model'}",
+                 f"data.train.data_path={omi2}", f"data.default.prompt_file={tmp_path / 'math.txt'}",
+                 f"sft.max_num_steps={steps}", "sft.val_global_batch_size=8",
+                 f"policy.train_global_batch_size={gbs}", "policy.max_total_sequence_length=96",
+                 "policy.precision=float32", "policy.jax_cfg.loss_chunk_size=96",
+                 f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
+                 f"logger.log_dir={tmp_path / 'logs'}", "logger.wandb_enabled=false",
+                 "logger.tensorboard_enabled=false", "logger.monitor_gpus=false"]
+    recipe = NEMO_RECIPES / "recipes" / "llm" / "sft-llama3.1-8b-1n8g-megatron.yaml"
+    with pytest.warns(IgnoredKeysWarning, match="pipeline_model_parallel_size"):
+        cfg = load_config(recipe, overrides)
+    result = train.run(cfg)
+    out = capsys.readouterr().out
+    assert "mesh: {'data': 1, 'fsdp': 4, 'tensor': 2} over 8 cpu devices" in out
+    metrics = [json.loads(line) for line in open(result.run_dir / "metrics.jsonl")]
+    lrs = [r["train/lr"] for r in metrics if "train/lr" in r]
+    # The recipe's schedule: sft.yaml's constant style, 50 warmup iterations from 1.9999e-65,
+    # lr 2e-5 (min_lr 1.99999e-5), lr_decay_iters 1000.
+    want = [reference_lr(k, lr=2e-5, min_lr=1.99999e-5, init=1.9999e-65, style="constant",
+                         warmup_iters=50, decay_iters=1000, train_iters=steps, gbs=gbs)
+            for k in range(steps)]
+    # The LR is float32: 1.9999e-65 is 0 there (atol: the smallest normal float32).
+    np.testing.assert_allclose(lrs, want, rtol=RTOL, atol=float(np.finfo(np.float32).tiny))
+    assert result.final_step == steps and all(np.isfinite(list(result.train_losses.values())))
+    assert 0 in result.val_losses  # validated at start on the carved 5%
