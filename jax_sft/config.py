@@ -92,6 +92,18 @@ _MUST_BE_DISABLED = {
     "policy.dtensor_cfg.lora_cfg": _LORA,
     "policy.lora_cfg": _LORA,
 }
+# NeMo RL keys kept with their defaults (NeMo RL's sft.yaml has them) that change how NeMo RL lays
+# out memory or work, not what is computed, and have no counterpart here: named in the warning when
+# set to anything else. FSDP over the mesh (and jax_cfg.remat) takes the place of CPU offload,
+# sequence and context parallelism and custom TP plans; dynamic batching (micro-batches by token
+# budget) gives the same gradient as fixed micro-batches (policy.sequence_packing packs rows).
+INERT = {
+    "policy.dtensor_cfg.cpu_offload": False,
+    "policy.dtensor_cfg.sequence_parallel": False,
+    "policy.dtensor_cfg.context_parallel_size": 1,
+    "policy.dtensor_cfg.custom_parallel_plan": None,
+    "policy.dynamic_batching.enabled": False,
+}
 # Sections that take keys beyond the defaults' (their reader checks them): torch optimizer kwargs.
 OPEN = ("policy.optimizer.kwargs",)
 
@@ -558,6 +570,8 @@ def _build(tree: Mapping, source: str, added: Set[str] = frozenset()) -> ConfigD
                                      "null only with policy.megatron_cfg.enabled=true"))
         tree = {**tree, "policy": {k: v for k, v in policy.items() if k != "optimizer"}}
     _write(cfg, tree, "", _paths(cfg), problems, ignored, added)
+    ignored += [f"{key}={_get(cfg, key)!r}" for key, default in INERT.items()
+                if _get(cfg, key) != default]
     if ignored:
         listed = ", ".join(sorted(ignored))
         message = f"{source}: these NeMo RL keys do not apply to jax_sft and are ignored: {listed}"

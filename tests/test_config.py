@@ -395,6 +395,8 @@ def test_plus_adds_unknown_keys_with_the_warning_and_tilde_removes():
 
 def test_todays_nemo_rl_keys_without_meaning_here_are_named_in_the_warning():
     keys = ["cluster.segment_size=4", "policy.sequence_packing.microbatch_order=packer",
+            "policy.dtensor_cfg.sequence_parallel=true", "policy.dynamic_batching.enabled=true",
+            "policy.dtensor_cfg.context_parallel_size=2", "policy.dtensor_cfg.cpu_offload=true",
             "policy.dtensor_cfg.expert_parallel_size=1", "policy.dequantize_base_checkpoint=true",
             "policy.tokenizer.video.num_frames=16"]
     with pytest.warns(IgnoredKeysWarning) as record:
