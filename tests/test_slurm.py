@@ -130,13 +130,13 @@ def reference(assets, cluster, tmp_path_factory) -> dict[int, dict[str, float]]:
 
 
 def slurm(env: dict[str, str], *args: str) -> str:
-    out = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"{' '.join(args)}: {out.stderr}"
     return out.stdout
 
 
 def submit(env: dict[str, str], log_dir: Path, options: list[str], args: list[str]) -> tuple[int, Path]:
-    """sbatch launch/sft.sbatch from the repository root; (job id, its log file)."""
+    """sbatch launch/sft.sbatch (from the repository root, as the script expects); (job id, its log)."""
     out = slurm(env, "sbatch", "--parsable", f"--output={log_dir}/job-%j.out", "--nodes=1", "--gpus-per-node=0",
                 *options, str(SBATCH), *args)
     job = int(out.strip().split(";")[0])
@@ -189,13 +189,17 @@ def task_pids(env: dict[str, str], job: int, tasks: int, log: Path) -> list[int]
 
 def pending(pid: int, signum: int) -> bool:
     """Whether `signum` waits to be delivered to the (stopped) process."""
+    if not Path(f"/proc/{pid}").exists():
+        return False
     status = Path(f"/proc/{pid}/status").read_text()
     masks = [int(m, 16) for m in re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status, re.M)]
     return any(m >> (signum - 1) & 1 for m in masks)
 
 
 def stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "Tt"
+    """Whether the process is stopped (SIGSTOP); False once it has exited."""
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] in "Tt"
 
 
 def pause_until_signalled(env, job: int, pids: list[int], signum: int, log: Path, timeout: float,
@@ -214,10 +218,11 @@ def pause_until_signalled(env, job: int, pids: list[int], signum: int, log: Path
                    or f"[jax_sft] {name} received" in log_of(log), timeout,
                    f"{name} pending in the trainer processes {pids}", env, job, log)
         print(f"\n{name} reached {pids}: "
-              f"{['pending' if pending(p, signum) else 'continued by Slurm' for p in pids]}")
+              f"{['pending' if pending(p, signum) else 'running (continued by Slurm)' for p in pids]}")
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGCONT)
 
 
 def show(log: str, patterns: list[str]) -> None:
