@@ -272,7 +272,7 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_uninterrupted_losse
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
     print(f"\njob {job}: {info['JobState']}, Restarts={info['Restarts']}, ExitCode={info['ExitCode']}")
     show(text, [r"^\[.*\] (job|SIGUSR1|srun exited|requeueing)", r"SIGUSR1 received", r"resumed from",
-                r"val_loss"])
+                r"step \d+: val_loss"])
 
     got = metrics(run)
     assert sorted(got) == list(range(1, STEPS + 1))  # every step once: run 1 to `step`, restart 1 after
