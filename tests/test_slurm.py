@@ -277,10 +277,13 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_uninterrupted_losse
     got = metrics(run)
     assert sorted(got) == list(range(1, STEPS + 1))  # every step once: run 1 to `step`, restart 1 after
     loss_table(f"time limit at step {step}, requeued, resumed", reference, got, range(max(step - 1, 1), STEPS + 1))
-    # Same process layout, same arithmetic: resuming (weights, AdamW moments, data position) is exact.
-    for s in range(1, STEPS + 1):
-        assert got[s]["train/loss"] == reference[s]["train/loss"], s
-    assert got[STEPS]["validation/val_loss"] == reference[STEPS]["validation/val_loss"]
+    # Same process layout, same arithmetic: resuming (weights, AdamW moments, data position) gives
+    # the same losses; rtol 1e-6 as test_train's kill -9 test, since XLA's CPU reductions are not
+    # guaranteed to be bitwise the same in a new process (seen there: 1e-7 relative).
+    np.testing.assert_allclose([got[s]["train/loss"] for s in range(1, STEPS + 1)],
+                               [reference[s]["train/loss"] for s in range(1, STEPS + 1)], rtol=1e-6)
+    np.testing.assert_allclose(got[STEPS]["validation/val_loss"],
+                               reference[STEPS]["validation/val_loss"], rtol=1e-6)
 
 
 def test_scancel_of_two_tasks_on_one_node_leaves_a_checkpoint_a_new_job_resumes(
