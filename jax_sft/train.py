@@ -189,8 +189,9 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
                                   expert=jc.mesh.expert)
     dp_size = sharding_lib.dp_size(mesh)
     model_dir = resolve_model_dir(p.model_name)
-    model_cfg = models.read_config(model_dir)
-    check_before_compile(cfg, dp_size=dp_size, max_positions=model_cfg.max_position_embeddings)
+    hf_overrides = _plain(p.hf_config_overrides)
+    model_cfg = models.read_config(model_dir, hf_overrides)
+    check_before_compile(cfg, dp_size=dp_size, max_positions=model_cfg.context_length)
 
     tokenizer = data_lib.load_tokenizer(cfg)
     sft_data = data_lib.SFTData(cfg, tokenizer, dp_size=dp_size, dp_ranks=sharding_lib.local_dp_ranks(mesh))
@@ -205,6 +206,7 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         remat=jc.remat,
         scan_layers=jc.scan_layers,
         max_segments=jc.max_segments_per_row,
+        hf_config_overrides=hf_overrides,
     )
     model_cfg = model.config
     attention_line = model.describe_attention(packed)
@@ -213,7 +215,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    tx, schedule, _ = optimizer_from_config(cfg)
+    total_steps = min(s.max_num_epochs * sft_data.steps_per_epoch, s.max_num_steps)
+    tx, schedule, _ = optimizer_from_config(cfg, total_steps)
     opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     fns = make_step_fns(
@@ -244,14 +247,13 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         train_iter.set_state(data_state)
         step, epoch, consumed = info["step"], info["epoch"], info["consumed_samples"]
 
-    total_steps = min(s.max_num_epochs * sft_data.steps_per_epoch, s.max_num_steps)
     run_dir = next_run_dir(Path(cfg.logger.log_dir))
     logger = MetricsLogger(cfg.logger, run_dir, total_steps=total_steps, initial_step=step)
     config_yaml = config_lib.to_yaml(cfg)
     if jax.process_index() == 0:
         config_lib.save_config(cfg, run_dir / "config.yaml")
         logger.write(f"config:\n{config_yaml}")
-        logger.write(f"mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} devices "
+        logger.write(f"mesh: {sharding_lib.describe_mesh(mesh)} over {len(devices)} {devices[0].platform} devices "
                      f"({jax.process_count()} processes)")
         logger.write(sharding_table(params))
         logger.write(attention_line)
@@ -268,6 +270,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     last_val: dict[str, float] = {}
 
     def validate() -> float:
+        if sft_data.num_val_examples == 0:  # no validation data: skipped, as NeMo RL does
+            return float("nan")
         t0 = time.time()
         nll, tokens = 0.0, 0.0
         for mb in sft_data.val_batches():
@@ -386,6 +390,15 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         exit_code=exit_code,
     )
     return result
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict / FrozenConfigDict values -> plain Python containers."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _extra_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:

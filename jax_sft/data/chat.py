@@ -46,7 +46,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 log = logging.getLogger(__name__)
 
 __all__ = ["PASSTHROUGH_TEMPLATE", "ROLES", "load_tokenizer", "resolve_chat_template", "ConversationEncoder",
-           "Encoded", "check_conversation"]
+           "Encoded", "apply_task_spec", "check_conversation"]
 
 # NeMo RL's passthrough template (chat_template: null): the message contents, concatenated.
 PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -141,16 +141,27 @@ def check_conversation(row: Any, where: str, spec=None) -> tuple[list[dict], lis
             raise ValueError(f"{where}: message {j} ({role}): 'content' must be a string, got "
                              f"{type(content).__name__}")
         messages.append(message)
-    if spec is not None and spec.prompt is not None:
-        j = next((j for j, m in enumerate(messages) if m["role"] == "user"), None)
-        if j is not None:
-            messages[j] = {**messages[j], "content": spec.prompt.format(messages[j]["content"])}
-    if spec is not None and spec.system_prompt is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": spec.system_prompt})
+    messages = apply_task_spec(messages, spec)
     tools = row.get("tools")
     if tools is not None and not isinstance(tools, (list, tuple)):
         raise TypeError(f"{where}: 'tools' must be a list of tool schemas, got {type(tools).__name__}")
     return messages, (list(tools) if tools else None)
+
+
+def apply_task_spec(messages: list, spec) -> list:
+    """`messages` with a TaskDataSpec applied (a new list; None: unchanged): its prompt formatted with
+    the content of the first user message, its system prompt put first when no system message is."""
+    if spec is None or (spec.prompt is None and spec.system_prompt is None):
+        return messages
+    messages = list(messages)
+    if spec.prompt is not None:
+        j = next((j for j, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
+        if j is not None and isinstance(messages[j].get("content"), str):
+            messages[j] = {**messages[j], "content": spec.prompt.format(messages[j]["content"])}
+    first = messages[0] if messages else None
+    if spec.system_prompt is not None and not (isinstance(first, dict) and first.get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": spec.system_prompt})
+    return messages
 
 
 def _common_prefix(a: str, b: str, i: int = 0, j: int = 0) -> int:

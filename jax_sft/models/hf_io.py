@@ -56,7 +56,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jax_sft.models.config import ModelConfig
+from jax_sft.models.config import ModelConfig, apply_overrides
 from jax_sft.models.decoder import CausalLM
 from jax_sft.models.sharding import param_shardings
 
@@ -244,7 +244,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         ) from e
 
 
-def read_config(model_dir: Path) -> ModelConfig:
+def read_config(model_dir: Path, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """model_dir/config.json, with `overrides` (NeMo RL's policy.hf_config_overrides) merged in;
+    the merged dict is what `save_pretrained` writes back."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (a Hugging Face model folder needs config.json)")
@@ -252,7 +254,8 @@ def read_config(model_dir: Path) -> ModelConfig:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from e
-    return ModelConfig.from_hf_dict(d, source=str(path))
+    source = f"{path} with policy.hf_config_overrides" if overrides else str(path)
+    return ModelConfig.from_hf_dict(apply_overrides(d, overrides), source=source)
 
 
 class _Checkpoint:
@@ -344,12 +347,14 @@ def from_pretrained(
     remat: str = "none",
     scan_layers: bool = False,
     max_segments: int = 64,
+    hf_config_overrides: dict[str, Any] | None = None,
 ) -> CausalLM:
     """Loads an HF checkpoint of a supported family (models.SUPPORTED_ARCHITECTURES); with `mesh`, each parameter is created
     directly in its sharding (sharding.LOGICAL_AXIS_RULES). `dtype` is the compute dtype;
-    `attention`, `remat`, `scan_layers`, `max_segments` as `CausalLM` takes them."""
+    `attention`, `remat`, `scan_layers`, `max_segments` as `CausalLM` takes them;
+    `hf_config_overrides` merged into config.json (see `read_config`)."""
     model_dir = resolve_model_dir(name_or_path)
-    config = read_config(model_dir)
+    config = read_config(model_dir, hf_config_overrides)
     gen_path = model_dir / "generation_config.json"
     if gen_path.is_file():
         config = dataclasses.replace(config, generation_config_json=gen_path.read_text())

@@ -88,6 +88,11 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] |
                          devices=devices)
 
 
+def describe_mesh(mesh: Mesh) -> dict[str, int]:
+    """The mesh's axis sizes for the run log; the expert axis only when it is used (> 1)."""
+    return {k: v for k, v in mesh.shape.items() if k != "expert" or v > 1}
+
+
 def dp_size(mesh: Mesh) -> int:
     """How many different row blocks a batch is split into (the BATCH_AXES' sizes multiplied)."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
