@@ -141,7 +141,7 @@ def test_parse_size():
 # --- sharded loading --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
 def test_sharded_load_matches_unsharded(family, hf_models):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS for 8 CPU devices)")

@@ -141,7 +141,8 @@ def test_unsupported_architectures_fail_in_one_line(arch, model_type, kind, tmp_
                               f"(model_type='{model_type}')")
     assert (f"({kind}" in message) if kind else ("model_type='phi3') is not" in message)
     assert message.endswith("supported architectures: LlamaForCausalLM, Qwen2ForCausalLM, "
-                            "Qwen3ForCausalLM, MistralForCausalLM")
+                            "Qwen3ForCausalLM, MistralForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, "
+                            "Gemma3ForConditionalGeneration, Qwen3MoeForCausalLM, MixtralForCausalLM")
 
 
 def test_rope_config_defaults_keep_other_types_unscaled():
