@@ -40,3 +40,12 @@ def exit_on_input_error(fn: Callable[[], T]) -> T:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
+
+
+RUN_FAILURE_EXIT_CODE = 1
+
+
+class RunFailure(RuntimeError):
+    """The run stopped for a reason the message states that is neither bad input nor a bug in
+    jax_sft (the disk filled up, training diverged); it says what was kept. The command-line
+    tools print it as `error: ...` and exit with RUN_FAILURE_EXIT_CODE, without a traceback."""
