@@ -23,7 +23,6 @@ if __name__ == "__main__":  # python -m jax_sft.train: note stop signals from th
         _signal.signal(_s, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
 import contextlib
-
 import dataclasses
 import datetime
 import os
@@ -237,7 +236,9 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.Exit
     model_dir = resolve_model_dir(p.model_name)
     model_cfg = models.read_config(model_dir)
     check_before_compile(cfg, dp_size=dp_size, max_positions=model_cfg.max_position_embeddings)
-    lock = stack.enter_context(hold_run_lock(Path(cfg.checkpointing.checkpoint_dir))) if cfg.checkpointing.enabled else None
+    lock = None  # one run per checkpoint_dir: refused here, before the model is loaded
+    if cfg.checkpointing.enabled:
+        lock = stack.enter_context(hold_run_lock(Path(cfg.checkpointing.checkpoint_dir)))
 
     tokenizer = data_lib.load_tokenizer(cfg)
     sft_data = data_lib.SFTData(cfg, tokenizer, dp_size=dp_size, dp_ranks=sharding_lib.local_dp_ranks(mesh))
