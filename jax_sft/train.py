@@ -523,6 +523,7 @@ def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> 
     cfg = config_lib.load_config(config_path, overrides)  # plain Python: no JAX backend yet
     _stop_if_signalled(stop_signals, "while reading the config")
     distributed.initialize(extra, gpus_per_node=cfg.cluster.gpus_per_node)
+    stop_signals.reinstall()  # jax.distributed.initialize installs its own SIGTERM handler
     result = run(cfg, stop_signals)
     if jax.process_index() == 0:
         print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
