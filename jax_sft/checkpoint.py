@@ -31,6 +31,7 @@ import logging
 import re
 import shutil
 import sys
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -118,16 +119,17 @@ def _closed_loop(error: BaseException | None) -> bool:
 class _QuietFailedWrites:
     """While installed: Orbax's ERROR logs of a disk-full write are dropped (the trainer says it
     once, in CheckpointDiskFull), and so is the noise its unfinished TensorStore writes make after
-    a failed save: "Event loop is closed" tracebacks from callbacks (sys.excepthook), asyncio's
-    "Task exception was never retrieved" for disk-full tasks, and, once a disk-full error was
-    seen, the complaints of never-finished write coroutines at exit (sys.unraisablehook).
+    a failed save: "Event loop is closed" tracebacks from TensorStore's callbacks (through
+    sys.excepthook, threading.excepthook or sys.unraisablehook), asyncio's "Task exception was
+    never retrieved" for disk-full tasks, and, once a disk-full error was seen, the complaints of
+    never-finished write coroutines at exit (sys.unraisablehook).
     Everything else passes on unchanged."""
 
     def __init__(self):
         self.seen = False
         self._filter = logging.Filter()
         self._filter.filter = self._keep
-        self._hooks = (sys.excepthook, sys.unraisablehook)
+        self._hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
 
     def _keep(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -140,14 +142,19 @@ class _QuietFailedWrites:
         if not _closed_loop(error):
             self._hooks[0](kind, error, tb)
 
+    def _thread_excepthook(self, args):
+        if not _closed_loop(args.exc_value):
+            self._hooks[2](args)
+
     def _unraisablehook(self, info):
-        if not (self.seen and (type(info.object).__name__ == "coroutine" or _closed_loop(info.exc_value))):
+        if not (_closed_loop(info.exc_value) or (self.seen and type(info.object).__name__ == "coroutine")):
             self._hooks[1](info)
 
     def install(self) -> None:
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(self._filter)
         sys.excepthook, sys.unraisablehook = self._excepthook, self._unraisablehook
+        threading.excepthook = self._thread_excepthook
 
     def uninstall(self) -> None:
         """Restores logging and the hooks, unless a disk-full save failed: its leftovers are
@@ -156,7 +163,7 @@ class _QuietFailedWrites:
             return
         for name in ("absl", "asyncio"):
             logging.getLogger(name).removeFilter(self._filter)
-        sys.excepthook, sys.unraisablehook = self._hooks
+        sys.excepthook, sys.unraisablehook, threading.excepthook = self._hooks
 
 
 @dataclasses.dataclass
