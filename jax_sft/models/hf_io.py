@@ -83,7 +83,8 @@ def export_target_problem(out_dir: str | os.PathLike, *, overwrite: bool = False
                           protected: tuple[str | os.PathLike, ...] = ()) -> str | None:
     """Why `save_pretrained` must not write (replace) `out_dir`, or None (see module docstring)."""
     out = Path(out_dir).expanduser().resolve()
-    guarded = [Path.home().resolve(), Path.cwd().resolve(), *(Path(p).expanduser().resolve() for p in protected)]
+    guarded = [Path.home().resolve(), Path.cwd().resolve()]
+    guarded += [Path(p).expanduser().resolve() for p in protected]
     for folder in guarded:
         if out == folder or out in folder.parents:
             what = "/" if out == Path(out.anchor) else f"{out}" + ("" if out == folder else f", which contains {folder}")
@@ -536,7 +537,7 @@ def save_pretrained(
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        (tmp / EXPORT_MARKER).write_text("written by jax_sft's save_pretrained; a later export may replace this folder\n")
+        (tmp / EXPORT_MARKER).write_text("written by jax_sft's export; a later export may replace this folder\n")
 
 
 def _generation_config(config: ModelConfig) -> dict[str, Any]:
