@@ -10,10 +10,10 @@ from jax_sft.config import default_config
 
 def get_config():
     c = default_config()
-    c.sft.max_num_steps = 150
-    c.sft.max_num_epochs = 2
-    c.sft.val_period = 25
-    c.sft.val_batches = 4
+    c.sft.max_num_steps = 400
+    c.sft.max_num_epochs = 4
+    c.sft.val_period = 100
+    c.sft.val_batches = 2
     c.sft.val_global_batch_size = 64
     c.sft.val_micro_batch_size = 64
     c.sft.val_at_end = True
@@ -21,25 +21,25 @@ def get_config():
     c.policy.model_name = ".quickstart/model"
     c.policy.tokenizer.chat_template = "default"  # the tokenizer's own (Llama-3 style)
     c.policy.train_global_batch_size = 32
-    c.policy.train_micro_batch_size = 16
-    c.policy.max_total_sequence_length = 128
+    c.policy.train_micro_batch_size = 32
+    c.policy.max_total_sequence_length = 48  # the conversations are 30-40 tokens
     c.policy.precision = "float32"
-    c.policy.optimizer.kwargs.lr = 3e-3
+    c.policy.optimizer.kwargs.lr = 5e-3
     c.policy.optimizer.kwargs.weight_decay = 0.0
     c.policy.scheduler = [
         {"name": "torch.optim.lr_scheduler.LinearLR",
          "kwargs": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 10}},
-        {"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 140, "eta_min": 3e-4}},
+        {"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 390, "eta_min": 3e-4}},
         {"milestones": [10]},
     ]
-    c.policy.jax_cfg.loss_chunk_size = 128
+    c.policy.jax_cfg.loss_chunk_size = 48
 
     c.data.dataset_name = "openai_format"
     c.data.train_data_path = ".quickstart/data/train.jsonl"
     c.data.val_data_path = ".quickstart/data/val.jsonl"
 
     c.checkpointing.checkpoint_dir = ".quickstart/checkpoints"
-    c.checkpointing.save_period = 50
+    c.checkpointing.save_period = 200
     c.checkpointing.hf_export_dir = ".quickstart/export"
     c.logger.log_dir = ".quickstart/logs"
     c.logger.tensorboard_enabled = True

@@ -156,6 +156,7 @@ class Generator:
         from jax_sft.models import sharding as sharding_lib
 
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        model.remat = "none"  # no gradients here; the caches are written in the plain layer call
         dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-max(batch_size, 1) // dp) * dp
         self.batch_sharding = None if mesh is None else sharding_lib.batch_sharding(mesh)
@@ -167,8 +168,10 @@ class Generator:
         text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, seed: int = 0) -> list[str]:
-        ids = self.generate([self.prompt_ids(m) for m in conversations], sampling, seed)
+    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, seed: int = 0,
+                 tools: Sequence[Any] | None = None) -> list[str]:
+        tools = tools or [None] * len(conversations)
+        ids = self.generate([self.prompt_ids(m, t) for m, t in zip(conversations, tools)], sampling, seed)
         stops = set(self.stop_ids)
         return [self.tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True) for row in ids]
 
@@ -250,6 +253,17 @@ def end_of_turn_id(tokenizer) -> int | None:
     special = set(tokenizer.all_special_ids) | {
         i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
     return rest[0] if rest and rest[0] in special else None
+
+
+def sample_conversations(model, tokenizer, rows: Sequence[dict], *, mesh=None, max_new_tokens: int = 256,
+                         ) -> list[dict[str, Any]]:
+    """Greedy completions of dataset rows ({"messages": [...], "tools"?: ...}; a final assistant
+    message is the reference): [{"prompt": messages, "reference": ..., "completion": ...}]."""
+    prompts = [split_reference(list(r["messages"])) for r in rows]
+    gen = Generator(model, tokenizer, mesh=mesh, batch_size=len(rows))
+    completions = gen.complete([m for m, _ in prompts], Sampling(max_new_tokens=max_new_tokens),
+                               tools=[r.get("tools") for r in rows])
+    return [{"prompt": m, "reference": ref, "completion": c} for (m, ref), c in zip(prompts, completions)]
 
 
 # ----------------------------------------------------------------------------- inputs

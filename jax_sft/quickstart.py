@@ -24,28 +24,28 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-SYSTEM = "You are a careful calculator. Answer with the full equation."
+MAX_OPERAND = 12  # the tables up to 12: 3 x 13 x 13 = 507 facts
 
 
-def _example(rng: random.Random) -> dict:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+def _example(rng: random.Random, max_operand: int = MAX_OPERAND) -> dict:
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
     op, word, value = rng.choice([("+", "plus", a + b), ("-", "minus", a - b), ("*", "times", a * b)])
     question = rng.choice([f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"{a} {op} {b} = ?"])
     return {
         "messages": [
-            {"role": "system", "content": SYSTEM},
             {"role": "user", "content": question},
             {"role": "assistant", "content": f"{a} {op} {b} = {value}."},
         ]
     }
 
 
-def make_dataset(out: Path, *, train: int = 4000, val: int = 256, seed: int = 0) -> None:
+def make_dataset(out: Path, *, train: int = 4000, val: int = 256, seed: int = 0,
+                 max_operand: int = MAX_OPERAND) -> None:
     rng = random.Random(seed)
     for name, n in (("train.jsonl", train), ("val.jsonl", val)):
         with open(out / name, "w") as f:
             for _ in range(n):
-                f.write(json.dumps(_example(rng)) + "\n")
+                f.write(json.dumps(_example(rng, max_operand)) + "\n")
 
 
 def make_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -54,7 +54,8 @@ def make_tokenizer(texts: list[str], vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # one token per digit: arithmetic is learnable
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -114,7 +115,7 @@ def make_assets(out: Path) -> Path:
         make_dataset(data)
     if not (model_dir / "config.json").exists():
         rows = [json.loads(line) for line in open(data / "train.jsonl")]
-        texts = [m["content"] for r in rows for m in r["messages"]]
+        texts = [m["content"] for r in rows for m in r["messages"]] + ["user", "assistant", "system"] * 100
         tokenizer = make_tokenizer(texts)
         make_model(model_dir, tokenizer)
     return out

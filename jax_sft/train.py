@@ -44,7 +44,7 @@ class TrainingDiverged(RuntimeError):
 class RunResult:
     """What a finished run leaves behind (returned by `run`, printed by `main`)."""
 
-    run_dir: Path
+    run_dir: Path | None  # None: nothing was trained (already at the last step)
     checkpoint_dir: Path | None
     export_dir: Path | None
     final_step: int
@@ -223,10 +223,13 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     batch_sharding = sharding_lib.batch_sharding(mesh)
 
     # Resume.
+    total_steps = min(s.max_num_epochs * sft_data.steps_per_epoch, s.max_num_steps)
     ckpt = Checkpointer(cfg.checkpointing) if cfg.checkpointing.enabled else None
     train_iter = sft_data.train_iterator()
     step, epoch, consumed = 0, 0, 0
     resumed_from = ckpt.latest_step() if ckpt else None
+    if resumed_from is not None and resumed_from >= total_steps:
+        return _finished_already(ckpt, resumed_from, total_steps)
     if resumed_from is not None:
         params, restored_opt, info, data_state = ckpt.restore(
             resumed_from,
@@ -243,7 +246,6 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         train_iter.set_state(data_state)
         step, epoch, consumed = info["step"], info["epoch"], info["consumed_samples"]
 
-    total_steps = min(s.max_num_epochs * sft_data.steps_per_epoch, s.max_num_steps)
     run_dir = next_run_dir(Path(cfg.logger.log_dir))
     logger = MetricsLogger(cfg.logger, run_dir, total_steps=total_steps, initial_step=step)
     config_yaml = config_lib.to_yaml(cfg)
@@ -278,6 +280,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         metrics = {"validation/val_loss": val_loss, "timing/validation/total_validation_time": time.time() - t0}
         logger.log(metrics, step)
         logger.write(f"step {step}: val_loss {val_loss:.4f} over {int(tokens)} tokens")
+        if cfg.logger.num_val_samples_to_print:
+            _val_samples(cfg, nnx.merge(graphdef, params, rest), tokenizer, mesh, sft_data, logger, step)
         val_losses[step] = val_loss
         last_val.clear()
         last_val.update({"val:val_loss": val_loss})
@@ -387,6 +391,31 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     return result
 
 
+def _val_samples(cfg: Any, model: Any, tokenizer: Any, mesh: Any, sft_data: Any, logger: Any, step: int) -> None:
+    """logger.num_val_samples_to_print greedy completions of the first validation conversations,
+    printed and logged as text (TensorBoard, W&B, MLflow)."""
+    from jax_sft.generate import format_samples, sample_conversations
+
+    rows = sft_data.dataset.formatted_ds["validation"]
+    rows = [rows[i] for i in range(min(int(cfg.logger.num_val_samples_to_print), len(rows)))]
+    if not rows:
+        return
+    samples = sample_conversations(model, tokenizer, rows, mesh=mesh,
+                                   max_new_tokens=int(cfg.policy.max_total_sequence_length))
+    text = format_samples([(s["prompt"], s["reference"]) for s in samples], [s["completion"] for s in samples])
+    logger.write(f"step {step}: validation samples\n{text}")
+    logger.log_text("validation/samples", text, step)
+
+
+def _finished_already(ckpt: Any, step: int, total_steps: int) -> RunResult:
+    """A rerun of a finished run: says so, trains and writes nothing (no new exp_NNN folder)."""
+    ckpt.close()
+    if jax.process_index() == 0:
+        print(f"{ckpt.step_dir(step)}: already at step {step} of {total_steps}; nothing to train", flush=True)
+    return RunResult(run_dir=None, checkpoint_dir=ckpt.dir, export_dir=None, final_step=step,
+                     train_losses={}, val_losses={}, compilations={})
+
+
 def _extra_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
     """config.yaml and the tokenizer's files, stored in every checkpoint (process 0 writes)."""
     import tempfile
@@ -404,7 +433,29 @@ def main(argv: Sequence[str] | None = None) -> RunResult | None:
     return exit_on_input_error(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
 
 
+HELP = __doc__ + """
+Main keys (all of NeMo RL's SFT keys apply; defaults in jax_sft/defaults.py):
+  policy.model_name            HF model folder or hub id
+  data.dataset_name            squad, openai_format, ... (with data.train_data_path, data.val_data_path)
+  sft.max_num_steps / sft.max_num_epochs / sft.val_period
+  policy.train_global_batch_size / policy.train_micro_batch_size / policy.max_total_sequence_length
+  policy.optimizer.kwargs.lr   policy.precision (bfloat16 | float32)
+  policy.jax_cfg.mesh.{data,fsdp,tensor}
+  checkpointing.checkpoint_dir (a rerun resumes) / checkpointing.hf_export_dir
+  logger.log_dir / logger.tensorboard_enabled / logger.wandb_enabled / logger.num_val_samples_to_print
+Flags: --dry_run (check the config and plan without devices), --coordinator_address,
+--num_processes, --process_id (several hosts; see launch/README.md).
+
+Example:
+  python -m jax_sft.train --config configs/sft.py \\
+      --config.policy.model_name=meta-llama/Llama-3.2-1B --config.sft.max_num_steps=100
+"""
+
+
 def _main(argv: list[str]) -> RunResult | None:
+    if {"-h", "--help"} & set(argv):
+        print(HELP)
+        return None
     config_path, overrides, extra = config_lib.parse_args(argv)
     dry_run = extra.pop("dry_run", False)
     if dry_run not in (False, True):
@@ -419,9 +470,13 @@ def _main(argv: list[str]) -> RunResult | None:
         print("dry run: the config is valid; a real run would start")
         return None
     distributed.initialize(extra, gpus_per_node=cfg.cluster.gpus_per_node)
+    from jax_sft.metrics import quiet_library_progress_bars
+
+    quiet_library_progress_bars()  # in log files: our whole lines only
     result = run(cfg)
     if jax.process_index() == 0:
-        print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
+        if result.run_dir is not None:
+            print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
         if result.checkpoint_dir:
             print(f"checkpoints: {result.checkpoint_dir}")
         if result.export_dir:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -61,3 +62,25 @@ def test_peak_table_knows_h100_and_not_cpu():
     assert peak_flops_per_device(SimpleNamespace(device_kind="NVIDIA H100 PCIe"), "bfloat16") == 756e12
     assert peak_flops_per_device(SimpleNamespace(device_kind="cpu"), "bfloat16") is None
     assert all(set(peaks) == {"bfloat16", "float32"} for _, peaks in PEAK_TFLOPS)
+
+
+def test_progress_off_a_terminal_is_whole_lines_at_most_every_30_s(tmp_path, monkeypatch, capsys):
+    import io
+
+    from jax_sft import metrics as metrics_lib
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    cfg = default_config().logger
+    logger = MetricsLogger(cfg, tmp_path / "run", total_steps=10)
+    for step in range(1, 11):
+        clock[0] += 7.0  # a step every 7 s: lines at 35 s (step 5), 70 s (step 10, also the last)
+        logger.progress(step, {"train/loss": 1.0 / step, "train/lr": 1e-3})
+        if step == 3:
+            logger.write("step 3: val_loss 0.5")
+    logger.close()
+    err = sys.stderr.getvalue()
+    assert "\r" not in err
+    assert err.splitlines() == ["step 5/10: loss 0.2, lr 0.001", "step 10/10: loss 0.1, lr 0.001"]
+    assert capsys.readouterr().out == "step 3: val_loss 0.5\n"
