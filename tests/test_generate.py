@@ -90,3 +90,60 @@ def test_sampling_filters():
 def test_sampling_options_checked():
     with pytest.raises(ValueError, match="--top_p"):
         Sampling(top_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step run of the tiny Llama: its step_2 checkpoint, its HF export and the validation jsonl."""
+    from pathlib import Path
+
+    from jax_sft import config as config_lib
+    from jax_sft import train
+    from tiny_run import make_tiny_run_assets
+
+    root = tmp_path_factory.mktemp("run")
+    assets = make_tiny_run_assets(root / "assets")
+    overrides = {
+        "policy.model_name": assets / "model", "data.train_data_path": assets / "data" / "train.jsonl",
+        "data.val_data_path": assets / "data" / "val.jsonl", "checkpointing.checkpoint_dir": root / "ckpt",
+        "logger.log_dir": root / "logs", "logger.tensorboard_enabled": False, "sft.max_num_steps": 2,
+        "sft.val_period": 0, "sft.val_at_start": False, "sft.val_at_end": False,
+        "policy.train_global_batch_size": 8, "policy.train_micro_batch_size": 8,
+        "policy.max_total_sequence_length": 64, "policy.jax_cfg.loss_chunk_size": 64,
+        "checkpointing.hf_export_dir": root / "export", "policy.scheduler": "null",
+    }
+    cfg = config_lib.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"),
+                                 [f"{k}={v}" for k, v in overrides.items()])
+    train.run(cfg)
+    return root / "ckpt" / "step_2", root / "export", assets / "data" / "val.jsonl"
+
+
+def test_cli_checkpoint_and_export_give_the_same_completions(trained, tmp_path, capsys):
+    from jax_sft.generate import main
+
+    step_dir, export, val = trained
+    outs = []
+    for i, model in enumerate((step_dir, export)):
+        out = tmp_path / f"{i}.jsonl"
+        main(["--model", str(model), "--input", str(val), "--num", "3", "--output", str(out),
+              "--max_new_tokens", "12", "--batch_size", "2", "--config.policy.precision=float32"])
+        outs.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 3
+    rows = [json.loads(line) for line in val.read_text().splitlines()[:3]]
+    for row, got in zip(rows, outs[0]):
+        assert got["prompt"] == row["messages"][:-1]
+        assert got["reference"] == row["messages"][-1]["content"]
+        assert isinstance(got["completion"], str) and "<|eot_id|>" not in got["completion"]
+
+
+def test_cli_reads_stdin_and_reports_bad_input(trained, tmp_path):
+    _, export, _ = trained
+    cmd = [sys.executable, "-m", "jax_sft.generate", "--model", str(export), "--max_new_tokens", "4",
+           "--temperature", "0.8", "--top_p", "0.9", "--top_k", "20"]
+    done = subprocess.run(cmd, input="What is 2 plus 3?\nCompute 4 * 5.\n", capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.count("=== sample ") == 2 and "prompt:     Compute 4 * 5." in done.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n')
+    done = subprocess.run([*cmd, "--input", str(bad)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"error: {bad}:1: expected" in done.stderr
