@@ -30,7 +30,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-MAX_OPERAND = 12  # the tables up to 12: 3 x 13 x 13 = 507 facts
+MAX_OPERAND = 9  # single digits: 3 ops x 10 x 10 = 300 facts, learnt in a few hundred steps
+MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
 
 
 def _example(rng: random.Random, max_operand: int = MAX_OPERAND) -> dict:
@@ -89,12 +91,7 @@ def make_model(out: Path, tokenizer, seed: int = 0) -> None:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": len(tokenizer),
-        "hidden_size": 128,
-        "intermediate_size": 384,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
+        **MODEL_SIZE,
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,

@@ -147,3 +147,17 @@ def test_cli_reads_stdin_and_reports_bad_input(trained, tmp_path):
     bad.write_text('{"messages": []}\n')
     done = subprocess.run([*cmd, "--input", str(bad)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and f"error: {bad}:1: expected" in done.stderr
+
+
+def test_prompt_lengths_in_one_bucket_share_one_compilation(tmp_path):
+    from jax_sft.generate import generate_ids
+
+    make_hf_model("qwen3", tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32, param_dtype=jnp.float32)
+    gen = Generator(model, None, batch_size=2, stop_ids=[EOS])
+    before = generate_ids._cache_size()
+    for lengths in ((3, 5), (16, 9), (1, 12)):  # all pad to 16: one shape
+        gen.generate([list(range(3, 3 + n)) for n in lengths], Sampling(max_new_tokens=4))
+    assert generate_ids._cache_size() == before + 1
+    gen.generate([list(range(3, 20))], Sampling(max_new_tokens=4))  # 17 tokens: the 32 bucket
+    assert generate_ids._cache_size() == before + 2
