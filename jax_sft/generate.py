@@ -15,9 +15,9 @@ the tokenizer's chat template with add_generation_prompt. Decoding: greedy by de
 `--max_new_tokens`; a row stops at the template's end-of-turn token or an eos id.
 
 Overrides in the trainer's syntax (`--config.a.b=v` or `a.b=v`) set policy.precision (compute
-dtype), policy.jax_cfg.mesh.* / attention, cluster.gpus_per_node and policy.tokenizer.chat_template;
-they apply on top of the checkpoint's config.yaml, else on the defaults. The model is sharded as
-in training; prompts are batched (`--batch_size` rows, a multiple of the data-parallel size), each
+dtype; a checkpoint's own by default, else bfloat16), policy.jax_cfg.mesh.* / attention,
+cluster.gpus_per_node (default: all local devices) and policy.tokenizer.chat_template. The model
+is sharded as in training (fsdp over the devices by default); prompts are batched (`--batch_size` rows, a multiple of the data-parallel size), each
 batch right-padded to a power of two (>= 16) so that a few shapes compile: one jitted function
 runs the prefill and the whole decode loop.
 
@@ -302,20 +302,28 @@ def split_reference(messages: list[dict]) -> tuple[list[dict], str | None]:
 
 
 def load_for_generation(source: str, overrides: Sequence[str]):
-    """-> (model, tokenizer, mesh, cfg): a step_N checkpoint or an HF folder / hub id, sharded
-    over the mesh of `cfg` (the checkpoint's config.yaml, else the defaults, plus overrides)."""
+    """-> (model, tokenizer, mesh, cfg): a step_N checkpoint or an HF folder / hub id, sharded over
+    a mesh of all local devices (or of `cluster.*` when the overrides set it). `cfg`: the defaults,
+    the checkpoint's precision, attention and scan_layers (its parameter layout), then `overrides`."""
     from jax_sft import config as config_lib
     from jax_sft import distributed
     from jax_sft.models import sharding as sharding_lib
 
     step_dir = Path(source)
     is_checkpoint = (step_dir / "params").is_dir() and (step_dir / "extra").is_dir()
-    base = step_dir / "extra" / "config.yaml" if is_checkpoint else None
-    if base is not None and not base.is_file():
-        raise MissingFileError(f"{base}: missing; {step_dir} is not a complete jax_sft checkpoint")
-    cfg = config_lib.load_config(str(base) if base else None, list(overrides))
+    inherited = []
+    if is_checkpoint:
+        saved = step_dir / "extra" / "config.yaml"
+        if not saved.is_file():
+            raise MissingFileError(f"{saved}: missing; {step_dir} is not a complete jax_sft checkpoint")
+        trained = config_lib.load_config(str(saved))
+        inherited = [f"policy.precision={trained.policy.precision}",
+                     f"policy.jax_cfg.attention={trained.policy.jax_cfg.attention}",
+                     f"policy.jax_cfg.scan_layers={str(bool(trained.policy.jax_cfg.scan_layers)).lower()}"]
+    cfg = config_lib.load_config(None, [*inherited, *overrides])
     jc = cfg.policy.jax_cfg
-    devices = distributed.select_devices(cfg.cluster)
+    cluster_set = any(o.lstrip("+~").startswith("cluster.") for o in overrides)
+    devices = distributed.select_devices(cfg.cluster) if cluster_set else jax.devices()
     mesh = sharding_lib.make_mesh(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, devices=devices)
     dtype = PRECISIONS[cfg.policy.precision]
     kwargs = dict(dtype=dtype, param_dtype=dtype, attention=jc.attention, scan_layers=bool(jc.scan_layers))
@@ -326,7 +334,11 @@ def load_for_generation(source: str, overrides: Sequence[str]):
         from jax_sft.models import from_pretrained
         from jax_sft.models.hf_io import resolve_model_dir
 
-        model_dir = resolve_model_dir(source)
+        try:
+            model_dir = resolve_model_dir(source)
+        except FileNotFoundError as e:
+            raise MissingFileError(f"--model {e}; expected a step_N checkpoint folder, an HF model folder or a "
+                                   "hub id") from None
         model = from_pretrained(model_dir, mesh=mesh, **kwargs)
         tokenizer_dir = model_dir
     tokenizer = _tokenizer(tokenizer_dir, cfg, overrides)
