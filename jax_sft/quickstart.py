@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 MAX_OPERAND = 9  # single digits: 3 ops x 10 x 10 = 300 facts, learnt in a few hundred steps
-MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32)
 
 
@@ -47,7 +47,7 @@ def _example(rng: random.Random, max_operand: int = MAX_OPERAND) -> dict:
     }
 
 
-def make_dataset(out: Path, *, train: int = 4000, val: int = 256, seed: int = 0,
+def make_dataset(out: Path, *, train: int = 8000, val: int = 256, seed: int = 0,
                  max_operand: int = MAX_OPERAND) -> None:
     rng = random.Random(seed)
     for name, n in (("train.jsonl", train), ("val.jsonl", val)):
