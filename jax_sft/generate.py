@@ -44,7 +44,7 @@ from flax import nnx
 
 from jax_sft.errors import DataError, MissingFileError, UsageError, exit_on_input_error
 
-MIN_BUCKET = 16
+MIN_BUCKET = 16  # > 1: a prefill is never taken for a one-token decode step (kv_cache.py)
 PRECISIONS = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
@@ -152,7 +152,8 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, *, mesh: jax.sharding.Mesh | None = None, batch_size: int = 8,
-                 stop_ids: Sequence[int] | None = None):
+                 stop_ids: Sequence[int] | None = None, add_bos: bool = True,
+                 template_kwargs: dict | None = None):
         from jax_sft.models import sharding as sharding_lib
 
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
@@ -163,10 +164,18 @@ class Generator:
         self.stop_ids = sorted(set(stop_token_ids(tokenizer, model.config) if stop_ids is None else stop_ids))
         pad = getattr(tokenizer, "pad_token_id", None)  # tokenizer None: token ids in and out only
         self.pad_id = pad if pad is not None else 0
+        self.add_bos, self.template_kwargs = add_bos, dict(template_kwargs or {})
 
     def prompt_ids(self, messages: list[dict], tools: Any = None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The chat template's prompt with add_generation_prompt, tokenised as training does
+        (no special tokens added by the tokenizer; bos put first when missing, as data.add_bos)."""
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                  **self.template_kwargs)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token is not None else None
+        if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
 
     def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, seed: int = 0,
                  tools: Sequence[Any] | None = None) -> list[str]:
@@ -256,11 +265,12 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 
 def sample_conversations(model, tokenizer, rows: Sequence[dict], *, mesh=None, max_new_tokens: int = 256,
-                         ) -> list[dict[str, Any]]:
+                         add_bos: bool = True, template_kwargs: dict | None = None) -> list[dict[str, Any]]:
     """Greedy completions of dataset rows ({"messages": [...], "tools"?: ...}; a final assistant
     message is the reference): [{"prompt": messages, "reference": ..., "completion": ...}]."""
     prompts = [split_reference(list(r["messages"])) for r in rows]
-    gen = Generator(model, tokenizer, mesh=mesh, batch_size=len(rows))
+    gen = Generator(model, tokenizer, mesh=mesh, batch_size=len(rows), add_bos=add_bos,
+                    template_kwargs=template_kwargs)
     completions = gen.complete([m for m, _ in prompts], Sampling(max_new_tokens=max_new_tokens),
                                tools=[r.get("tools") for r in rows])
     return [{"prompt": m, "reference": ref, "completion": c} for (m, ref), c in zip(prompts, completions)]

@@ -401,7 +401,9 @@ def _val_samples(cfg: Any, model: Any, tokenizer: Any, mesh: Any, sft_data: Any,
     if not rows:
         return
     samples = sample_conversations(model, tokenizer, rows, mesh=mesh,
-                                   max_new_tokens=int(cfg.policy.max_total_sequence_length))
+                                   max_new_tokens=int(cfg.policy.max_total_sequence_length),
+                                   add_bos=bool(cfg.data.add_bos),
+                                   template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"))
     text = format_samples([(s["prompt"], s["reference"]) for s in samples], [s["completion"] for s in samples])
     logger.write(f"step {step}: validation samples\n{text}")
     logger.log_text("validation/samples", text, step)
