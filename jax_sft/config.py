@@ -12,9 +12,13 @@ the `DERIVED` keys and checks the values. All problems of a stage come in one `C
 The keys are the defaults' keys: an unknown key is an error naming the nearest valid key. NeMo RL
 keys that do not apply to this backend (`IGNORED`) are dropped with ONE `IgnoredKeysWarning` (a
 `warnings.warn`; `warnings.simplefilter("error", IgnoredKeysWarning)` makes it fatal) per load,
-listing them all. LoRA (`lora_cfg.enabled: true`) and the Megatron backend
-(`megatron_cfg.enabled: true`) are errors. Strings of the defaults and of Python configs are
-literal (their `${` is escaped); YAML files and override values may interpolate, as in NeMo RL.
+listing them all. LoRA (`lora_cfg.enabled: true`) is an error. `policy.megatron_cfg` with
+`enabled: true` maps NeMo RL's Megatron recipes onto this backend: its tensor size, activation
+checkpointing, optimizer and scheduler are used (`_megatron`), its other keys are listed in the
+warning, and a value that would change results but cannot be honoured (FP8, LoRA, fp16) is an
+error; `policy.optimizer: null` is then accepted. With `enabled: false` it is ignored and
+unchecked. Strings of the defaults and of Python configs are literal (their `${` is escaped);
+YAML files and override values may interpolate, as in NeMo RL.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class IgnoredKeysWarning(UserWarning):
 
 # NeMo RL keys (with all below them) that do not apply to this backend: dropped with a warning.
 IGNORED = (
-    "policy.megatron_cfg",  # the Megatron backend; enabled: true is an error
+    "policy.megatron_cfg",  # when disabled; enabled: true maps it (see _megatron)
     "policy.dtensor_cfg._v2",
     "policy.dtensor_cfg.env_vars",
     "policy.dtensor_cfg.clear_cache_every_n_steps",
@@ -85,18 +89,79 @@ IGNORED = (
 )
 _LORA = "LoRA is not supported by jax_sft yet; set enabled=false for full fine-tuning"
 _MUST_BE_DISABLED = {
-    "policy.megatron_cfg": "jax_sft is its own backend: set policy.megatron_cfg.enabled=false and "
-    "give the optimizer, scheduler and parallel sizes as policy.optimizer, policy.scheduler and "
-    "policy.jax_cfg.mesh",
     "policy.dtensor_cfg.lora_cfg": _LORA,
     "policy.lora_cfg": _LORA,
+}
+# NeMo RL keys kept with their defaults (NeMo RL's sft.yaml has them) that change how NeMo RL lays
+# out memory or work, not what is computed, and have no counterpart here: named in the warning when
+# set to anything else. FSDP over the mesh (and jax_cfg.remat) takes the place of CPU offload,
+# sequence and context parallelism and custom TP plans; dynamic batching (micro-batches by token
+# budget) gives the same gradient as fixed micro-batches (policy.sequence_packing packs rows).
+INERT = {
+    "policy.dtensor_cfg.cpu_offload": False,
+    "policy.dtensor_cfg.sequence_parallel": False,
+    "policy.dtensor_cfg.context_parallel_size": 1,
+    "policy.dtensor_cfg.custom_parallel_plan": None,
+    "policy.dynamic_batching.enabled": False,
 }
 # Sections that take keys beyond the defaults' (their reader checks them): torch optimizer kwargs.
 OPEN = ("policy.optimizer.kwargs",)
 
+# An enabled policy.megatron_cfg: keys (below megatron_cfg) that must keep a value, with the reason;
+# at that value they are listed as ignored.
+_MEGATRON_FIXED: dict[str, tuple[Any, str]] = {
+    "peft.enabled": (False, _LORA),
+    "fp8_cfg.enabled": (False, "FP8 training is not supported by jax_sft"),
+    "optimizer.fp16": (False, "fp16 is not supported; policy.precision sets the compute dtype "
+                              "(bfloat16 or float32)"),
+    "optimizer.decoupled_weight_decay": (True, "only decoupled (AdamW) weight decay is supported"),
+    "optimizer.decoupled_lr": (None, "a separate LR for embedding/output layers is not supported"),
+    "optimizer.decoupled_min_lr": (None, "a separate LR for embedding/output layers is not "
+                                         "supported"),
+    "optimizer.apply_wd_to_qk_layernorm": (False, "weight decay on q/k norm weights is not "
+                                                  "supported"),
+    "scheduler.lr_decay_samples": (None, "NeMo RL schedules by iterations: use lr_decay_iters"),
+    "scheduler.lr_warmup_samples": (0, "NeMo RL schedules by iterations: use lr_warmup_iters"),
+    "scheduler.lr_wsd_decay_samples": (None, "NeMo RL schedules by iterations: use "
+                                             "lr_wsd_decay_iters"),
+    "scheduler.max_steps": (None, "set lr_decay_iters instead"),
+    "scheduler.no_weight_decay_cond_type": (None, "only Megatron's default weight-decay groups "
+                                                  "are supported"),
+}
+# Keys of Megatron's OptimizerConfig / SchedulerConfig that do not change the maths on this backend
+# (distributed-optimizer layout, offloading, loss scaling for fp16, storage dtypes of master
+# weights and moments, which are float32 here; the compute dtype follows policy.precision).
+_MEGATRON_INERT = {
+    "optimizer": {
+        "bf16", "params_dtype", "use_distributed_optimizer", "use_precision_aware_optimizer",
+        "optimizer_cpu_offload", "optimizer_offload_fraction", "overlap_cpu_optimizer_d2h_h2d",
+        "overlap_param_gather", "overlap_param_gather_with_optimizer_step", "main_grads_dtype",
+        "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders",
+        "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis",
+        "log_num_zeros_in_grad", "barrier_with_L1_time", "optimizer_cuda_graph", "pin_cpu_grads",
+        "pin_cpu_params", "use_torch_optimizer_for_cpu_offload", "config_logger_dir", "timers",
+    },
+    "scheduler": {"override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler"},
+}
+
 
 def _mb_tokens(c: ConfigDict) -> int:
     return c.policy.max_total_sequence_length * c.policy.train_micro_batch_size
+
+
+def _tensor_size(c: ConfigDict) -> int:
+    m = c.policy.megatron_cfg
+    return m.tensor_model_parallel_size if m.enabled else c.policy.dtensor_cfg.tensor_parallel_size
+
+
+def _remat(c: ConfigDict) -> str:
+    m, d = c.policy.megatron_cfg, c.policy.dtensor_cfg
+    checkpointing = m.activation_checkpointing if m.enabled else d.activation_checkpointing
+    return "full" if checkpointing else "none"
+
+
+def _megatron_wd(c: ConfigDict) -> float:
+    return c.policy.megatron_cfg.optimizer.weight_decay
 
 
 # Keys whose null follows another key, as NeMo RL's sft.yaml interpolates them.
@@ -105,10 +170,13 @@ DERIVED: dict[str, Callable[[ConfigDict], Any]] = {
     "data.max_input_seq_length": lambda c: c.policy.max_total_sequence_length,
     "policy.sequence_packing.train_mb_tokens": _mb_tokens,
     "policy.dynamic_batching.train_mb_tokens": _mb_tokens,
-    "policy.make_sequence_length_divisible_by": lambda c: c.policy.dtensor_cfg.tensor_parallel_size,
-    "policy.jax_cfg.mesh.tensor": lambda c: c.policy.dtensor_cfg.tensor_parallel_size,
-    "policy.jax_cfg.remat": lambda c: ("full" if c.policy.dtensor_cfg.activation_checkpointing
-                                       else "none"),
+    "policy.make_sequence_length_divisible_by": _tensor_size,
+    "policy.jax_cfg.mesh.tensor": _tensor_size,
+    "policy.jax_cfg.mesh.data": lambda c: c.policy.dtensor_cfg.dp_replicate_size,
+    "policy.jax_cfg.remat": _remat,
+    "policy.megatron_cfg.optimizer.clip_grad": lambda c: c.policy.max_grad_norm,
+    "policy.megatron_cfg.scheduler.start_weight_decay": _megatron_wd,
+    "policy.megatron_cfg.scheduler.end_weight_decay": _megatron_wd,
 }
 
 PRECISIONS = ("bfloat16", "float32")
@@ -384,6 +452,63 @@ def _coerce(value: Any, kind: type, nullable: bool) -> Any:
     raise TypeError(f"expected {expected}, got {type(value).__name__}{quote}")
 
 
+def _within(section: ConfigDict, tree: Mapping) -> bool:
+    """Whether every key of `tree` (recursively) is a key of `section`."""
+    for key, value in tree.items():
+        below = section.get(key) if key in section else None
+        if key not in section or (isinstance(value, Mapping) and value and not (
+                isinstance(below, ConfigDict) and _within(below, value))):
+            return False
+    return True
+
+
+def _fixed_problem(name: str, value: Any, want: Any, why: str) -> str:
+    expected = yaml.safe_dump(want, default_flow_style=True).strip().removesuffix("...").strip()
+    return _problem(f"policy.megatron_cfg.{name}", value, expected, why)
+
+
+def _megatron(tree: Mapping, section: ConfigDict, ignored: list[str],
+              problems: list[str]) -> Mapping | None:
+    """The part of a `policy.megatron_cfg` tree to write onto `section` (None: all of it ignored).
+
+    Enabled: the keys of `section` are kept (with any unknown optimizer / scheduler key, which
+    `_write` reports); `_MEGATRON_INERT` keys and every other top-level key (pipeline, context,
+    sequence and expert parallelism, fusions, DDP, ...; FSDP takes their place) are recorded as
+    ignored; `_MEGATRON_FIXED` keys at another value are problems. Disabled: ignored as a whole,
+    unless it has only jax_sft's keys (a saved config.yaml), which are written as they are.
+    """
+    prefix = "policy.megatron_cfg."
+    if not tree.get("enabled"):
+        if _within(section, tree):
+            return tree
+        ignored.append(prefix[:-1])
+        return None
+    kept: dict[str, Any] = {}
+    for key, value in tree.items():
+        fixed = {n.partition(".")[2]: w for n, w in _MEGATRON_FIXED.items()
+                 if n.startswith(key + ".")}
+        if key in _MEGATRON_INERT and isinstance(value, Mapping):
+            kept[key] = {}
+            for k, v in value.items():
+                if k in fixed:
+                    ignored.append(f"{prefix}{key}.{k}")
+                    if v != fixed[k][0]:
+                        problems.append(_fixed_problem(f"{key}.{k}", v, *fixed[k]))
+                elif k in _MEGATRON_INERT[key]:
+                    ignored.append(f"{prefix}{key}.{k}")
+                else:
+                    kept[key][k] = v
+        elif key in section:
+            kept[key] = value
+        else:
+            ignored.append(prefix + key)
+            for k, (want, why) in fixed.items():
+                v = value.get(k, want) if isinstance(value, Mapping) else want
+                if v != want:
+                    problems.append(_fixed_problem(f"{key}.{k}", v, want, why))
+    return kept
+
+
 def _write(node: ConfigDict, tree: Mapping, prefix: str, known: list[str],
            problems: list[str], ignored: list[str], added: Set[str] = frozenset()) -> None:
     """Writes `tree` onto `node` (whose keys are at `prefix`), appending to problems / ignored;
@@ -392,7 +517,11 @@ def _write(node: ConfigDict, tree: Mapping, prefix: str, known: list[str],
     for key, value in tree.items():
         path = f"{prefix}{key}"
         field = fields.get(key)
-        if path in IGNORED:
+        if path == "policy.megatron_cfg" and isinstance(value, Mapping):
+            value = _megatron(value, field, ignored, problems)
+            if value is not None:
+                _write(field, value, f"{path}.", known, problems, ignored, added)
+        elif path in IGNORED:
             ignored.append(path)
             if path in _MUST_BE_DISABLED and isinstance(value, Mapping) and value.get("enabled"):
                 why = _MUST_BE_DISABLED[path]
@@ -432,7 +561,17 @@ def _build(tree: Mapping, source: str, added: Set[str] = frozenset()) -> ConfigD
     cfg = default_config()
     problems: list[str] = []
     ignored: list[str] = []
+    policy = tree.get("policy")
+    if isinstance(policy, Mapping) and "optimizer" in policy and policy["optimizer"] is None:
+        # NeMo RL's Megatron recipes: the torch optimizer is replaced by megatron_cfg.optimizer.
+        megatron = policy.get("megatron_cfg")
+        if not (isinstance(megatron, Mapping) and megatron.get("enabled")):
+            problems.append(_problem("policy.optimizer", None, "a section {name, kwargs}",
+                                     "null only with policy.megatron_cfg.enabled=true"))
+        tree = {**tree, "policy": {k: v for k, v in policy.items() if k != "optimizer"}}
     _write(cfg, tree, "", _paths(cfg), problems, ignored, added)
+    ignored += [f"{key}={_get(cfg, key)!r}" for key, default in INERT.items()
+                if _get(cfg, key) != default]
     if ignored:
         listed = ", ".join(sorted(ignored))
         message = f"{source}: these NeMo RL keys do not apply to jax_sft and are ignored: {listed}"
@@ -454,6 +593,7 @@ _POSITIVE = (
     "policy.train_micro_batch_size", "policy.max_total_sequence_length",
     "data.max_input_seq_length", "policy.make_sequence_length_divisible_by",
     "policy.dtensor_cfg.tensor_parallel_size", "policy.dtensor_cfg.context_parallel_size",
+    "policy.dtensor_cfg.dp_replicate_size",
     "policy.sequence_packing.train_mb_tokens", "policy.sequence_packing.sequence_length_round",
     "policy.dynamic_batching.train_mb_tokens", "policy.dynamic_batching.sequence_length_round",
     "policy.jax_cfg.mesh.data", "policy.jax_cfg.mesh.tensor", "policy.jax_cfg.loss_chunk_size",
@@ -512,6 +652,8 @@ def _check(c: ConfigDict, derived: set[str]) -> list[str]:
         if mbs > 0 and gbs % mbs:
             expected = f"a multiple of {prefix}_micro_batch_size={mbs}"
             problems.append(_problem(f"{prefix}_global_batch_size", gbs, expected))
+    if c.policy.megatron_cfg.enabled:
+        problems += _check_megatron(c, derived)
     packing, p = c.policy.sequence_packing, c.policy
     if packing.enabled and p.dynamic_batching.enabled:
         problems.append(_problem("policy.sequence_packing.enabled", True, "false when "
@@ -521,6 +663,63 @@ def _check(c: ConfigDict, derived: set[str]) -> list[str]:
             "policy.sequence_packing.train_mb_tokens", packing.train_mb_tokens,
             f">= policy.max_total_sequence_length={p.max_total_sequence_length}",
             "a sequence of the longest length must fit in one packed micro-batch"))
+    return problems
+
+
+MEGATRON_OPTIMIZERS = ("adam", "sgd")
+MEGATRON_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+MEGATRON_WSD_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+MEGATRON_WD_STYLES = ("constant", "linear", "cosine")
+
+
+def _check_megatron(c: ConfigDict, derived: set[str]) -> list[str]:
+    """The problems of an enabled policy.megatron_cfg (what Megatron asserts)."""
+    m = c.policy.megatron_cfg
+    o, s = m.optimizer, m.scheduler
+    at = "policy.megatron_cfg."
+    checks = [
+        ("tensor_model_parallel_size", m.tensor_model_parallel_size,
+         m.tensor_model_parallel_size > 0, "a positive number"),
+        ("optimizer.lr", o.lr, o.lr > 0, "a positive number"),
+        ("optimizer.adam_eps", o.adam_eps, o.adam_eps > 0, "a positive number"),
+        ("optimizer.optimizer", o.optimizer, o.optimizer in MEGATRON_OPTIMIZERS,
+         "one of " + ", ".join(MEGATRON_OPTIMIZERS)),
+        ("optimizer.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, f"in [0, optimizer.lr={o.lr}]"),
+        ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "a number >= 0"),
+        ("optimizer.adam_beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "a number in [0, 1)"),
+        ("optimizer.adam_beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "a number in [0, 1)"),
+        ("optimizer.sgd_momentum", o.sgd_momentum, o.sgd_momentum >= 0, "a number >= 0"),
+        ("optimizer.clip_grad", o.clip_grad, o.clip_grad is None or o.clip_grad >= 0,
+         "a number >= 0 (0: no clipping), or null for policy.max_grad_norm"),
+        ("scheduler.lr_decay_style", s.lr_decay_style, s.lr_decay_style in MEGATRON_DECAY_STYLES,
+         "one of " + ", ".join(MEGATRON_DECAY_STYLES)),
+        ("scheduler.lr_wsd_decay_style", s.lr_wsd_decay_style,
+         s.lr_wsd_decay_style in MEGATRON_WSD_STYLES, "one of " + ", ".join(MEGATRON_WSD_STYLES)),
+        ("scheduler.weight_decay_incr_style", s.weight_decay_incr_style,
+         s.weight_decay_incr_style in MEGATRON_WD_STYLES, "one of " + ", ".join(MEGATRON_WD_STYLES)),
+        ("scheduler.lr_decay_iters", s.lr_decay_iters,
+         s.lr_decay_iters is None or s.lr_decay_iters > 0,
+         "a positive number, or null for the run's number of steps"),
+        ("scheduler.lr_wsd_decay_iters", s.lr_wsd_decay_iters,
+         s.lr_wsd_decay_iters is None or s.lr_wsd_decay_iters > 0,
+         "a positive number, or null for lr_decay_iters"),
+        ("scheduler.lr_warmup_iters", s.lr_warmup_iters, s.lr_warmup_iters >= 0, "a number >= 0"),
+        ("scheduler.lr_warmup_fraction", s.lr_warmup_fraction,
+         s.lr_warmup_fraction is None or (0 <= s.lr_warmup_fraction <= 1 and not s.lr_warmup_iters),
+         "null, or a number in [0, 1] with lr_warmup_iters=0"),
+        ("scheduler.lr_warmup_init", s.lr_warmup_init, 0 <= s.lr_warmup_init <= o.lr,
+         f"in [0, optimizer.lr={o.lr}]"),
+    ]
+    problems = [_problem(at + key, value, expected) for key, value, ok, expected in checks if not ok]
+    start, end = s.start_weight_decay, s.end_weight_decay
+    if not 0 <= start <= end:
+        given = f"{at}scheduler.start_weight_decay" not in derived
+        key = "start_weight_decay" if given else "end_weight_decay"
+        problems.append(_problem(f"{at}scheduler.{key}", s[key],
+                                 "0 <= scheduler.start_weight_decay <= scheduler.end_weight_decay"))
+    elif s.weight_decay_incr_style == "constant" and start != end:
+        problems.append(_problem(f"{at}scheduler.end_weight_decay", end,
+                                 f"start_weight_decay={start} (weight_decay_incr_style constant)"))
     return problems
 
 
@@ -535,10 +734,17 @@ def validate(cfg: ConfigDict | Mapping, source: str = "config",
     for key in derived:
         parent, _, leaf = key.rpartition(".")
         _get(c, parent)[leaf] = DERIVED[key](c)
-    problems = _check(c, derived)
+    problems = _check(c, derived) + _data_problems(c)
     if problems:
         raise ConfigError(problems, source)
     return c.lock()
+
+
+def _data_problems(c: ConfigDict) -> list[str]:
+    """Dataset names, dataset-section keys and processors (jax_sft.data.layout; no data is read)."""
+    from jax_sft.data.layout import check_data  # noqa: PLC0415  (the data package imports this module)
+
+    return check_data(c.data)
 
 
 # ------------------------------------------------------------------------------ public entry points

@@ -15,11 +15,11 @@ Keys whose NeMo RL value is an interpolation (`${policy.model_name}`, `${mul:...
 here and are resolved by `jax_sft.config.validate` (see `DERIVED` there), so that overriding the
 source key also moves the derived one. Keys whose default is null are ml-collections placeholders
 so that they stay overridable from the command line (`--config.data.val_data_path=/x.jsonl`);
-only placeholders accept null.
+only placeholders and FieldReferences (a default that also accepts null) accept null.
 """
 
 from ml_collections import config_dict
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 # NeMo RL's sft.yaml template for squad on a base model: "Context: ... Question: ... Answer: ...".
 SQUAD_TEMPLATE = (
@@ -83,7 +83,42 @@ def get_config() -> config_dict.ConfigDict:
             activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
             tensor_parallel_size=1,  # maps to the mesh's tensor axis
             context_parallel_size=1,
+            dp_replicate_size=1,  # HSDP: maps to the mesh's data axis (replicas; fsdp shards within)
             custom_parallel_plan=placeholder(str),
+        ),
+        # Keys merged into the model's config.json before the model is built (and exported), e.g.
+        # {rope_scaling: {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32768}}.
+        hf_config_overrides=placeholder(dict),
+        # NeMo RL's Megatron backend settings that mean something here (enabled: true maps them
+        # onto this backend; see jax_sft/optim.py make_megatron_optimizer); the rest of NeMo RL's
+        # megatron_cfg keys are listed in the IgnoredKeysWarning.
+        megatron_cfg=dict(
+            enabled=False,
+            tensor_model_parallel_size=1,  # maps to the mesh's tensor axis
+            activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
+            optimizer=dict(
+                optimizer="adam",  # "adam" (AdamW, decoupled weight decay) or "sgd"
+                lr=5.0e-6,
+                min_lr=4.9999e-6,
+                weight_decay=0.1,  # not on biases and norm weights (Megatron's param groups)
+                adam_beta1=0.9,
+                adam_beta2=0.98,
+                adam_eps=1.0e-5,
+                sgd_momentum=0.9,
+                clip_grad=placeholder(float),  # null: policy.max_grad_norm; 0: no clipping
+            ),
+            scheduler=dict(
+                lr_decay_style="constant",  # constant, linear, cosine, inverse-square-root, WSD
+                lr_decay_iters=placeholder(int),  # null: the run's number of steps
+                lr_warmup_iters=50,
+                lr_warmup_fraction=placeholder(float),  # of lr_decay_iters, instead of lr_warmup_iters
+                lr_warmup_init=4.9999e-6,
+                lr_wsd_decay_style="exponential",  # WSD: exponential, linear, cosine, minus_sqrt
+                lr_wsd_decay_iters=placeholder(int),  # WSD; null: lr_decay_iters
+                start_weight_decay=placeholder(float),  # null: optimizer.weight_decay
+                end_weight_decay=placeholder(float),  # null: optimizer.weight_decay
+                weight_decay_incr_style="constant",  # constant, linear, cosine
+            ),
         ),
         dynamic_batching=dict(
             enabled=False,
@@ -113,7 +148,7 @@ def get_config() -> config_dict.ConfigDict:
         # jax_sft's own keys: how this backend lays the model out and computes.
         jax_cfg=dict(
             mesh=dict(
-                data=1,  # pure data parallelism (replicated params)
+                data=placeholder(int),  # replicas (HSDP); null: dtensor_cfg.dp_replicate_size
                 fsdp=-1,  # -1: every device left after data and tensor
                 tensor=placeholder(int),  # null: dtensor_cfg.tensor_parallel_size
             ),
@@ -129,6 +164,7 @@ def get_config() -> config_dict.ConfigDict:
         ),
     )
     c.policy.max_grad_norm = 1.0
+    c.policy.megatron_cfg.scheduler.lr_decay_iters = 1000  # NeMo RL's sft.yaml
     c.policy.tokenizer.chat_template = SQUAD_TEMPLATE
 
     c.data = dict(
@@ -137,25 +173,32 @@ def get_config() -> config_dict.ConfigDict:
         add_eos=True,
         add_generation_prompt=False,
         shuffle=True,
+        # Today's layout (NeMo RL since 2026-01): data.train / data.validation = one dataset section
+        # {dataset_name, data_path, split, ...} or a list of them, data.default = keys every section
+        # lacks. When data.train is set it is used and the flat keys below must stay at their defaults.
+        # See jax_sft/data/layout.py for the keys each dataset takes.
+        train=placeholder(object),
+        validation=placeholder(object),
+        default=placeholder(object),
+        # The guide's flat layout (used when data.train is null). null: the dataset's own default.
         dataset_name="squad",
         prompt_file=placeholder(str),
         system_prompt_file=placeholder(str),
-        # The guide's flat keys for ResponseDataset / openai_format / hub datasets.
         train_data_path=placeholder(str),
         val_data_path=placeholder(str),
-        input_key="input",
-        output_key="output",
+        input_key=FieldReference("input", field_type=str),
+        output_key=placeholder(str),  # null: "output" (OpenMathInstruct-2: "generated_solution")
         train_split=placeholder(str),
         val_split=placeholder(str),
-        chat_key="messages",
+        chat_key=FieldReference("messages", field_type=str),
         system_key=placeholder(str),
         system_prompt=placeholder(str),
-        tool_key="tools",
-        use_preserving_dataset=False,
-        # openmathinstruct2 (NeMo RL's keys): hub split, and the validation carve-out.
-        split="train_1M",
-        test_size=0.05,
-        seed=42,
+        tool_key=FieldReference("tools", field_type=str),
+        use_preserving_dataset=FieldReference(False, field_type=bool),
+        # OpenMathInstruct-2 / open_assistant: the hub split, and the validation carve-out.
+        split=placeholder(str),  # null: the dataset's default ("train_1M" for OpenMathInstruct-2)
+        test_size=placeholder(float),  # null: the dataset's default (0.05)
+        seed=placeholder(int),  # null: 42
         # jax_sft's own keys.
         overlength="mask",  # "truncate", "drop" or "mask" (NeMo RL: kept, no loss)
         skip_examples_without_loss=False,  # false: a conversation with no loss token is an error

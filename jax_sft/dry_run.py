@@ -105,7 +105,8 @@ def _optimizer(cfg: Any) -> list[str]:
     from jax_sft.optim import optimizer_from_config
 
     jax.config.update("jax_platforms", "cpu")  # only the schedule is evaluated
-    _, schedule, description = optimizer_from_config(cfg)
+    # The number of steps is max_num_steps here: an epoch's length needs the data (read at start).
+    _, schedule, description = optimizer_from_config(cfg, cfg.sft.max_num_steps)
     last = max(cfg.sft.max_num_steps - 1, 0)
     points = sorted({0, 1, last // 2, last} & set(range(last + 1)))
     lrs = ", ".join(f"step {i}: {float(schedule(i)):.4g}" for i in points)

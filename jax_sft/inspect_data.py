@@ -25,7 +25,7 @@ import numpy as np
 
 from jax_sft.config import load_config, parse_args
 from jax_sft.data.chat import ConversationEncoder, load_tokenizer
-from jax_sft.data.datasets import build_dataset
+from jax_sft.data.layout import build_dataset
 from jax_sft.data.pipeline import apply_overlength
 
 _OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto"}

@@ -294,10 +294,10 @@ def test_lora_enabled_is_an_error(override):
     ]
 
 
-def test_megatron_enabled_is_an_error():
-    e = errors(NEMO_YAML, ["policy.megatron_cfg.enabled=true"])
-    assert len(e.problems) == 1
-    assert e.problems[0].startswith("policy.megatron_cfg.enabled=True: expected false; jax_sft is")
+def test_megatron_enabled_maps_onto_this_backend():  # details: test_megatron.py
+    cfg = load_quiet(NEMO_YAML, ["policy.megatron_cfg.enabled=true", "policy.optimizer=null",
+                                 "policy.megatron_cfg.tensor_model_parallel_size=2"])
+    assert cfg.policy.megatron_cfg.enabled and cfg.policy.jax_cfg.mesh.tensor == 2
 
 
 def test_yaml_round_trip(tmp_path):
@@ -395,6 +395,8 @@ def test_plus_adds_unknown_keys_with_the_warning_and_tilde_removes():
 
 def test_todays_nemo_rl_keys_without_meaning_here_are_named_in_the_warning():
     keys = ["cluster.segment_size=4", "policy.sequence_packing.microbatch_order=packer",
+            "policy.dtensor_cfg.sequence_parallel=true", "policy.dynamic_batching.enabled=true",
+            "policy.dtensor_cfg.context_parallel_size=2", "policy.dtensor_cfg.cpu_offload=true",
             "policy.dtensor_cfg.expert_parallel_size=1", "policy.dequantize_base_checkpoint=true",
             "policy.tokenizer.video.num_frames=16"]
     with pytest.warns(IgnoredKeysWarning) as record:

@@ -1,19 +1,15 @@
 """Dataset classes, the registry and bad input, on tiny local files of each hub schema."""
 
+import gzip
 import json
 import warnings
 
 import datasets as hf_datasets
 import pytest
 
-from jax_sft.data.datasets import (
-    DATASETS,
-    OASST_SYSTEM_PROMPT,
-    NoneFilledToolsWarning,
-    PreservingDataset,
-    TaskDataSpec,
-    build_dataset,
-)
+from jax_sft.config import ConfigError
+from jax_sft.data import DATASETS, build_dataset
+from jax_sft.data.datasets import OASST_SYSTEM_PROMPT, NoneFilledToolsWarning, PreservingDataset, TaskDataSpec
 from jax_sft.defaults import get_config
 
 
@@ -40,9 +36,10 @@ def test_squad_from_local_files(tmp_path):
         {"role": "system", "content": "Paris is in France."},
         {"role": "user", "content": "Where is Paris?"},
         {"role": "assistant", "content": "France"}]}
-    assert ds.task_spec == TaskDataSpec("SQuAD")
-    with pytest.raises(ValueError, match="set both data.train_data_path and data.val_data_path"):
-        build_dataset(cfg_with(dataset_name="squad", train_data_path=train))
+    assert [d.task_spec for d in ds.datasets] == [TaskDataSpec("squad")] * 2
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**row, "answers": {"text": [], "answer_start": []}}])
+    with pytest.raises(ValueError, match=r"squad .*bad.jsonl.* row 0: 'answers.text' is empty"):
+        build_dataset(cfg_with(train={"dataset_name": "squad", "data_path": bad}))
 
 
 def _oasst_rows():
@@ -67,11 +64,37 @@ def test_open_assistant_threads(tmp_path):
         [system, ("user", "Hi?"), ("assistant", "Hello."), ("user", "How are you?"), ("assistant", "Fine.")],
         [system, ("user", "Hi?"), ("assistant", "Hey.")],
     ]
-    assert isinstance(ds.formatted_ds["validation"], PreservingDataset)
+    assert len(ds.formatted_ds["validation"]) == 2
     bad = write_jsonl(tmp_path / "bad.jsonl", _oasst_rows() + [
         {"message_id": "x", "parent_id": "a3", "role": "moderator", "text": "?", "lang": "en"}])
     with pytest.raises(ValueError, match="message x: unknown role 'moderator'"):
         build_dataset(cfg_with(dataset_name="open_assistant", train_data_path=bad, val_data_path=train))
+
+
+def _tree(text, role="prompter", replies=()):
+    return {"text": text, "role": role, "replies": list(replies)}
+
+
+def test_open_assistant_trees_file_and_default_carve(tmp_path):
+    """NeMo RL's source: the trees file (`{"prompt": tree}` per line, gzipped); every root-to-leaf path,
+    one-message paths dropped, then 5% carved with seed 42."""
+    trees = [{"message_tree_id": f"t{i}", "prompt": _tree(f"q{i}", replies=[
+        _tree(f"a{i}", "assistant", [_tree(f"q{i}b", replies=[_tree(f"a{i}b", "assistant")])]),
+        _tree(f"c{i}", "assistant")])} for i in range(20)]
+    trees.append({"message_tree_id": "lonely", "prompt": _tree("alone")})
+    path = tmp_path / "oasst.trees.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(t) + "\n" for t in trees)
+    ds = build_dataset(cfg_with(train={"dataset_name": "open_assistant", "data_path": str(path)}))
+    sys = {"role": "system", "content": OASST_SYSTEM_PROMPT}
+    every = [[sys, {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
+              {"role": "user", "content": f"q{i}b"}, {"role": "assistant", "content": f"a{i}b"}] for i in range(20)]
+    every = [c for i in range(20) for c in (every[i], [sys, {"role": "user", "content": f"q{i}"},
+                                                        {"role": "assistant", "content": f"c{i}"}])]
+    index = hf_datasets.Dataset.from_dict({"i": list(range(40))}).train_test_split(test_size=0.05, seed=42)
+    assert [r["messages"] for r in ds.formatted_ds["train"]] == [every[i] for i in index["train"]["i"]]
+    assert [r["messages"] for r in ds.formatted_ds["validation"]] == [every[i] for i in index["test"]["i"]]
+    assert len(ds.formatted_ds["validation"]) == 2
 
 
 def test_openmathinstruct2_carves_a_seeded_validation_split(tmp_path):
@@ -196,17 +219,19 @@ def test_openai_format_system_key_and_missing_chat_key(tmp_path):
                  system_key="sys", use_preserving_dataset=True)
     assert build_dataset(c).formatted_ds["train"][0]["messages"][0] == {"role": "system", "content": "S"}
     c.data.chat_key = "messages"
-    with pytest.raises(KeyError, match=r"c.jsonl:1: missing key 'messages' \(data.chat_key\)"):
+    with pytest.raises(KeyError, match=r"c.jsonl:1: missing key 'messages' \(chat_key\)"):
         build_dataset(c)
 
 
 def test_unknown_dataset_name_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="'nope' is neither a registered dataset \\(squad, open_assistant, "
-                                         "openmathinstruct2, ResponseDataset"):
+    with pytest.raises(ConfigError, match="'nope' is neither a registered dataset nor an importable class.*"
+                                          r"\(supported: squad, open_assistant, OpenMathInstruct-2, "):
         build_dataset(cfg_with(dataset_name="nope"))
-    with pytest.raises(ValueError, match="neither a registered dataset"):
-        build_dataset(cfg_with(dataset_name="no_such_module:Data"))
-    assert set(DATASETS) >= {"squad", "open_assistant", "openmathinstruct2", "ResponseDataset", "openai_format"}
+    with pytest.raises(ConfigError, match="neither a registered dataset"):
+        build_dataset(cfg_with(train={"dataset_name": "no_such_module.Data"}))
+    assert set(DATASETS) >= {"squad", "open_assistant", "OpenMathInstruct-2", "NuminaMath-1.5", "OpenR1-Math-220k",
+                             "tulu3_sft_mixture", "Nemotron-Cascade-2-SFT-Math", "general-conversation-jsonl",
+                             "arrow_text", "GSM8K", "gsm8k", "DeepScaler", "openai_format", "ResponseDataset"}
 
 
 def test_user_dataset_class_by_dotted_path(tmp_path, monkeypatch):

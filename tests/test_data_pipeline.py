@@ -329,3 +329,64 @@ def test_resume_in_a_new_process_across_an_epoch_boundary(fixture_tokenizer_path
     other = build(fixture_tokenizer_path, files, **{**kw, "sft.seed": 7}).train_iterator()
     with pytest.raises(ValueError, match="saved for different data or settings.*'seed': \\(42, 7\\)"):
         other.set_state(state)
+
+
+_NO_FLAT = {"data.dataset_name": "squad", "data.use_preserving_dataset": False, "data.train_data_path": None,
+            "data.val_data_path": None}
+
+
+@pytest.mark.parametrize("case", ["openai_format", "openmathinstruct2"])
+def test_flat_and_today_layouts_give_identical_batches(fixture_tokenizer_path, files, tmp_path, case):
+    """The guide's flat keys and today's data.train / data.validation / data.default describing the same
+    data give the same rows, token ids, masks and steps (two epochs) and the same validation batches."""
+    train, val = files
+    if case == "openai_format":
+        flat = {}
+        today = {**_NO_FLAT, "data.train": {"dataset_name": "openai_format", "data_path": train},
+                 "data.validation": {"dataset_name": "openai_format", "data_path": val},
+                 "data.default": {"use_preserving_dataset": True}}
+    else:  # a validation split carved from train, and a prompt file
+        rows = [{"problem": f"problem {i} " + "w " * (i % 7), "generated_solution": f"solution {i}",
+                 "expected_answer": str(i)} for i in range(40)]
+        path = write_jsonl(tmp_path / "omi2.jsonl", rows)
+        (tmp_path / "math.txt").write_text("Solve: {}")
+        flat = {**_NO_FLAT, "data.dataset_name": "openmathinstruct2", "data.train_data_path": path,
+                "data.test_size": 0.2, "data.seed": 3, "data.prompt_file": str(tmp_path / "math.txt")}
+        today = {**_NO_FLAT, "data.train": {"dataset_name": "OpenMathInstruct-2", "data_path": path,
+                                            "output_key": "generated_solution", "split_validation_size": 0.2,
+                                            "seed": 3},
+                 "data.validation": None,
+                 "data.default": {"prompt_file": str(tmp_path / "math.txt"), "processor": "sft_processor"}}
+    a = build(fixture_tokenizer_path, files, **flat)
+    b = build(fixture_tokenizer_path, files, **today)
+    if case != "openai_format":
+        assert b.dataset.formatted_ds["train"][0]["messages"][0]["content"].startswith("Solve: problem ")
+        assert (a.num_train_examples, a.num_val_examples) == (32, 8)
+    assert (a.num_train_examples, a.num_val_examples) == (b.num_train_examples, b.num_val_examples)
+    for x, y in ((a.train_split, b.train_split), (a.val_split, b.val_split)):
+        for k in ("tokens", "loss", "starts", "source"):
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k))
+    ia, ib = a.train_iterator(), b.train_iterator()
+    for _ in range(2 * a.steps_per_epoch):
+        sa, sb = next(ia), next(ib)
+        np.testing.assert_array_equal(sa.indices, sb.indices)
+        assert len(sa.micro_batches) == len(sb.micro_batches)
+        for ma, mb in zip(sa.micro_batches, sb.micro_batches):
+            for k in ARRAY_KEYS:
+                np.testing.assert_array_equal(ma[k], mb[k])
+    val_a, val_b = list(a.val_batches()), list(b.val_batches())
+    assert len(val_a) == len(val_b) > 0
+    for ma, mb in zip(val_a, val_b):
+        for k in ARRAY_KEYS:
+            np.testing.assert_array_equal(ma[k], mb[k])
+
+
+def test_no_validation_data(fixture_tokenizer_path, files):
+    """validation: null and nothing carved: no validation batches; NeMo RL requires sft.val_period <= 0 then."""
+    today = {**_NO_FLAT, "data.train": {"dataset_name": "openai_format", "data_path": files[0]},
+             "data.validation": None, "data.default": {"use_preserving_dataset": True}}
+    data = build(fixture_tokenizer_path, files, **today, **{"sft.val_period": 0})
+    assert (data.num_val_examples, data.num_val_batches, list(data.val_batches())) == (0, 0, [])
+    assert data.steps_per_epoch == 30 // 8
+    with pytest.raises(ValueError, match=r"sft.val_period=10: expected 0 when there is no validation data"):
+        build(fixture_tokenizer_path, files, **today, **{"sft.val_period": 10})

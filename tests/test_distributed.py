@@ -406,6 +406,11 @@ def test_sbatch_parses_and_its_dry_run_prints_the_srun_command():
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-2000:]
 
+    # T tasks per node (sbatch --ntasks-per-node) share the node's CPUs.
+    out = subprocess.run(["bash", str(SBATCH)], env={**env, "TASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "96"},
+                         capture_output=True, text=True, timeout=30)
+    assert "srun --nodes=2 --ntasks-per-node=2 --kill-on-bad-exit=1 --cpus-per-task=48 python " in out.stdout, out
+
     env.update(CONTAINER_IMAGE="nvcr.io/nvidia/jax:25.10-py3", CPUS_PER_TASK="64", PYTHON="python3")
     out = subprocess.run(["bash", str(SBATCH), "x.y=1"], env=env, capture_output=True, text=True, timeout=30)
     srun = next(line for line in out.stdout.splitlines() if line.startswith("srun "))

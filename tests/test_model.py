@@ -223,9 +223,9 @@ def test_rope_old_and_new_naming_agree():
     assert new.rope == old.rope == older.rope == RopeConfig(500000.0, "llama3", 8.0, 1.0, 4.0, 8192)
     plain = ModelConfig.from_hf_dict({**BASE, "architectures": ["LlamaForCausalLM"]})
     assert plain.rope == RopeConfig(theta=10000.0)
-    with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
+    with pytest.raises(ValueError, match="rope_type='dynamic' is not supported"):
         ModelConfig.from_hf_dict({**BASE, "architectures": ["LlamaForCausalLM"],
-                                  "rope_scaling": {"type": "yarn", "factor": 4.0}})
+                                  "rope_scaling": {"type": "dynamic", "factor": 4.0}})
 
 
 def test_sliding_window_layers_follow_hf():

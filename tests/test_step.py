@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +157,24 @@ def test_chunk_size_must_divide_sequence():
     with pytest.raises(ValueError, match="loss_chunk_size=24"):
         masked_nll_sum(jnp.zeros((1, 64, 4)), jnp.zeros((4, 8)), jnp.zeros((1, 64), jnp.int32),
                        jnp.ones((1, 64)), 24)
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_non_finite_step_leaves_params_and_optimizer_state_unchanged(poison):
+    fns, params, opt_state, bs = setup(jax.devices()[:1])
+    before = [np.asarray(x).copy() for x in jax.tree.leaves((params, opt_state))]
+    acc = fns.init_accumulator(params)
+    acc = fns.micro_step(params, acc, {k: jax.device_put(v, bs) for k, v in rows(2).items()})
+    if poison == "loss":
+        acc = dataclasses.replace(acc, loss_sum=acc.loss_sum * jnp.nan)
+    else:  # one NaN gradient entry (the loss stays finite)
+        leaves, treedef = jax.tree.flatten(acc.grads)
+        leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+        acc = dataclasses.replace(acc, grads=jax.tree.unflatten(treedef, leaves))
+    params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(0))
+    finite = np.isfinite(float(metrics["train/loss"])) and np.isfinite(float(metrics["train/grad_norm"]))
+    assert not finite
+    after = [np.asarray(x) for x in jax.tree.leaves((params, opt_state))]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)  # bit for bit: the update was not applied
+    assert fns.apply._cache_size() == 1

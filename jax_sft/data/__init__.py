@@ -1,6 +1,7 @@
 """The data side of jax_sft: datasets, chat templates, loss masks and the Grain batch pipeline.
 
     tokenizer = load_tokenizer(cfg)                     # policy.tokenizer + chat-template choice
+    describe_data(cfg)                                  # one line per dataset; checks, loads nothing
     data = SFTData(cfg, tokenizer, dp_size=dp)          # builds the dataset, tokenises up front
     it = data.train_iterator()                          # StepBatch per optimizer step
     state = it.get_state(); it.set_state(state)         # JSON-serialisable, exact resume
@@ -9,14 +10,10 @@
 """
 
 from jax_sft.data.chat import PASSTHROUGH_TEMPLATE, ConversationEncoder, Encoded, load_tokenizer, resolve_chat_template
-from jax_sft.data.datasets import (
-    DATASETS,
-    NoneFilledToolsWarning,
-    PreservingDataset,
-    SFTDataset,
-    TaskDataSpec,
-    build_dataset,
-)
+from jax_sft.data.builtin import REGISTRY as DATASETS
+from jax_sft.data.builtin import RawDataset
+from jax_sft.data.datasets import NoneFilledToolsWarning, PreservingDataset, SFTDataset, TaskDataSpec
+from jax_sft.data.layout import MixedRows, build_dataset, check_data, describe_data
 from jax_sft.data.pipeline import (
     ARRAY_KEYS,
     Layout,
@@ -29,8 +26,8 @@ from jax_sft.data.pipeline import (
 )
 
 __all__ = [
-    "ARRAY_KEYS", "DATASETS", "PASSTHROUGH_TEMPLATE", "ConversationEncoder", "Encoded", "Layout",
-    "NoneFilledToolsWarning", "PreservingDataset", "SFTData", "SFTDataset", "StepBatch", "TaskDataSpec",
-    "TokenizedSplit", "TrainIterator", "apply_overlength", "build_dataset", "load_tokenizer",
-    "pad_micro_batches", "resolve_chat_template",
+    "ARRAY_KEYS", "DATASETS", "PASSTHROUGH_TEMPLATE", "ConversationEncoder", "Encoded", "Layout", "MixedRows",
+    "NoneFilledToolsWarning", "PreservingDataset", "RawDataset", "SFTData", "SFTDataset", "StepBatch",
+    "TaskDataSpec", "TokenizedSplit", "TrainIterator", "apply_overlength", "build_dataset", "check_data",
+    "describe_data", "load_tokenizer", "pad_micro_batches", "resolve_chat_template",
 ]

@@ -1,21 +1,18 @@
-"""SFT datasets: NeMo RL's dataset contract, its built-in datasets and a registry.
+"""The dataset contract shared by both config layouts, and the pieces the datasets are built from.
 
-A dataset is any object with
+What the pipeline consumes is an object with
 
   * `formatted_ds`: `{"train": rows, "validation": rows}`, where `rows` supports `len()` and
     integer indexing and each row is a dict in Hugging Face chat format,
     `{"messages": [{"role": ..., "content": ...}, ...]}`, optionally with `"tools"` (a list of
     JSON schemas handed to the chat template);
-  * `task_spec`: a `TaskDataSpec`.
+  * `task_spec`: a `TaskDataSpec` applied to every row by the encoder, or None when the rows
+    carry their own prompts already (mixed datasets: `jax_sft.data.layout.MixedRows`).
 
-`data.dataset_name` picks one: a registered name (`DATASETS`) or a user class as a dotted path,
-`"pkg.module:Class"` (or `"pkg.module.Class"`). Constructor contract, for built-ins and user
-classes alike: `Class(data_cfg)`, where `data_cfg` is the run config's `data` section (an
-ml-collections ConfigDict; read it with `data_cfg.get(key, default)` for keys of your own).
-
-Hub datasets load with `datasets.load_dataset` (so `HF_DATASETS_CACHE` and `HF_HUB_OFFLINE` apply);
-each built-in also reads local files of the hub dataset's schema from `data.train_data_path` /
-`data.val_data_path` (`.jsonl`, `.json`, `.parquet`, or a dataset folder).
+The datasets themselves are in `jax_sft.data.builtin` (NeMo RL's registered names) and the two
+config layouts are read by `jax_sft.data.layout` (`build_dataset`, `describe_data`). A user class
+in the guide's protocol, `Class(data_cfg)` giving `formatted_ds` and `task_spec`, is named by the
+flat `data.dataset_name` as a dotted path `"pkg.module:Class"` (or `"pkg.module.Class"`).
 """
 
 from __future__ import annotations
@@ -34,9 +31,8 @@ import datasets as hf_datasets
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TaskDataSpec", "SFTDataset", "PreservingDataset", "DATASETS", "build_dataset", "load_rows",
-    "read_json_records", "SquadDataset", "OasstDataset", "OpenMathInstruct2Dataset",
-    "ResponseDataset", "OpenAIFormatDataset", "NoneFilledToolsWarning",
+    "TaskDataSpec", "SFTDataset", "PreservingDataset", "build_dataset", "load_rows", "read_json_records",
+    "oasst_conversations", "OpenAIFormatDataset", "NoneFilledToolsWarning", "OASST_SYSTEM_PROMPT",
 ]
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -79,7 +75,7 @@ def _read_text(path: str, key: str) -> str:
 
 class SFTDataset(Protocol):
     formatted_ds: dict[str, Any]
-    task_spec: TaskDataSpec
+    task_spec: TaskDataSpec | None
 
 
 class PreservingDataset(Sequence):
@@ -172,20 +168,6 @@ def _column(ds, name: str, where: str) -> None:
         raise KeyError(f"{where}: no column {name!r}; the columns are {cols}")
 
 
-def _local_or_hub(data_cfg, hub_id: str, train_split: str, val_split: str) -> dict[str, hf_datasets.Dataset]:
-    """train/validation Arrow datasets: from data.train_data_path / val_data_path when set (both),
-    else the hub dataset's splits (data.train_split / val_split override the split names)."""
-    train_path, val_path = data_cfg.get("train_data_path"), data_cfg.get("val_data_path")
-    if (train_path is None) != (val_path is None):
-        raise ValueError(f"{hub_id}: set both data.train_data_path and data.val_data_path (local files of the "
-                         "hub schema), or neither (load from the hub)")
-    if train_path is not None:
-        return {"train": load_rows(train_path, data_cfg.get("train_split"), key="data.train_data_path"),
-                "validation": load_rows(val_path, data_cfg.get("val_split"), key="data.val_data_path")}
-    return {"train": hf_datasets.load_dataset(hub_id, split=data_cfg.get("train_split") or train_split),
-            "validation": hf_datasets.load_dataset(hub_id, split=data_cfg.get("val_split") or val_split)}
-
-
 def _format(ds: hf_datasets.Dataset, fn: Callable[[dict, int], dict], where: str) -> hf_datasets.Dataset:
     return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"formatting {where}")
 
@@ -193,51 +175,11 @@ def _format(ds: hf_datasets.Dataset, fn: Callable[[dict, int], dict], where: str
 # ----------------------------------------------------------------------------- built-in datasets
 
 
-class SquadDataset:
-    """rajpurkar/squad: system = context, user = question, assistant = the first answer."""
-
-    def __init__(self, data_cfg):
-        raw = _local_or_hub(data_cfg, "rajpurkar/squad", "train", "validation")
-        self.formatted_ds = {}
-        for split, ds in raw.items():
-            for col in ("context", "question", "answers"):
-                _column(ds, col, f"squad {split}")
-            self.formatted_ds[split] = _format(ds, _format_squad, f"squad {split}")
-        self.task_spec = TaskDataSpec("SQuAD", data_cfg.get("prompt_file"), data_cfg.get("system_prompt_file"))
-
-
-def _format_squad(row: dict, index: int) -> dict:
-    answers = row["answers"]["text"]
-    if not answers:
-        raise ValueError(f"squad row {index}: 'answers.text' is empty")
-    return {"messages": [
-        {"role": "system", "content": row["context"]},
-        {"role": "user", "content": row["question"]},
-        {"role": "assistant", "content": answers[0]},
-    ]}
-
-
 OASST_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions.\n\n"
 )
 _OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
-
-
-class OasstDataset:
-    """OpenAssistant/oasst1: message trees (rows linked by message_id / parent_id) -> conversations.
-
-    As NeMo RL's oasst.py: every path from a tree's root to a leaf is one conversation, opened by
-    NeMo RL's system prompt; roles prompter -> user, assistant -> assistant; paths of fewer than
-    two messages are dropped. The train/validation splits are the hub dataset's. (NeMo RL itself
-    downloads the `*_oasst_all.trees.jsonl.gz` file and splits its trees 95/5 with seed 42.)
-    """
-
-    def __init__(self, data_cfg):
-        raw = _local_or_hub(data_cfg, "OpenAssistant/oasst1", "train", "validation")
-        self.formatted_ds = {split: PreservingDataset(oasst_conversations(ds, f"oasst {split}"))
-                             for split, ds in raw.items()}
-        self.task_spec = TaskDataSpec("OASST", data_cfg.get("prompt_file"), data_cfg.get("system_prompt_file"))
 
 
 def oasst_conversations(ds, where: str) -> list[dict]:
@@ -272,96 +214,19 @@ def oasst_conversations(ds, where: str) -> list[dict]:
     return out
 
 
-_OMI2_SPLITS = ("train", "train_1M", "train_2M", "train_5M")
-
-
-class OpenMathInstruct2Dataset:
-    """nvidia/OpenMathInstruct-2: user = `problem`, assistant = `data.output_key`.
-
-    As NeMo RL: the hub split `data.split` (default "train_1M"), of which a validation split of
-    `data.test_size` (default 0.05) is carved with `train_test_split(seed=data.seed)` (default 42).
-    `data.output_key` left at the ResponseDataset default "output" (not an OpenMathInstruct-2 column)
-    means "generated_solution", the SFT target of NeMo RL's sft_openmathinstruct2.yaml. With
-    data.train_data_path (a local file of this schema) the file replaces the hub split; with
-    data.val_data_path too, no validation split is carved.
-    """
-
-    def __init__(self, data_cfg):
-        output_key = data_cfg.get("output_key") or "output"
-        self.output_key = "generated_solution" if output_key == "output" else output_key
-        split = data_cfg.split
-        train_path, val_path = data_cfg.get("train_data_path"), data_cfg.get("val_data_path")
-        if train_path is not None:
-            source = load_rows(train_path, key="data.train_data_path")
-        else:
-            if split not in _OMI2_SPLITS:
-                raise ValueError(f"data.split={split!r}: expected one of {_OMI2_SPLITS}")
-            source = hf_datasets.load_dataset("nvidia/OpenMathInstruct-2", split=split)
-        if val_path is not None:
-            raw = {"train": source, "validation": load_rows(val_path, key="data.val_data_path")}
-        else:
-            parts = source.train_test_split(test_size=data_cfg.test_size, seed=data_cfg.seed)
-            raw = {"train": parts["train"], "validation": parts["test"]}
-        self.formatted_ds = {}
-        for name, ds in raw.items():
-            for col in ("problem", self.output_key):
-                _column(ds, col, f"openmathinstruct2 {name}")
-            self.formatted_ds[name] = _format(ds, self._format, f"openmathinstruct2 {name}")
-        self.task_spec = TaskDataSpec("OpenMathInstruct-2", data_cfg.get("prompt_file"),
-                                      data_cfg.get("system_prompt_file"))
-
-    def _format(self, row: dict, index: int) -> dict:
-        return {"messages": [{"role": "user", "content": row["problem"]},
-                             {"role": "assistant", "content": row[self.output_key]}]}
-
-
-class ResponseDataset:
-    """Input/output pairs from local files or a hub dataset: user = row[data.input_key],
-    assistant = row[data.output_key]. Rows that already have a `messages` column are taken as
-    chat rows. `data.train_split` / `data.val_split` pick hub splits."""
-
-    def __init__(self, data_cfg):
-        self.input_key = data_cfg.get("input_key") or "input"
-        self.output_key = data_cfg.get("output_key") or "output"
-        self.formatted_ds = {}
-        for split, key, split_key in (("train", "train_data_path", "train_split"),
-                                      ("validation", "val_data_path", "val_split")):
-            path = data_cfg.get(key)
-            if path is None:
-                raise ValueError(f"ResponseDataset: data.{key} is required (a .jsonl/.json/.parquet file or a hub id)")
-            ds = load_rows(path, data_cfg.get(split_key), key=f"data.{key}")
-            if "messages" in ds.column_names:
-                self.formatted_ds[split] = ds.select_columns(
-                    ["messages"] + (["tools"] if "tools" in ds.column_names else []))
-                continue
-            for col in (self.input_key, self.output_key):
-                _column(ds, col, f"data.{key}={path!r}")
-            self.formatted_ds[split] = _format(ds, lambda row, i, p=path: self._format(row, f"{p} row {i}"),
-                                               f"{path} ({split})")
-        self.task_spec = TaskDataSpec("ResponseDataset", data_cfg.get("prompt_file"),
-                                      data_cfg.get("system_prompt_file"))
-
-    def _format(self, row: dict, where: str) -> dict:
-        for key in (self.input_key, self.output_key):
-            if row[key] is None:  # Arrow gives a row without the key None
-                raise KeyError(f"{where}: missing key {key!r}")
-        return {"messages": [{"role": "user", "content": row[self.input_key]},
-                             {"role": "assistant", "content": row[self.output_key]}]}
-
-
 class NoneFilledToolsWarning(UserWarning):
     """Tool schemas or tool-call arguments with null values: likely keys added by Arrow schema
     unification; `data.use_preserving_dataset=true` keeps each row's own keys."""
 
 
 class OpenAIFormatDataset:
-    """Conversations in OpenAI chat format, with tool calling (NeMo RL's `openai_format`).
+    """Rows of conversations in OpenAI chat format, with tool calling (NeMo RL's `openai_format`).
 
-    Each record: `{data.chat_key: [messages...], data.tool_key: [tool schemas...]?,
-    data.system_key: "..."?}`. A system message is put first from the record's `data.system_key`
-    or else `data.system_prompt`. The last message must be the assistant's.
+    Each record: `{chat_key: [messages...], tool_key: [tool schemas...]?, system_key: "..."?}`. A
+    system message is put first from the record's `system_key` or else `system_prompt`. The last
+    message must be the assistant's.
 
-    `data.use_preserving_dataset=true`: records are read line by line with `json` and kept as plain
+    `use_preserving_dataset=true`: records are read line by line with `json` and kept as plain
     dicts (`PreservingDataset`), so heterogeneous tool schemas and arguments keep exactly their own
     keys. `false`: NeMo RL's Arrow path (`datasets.load_dataset("json")`). Arrow gives all rows one
     schema; where it builds that schema by unifying dicts it adds every key seen anywhere as None
@@ -371,37 +236,31 @@ class OpenAIFormatDataset:
     values are found in tool schemas or arguments on the Arrow path.
     """
 
-    def __init__(self, data_cfg):
-        self.chat_key = data_cfg.get("chat_key") or "messages"
-        self.system_key = data_cfg.get("system_key")
-        self.system_prompt = data_cfg.get("system_prompt")
-        self.tool_key = data_cfg.get("tool_key")
-        if data_cfg.get("system_prompt_file") is not None:
-            raise ValueError("openai_format: data.system_prompt_file is not supported (as in NeMo RL); "
-                             "use data.system_prompt or data.system_key")
-        preserving = bool(data_cfg.get("use_preserving_dataset", False))
-        self.formatted_ds = {}
-        for split, key in (("train", "train_data_path"), ("validation", "val_data_path")):
-            path = data_cfg.get(key)
-            if path is None:
-                raise ValueError(f"openai_format: data.{key} is required")
-            if preserving:
-                if Path(path).suffix not in (".jsonl", ".json"):
-                    raise ValueError(f"data.{key}={path!r}: data.use_preserving_dataset reads JSON lines; "
-                                     "expected a .jsonl or .json file")
-                rows = [self.format(rec, f"{path}:{lineno}") for lineno, rec in read_json_records(path)]
-                self.formatted_ds[split] = PreservingDataset(rows)
-            else:
-                ds = load_rows(path, key=f"data.{key}")
-                ds = ds.map(lambda rec, i, p=path: self.format(rec, f"{p} row {i}"), with_indices=True,
-                            remove_columns=ds.column_names, desc=f"formatting {path}")
-                _warn_if_none_filled(ds, path)
-                self.formatted_ds[split] = ds
-        self.task_spec = TaskDataSpec("openai_format", data_cfg.get("prompt_file"))
+    def __init__(self, chat_key: str | None = "messages", system_key: str | None = None,
+                 system_prompt: str | None = None, tool_key: str | None = "tools",
+                 use_preserving_dataset: bool | None = False):
+        self.chat_key = chat_key or "messages"
+        self.system_key, self.system_prompt, self.tool_key = system_key, system_prompt, tool_key
+        self.preserving = bool(use_preserving_dataset)
+
+    @classmethod
+    def load(cls, path: str, keys: dict, key: str):
+        """The formatted rows of the file `path` (`key`: its config key, for errors)."""
+        self = cls(**keys)
+        if self.preserving:
+            if Path(path).suffix not in (".jsonl", ".json"):
+                raise ValueError(f"{key}={path!r}: use_preserving_dataset reads JSON lines; expected a .jsonl "
+                                 "or .json file")
+            return PreservingDataset([self.format(rec, f"{path}:{lineno}") for lineno, rec in read_json_records(path)])
+        ds = load_rows(path, key=key)
+        ds = ds.map(lambda rec, i: self.format(rec, f"{path} row {i}"), with_indices=True,
+                    remove_columns=ds.column_names, desc=f"formatting {path}")
+        _warn_if_none_filled(ds, path)
+        return ds
 
     def format(self, record: dict, where: str) -> dict:
         if self.chat_key not in record or record[self.chat_key] is None:
-            raise KeyError(f"{where}: missing key {self.chat_key!r} (data.chat_key); the keys are {sorted(record)}")
+            raise KeyError(f"{where}: missing key {self.chat_key!r} (chat_key); the keys are {sorted(record)}")
         messages = list(record[self.chat_key])
         if not messages:
             raise ValueError(f"{where}: {self.chat_key!r} is an empty conversation")
@@ -444,19 +303,11 @@ def _warn_if_none_filled(ds: hf_datasets.Dataset, path: str) -> None:
                   stacklevel=3)
 
 
-# ----------------------------------------------------------------------------- registry
-
-DATASETS: dict[str, type] = {
-    "squad": SquadDataset,
-    "open_assistant": OasstDataset,
-    "openmathinstruct2": OpenMathInstruct2Dataset,
-    "ResponseDataset": ResponseDataset,
-    "prompt_response_dataset": ResponseDataset,  # NeMo RL's older name
-    "openai_format": OpenAIFormatDataset,
-}
+# ----------------------------------------------------------------------------- building
 
 
 def _import_class(name: str):
+    """The object at dotted path "pkg.module:Class" or "pkg.module.Class"."""
     module, sep, attr = name.partition(":")
     if not sep:
         module, _, attr = name.rpartition(".")
@@ -468,27 +319,8 @@ def _import_class(name: str):
     return obj
 
 
-def build_dataset(cfg) -> SFTDataset:
-    """The dataset named by `cfg.data.dataset_name`, constructed as `Class(cfg.data)` and checked
-    for `formatted_ds` ({"train", "validation"}) and `task_spec`."""
-    name = cfg.data.dataset_name
-    if name in DATASETS:
-        cls = DATASETS[name]
-    else:
-        try:
-            cls = _import_class(name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"data.dataset_name={name!r} is neither a registered dataset ({', '.join(DATASETS)}) "
-                             f"nor an importable class 'pkg.module:Class' ({e})") from e
-    dataset = cls(cfg.data)
-    formatted = getattr(dataset, "formatted_ds", None)
-    if not isinstance(formatted, dict) or not {"train", "validation"} <= set(formatted):
-        raise TypeError(f"data.dataset_name={name!r}: {cls.__name__}.formatted_ds must be a dict with 'train' and "
-                        f"'validation' splits, got {type(formatted).__name__}"
-                        + (f" with keys {sorted(formatted)}" if isinstance(formatted, dict) else ""))
-    if not isinstance(getattr(dataset, "task_spec", None), TaskDataSpec):
-        raise TypeError(f"data.dataset_name={name!r}: {cls.__name__}.task_spec must be a "
-                        "jax_sft.data.TaskDataSpec")
-    log.info("dataset %s: %d train, %d validation conversations", name, len(formatted["train"]),
-             len(formatted["validation"]))
-    return dataset
+def build_dataset(cfg):
+    """`jax_sft.data.layout.build_dataset` (kept here for imports of the earlier layout)."""
+    from jax_sft.data.layout import build_dataset as build  # noqa: PLC0415  (layout imports this module)
+
+    return build(cfg)

@@ -49,7 +49,8 @@ from absl import flags as absl_flags
 
 from jax_sft.data.chat import ConversationEncoder
 from jax_sft.distributed import allgather_ints
-from jax_sft.data.datasets import SFTDataset, build_dataset
+from jax_sft.data.datasets import SFTDataset
+from jax_sft.data.layout import build_dataset
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 OVERLENGTH = ("truncate", "drop", "mask")
 PACKING = ("modified_first_fit_decreasing", "first_fit_decreasing", "first_fit", "best_fit")
 _STATE_VERSION = 1
+NO_VALIDATION = ("sft.val_period={}: expected 0 when there is no validation data (data.validation is null and no "
+                 "train dataset carves a split with split_validation_size), as NeMo RL requires; or give validation "
+                 "data")
 
 
 # ----------------------------------------------------------------------------- the token cache
@@ -496,6 +500,8 @@ class SFTData:
         self.encoder = ConversationEncoder.from_config(cfg, tokenizer, self.dataset.task_spec)
         train_rows, val_rows = self.dataset.formatted_ds["train"], self.dataset.formatted_ds["validation"]
         self.num_train_examples, self.num_val_examples = len(train_rows), len(val_rows)
+        if not len(val_rows) and cfg.sft.val_period > 0:
+            raise ValueError(NO_VALIDATION.format(cfg.sft.val_period))
         common = dict(max_length=L.max_length, overlength=cfg.data.overlength,
                       skip_without_loss=bool(cfg.data.skip_examples_without_loss),
                       num_workers=int(cfg.data.get("num_workers") or 0))

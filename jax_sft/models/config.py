@@ -7,13 +7,21 @@ same thing here as in `transformers`.
 
 RoPE: transformers 5 writes `rope_parameters` {"rope_type", "rope_theta", ...}; older files write
 `rope_theta` beside `rope_scaling` {"type" or "rope_type", ...}. Both are read; rope types
-"default", "linear" and "llama3" are supported, anything else raises.
+"default", "linear", "llama3" and "yarn" are supported, anything else raises.
+
+`apply_overrides` merges NeMo RL's `policy.hf_config_overrides` into a config dict as
+`AutoConfig.from_pretrained(path, **overrides)` does (top-level keys replace the file's); a
+`rope_scaling` override replaces the file's RoPE dict, under the key the file uses.
+
+Architectures that the configs name but this decoder cannot build (vision-language, Mamba hybrids,
+mixture-of-experts) fail in `ModelConfig.from_hf_dict` with one line naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = (
@@ -22,19 +30,32 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
 )
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# What the architectures that jax_sft cannot build are, by model_type (and architecture name).
+_UNSUPPORTED_KINDS = (
+    ("a vision-language model", ("ForConditionalGeneration", "_vl", "vl_", "llava", "vision",
+                                 "idefics", "smolvlm", "mllama", "paligemma")),
+    ("a Mamba hybrid", ("nemotron_h", "nemotronh", "mamba", "jamba", "zamba", "falcon_h1")),
+    ("a mixture-of-experts model (MoE support is not built yet)",
+     ("moe", "gpt_oss", "gptoss", "mixtral", "deepseek", "dbrx", "olmoe", "granitemoe")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding: `theta` base; `rope_type` "default" | "linear" | "llama3" with its fields."""
+    """Rotary embedding: `theta` base; `rope_type` "default" | "linear" | "llama3" | "yarn" with
+    its fields (as transformers' modeling_rope_utils reads them)."""
 
     theta: float
     rope_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int = 8192  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 and yarn
+    beta_fast: float = 32.0  # yarn only
+    beta_slow: float = 1.0  # yarn only
+    truncate: bool = True  # yarn only
+    attention_factor: float = 1.0  # yarn: scales cos and sin (transformers' attention_scaling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,16 +93,22 @@ class ModelConfig:
     def family(self) -> str:
         return self.architecture.removesuffix("ForCausalLM").lower()
 
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model is configured for: max_position_embeddings, or for YaRN
+        the extended length factor x original_max_position_embeddings when that is longer."""
+        if self.rope.rope_type == "yarn":
+            extended = int(self.rope.factor * self.rope.original_max_position_embeddings)
+            return max(self.max_position_embeddings, extended)
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Reads an HF config dict; `source` names the file in error messages."""
         archs = d.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            raise ValueError(
-                f"{source}: architectures={archs!r} is not supported; "
-                f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(_unsupported(archs, d.get("model_type"), source))
 
         def req(key: str) -> Any:
             if d.get(key) is None:
@@ -145,6 +172,33 @@ class ModelConfig:
         return d
 
 
+def _unsupported(archs: list, model_type: Any, source: str) -> str:
+    """One line: the architecture and model_type jax_sft cannot build, what it is, what can be."""
+    names = " ".join([*(str(a) for a in archs), str(model_type or "")]).lower()
+    kind = next((k for k, marks in _UNSUPPORTED_KINDS if any(m.lower() in names for m in marks)),
+                None)
+    what = f" ({kind})" if kind else ""
+    return (f"{source}: architectures={archs!r} (model_type={model_type!r}){what} is not "
+            f"supported by jax_sft; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def apply_overrides(d: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`d` with NeMo RL's `policy.hf_config_overrides` merged in (a new dict): each top-level key
+    replaces the file's, as `AutoConfig.from_pretrained(path, **overrides)` does. A `rope_scaling`
+    dict replaces the file's RoPE parameters (`rope_parameters` in transformers 5 files, where
+    transformers moves it), keeping the file's `rope_theta` when it names none."""
+    out = dict(d)
+    for key, value in (overrides or {}).items():
+        out[key] = value
+    rope = (overrides or {}).get("rope_scaling")
+    if isinstance(rope, dict) and "rope_parameters" in d and "rope_parameters" not in (overrides or {}):
+        old = d["rope_parameters"] if isinstance(d["rope_parameters"], dict) else {}
+        theta = old.get("rope_theta", d.get("rope_theta"))
+        out["rope_parameters"] = {**({"rope_theta": theta} if theta is not None else {}), **rope}
+        del out["rope_scaling"]
+    return out
+
+
 def _read_rope(d: dict[str, Any], source: str) -> RopeConfig:
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
@@ -176,7 +230,9 @@ def _read_rope(d: dict[str, Any], source: str) -> RopeConfig:
         or d.get("max_position_embeddings")
     )
     if original is None:
-        raise ValueError(f"{source}: llama3 RoPE needs original_max_position_embeddings")
+        raise ValueError(f"{source}: {rope_type} RoPE needs original_max_position_embeddings")
+    if rope_type == "yarn":
+        return _read_yarn(d, params, theta, int(original))
     return RopeConfig(
         theta=theta,
         rope_type="llama3",
@@ -216,4 +272,35 @@ def _read_sliding_windows(
         )
     return tuple(
         int(window) if t == "sliding_attention" and window is not None else None for t in layer_types
+    )
+
+
+def _read_yarn(d: dict[str, Any], params: dict[str, Any], theta: float, original: int) -> RopeConfig:
+    """YaRN's fields as transformers' `_compute_yarn_parameters` reads them: factor (null: the
+    ratio max_position_embeddings / original), attention_factor (null: from factor, mscale and
+    mscale_all_dim), beta_fast / beta_slow (falsy: 32 / 1), truncate (absent: true)."""
+    factor = params.get("factor")
+    if factor is None:
+        factor = d.get("max_position_embeddings", 2048) / original
+    factor = float(factor)
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    return RopeConfig(
+        theta=theta,
+        rope_type="yarn",
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=float(attention_factor),
     )

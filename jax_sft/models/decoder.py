@@ -23,6 +23,7 @@ row for the cuDNN packed layout.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -71,7 +72,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """[head_dim // 2] float32 inverse frequencies, bit-for-bit as transformers computes them
     (float32 exponent, power in float64 rounded to float32, llama3 smoothing in float32)."""
     exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
-    inv_freq = np.float32(1.0) / (np.float64(rope.theta) ** exponent.astype(np.float64)).astype(np.float32)
+    pos_freqs = (np.float64(rope.theta) ** exponent.astype(np.float64)).astype(np.float32)
+    inv_freq = np.float32(1.0) / pos_freqs
     if rope.rope_type == "linear":
         inv_freq = inv_freq / np.float32(rope.factor)
     elif rope.rope_type == "llama3":
@@ -84,7 +86,31 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv_freq = np.where(is_medium, smoothed, scaled)
+    elif rope.rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(rope, head_dim, pos_freqs)
     return inv_freq.astype(np.float32)
+
+
+def _yarn_inv_freq(rope: RopeConfig, head_dim: int, pos_freqs: np.ndarray) -> np.ndarray:
+    """YaRN: a per-dimension blend of the plain (extrapolated) and factor-scaled (interpolated)
+    frequencies over a linear ramp between the dimensions where the original context holds
+    beta_fast and beta_slow rotations; in float32 as transformers computes it."""
+
+    def correction_dim(rotations: float) -> float:
+        turns = rope.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return head_dim * math.log(turns) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = (np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    extrapolation = np.float32(1) - np.clip(ramp, 0, 1).astype(np.float32)
+    extrapolated = np.float32(1.0) / pos_freqs
+    interpolated = np.float32(1.0) / (np.float32(rope.factor) * pos_freqs)
+    return interpolated * (1 - extrapolation) + extrapolated * extrapolation
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -260,6 +286,9 @@ class CausalLM(nnx.Module):
         inv_freq = jnp.asarray(rope_inv_freq(self.config.rope, self.config.head_dim))
         freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2] fp32
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        if self.config.rope.attention_factor != 1.0:  # YaRN's attention scaling
+            scale = jnp.float32(self.config.rope.attention_factor)
+            cos, sin = cos * scale, sin * scale
 
         x = self.embed_tokens(input_ids)
         if self.scan_layers:
