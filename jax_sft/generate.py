@@ -359,13 +359,17 @@ def _restore_checkpoint(step_dir: Path, mesh, **kwargs):
     """The CausalLM of a step_N folder, parameters restored straight into their shardings."""
     from ml_collections import ConfigDict
 
-    from jax_sft.checkpoint import Checkpointer
+    from jax_sft.checkpoint import Checkpointer, IncompleteCheckpoint, incomplete_reason
     from jax_sft.export import GENERATION_CONFIG, MODEL_CONFIG
     from jax_sft.models import CausalLM, ModelConfig
     from jax_sft.models import sharding as sharding_lib
 
     step_dir = step_dir.absolute()
     extra = step_dir / "extra"
+    reason = incomplete_reason(step_dir)
+    if reason is not None or not step_dir.name.removeprefix("step_").isdigit():
+        raise IncompleteCheckpoint(f"{step_dir}: not a complete jax_sft checkpoint ({reason or 'not named step_N'}); "
+                                   f"pass a complete step_N folder of {step_dir.parent}")
     config_path = extra / MODEL_CONFIG
     if not config_path.is_file():
         raise MissingFileError(f"{config_path}: missing; {step_dir} is not a complete jax_sft checkpoint")
@@ -378,7 +382,7 @@ def _restore_checkpoint(step_dir: Path, mesh, **kwargs):
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_params, shardings)
     ckpt_cfg = ConfigDict(dict(checkpoint_dir=str(step_dir.parent), save_optimizer=False, metric_name=None,
                                higher_is_better=False, keep_top_k=None))
-    ckpt = Checkpointer(ckpt_cfg, enable_async=False)
+    ckpt = Checkpointer(ckpt_cfg, enable_async=False, read_only=True)  # the run's folder is left as is
     try:
         step = int(step_dir.name.rsplit("_", 1)[-1])
         params, _, _, _ = ckpt.restore(step, abstract_params=target, abstract_opt_state=None, with_data=False)
