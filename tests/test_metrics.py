@@ -28,6 +28,7 @@ def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
     for step, loss in ((1, 2.5), (2, 2.0)):
         logger.log({"train/loss": loss, "train/lr": 1e-3, "train/mfu": None}, step)
         logger.progress(step, {"train/loss": loss})
+    logger.log_text("validation/samples", "=== sample 1 ===\nprompt:     1 + 1?", 2)
     logger.close()
 
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -38,6 +39,8 @@ def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("sft-dev").experiment_id])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2.5, 2.0]
     assert run.data.params["policy.model_name"] == "tiny"
+    text = client.download_artifacts(run.info.run_id, "validation_samples_step_2.txt", str(tmp_path))
+    assert open(text).read().startswith("=== sample 1 ===")
 
 
 def test_training_flops_by_hand():
