@@ -55,7 +55,7 @@ class TrainingDiverged(RunFailure):
 class RunResult:
     """What a finished run leaves behind (returned by `run`, printed by `main`)."""
 
-    run_dir: Path
+    run_dir: Path | None  # None: nothing was trained (already at the last step)
     checkpoint_dir: Path | None
     export_dir: Path | None
     final_step: int
@@ -279,6 +279,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.Exit
     train_iter = sft_data.train_iterator()
     step, epoch, consumed = 0, 0, 0
     resumed_from = ckpt.latest_step() if ckpt else None
+    if resumed_from is not None and resumed_from >= total_steps:
+        return _finished_already(ckpt, resumed_from, total_steps)
     if resumed_from is not None:
         params, restored_opt, info, data_state = ckpt.restore(
             resumed_from,
@@ -331,6 +333,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.Exit
         metrics = {"validation/val_loss": val_loss, "timing/validation/total_validation_time": time.time() - t0}
         logger.log(metrics, step)
         logger.write(f"step {step}: val_loss {val_loss:.4f} over {int(tokens)} tokens")
+        if cfg.logger.num_val_samples_to_print:
+            _val_samples(cfg, nnx.merge(graphdef, params, rest), tokenizer, mesh, sft_data, logger, step)
         val_losses[step] = val_loss
         last_val.clear()
         last_val.update({"val:val_loss": val_loss})
@@ -449,6 +453,33 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.Exit
     return result
 
 
+def _val_samples(cfg: Any, model: Any, tokenizer: Any, mesh: Any, sft_data: Any, logger: Any, step: int) -> None:
+    """logger.num_val_samples_to_print greedy completions of the first validation conversations,
+    printed and logged as text (TensorBoard, W&B, MLflow)."""
+    from jax_sft.generate import format_samples, sample_conversations
+
+    rows = sft_data.dataset.formatted_ds["validation"]
+    rows = [rows[i] for i in range(min(int(cfg.logger.num_val_samples_to_print), len(rows)))]
+    if not rows:
+        return
+    samples = sample_conversations(model, tokenizer, rows, mesh=mesh,
+                                   max_new_tokens=int(cfg.policy.max_total_sequence_length),
+                                   add_bos=bool(cfg.data.add_bos),
+                                   template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"))
+    text = format_samples([(s["prompt"], s["reference"]) for s in samples], [s["completion"] for s in samples])
+    logger.write(f"step {step}: validation samples\n{text}")
+    logger.log_text("validation/samples", text, step)
+
+
+def _finished_already(ckpt: Any, step: int, total_steps: int) -> RunResult:
+    """A rerun of a finished run: says so, trains and writes nothing (no new exp_NNN folder)."""
+    ckpt.close()
+    if jax.process_index() == 0:
+        print(f"{ckpt.step_dir(step)}: already at step {step} of {total_steps}; nothing to train", flush=True)
+    return RunResult(run_dir=None, checkpoint_dir=ckpt.dir, export_dir=None, final_step=step,
+                     train_losses={}, val_losses={}, compilations={})
+
+
 def _diverged(step: int, metrics: dict[str, float], checkpoint_dir: Path | None) -> TrainingDiverged:
     """The error for a non-finite `step`. Its loss was computed on the weights after step - 1,
     so step_{step-1} is not good: process 0 renames it to diverged_step_{step-1} (kept, but never
@@ -510,6 +541,25 @@ def main(argv: Sequence[str] | None = None) -> RunResult | None:
             raise SystemExit(RUN_FAILURE_EXIT_CODE) from None
 
 
+HELP = __doc__ + """
+Main keys (all of NeMo RL's SFT keys apply; defaults in jax_sft/defaults.py):
+  policy.model_name            HF model folder or hub id
+  data.dataset_name            squad, openai_format, ... (with data.train_data_path, data.val_data_path)
+  sft.max_num_steps / sft.max_num_epochs / sft.val_period
+  policy.train_global_batch_size / policy.train_micro_batch_size / policy.max_total_sequence_length
+  policy.optimizer.kwargs.lr   policy.precision (bfloat16 | float32)
+  policy.jax_cfg.mesh.{data,fsdp,tensor}
+  checkpointing.checkpoint_dir (a rerun resumes) / checkpointing.hf_export_dir
+  logger.log_dir / logger.tensorboard_enabled / logger.wandb_enabled / logger.num_val_samples_to_print
+Flags: --dry_run (check the config and plan without devices), --coordinator_address,
+--num_processes, --process_id (several hosts; see launch/README.md).
+
+Example:
+  python -m jax_sft.train --config configs/sft.py \\
+      --config.policy.model_name=meta-llama/Llama-3.2-1B --config.sft.max_num_steps=100
+"""
+
+
 def _stop_if_signalled(stop_signals: distributed.StopSignals, when: str) -> None:
     if stop_signals.signum:
         import signal
@@ -521,6 +571,9 @@ def _stop_if_signalled(stop_signals: distributed.StopSignals, when: str) -> None
 
 def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> RunResult | None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(HELP)
+        return None
     _stop_if_signalled(stop_signals, "while starting")
     config_path, overrides, extra = config_lib.parse_args(argv)
     dry_run = extra.pop("dry_run", False)
@@ -537,10 +590,14 @@ def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> 
         return None
     _stop_if_signalled(stop_signals, "while reading the config")
     distributed.initialize(extra, gpus_per_node=cfg.cluster.gpus_per_node)
+    from jax_sft.metrics import quiet_library_progress_bars
+
+    quiet_library_progress_bars()  # in log files: our whole lines only
     stop_signals.reinstall()  # jax.distributed.initialize installs its own SIGTERM handler
     result = run(cfg, stop_signals)
     if jax.process_index() == 0:
-        print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
+        if result.run_dir is not None:
+            print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
         if result.checkpoint_dir:
             print(f"checkpoints: {result.checkpoint_dir}")
         if result.export_dir:
