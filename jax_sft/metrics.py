@@ -211,8 +211,13 @@ def _start_mlflow(cfg: Any, run_dir: Path):
             "logger.mlflow_enabled is true but mlflow is not installed: "
             "pip install 'jax_sft[mlflow]' or set logger.mlflow_enabled=false"
         ) from None
-    uri = cfg.get("tracking_uri") or f"sqlite:///{os.path.abspath(run_dir / 'mlflow.db')}"
-    mlflow.set_tracking_uri(uri)
+    if cfg.get("tracking_uri"):
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    else:  # a store in the run folder, its artifacts too (MLflow's default: ./mlruns in the cwd)
+        mlflow.set_tracking_uri(f"sqlite:///{os.path.abspath(run_dir / 'mlflow.db')}")
+        if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
+            mlflow.create_experiment(cfg.experiment_name,
+                                     artifact_location=(run_dir / "mlflow_artifacts").resolve().as_uri())
     mlflow.set_experiment(cfg.experiment_name)
     mlflow.start_run(run_name=cfg.run_name)
     return mlflow

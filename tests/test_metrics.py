@@ -41,6 +41,8 @@ def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
     assert run.data.params["policy.model_name"] == "tiny"
     text = client.download_artifacts(run.info.run_id, "validation_samples_step_2.txt", str(tmp_path))
     assert open(text).read().startswith("=== sample 1 ===")
+    # The artifacts stay in the run folder (MLflow's default would be ./mlruns in the cwd).
+    assert list((tmp_path / "run" / "mlflow_artifacts").rglob("validation_samples_step_2.txt"))
 
 
 def test_training_flops_by_hand():
