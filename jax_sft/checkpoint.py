@@ -7,15 +7,32 @@ Each checkpoint holds
   data/         one JSON per process: that process's data-iterator state (exact resume)
   extra/        config.yaml and the tokenizer files (written by process 0)
 Saves are asynchronous; Orbax writes into a temporary folder and renames it to step_N only when
-every item is complete, so a crash never leaves a half-written step_N. Retention follows NeMo RL:
-the newest checkpoint is always kept; of the others, the `keep_top_k` best by `metric_name`
-(`higher_is_better`), or the newest `keep_top_k` when no checkpoint carries that metric.
+every item is complete (each item and step_N itself then hold a `commit_success.txt`), so a crash
+never leaves a half-written step_N. Retention follows NeMo RL: the newest checkpoint is always
+kept; of the others, the `keep_top_k` best by `metric_name` (`higher_is_better`), or the newest
+`keep_top_k` when no checkpoint carries that metric. A retired checkpoint is first renamed into
+`checkpoint_dir/.deleted/` (atomic) and only then deleted, so a kill during a deletion never
+leaves a half-deleted step_N. Only complete checkpoints (`incomplete_reason` is None) are resumed
+or exported; at start-up a training run renames any other step_N to incomplete_step_N (kept for
+inspection, out of the way of a new save of that step), with an `IncompleteCheckpointWarning`.
+
+A save that fails for lack of space (ENOSPC / EDQUOT, however Orbax or TensorStore wrap it)
+raises `CheckpointDiskFull` with a one-line message: the partial step is removed, the earlier
+checkpoints are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging
+import re
+import shutil
+import sys
+import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +41,129 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from jax_sft.errors import InputError, RunFailure
+
+TRASH = ".deleted"  # Orbax renames the checkpoints retention retires into this subfolder
+COMMIT_FILE = "commit_success.txt"  # Orbax writes it last into each item and into step_N
+ARRAY_HANDLER = "StandardCheckpointHandler"
+REQUIRED_ITEMS = ("params", "train_info", "data", "extra")
+
+
+class CheckpointDiskFull(RunFailure):
+    """A checkpoint could not be written: no space left (or quota exceeded). Earlier checkpoints
+    are kept and the partial one is removed; the message says which path and how much was needed."""
+
+
+class IncompleteCheckpoint(InputError, ValueError):
+    """A step_N folder asked for by name is not a complete, committed checkpoint."""
+
+
+class IncompleteCheckpointWarning(UserWarning):
+    """A step_N folder under checkpoint_dir is incomplete and is skipped (never resumed)."""
+
+
+def incomplete_reason(step_dir: Path) -> str | None:
+    """None when `step_dir` is a complete committed checkpoint, else what is missing.
+
+    Checks the markers Orbax writes last (step_N/commit_success.txt, and per item), the items
+    named in _CHECKPOINT_METADATA and, for array items, the OCDBT manifests and data folders.
+    """
+    if not (step_dir / COMMIT_FILE).is_file():
+        return f"no {COMMIT_FILE} (the save never finished or the folder was partly deleted)"
+    try:
+        handlers = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"_CHECKPOINT_METADATA is missing or unreadable ({type(e).__name__})"
+    missing = [name for name in REQUIRED_ITEMS if name not in handlers]
+    if missing:
+        return f"_CHECKPOINT_METADATA lacks the items {missing}"
+    for name, handler in handlers.items():
+        item = step_dir / name
+        needed = [COMMIT_FILE]
+        if str(handler).endswith(ARRAY_HANDLER):
+            needed += ["_METADATA", "manifest.ocdbt"]
+            needed += [f"{p.name}/manifest.ocdbt" for p in item.glob("ocdbt.process_*")]
+        absent = [f for f in needed if not (item / f).is_file()]
+        if absent:
+            return f"{name}/ lacks {', '.join(absent)}"
+        if str(handler).endswith(ARRAY_HANDLER) and not any(item.glob("ocdbt.process_*/d/*")):
+            return f"{name}/ holds no array data (ocdbt.process_*/d/ is empty)"
+    return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps) is ENOSPC / EDQUOT. TensorStore reports it inside a
+    ValueError as "... No space left on device [os_error_code='28']"."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in codes:
+            return True
+        if _DISK_FULL_TEXT.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_DISK_FULL_TEXT = re.compile(
+    rf"No space left on device|Disk quota exceeded|os_error_code='({errno.ENOSPC}|{errno.EDQUOT})'"
+)
+
+
+def _closed_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+class _QuietFailedWrites:
+    """While installed: Orbax's ERROR logs of a disk-full write are dropped (the trainer says it
+    once, in CheckpointDiskFull), and so is the noise its unfinished TensorStore writes make after
+    a failed save: "Event loop is closed" tracebacks from TensorStore's callbacks (through
+    sys.excepthook, threading.excepthook or sys.unraisablehook), asyncio's "Task exception was
+    never retrieved" for disk-full tasks, and, once a disk-full error was seen, the complaints of
+    never-finished write coroutines at exit (sys.unraisablehook).
+    Everything else passes on unchanged."""
+
+    def __init__(self):
+        self.seen = False
+        self._filter = logging.Filter()
+        self._filter.filter = self._keep
+        self._hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+
+    def _keep(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if _DISK_FULL_TEXT.search(record.getMessage()) or (error is not None and is_disk_full(error)):
+            self.seen = True
+            return False
+        return True
+
+    def _excepthook(self, kind, error, tb):
+        if not _closed_loop(error):
+            self._hooks[0](kind, error, tb)
+
+    def _thread_excepthook(self, args):
+        if not _closed_loop(args.exc_value):
+            self._hooks[2](args)
+
+    def _unraisablehook(self, info):
+        if not (_closed_loop(info.exc_value) or (self.seen and type(info.object).__name__ == "coroutine")):
+            self._hooks[1](info)
+
+    def install(self) -> None:
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(self._filter)
+        sys.excepthook, sys.unraisablehook = self._excepthook, self._unraisablehook
+        threading.excepthook = self._thread_excepthook
+
+    def uninstall(self) -> None:
+        """Restores logging and the hooks, unless a disk-full save failed: its leftovers are
+        still to be collected (at exit)."""
+        if self.seen:
+            return
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).removeFilter(self._filter)
+        sys.excepthook, sys.unraisablehook, threading.excepthook = self._hooks
 
 
 @dataclasses.dataclass
@@ -101,17 +241,23 @@ class KeepLatestAndTopK(policies.PreservationPolicy):
 class Checkpointer:
     """Saves and restores training state under `checkpoint_dir` (see module docstring)."""
 
-    def __init__(self, cfg: Any, *, enable_async: bool = True):
+    def __init__(self, cfg: Any, *, enable_async: bool = True, read_only: bool = False):
+        """read_only: only restore (export): no folder is created and nothing is deleted."""
         self.dir = Path(cfg.checkpoint_dir).absolute()
         self.save_optimizer = bool(cfg.save_optimizer)
         self.metric_name = _metric_key(cfg.metric_name)
+        self._read_only = read_only
+        if not read_only:
+            self._set_aside_incomplete()
         options = ocp.CheckpointManagerOptions(
             step_prefix="step",
             enable_async_checkpointing=enable_async,
             preservation_policy=KeepLatestAndTopK(
                 self.metric_name, bool(cfg.higher_is_better), cfg.keep_top_k
             ),
-            create=True,
+            create=not read_only,
+            read_only=read_only,
+            todelete_subdir=None if read_only else TRASH,
         )
         self._manager = ocp.CheckpointManager(
             epath.Path(self.dir),
@@ -124,12 +270,48 @@ class Checkpointer:
                 "extra": FilesHandler(),
             },
         )
+        self._quiet = _QuietFailedWrites()
+        self._quiet.install()
+        self._warned: set[int] = set()
+        self._empty_trash()
+
+    def _set_aside_incomplete(self) -> None:
+        """Process 0 renames incomplete step_N folders to incomplete_step_N (before Orbax lists
+        the folder); every process waits for it."""
+        from jax_sft import distributed
+
+        if jax.process_index() == 0 and self.dir.is_dir():
+            for path in sorted(self.dir.glob("step_*")):
+                reason = path.name[5:].isdigit() and path.is_dir() and incomplete_reason(path)
+                if not reason:
+                    continue
+                aside = next(a for i in range(1000)
+                             if not (a := self.dir / f"incomplete_{path.name}{f'.{i}' if i else ''}").exists())
+                path.rename(aside)
+                warnings.warn(f"skipping {path}: incomplete checkpoint ({reason}); it is never resumed or "
+                              f"exported, and was renamed {aside.name}. Delete it once you no longer need "
+                              "its files", IncompleteCheckpointWarning, stacklevel=3)
+        distributed.allgather_ints([0])  # the others wait until the folder is tidy
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The newest complete checkpoint (incomplete ones are skipped with a warning)."""
+        return max(self.all_steps(), default=None)
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """The steps of the complete checkpoints; each incomplete step_N is warned about once."""
+        steps = []
+        for step in sorted(self._manager.all_steps()):
+            reason = incomplete_reason(self.step_dir(step))
+            if reason is None:
+                steps.append(step)
+            elif step not in self._warned:
+                self._warned.add(step)
+                warnings.warn(
+                    f"skipping {self.step_dir(step)}: incomplete checkpoint ({reason}); it is never "
+                    "resumed or exported. Delete it once you no longer need its files",
+                    IncompleteCheckpointWarning, stacklevel=2,
+                )
+        return steps
 
     def step_dir(self, step: int) -> Path:
         return self.dir / f"step_{step}"
@@ -154,9 +336,13 @@ class Checkpointer:
         }
         if self.save_optimizer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self._manager.save(
-            step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True
-        )
+        self.wait()  # Orbax would wait for the previous save here; this names its failure
+        needed = sum(x.nbytes for x in jax.tree.leaves(items_state(params, opt_state, self.save_optimizer)))
+        self._pending = (step, needed)
+        with self._disk_full_guard():
+            self._manager.save(
+                step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True
+            )
 
     def restore(
         self, step: int, *, abstract_params: Any, abstract_opt_state: Any | None, with_data: bool = True
@@ -181,11 +367,76 @@ class Checkpointer:
         return restored["params"], opt_state, dict(restored["train_info"]), data_state
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight is written; CheckpointDiskFull if it ran out of space."""
+        with self._disk_full_guard():
+            self._manager.wait_until_finished()
+        self._pending = (None, 0)
+        self._empty_trash()  # the deletions the finished save triggered are done
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            self._quiet.uninstall()
+
+    _pending: tuple[int | None, int] = (None, 0)  # the step being written, its array bytes
+
+    @contextlib.contextmanager
+    def _disk_full_guard(self):
+        """Turns a disk-full error of the save in flight into CheckpointDiskFull (one line) after
+        removing that save's partial folder. Any other error passes unchanged."""
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            step, needed = self._pending
+            self._pending = (None, 0)
+            self._quiet.seen = True
+            self._settle()
+            raise CheckpointDiskFull(self._disk_full_message(step, needed)) from None
+
+    def _settle(self) -> None:
+        """Lets Orbax's background writers of a failed save finish (their disk-full errors are
+        what is being reported)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+
+    def _disk_full_message(self, step: int | None, needed: int) -> str:
+        partial = sorted(self.dir.glob(f"step_{step}.orbax-checkpoint-tmp*"))
+        if jax.process_index() == 0:
+            for path in partial:
+                shutil.rmtree(path)
+        kept = ", ".join(f"step_{k}" for k in sorted(self._manager.all_steps())) or "no earlier checkpoint"
+        free = shutil.disk_usage(self.dir).free
+        removed = f"removed the partial step_{step}; " if partial else ""
+        return (
+            f"no space left on the device of {self.dir} while saving step_{step}: it needs about "
+            f"{_size(needed)} of arrays, {_size(free)} are free; {removed}kept {kept}. Free space or "
+            "point checkpointing.checkpoint_dir elsewhere, then rerun to resume"
+        )
+
+    def _empty_trash(self) -> None:
+        """Deletes the checkpoints retention retired (renamed into .deleted/); process 0 only."""
+        trash = self.dir / TRASH
+        if jax.process_index() == 0 and not self._read_only and trash.is_dir():
+            shutil.rmtree(trash)
+
+
+def items_state(params: Any, opt_state: Any, save_optimizer: bool) -> list[Any]:
+    return [params, opt_state] if save_optimizer else [params]
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError("unreachable")
 
 
 def _metric_key(metric_name: str | None) -> str | None:

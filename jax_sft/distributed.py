@@ -206,6 +206,13 @@ class StopSignals:
                           "without a checkpoint", RuntimeWarning, stacklevel=2)
         return self
 
+    def reinstall(self) -> None:
+        """Installs the handlers again: `jax.distributed.initialize` replaces SIGTERM's with its
+        own preemption notifier (the handlers that were there before stay those restored)."""
+        if self._previous:
+            for s in self.signals:
+                signal.signal(s, self._handle)
+
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():  # None: a handler set outside Python
             signal.signal(s, signal.SIG_DFL if handler is None else handler)

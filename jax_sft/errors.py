@@ -44,3 +44,12 @@ def exit_on_input_error(fn: Callable[[], T]) -> T:
 
 class UsageError(InputError, ValueError):
     """A command-line flag, or a setting that does not fit the devices or processes present."""
+
+
+RUN_FAILURE_EXIT_CODE = 1
+
+
+class RunFailure(RuntimeError):
+    """The run stopped for a reason the message states that is neither bad input nor a bug in
+    jax_sft (the disk filled up, training diverged); it says what was kept. The command-line
+    tools print it as `error: ...` and exit with RUN_FAILURE_EXIT_CODE, without a traceback."""

@@ -3,7 +3,8 @@
     python -m jax_sft.inspect_data --config configs/sft.py [overrides] --num 3
     python -m jax_sft.inspect_data --config run.yaml data.train_data_path=x.jsonl --format jsonl
 
-The first `--num` examples of `--split` (train or validation, in dataset order), templated,
+The first `--num` examples of `--split` (train or validation, in dataset order; for train, a
+validation path is not needed), templated,
 tokenised and loss-masked exactly as training does, with `data.overlength` applied (dropped
 examples are skipped with a note on stderr), before padding or packing.
 
@@ -68,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     config_path, overrides, extra = parse_args(argv)
     opts = _options(extra)
     cfg = load_config(config_path, overrides)
+    if opts["split"] == "train" and cfg.data.get("train_data_path") and cfg.data.get("val_data_path") is None:
+        # Datasets that read local files want both paths; only the train split is looked at here.
+        cfg = load_config(config_path, [*overrides, f"data.val_data_path={cfg.data.train_data_path}"])
     tokenizer = load_tokenizer(cfg)
     dataset = build_dataset(cfg)
     encoder = ConversationEncoder.from_config(cfg, tokenizer, dataset.task_spec)

@@ -112,6 +112,9 @@ def launch(
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv[:argv.index("--")] if "--" in argv else argv):
+        print(__doc__)
+        return
     if "--" not in argv:
         raise SystemExit("usage: python -m jax_sft.launch_local --num_processes N --devices_per_process D "
                          "[--platform cpu|gpu] [--port P] [--log_dir DIR] -- TRAINER ARGS")

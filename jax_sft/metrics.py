@@ -1,7 +1,8 @@
 """Metrics: analytic FLOPs / MFU, and one logger that writes every sink users look at.
 
 Names follow NeMo RL (train/loss, train/grad_norm, validation/val_loss, timing/train/...).
-Sinks: a tqdm progress bar, `metrics.jsonl` in the run folder (one JSON object per line with
+Sinks: a tqdm progress bar on a terminal (elsewhere: whole lines, at most one every
+`PROGRESS_LINE_INTERVAL_S` and at the last step), `metrics.jsonl` in the run folder (one JSON object per line with
 "step" and the metric names: the contract scripts read), TensorBoard event files, W&B and
 MLflow. Only process 0 writes; other processes get a logger that drops everything.
 """
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,21 @@ def peak_memory_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
 
 
+PROGRESS_LINE_INTERVAL_S = 30.0  # off a terminal (log files: Slurm, CI), progress lines this far apart
+
+
+def quiet_library_progress_bars() -> None:
+    """Off a terminal, turns off the progress bars of `datasets` and `huggingface_hub` (their
+    carriage-return updates clutter log files); on a terminal, leaves them."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import huggingface_hub
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 class MetricsLogger:
     """Writes metric dicts to every enabled sink. Use `log(metrics, step)`; call `close()`."""
 
@@ -87,6 +104,8 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._bar_range = (initial_step, total_steps)  # the bar starts with the first step
+        self._terminal = sys.stderr.isatty()
+        self._last_line = time.monotonic()  # off a terminal: when the last progress line went out
         if cfg.tensorboard_enabled:
             from tensorboardX import SummaryWriter
 
@@ -117,28 +136,42 @@ class MetricsLogger:
         if self._mlflow is not None:
             self._mlflow.log_metrics({k.replace(":", "_"): v for k, v in clean.items()}, step=step)
 
-    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Advance the console bar to `step` and show loss, lr and throughput."""
+    def log_text(self, name: str, text: str, step: int) -> None:
+        """A block of text (e.g. validation samples) to TensorBoard, W&B and MLflow."""
         if not self.enabled:
             return
-        if self._bar is None:
-            from tqdm.auto import tqdm
+        if self._tb is not None:
+            self._tb.add_text(name, text, step)
+        if self._wandb is not None:
+            self._wandb.log({name: self._wandb.Html(f"<pre>{_html_escape(text)}</pre>")}, step=step)
+        if self._mlflow is not None:
+            self._mlflow.log_text(text, f"{name.replace('/', '_')}_step_{step}.txt")
 
-            initial, total = self._bar_range
-            # Redrawn live on a terminal; in log files (Slurm, CI) one line every 30 s at most.
-            interval = 0.1 if sys.stderr.isatty() else 30.0
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                             mininterval=interval, maxinterval=max(interval, 10.0))
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Advance the console bar to `step` and show loss, lr and throughput; off a terminal,
+        print that as one line when PROGRESS_LINE_INTERVAL_S has passed, and at the last step."""
+        if not self.enabled:
+            return
         shown = {
             "loss": metrics.get("train/loss"),
             "lr": metrics.get("train/lr"),
             "tok/s": metrics.get("timing/train/tokens_per_sec"),
             "val": metrics.get("validation/val_loss"),
         }
-        self._bar.set_postfix(
-            {k: (f"{v:.3g}" if k != "tok/s" else f"{v:,.0f}") for k, v in shown.items() if v is not None},
-            refresh=False,
-        )
+        shown = {k: (f"{v:.3g}" if k != "tok/s" else f"{v:,.0f}") for k, v in shown.items() if v is not None}
+        initial, total = self._bar_range
+        if not self._terminal:
+            now = time.monotonic()
+            if now - self._last_line >= PROGRESS_LINE_INTERVAL_S or step >= total:
+                self._last_line = now
+                values = ", ".join(f"{k} {v}" for k, v in shown.items())
+                print(f"step {step}/{total}: {values}", file=sys.stderr, flush=True)
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.1)
+        self._bar.set_postfix(shown, refresh=False)
         self._bar.update(step - self._bar.n)
 
     def write(self, message: str) -> None:
@@ -183,11 +216,22 @@ def _start_mlflow(cfg: Any, run_dir: Path):
             "logger.mlflow_enabled is true but mlflow is not installed: "
             "pip install 'jax_sft[mlflow]' or set logger.mlflow_enabled=false"
         ) from None
-    uri = cfg.get("tracking_uri") or f"sqlite:///{os.path.abspath(run_dir / 'mlflow.db')}"
-    mlflow.set_tracking_uri(uri)
+    if cfg.get("tracking_uri"):
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    else:  # a store in the run folder, its artifacts too (MLflow's default: ./mlruns in the cwd)
+        mlflow.set_tracking_uri(f"sqlite:///{os.path.abspath(run_dir / 'mlflow.db')}")
+        if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
+            mlflow.create_experiment(cfg.experiment_name,
+                                     artifact_location=(run_dir / "mlflow_artifacts").resolve().as_uri())
     mlflow.set_experiment(cfg.experiment_name)
     mlflow.start_run(run_name=cfg.run_name)
     return mlflow
+
+
+def _html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

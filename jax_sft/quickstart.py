@@ -6,7 +6,12 @@ Everything is made here, with no network: a synthetic arithmetic chat dataset (j
 message format), a byte-level BPE tokenizer trained on it with a Llama-3-style chat template,
 and a small Llama-architecture model initialised from a config and written in Hugging Face
 format by `jax_sft.models.save_pretrained`. The run itself is the ordinary trainer with
-`configs/quickstart.py`; overrides after the flags go to it.
+`configs/quickstart.py`; overrides after the flags go to it. It ends with the validation
+accuracy of the exported model's greedy answers (`jax_sft.generate`) and three of them next to
+their references, and the time it took.
+
+Example:
+    python -m jax_sft.quickstart --config.sft.max_num_steps=100
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -24,28 +30,30 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-SYSTEM = "You are a careful calculator. Answer with the full equation."
+MAX_OPERAND = 9  # single digits: 3 ops x 10 x 10 = 300 facts, learnt in a few hundred steps
+MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
 
 
-def _example(rng: random.Random) -> dict:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+def _example(rng: random.Random, max_operand: int = MAX_OPERAND) -> dict:
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
     op, word, value = rng.choice([("+", "plus", a + b), ("-", "minus", a - b), ("*", "times", a * b)])
     question = rng.choice([f"What is {a} {word} {b}?", f"Compute {a} {op} {b}.", f"{a} {op} {b} = ?"])
     return {
         "messages": [
-            {"role": "system", "content": SYSTEM},
             {"role": "user", "content": question},
             {"role": "assistant", "content": f"{a} {op} {b} = {value}."},
         ]
     }
 
 
-def make_dataset(out: Path, *, train: int = 4000, val: int = 256, seed: int = 0) -> None:
+def make_dataset(out: Path, *, train: int = 8000, val: int = 256, seed: int = 0,
+                 max_operand: int = MAX_OPERAND) -> None:
     rng = random.Random(seed)
     for name, n in (("train.jsonl", train), ("val.jsonl", val)):
         with open(out / name, "w") as f:
             for _ in range(n):
-                f.write(json.dumps(_example(rng)) + "\n")
+                f.write(json.dumps(_example(rng, max_operand)) + "\n")
 
 
 def make_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -54,7 +62,8 @@ def make_tokenizer(texts: list[str], vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # one token per digit: arithmetic is learnable
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -82,12 +91,7 @@ def make_model(out: Path, tokenizer, seed: int = 0) -> None:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": len(tokenizer),
-        "hidden_size": 128,
-        "intermediate_size": 384,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
+        **MODEL_SIZE,
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
@@ -114,15 +118,35 @@ def make_assets(out: Path) -> Path:
         make_dataset(data)
     if not (model_dir / "config.json").exists():
         rows = [json.loads(line) for line in open(data / "train.jsonl")]
-        texts = [m["content"] for r in rows for m in r["messages"]]
+        texts = [m["content"] for r in rows for m in r["messages"]] + ["user", "assistant", "system"] * 100
         tokenizer = make_tokenizer(texts)
         make_model(model_dir, tokenizer)
     return out
 
 
+def show_samples(export_dir: Path, val_path: Path, *, shown: int = 3) -> float:
+    """Greedy answers of the exported model to every validation question: prints the exact-match
+    accuracy and the first `shown` answers with their references; returns the accuracy."""
+    from jax_sft.generate import Generator, Sampling, format_samples, load_for_generation, read_conversations
+
+    model, tokenizer, mesh, _ = load_for_generation(str(export_dir), ["policy.precision=float32"])
+    rows = read_conversations(val_path)
+    answers = Generator(model, tokenizer, mesh=mesh, batch_size=64).complete(
+        [messages for messages, _ in rows], Sampling(max_new_tokens=16))
+    right = sum(a.strip() == ref.strip() for (_, ref), a in zip(rows, answers))
+    print(f"\nvalidation: {right} of {len(rows)} answers exactly right ({100 * right / len(rows):.1f}%), "
+          "greedy, e.g.:")
+    print(format_samples(rows[:shown], answers[:shown]))
+    print(f"more: python -m jax_sft.generate --model {export_dir} --input {val_path} --num 10")
+    return right / len(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
+    start = time.time()
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jax_sft.quickstart", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Trainer options: see python -m jax_sft.train --help")
     parser.add_argument("--out", default=".quickstart", help="folder for the made assets and the run")
     args, overrides = parser.parse_known_args(argv)
     out = make_assets(Path(args.out))
@@ -139,7 +163,15 @@ def main(argv: list[str] | None = None) -> None:
         "checkpointing.hf_export_dir": out / "export",
         "logger.log_dir": out / "logs",
     }
-    train.main(["--config", str(config), *(f"--config.{k}={v}" for k, v in paths.items()), *overrides])
+    result = train.main(["--config", str(config), *(f"--config.{k}={v}" for k, v in paths.items()), *overrides])
+    if result is None or result.exit_code:
+        return
+    export = out / "export"
+    if not (export / "config.json").is_file():
+        print(f"no export at {export} (delete {out} to start over)")
+        return
+    show_samples(export, out / "data" / "val.jsonl")
+    print(f"quickstart: {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

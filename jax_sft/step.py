@@ -4,7 +4,9 @@ A step is a loop of compiled micro-steps, each adding one micro-batch's gradient
 masked NLL into a donated accumulator, then one compiled `apply` that divides by the number of
 loss tokens of the whole global batch (NeMo RL's normalisation: the update does not depend on
 how the batch is split into micro-batches or devices), clips, and updates. Shapes are fixed per
-micro-batch, so a varying number of micro-batches per step (packing) never recompiles.
+micro-batch, so a varying number of micro-batches per step (packing) never recompiles. A step
+whose loss or gradient norm is not finite leaves parameters and optimizer state as they were
+(selected inside `apply`); the host sees it in the step's metrics and stops.
 
 Batches are dicts of int32 arrays [rows, seq]: input_ids, targets, loss_mask, segment_ids,
 positions (see jax_sft.data).
@@ -117,10 +119,16 @@ def make_step_fns(
         denom = jnp.maximum(acc.num_tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, acc.grads)
         grad_norm = optax.tree.norm(grads)  # before clipping, as NeMo RL reports it
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        loss = acc.loss_sum / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step keeps the old state (element-wise select: no host round trip).
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         metrics = {
-            "train/loss": acc.loss_sum / denom,
+            "train/loss": loss,
             "train/grad_norm": grad_norm,
             "train/lr": schedule(step),
             "train/num_unmasked_tokens": acc.num_tokens,

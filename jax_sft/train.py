@@ -8,11 +8,21 @@ check that can fail on bad input (before anything compiles), model and data, the
 optimizer step per global batch, validation every `sft.val_period` steps, a checkpoint every
 `checkpointing.save_period` steps and at the end. A rerun with the same checkpoint_dir resumes.
 SIGTERM / SIGUSR1 stop the run after the current step with a checkpoint and exit code 75
-(`distributed.PREEMPTED_EXIT_CODE`); several processes: see distributed.py and launch/README.md.
+(`distributed.PREEMPTED_EXIT_CODE`), also when they arrive during start-up (imports, config);
+several processes: see distributed.py and launch/README.md. One run per checkpoint_dir
+(`run_lock`); a step with a non-finite loss or gradient norm changes nothing and stops the run.
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m jax_sft.train: note stop signals from the first instant
+    import signal as _signal
+
+    _EARLY_SIGNALS: list[int] = []  # imports take seconds; `main` then installs StopSignals
+    for _s in (_signal.SIGTERM, _signal.SIGUSR1):
+        _signal.signal(_s, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -30,21 +40,22 @@ from flax import nnx
 
 from jax_sft import config as config_lib
 from jax_sft import distributed
-from jax_sft.errors import exit_on_input_error
+from jax_sft.errors import RUN_FAILURE_EXIT_CODE, RunFailure, exit_on_input_error
 
 PRECISIONS = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+class TrainingDiverged(RunFailure):
+    """A step's loss or gradient norm was NaN or infinite. The step changed nothing; the message
+    names the last checkpoint whose weights gave a finite loss (see `_diverged`)."""
 
 
 @dataclasses.dataclass
 class RunResult:
     """What a finished run leaves behind (returned by `run`, printed by `main`)."""
 
-    run_dir: Path
+    run_dir: Path | None  # None: nothing was trained (already at the last step)
     checkpoint_dir: Path | None
     export_dir: Path | None
     final_step: int
@@ -79,6 +90,12 @@ def check_before_compile(cfg: Any, *, dp_size: int, max_positions: int | None) -
     if cfg.checkpointing.enabled:
         errors += _writable("checkpointing.checkpoint_dir", Path(cfg.checkpointing.checkpoint_dir))
     errors += _writable("logger.log_dir", Path(cfg.logger.log_dir))
+    if cfg.checkpointing.get("hf_export_dir"):
+        from jax_sft.models.hf_io import export_target_problem
+
+        problem = export_target_problem(cfg.checkpointing.hf_export_dir, protected=_protected(cfg))
+        if problem:
+            errors.append(f"checkpointing.hf_export_dir: {problem}")
     if errors:
         raise config_lib.ConfigError(errors, "checks against the devices and model")
 
@@ -90,6 +107,11 @@ def _writable(key: str, path: Path) -> list[str]:
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         return [f"{key}={path} is not writable ({existing} is not a writable folder)"]
     return []
+
+
+def _protected(cfg: Any) -> tuple[Path, ...]:
+    """Folders the final export must never replace (besides /, home and the working directory)."""
+    return (Path(cfg.checkpointing.checkpoint_dir),) if cfg.checkpointing.enabled else ()
 
 
 def parse_deadline(value: str | None) -> float | None:
@@ -153,20 +175,44 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 # ----------------------------------------------------------------------------- the run
 
 
-def run(cfg: Any) -> RunResult:
+def run(cfg: Any, stop_signals: distributed.StopSignals | None = None) -> RunResult:
     """Trains per `cfg` (validated ConfigDict); resumes from checkpoint_dir when it has a step.
 
     SIGTERM / SIGUSR1 during the run: the current step finishes, a checkpoint is saved and the
     result has `exit_code` = distributed.PREEMPTED_EXIT_CODE (before the first step: no save).
+    stop_signals: an active StopSignals (`main` installs one first thing); None: one for the run.
     """
-    with distributed.StopSignals() as stop_signals:
+    with contextlib.ExitStack() as stack:  # the run lock, taken in _run, is released on leaving
+        if stop_signals is None:
+            stop_signals = stack.enter_context(distributed.StopSignals())
         if cfg.policy.precision == "float32":  # true fp32 matmuls (GPUs would otherwise use TF32)
-            with jax.default_matmul_precision("highest"):
-                return _run(cfg, stop_signals)
-        return _run(cfg, stop_signals)
+            stack.enter_context(jax.default_matmul_precision("highest"))
+        return _run(cfg, stop_signals, stack)
 
 
-def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
+@contextlib.contextmanager
+def hold_run_lock(directory: Path) -> Iterator[Any]:
+    """Process 0 takes checkpoint_dir's run lock (`run_lock.RunLock`); every process learns
+    whether it could, and all refuse together. Yields the lock (None on other processes)."""
+    from jax_sft.run_lock import RunLock, RunLocked
+
+    lock, refused = None, None
+    if jax.process_index() == 0:
+        lock = RunLock(directory)
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            refused = e
+    if distributed.allgather_ints([refused is not None]).any():
+        raise refused or RunLocked(f"{directory}: process 0 could not take the run lock (its log says why)")
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.ExitStack) -> RunResult:
     # Imports that touch JAX devices come after distributed.initialize (see main).
     from jax_sft import data as data_lib
     from jax_sft import models
@@ -192,6 +238,9 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     hf_overrides = _plain(p.hf_config_overrides)
     model_cfg = models.read_config(model_dir, hf_overrides)
     check_before_compile(cfg, dp_size=dp_size, max_positions=model_cfg.context_length)
+    lock = None  # one run per checkpoint_dir: refused here, before the model is loaded
+    if cfg.checkpointing.enabled:
+        lock = stack.enter_context(hold_run_lock(Path(cfg.checkpointing.checkpoint_dir)))
 
     tokenizer = data_lib.load_tokenizer(cfg)
     sft_data = data_lib.SFTData(cfg, tokenizer, dp_size=dp_size, dp_ranks=sharding_lib.local_dp_ranks(mesh))
@@ -231,6 +280,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
     train_iter = sft_data.train_iterator()
     step, epoch, consumed = 0, 0, 0
     resumed_from = ckpt.latest_step() if ckpt else None
+    if resumed_from is not None and resumed_from >= total_steps:
+        return _finished_already(ckpt, resumed_from, total_steps)
     if resumed_from is not None:
         params, restored_opt, info, data_state = ckpt.restore(
             resumed_from,
@@ -283,6 +334,8 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         metrics = {"validation/val_loss": val_loss, "timing/validation/total_validation_time": time.time() - t0}
         logger.log(metrics, step)
         logger.write(f"step {step}: val_loss {val_loss:.4f} over {int(tokens)} tokens")
+        if cfg.logger.num_val_samples_to_print:
+            _val_samples(cfg, nnx.merge(graphdef, params, rest), tokenizer, mesh, sft_data, logger, step)
         val_losses[step] = val_loss
         last_val.clear()
         last_val.update({"val:val_loss": val_loss})
@@ -299,7 +352,7 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
             metrics=dict(last_val),
         )
 
-    stopped_early, exit_code = None, 0
+    stopped_early, exit_code, diverged = None, 0, None
     try:
         if s.val_at_start and resumed_from is None:
             validate()
@@ -324,14 +377,12 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
             valid = int(lengths.sum())  # this process's real (non-padding) tokens
             params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(step, jnp.int32))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
+                diverged = (step + 1, metrics)  # `apply` left params and optimizer state as they were
+                break
             step += 1
             epoch = batch.epoch
             consumed += p.train_global_batch_size
-            if not np.isfinite(metrics["train/loss"]):
-                raise TrainingDiverged(
-                    f"loss is {metrics['train/loss']} at step {step}; stopping without saving. "
-                    f"The last good checkpoint is {ckpt.latest_step() if ckpt else None}"
-                )
             elapsed = time.time() - t_step
             n_dev = len(devices)
             global_valid = int(distributed.allgather_ints([valid]).sum())
@@ -357,7 +408,15 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
             logger.progress(step, {**metrics, **{f"validation/{k[4:]}": v for k, v in last_val.items()}})
             past_deadline = deadline is not None and time.time() - start_time + elapsed >= deadline
             # Every process decides alike (a signal may reach only some; clocks differ).
-            stop_signal, (past_deadline,) = distributed.agree_to_stop(stop_signals.signum, past_deadline)
+            lock_lost = bool(lock is not None and lock.lost)
+            stop_signal, (past_deadline, lock_lost) = distributed.agree_to_stop(
+                stop_signals.signum, past_deadline, lock_lost)
+            if lock_lost:
+                from jax_sft.run_lock import RunLocked
+
+                raise RunLocked(f"another run took over the lock of {cfg.checkpointing.checkpoint_dir} "
+                                f"(this run's heartbeat looked stale); stopping at step {step} without "
+                                "saving, so as not to overwrite its checkpoints")
             if ckpt and (step % cfg.checkpointing.save_period == 0 or last or past_deadline or stop_signal):
                 save()
             if stop_signal and not last:
@@ -373,11 +432,14 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         if ckpt:
             ckpt.close()
         logger.close()
+    if diverged:
+        raise _diverged(*diverged, ckpt.dir if ckpt else None)
 
     export_dir = None
     if cfg.checkpointing.get("hf_export_dir") and not exit_code:  # a preempted run is unfinished
         export_dir = Path(cfg.checkpointing.hf_export_dir)
-        models.save_pretrained(nnx.merge(graphdef, params, rest), export_dir, tokenizer=tokenizer)
+        models.save_pretrained(nnx.merge(graphdef, params, rest), export_dir, tokenizer=tokenizer,
+                               protected=_protected(cfg))
     result = RunResult(
         run_dir=run_dir,
         checkpoint_dir=ckpt.dir if ckpt else None,
@@ -390,6 +452,61 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals) -> RunResult:
         exit_code=exit_code,
     )
     return result
+
+
+def _val_samples(cfg: Any, model: Any, tokenizer: Any, mesh: Any, sft_data: Any, logger: Any, step: int) -> None:
+    """logger.num_val_samples_to_print greedy completions of the first validation conversations,
+    printed and logged as text (TensorBoard, W&B, MLflow)."""
+    from jax_sft.generate import format_samples, sample_conversations
+
+    rows = sft_data.dataset.formatted_ds["validation"]
+    rows = [rows[i] for i in range(min(int(cfg.logger.num_val_samples_to_print), len(rows)))]
+    if not rows:
+        return
+    samples = sample_conversations(model, tokenizer, rows, mesh=mesh,
+                                   max_new_tokens=int(cfg.policy.max_total_sequence_length),
+                                   add_bos=bool(cfg.data.add_bos),
+                                   template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"))
+    text = format_samples([(s["prompt"], s["reference"]) for s in samples], [s["completion"] for s in samples])
+    logger.write(f"step {step}: validation samples\n{text}")
+    logger.log_text("validation/samples", text, step)
+
+
+def _finished_already(ckpt: Any, step: int, total_steps: int) -> RunResult:
+    """A rerun of a finished run: says so, trains and writes nothing (no new exp_NNN folder)."""
+    ckpt.close()
+    if jax.process_index() == 0:
+        print(f"{ckpt.step_dir(step)}: already at step {step} of {total_steps}; nothing to train", flush=True)
+    return RunResult(run_dir=None, checkpoint_dir=ckpt.dir, export_dir=None, final_step=step,
+                     train_losses={}, val_losses={}, compilations={})
+
+
+def _diverged(step: int, metrics: dict[str, float], checkpoint_dir: Path | None) -> TrainingDiverged:
+    """The error for a non-finite `step`. Its loss was computed on the weights after step - 1,
+    so step_{step-1} is not good: process 0 renames it to diverged_step_{step-1} (kept, but never
+    resumed); the message names the newest complete checkpoint before it."""
+    from jax_sft.checkpoint import incomplete_reason
+
+    what = (f"training diverged at step {step}: loss {metrics['train/loss']}, grad_norm "
+            f"{metrics['train/grad_norm']} (computed on the weights after step {step - 1}); the step "
+            "left parameters and optimizer state unchanged and nothing was saved")
+    if checkpoint_dir is None:
+        return TrainingDiverged(f"{what}. Lower policy.optimizer.kwargs.lr")
+    bad = checkpoint_dir / f"step_{step - 1}"
+    moved = ""
+    if bad.is_dir():
+        aside = checkpoint_dir / f"diverged_{bad.name}"
+        aside = next(a for i in range(1000) if not (a := aside.with_name(aside.name + (f".{i}" if i else ""))).exists())
+        if jax.process_index() == 0:
+            bad.rename(aside)
+        moved = f"; {bad.name} holds those weights and was renamed {aside.name}, so a rerun does not resume from it"
+    steps = [int(p.name[5:]) for p in checkpoint_dir.glob("step_*") if p.name[5:].isdigit()]
+    good = max((k for k in steps if k < step - 1 and incomplete_reason(checkpoint_dir / f"step_{k}") is None),
+               default=None)
+    last = (f"The last checkpoint whose weights gave a finite loss is {checkpoint_dir / f'step_{good}'}; a "
+            "rerun resumes from it" if good is not None else
+            "No checkpoint predates the divergence; a rerun starts from policy.model_name")
+    return TrainingDiverged(f"{what}{moved}. {last}. Lower policy.optimizer.kwargs.lr before rerunning")
 
 
 def _plain(value: Any) -> Any:
@@ -414,11 +531,51 @@ def _extra_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
 
 
 def main(argv: Sequence[str] | None = None) -> RunResult | None:
-    """The command line: bad input (config, data, model files) prints `error: ...` and exits 2."""
-    return exit_on_input_error(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+    """The command line. Errors in the input print `error: ...` and exit 2, a RunFailure (disk
+    full, divergence) exits 1 the same way; a stop signal before training exits 75."""
+    with distributed.StopSignals() as stop_signals:  # first thing: SIGTERM must never kill start-up
+        stop_signals.signum = stop_signals.signum or next(iter(globals().get("_EARLY_SIGNALS", [])), 0)
+        try:
+            return exit_on_input_error(lambda: _main(argv, stop_signals))
+        except RunFailure as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(RUN_FAILURE_EXIT_CODE) from None
 
 
-def _main(argv: list[str]) -> RunResult | None:
+HELP = __doc__ + """
+Main keys (all of NeMo RL's SFT keys apply; defaults in jax_sft/defaults.py):
+  policy.model_name            HF model folder or hub id
+  data.dataset_name            squad, openai_format, ... (with data.train_data_path, data.val_data_path)
+  sft.max_num_steps / sft.max_num_epochs / sft.val_period
+  policy.train_global_batch_size / policy.train_micro_batch_size / policy.max_total_sequence_length
+  policy.optimizer.kwargs.lr   policy.precision (bfloat16 | float32)
+  policy.jax_cfg.mesh.{data,fsdp,tensor}
+  checkpointing.checkpoint_dir (a rerun resumes) / checkpointing.hf_export_dir
+  logger.log_dir / logger.tensorboard_enabled / logger.wandb_enabled / logger.num_val_samples_to_print
+Flags: --dry_run (check the config and plan without devices), --coordinator_address,
+--num_processes, --process_id (several hosts; see launch/README.md).
+
+Example:
+  python -m jax_sft.train --config configs/sft.py \\
+      --config.policy.model_name=meta-llama/Llama-3.2-1B --config.sft.max_num_steps=100
+"""
+
+
+def _stop_if_signalled(stop_signals: distributed.StopSignals, when: str) -> None:
+    if stop_signals.signum:
+        import signal
+
+        print(f"stopped:     {signal.Signals(stop_signals.signum).name} received {when}; nothing to save; "
+              f"exit code {distributed.PREEMPTED_EXIT_CODE} (rerun to resume)", file=sys.stderr)
+        raise SystemExit(distributed.PREEMPTED_EXIT_CODE)
+
+
+def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> RunResult | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(HELP)
+        return None
+    _stop_if_signalled(stop_signals, "while starting")
     config_path, overrides, extra = config_lib.parse_args(argv)
     dry_run = extra.pop("dry_run", False)
     if dry_run not in (False, True):
@@ -432,10 +589,16 @@ def _main(argv: list[str]) -> RunResult | None:
         print(f"config:\n{config_lib.to_yaml(cfg)}\nplan:\n" + "\n".join(f"  {x}" for x in lines))
         print("dry run: the config is valid; a real run would start")
         return None
+    _stop_if_signalled(stop_signals, "while reading the config")
     distributed.initialize(extra, gpus_per_node=cfg.cluster.gpus_per_node)
-    result = run(cfg)
+    from jax_sft.metrics import quiet_library_progress_bars
+
+    quiet_library_progress_bars()  # in log files: our whole lines only
+    stop_signals.reinstall()  # jax.distributed.initialize installs its own SIGTERM handler
+    result = run(cfg, stop_signals)
     if jax.process_index() == 0:
-        print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
+        if result.run_dir is not None:
+            print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
         if result.checkpoint_dir:
             print(f"checkpoints: {result.checkpoint_dir}")
         if result.export_dir:

@@ -296,3 +296,56 @@ def test_a_template_that_rewrites_assistant_text_is_an_error(qwen):
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
     with pytest.raises(ValueError, match="example 0: cannot locate assistant message 1"):
         encode(tok, msgs(("user", "hi"), ("assistant", "hello")))
+
+
+SANDBOX_ESCAPE = "{{ messages.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def test_sandbox_violation_names_the_template_key(fixture_tokenizer_path):
+    path = str(fixture_tokenizer_path("llama3_1"))
+    cfg = ConfigDict(dict(policy=dict(model_name=path, tokenizer=_tok_cfg(chat_template=SANDBOX_ESCAPE))))
+    with pytest.raises(ValueError, match=r"^policy\.tokenizer\.chat_template: .*sandbox forbids.*__class__"):
+        load_tokenizer(cfg)
+    # A violation only some conversations reach is caught per example, with the key too.
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ m.__class__.__mro__ }}"
+                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    encoder = ConversationEncoder(tok, add_bos=False, add_eos=False, add_generation_prompt=False,
+                                  only_unmask_final=False, template_key="policy.tokenizer.custom_template")
+    row = msgs(("user", "q"), ("assistant", "a"), ("tool", "t"), ("assistant", "b"))
+    with pytest.raises(ValueError, match=r"example 3: the chat template \(policy\.tokenizer\.custom_template\) "
+                                         r"does something the sandbox forbids"):
+        encoder.encode([row], ["example 3"])
+
+
+def _call(arguments):
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]}
+
+
+def test_tool_call_arguments_given_as_json_text_render_like_a_dict(qwen, llama):
+    as_dict = {"messages": [{"role": "user", "content": "Weather in Paris?"}, _call({"city": "Paris"}),
+                            {"role": "tool", "content": "22C"}, {"role": "assistant", "content": "22C."}],
+               "tools": [WEATHER_TOOL]}
+    as_text = {**as_dict, "messages": [as_dict["messages"][0], _call('{"city": "Paris"}'), *as_dict["messages"][2:]]}
+    for tok in (qwen, llama):
+        a, b = encode(tok, as_dict), encode(tok, as_text)
+        assert a.text == b.text and a.ids.tolist() == b.ids.tolist() and a.loss.tolist() == b.loss.tolist()
+        assert '\\"city\\"' not in b.text  # not encoded twice
+    messages, _ = check_conversation(as_text, "row 0")
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert as_text["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # input kept
+
+
+def test_tool_call_arguments_that_are_not_json_warn_once(monkeypatch):
+    from jax_sft.data import chat
+
+    monkeypatch.setattr(chat, "_warned_tool_arguments", False)
+    row = {"messages": [{"role": "user", "content": "q"}, _call("city=Paris")]}
+    with pytest.warns(chat.ToolArgumentsWarning, match=r"row 0: message 1: tool call 0: 'arguments' is a string"):
+        messages, _ = check_conversation(row, "row 0")
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == "city=Paris"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_conversation(row, "row 1")  # once per process

@@ -2,6 +2,7 @@
 one-line messages with exit code 2 (no traceback)."""
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -104,4 +105,38 @@ def test_input_errors_print_one_message_and_exit_2_without_traceback(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_bad_data_and_bad_weights_print_one_message_and_exit_2(tmp_path):
+    """The input errors of a real start-up: a malformed data line (file and 1-based line), a
+    model folder whose weights are not safetensors (the file), a missing model folder."""
+    from tiny_run import make_tiny_run_assets
+
+    assets = make_tiny_run_assets(tmp_path / "assets")
+    bad_data = tmp_path / "bad.jsonl"
+    lines = (assets / "data" / "train.jsonl").read_text().splitlines()
+    bad_data.write_text("\n".join([*lines[:2], '{"messages": [', *lines[2:40]]) + "\n")
+    bad_model = tmp_path / "bad_model"
+    shutil.copytree(assets / "model", bad_model)
+    for weights in bad_model.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    run = ["--config", "configs/sft.py", "data.dataset_name=openai_format",
+           "policy.tokenizer.chat_template=default", f"logger.log_dir={tmp_path}/logs",
+           f"checkpointing.checkpoint_dir={tmp_path}/ckpt", "policy.max_total_sequence_length=96",
+           "policy.train_global_batch_size=4", "sft.val_global_batch_size=4", "sft.max_num_steps=1",
+           f"data.val_data_path={assets / 'data' / 'val.jsonl'}"]
+    train = f"data.train_data_path={assets / 'data' / 'train.jsonl'}"
+    cases = [
+        ([f"policy.model_name={assets / 'model'}", f"data.train_data_path={bad_data}"],
+         f"{bad_data}:3"),
+        ([f"policy.model_name={bad_model}", train], "model.safetensors"),
+        ([f"policy.model_name={tmp_path / 'absent'}", train], str(tmp_path / "absent")),
+    ]
+    for extra, expected in cases:
+        proc = subprocess.run([sys.executable, "-m", "jax_sft.train", *run, *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_models import FAMILIES, hf_logits, jax_logits, make_hf_model
 from jax_sft.models import CheckpointError, from_pretrained, save_pretrained, sharding
+from jax_sft.models.hf_io import EXPORT_MARKER, ExportTargetError
 from jax_sft.models.hf_io import HEADS, IN_HEADS, LINEAR, OUT_HEADS, SAME, parse_size, resolve_model_dir
 
 VOCAB = 256
@@ -94,10 +96,11 @@ def test_single_shard_bf16_checkpoint_and_tokenizer(hf_models, tmp_path, fixture
     assert again("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
 
 
-def test_save_replaces_out_dir_atomically(hf_models, tmp_path):
+def test_save_replaces_its_own_export_atomically(hf_models, tmp_path):
     model = from_pretrained(hf_models["mistral"][1], dtype=jnp.float32)
     out = tmp_path / "out"
-    out.mkdir()
+    save_pretrained(model, out)
+    assert (out / EXPORT_MARKER).is_file()
     (out / "stale.txt").write_text("old")
 
     class BrokenTokenizer:
@@ -109,9 +112,39 @@ def test_save_replaces_out_dir_atomically(hf_models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
     assert (out / "stale.txt").read_text() == "old"  # the old folder is untouched
 
-    save_pretrained(model, out)
+    save_pretrained(model, out)  # an earlier export (marker): replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_save_refuses_folders_it_did_not_write(hf_models, tmp_path, monkeypatch):
+    model = from_pretrained(hf_models["mistral"][1], dtype=jnp.float32)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportTargetError, match=r"mine: the folder holds files that no jax_sft export wrote.*--overwrite"):
+        save_pretrained(model, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    save_pretrained(model, tmp_path / "empty")  # an empty folder is fine
+    save_pretrained(model, mine, overwrite=True)  # asked for explicitly
+    assert not (mine / "notes.txt").exists() and (mine / EXPORT_MARKER).is_file()
+
+    work = tmp_path / "work"
+    ckpt = work / "results" / "ckpt"
+    (ckpt / "step_2").mkdir(parents=True)
+    (ckpt / "step_2" / "_CHECKPOINT_METADATA").write_text("{}")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for target in (ckpt, ckpt.parent, work, Path("."), tmp_path, Path("/")):  # never, even with --overwrite
+        with pytest.raises(ExportTargetError, match="export never replaces"):
+            save_pretrained(model, target, overwrite=True, protected=(ckpt,))
+    with pytest.raises(ExportTargetError, match="it is a training checkpoint"):
+        save_pretrained(model, ckpt / "step_2", overwrite=True)
+    (work / "a_file").write_text("x")
+    with pytest.raises(ExportTargetError, match="it is a file"):
+        save_pretrained(model, work / "a_file", overwrite=True)
+    assert (ckpt / "step_2" / "_CHECKPOINT_METADATA").read_text() == "{}" and (work / "a_file").read_text() == "x"
 
 
 def test_layout_blocks_match_whole_conversion():

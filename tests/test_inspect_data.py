@@ -72,3 +72,13 @@ def test_bad_options(args):
         main([*args, "--bogus", "1"])
     with pytest.raises(SystemExit, match="--format='xml'"):
         main([*args, "--format", "xml"])
+
+
+def test_train_split_alone_needs_no_validation_path(tmp_path, fixture_tokenizer_path, capsys):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(SIMPLE) + "\n")
+    main([f"policy.tokenizer.name={fixture_tokenizer_path('qwen3')}", "policy.tokenizer.chat_template=default",
+          "data.dataset_name=openai_format", f"data.train_data_path={path}", "data.val_data_path=null",
+          "sft.val_period=0", "--num", "1", "--color", "never"])
+    out = capsys.readouterr().out
+    assert out.startswith("=== train example 0:") and "Hello!<|im_end|>]]" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,6 +28,7 @@ def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
     for step, loss in ((1, 2.5), (2, 2.0)):
         logger.log({"train/loss": loss, "train/lr": 1e-3, "train/mfu": None}, step)
         logger.progress(step, {"train/loss": loss})
+    logger.log_text("validation/samples", "=== sample 1 ===\nprompt:     1 + 1?", 2)
     logger.close()
 
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -37,6 +39,10 @@ def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("sft-dev").experiment_id])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2.5, 2.0]
     assert run.data.params["policy.model_name"] == "tiny"
+    text = client.download_artifacts(run.info.run_id, "validation_samples_step_2.txt", str(tmp_path))
+    assert open(text).read().startswith("=== sample 1 ===")
+    # The artifacts stay in the run folder (MLflow's default would be ./mlruns in the cwd).
+    assert list((tmp_path / "run" / "mlflow_artifacts").rglob("validation_samples_step_2.txt"))
 
 
 def test_training_flops_by_hand():
@@ -61,3 +67,25 @@ def test_peak_table_knows_h100_and_not_cpu():
     assert peak_flops_per_device(SimpleNamespace(device_kind="NVIDIA H100 PCIe"), "bfloat16") == 756e12
     assert peak_flops_per_device(SimpleNamespace(device_kind="cpu"), "bfloat16") is None
     assert all(set(peaks) == {"bfloat16", "float32"} for _, peaks in PEAK_TFLOPS)
+
+
+def test_progress_off_a_terminal_is_whole_lines_at_most_every_30_s(tmp_path, monkeypatch, capsys):
+    import io
+
+    from jax_sft import metrics as metrics_lib
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    cfg = default_config().logger
+    logger = MetricsLogger(cfg, tmp_path / "run", total_steps=10)
+    for step in range(1, 11):
+        clock[0] += 7.0  # a step every 7 s: lines at 35 s (step 5), 70 s (step 10, also the last)
+        logger.progress(step, {"train/loss": 1.0 / step, "train/lr": 1e-3})
+        if step == 3:
+            logger.write("step 3: val_loss 0.5")
+    logger.close()
+    err = sys.stderr.getvalue()
+    assert "\r" not in err
+    assert err.splitlines() == ["step 5/10: loss 0.2, lr 0.001", "step 10/10: loss 0.1, lr 0.001"]
+    assert capsys.readouterr().out == "step 3: val_loss 0.5\n"

@@ -217,19 +217,26 @@ def test_unwritable_checkpoint_dir_fails_before_compiling(assets, tmp_path):
         train.run(load(assets, tmp_path, checkpointing__checkpoint_dir=tmp_path / "a_file" / "ckpt"))
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(assets, tmp_path):
-    cfg = load(assets, tmp_path, sft__max_num_steps=8, checkpointing__save_period=1,
-               policy__optimizer__kwargs__lr=1e30, policy__max_grad_norm=None)
-    with pytest.raises(train.TrainingDiverged, match=r"at step (\d+)") as err:
+def test_non_finite_step_names_a_checkpoint_whose_weights_are_finite(assets, tmp_path):
+    # lr 1e10 after a near-zero first step: step 2's update ruins the weights (finite, ~1e9),
+    # and step 3's loss on them is NaN. step_2 holds those weights: the good one is step_1.
+    warm = "[{name: torch.optim.lr_scheduler.LinearLR, kwargs: {start_factor: 1.0e-12, end_factor: 1.0, total_iters: 2}}]"
+    cfg = load(assets, tmp_path, sft__max_num_steps=8, checkpointing__save_period=1, sft__val_period=0,
+               policy__optimizer__kwargs__lr=1e10, policy__max_grad_norm=None, policy__scheduler=warm)
+    with pytest.raises(train.TrainingDiverged, match=r"diverged at step (\d+)") as err:
         train.run(cfg)
-    bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
-    steps = sorted(int(p.name[5:]) for p in (tmp_path / "ckpt").glob("step_*"))
-    assert steps and max(steps) == bad - 1  # every good step saved, the diverged one not
-    from jax_sft.export import export_checkpoint
-    from transformers import AutoConfig
-
-    out = export_checkpoint(tmp_path / "ckpt" / f"step_{bad - 1}", tmp_path / "hf")
-    assert AutoConfig.from_pretrained(out).num_hidden_layers == 2
+    message = str(err.value)
+    print("\n" + message)
+    bad = int(message.split("diverged at step ")[1].split(":")[0])
+    named = message.split("gave a finite loss is ")[1].split(";")[0]
+    assert bad == 3 and Path(named) == tmp_path / "ckpt" / "step_1"
+    assert f"diverged_step_{bad - 1}" in message
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"diverged_step_{bad - 1}", "step_1"]
+    # A rerun with a sane learning rate resumes from the named checkpoint and trains normally.
+    result = train.run(load(assets, tmp_path, sft__max_num_steps=4, sft__val_period=0, checkpointing__save_period=1,
+                            policy__optimizer__kwargs__lr=1e-3, policy__max_grad_norm=None, policy__scheduler=warm))
+    assert sorted(result.train_losses) == [2, 3, 4]
+    assert all(np.isfinite(v) and v < 10 for v in result.train_losses.values()), result.train_losses
 
 
 def test_checkpoint_must_save_by_saves_and_stops(assets, tmp_path):
@@ -238,3 +245,143 @@ def test_checkpoint_must_save_by_saves_and_stops(assets, tmp_path):
     assert result.stopped_early and "checkpoint_must_save_by" in result.stopped_early
     assert result.final_step < 50
     assert sorted(int(p.name[5:]) for p in (tmp_path / "ckpt").glob("step_*")) == [result.final_step]
+
+
+def test_export_never_replaces_the_checkpoint_folder(assets, tmp_path, capsys):
+    from jax_sft.export import main as export_main
+
+    with pytest.raises(config_lib.ConfigError, match="checkpointing.hf_export_dir: export to .* never replaces"):
+        train.run(load(assets, tmp_path, checkpointing__hf_export_dir=tmp_path / "ckpt"))
+    assert not (tmp_path / "logs").exists()  # refused before the run started
+    train.run(load(assets, tmp_path, sft__max_num_steps=2, sft__val_period=0, checkpointing__save_period=2))
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "ckpt").rglob("*"))
+    for out in (tmp_path / "ckpt", tmp_path / "logs"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            export_main(["--checkpoint", str(tmp_path / "ckpt" / "step_2"), "--out", str(out), "--overwrite"]
+                        if out.name == "ckpt" else
+                        ["--checkpoint", str(tmp_path / "ckpt" / "step_2"), "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: export to ") and err.count("\n") == 1, err
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "ckpt").rglob("*")) == before
+    assert (tmp_path / "logs" / "exp_001").is_dir()
+
+
+def test_incomplete_checkpoints_are_never_resumed_or_exported(assets, tmp_path, capsys):
+    from jax_sft.checkpoint import IncompleteCheckpoint, IncompleteCheckpointWarning
+    from jax_sft.export import export_checkpoint
+
+    train.run(load(assets, tmp_path, sft__max_num_steps=4, sft__val_period=0, checkpointing__save_period=2))
+    # A deletion killed halfway: step_4 keeps its top-level markers but lost most of params/.
+    for path in sorted((tmp_path / "ckpt" / "step_4" / "params").rglob("*")):
+        if path.is_file() and path.name != "commit_success.txt":
+            path.unlink()
+    with pytest.raises(IncompleteCheckpoint, match=r"step_4: incomplete checkpoint \(params/ lacks _METADATA"):
+        export_checkpoint(tmp_path / "ckpt" / "step_4", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    with pytest.warns(IncompleteCheckpointWarning, match=r"skipping .*step_4: incomplete checkpoint"):
+        result = train.run(load(assets, tmp_path, sft__max_num_steps=6, sft__val_period=0,
+                                checkpointing__save_period=2))
+    assert sorted(result.train_losses) == [3, 4, 5, 6]  # resumed from step_2
+    captured = capsys.readouterr()
+    assert f"resumed from {tmp_path / 'ckpt' / 'step_2'}" in captured.out + captured.err
+
+
+def test_a_second_run_on_a_locked_checkpoint_dir_refuses_at_once(assets, tmp_path):
+    import socket
+
+    from jax_sft.run_lock import LOCK_NAME, RunLocked
+
+    (tmp_path / "ckpt").mkdir()
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": None, "started": "earlier"}
+    (tmp_path / "ckpt" / LOCK_NAME).write_text(json.dumps(holder))
+    with pytest.raises(RunLocked, match=rf"in use by another run \(pid {os.getpid()} on"):
+        train.run(load(assets, tmp_path, sft__max_num_steps=2))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [LOCK_NAME]  # nothing written
+    (tmp_path / "ckpt" / LOCK_NAME).unlink()
+    result = train.run(load(assets, tmp_path, sft__max_num_steps=2, sft__val_period=0))
+    assert result.final_step == 2 and not (tmp_path / "ckpt" / LOCK_NAME).exists()  # released
+
+
+def test_two_runs_started_together_one_refuses_and_the_other_finishes(assets, tmp_path):
+    cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"),
+           *overrides(assets, tmp_path, sft__max_num_steps=6, sft__val_period=0, checkpointing__save_period=2)]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 2)
+    print("\n" + refused.strip().splitlines()[-1])
+    assert codes == [0, 2], outs
+    assert refused.strip().splitlines()[-1].startswith("error: ") and "in use by another run (pid" in refused
+    assert "Traceback" not in refused
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_2", "step_4", "step_6"]
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_says_so_in_one_line_and_keeps_earlier_checkpoints(assets, tmp_path, monkeypatch):
+    fs = tmp_path / "fs"
+    if _mount_tmpfs(fs, "1500k"):  # room for one checkpoint (~1.2 MB with AdamW's moments), not two
+        try:
+            cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"),
+                   *overrides(assets, tmp_path, sft__max_num_steps=8, checkpointing__save_period=2,
+                              checkpointing__checkpoint_dir=fs / "ckpt")]
+            env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            kept = sorted(p.name for p in (fs / "ckpt").iterdir())
+        finally:
+            subprocess.run(["umount", str(fs)], check=True)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+        print("\n" + "\n".join(errors))
+        assert proc.returncode == 1
+        assert len(errors) == 1 and errors[0].startswith("error: no space left on the device of "), proc.stderr[-6000:]
+        assert "while saving step_4" in errors[0] and "kept step_2" in errors[0]
+        assert kept == ["step_2"], kept  # the partial step_4 removed, the lock released
+        return
+    # No tmpfs here: the same path with the write error injected where Orbax writes our files.
+    from jax_sft import checkpoint
+
+    real_save = checkpoint.FilesHandler.save
+
+    def full_after_step_2(self, directory, args):
+        if "step_2" not in str(directory) and args.files:
+            raise OSError(28, "No space left on device", str(directory))
+        return real_save(self, directory, args)
+
+    monkeypatch.setattr(checkpoint.FilesHandler, "save", full_after_step_2)
+    with pytest.raises(checkpoint.CheckpointDiskFull, match=r"while saving step_4.*kept step_2") as err:
+        train.run(load(assets, tmp_path, sft__max_num_steps=8, checkpointing__save_period=2))
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_2"]
+
+
+def test_sigterm_during_start_up_exits_75(assets, tmp_path):
+    """The handler is in place before the heavy imports: SIGTERM at that moment exits 75, not 143."""
+    cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"),
+           *overrides(assets, tmp_path)]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    caught, maps = False, ""
+    while not caught and proc.poll() is None and time.time() < deadline:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = bool(int(status.split("SigCgt:")[1].split()[0], 16) & (1 << (signal.SIGTERM - 1)))
+        if caught:
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        else:
+            time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert caught and "jaxlib" not in maps  # caught before jax was even loaded
+    assert proc.returncode == 75, err[-2000:]
+    assert "SIGTERM received" in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()  # it stopped before the run began

@@ -35,7 +35,9 @@ the assistant's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,17 @@ __all__ = ["PASSTHROUGH_TEMPLATE", "ROLES", "load_tokenizer", "resolve_chat_temp
 # NeMo RL's passthrough template (chat_template: null): the message contents, concatenated.
 PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 ROLES = ("system", "user", "assistant", "tool")
+
+
+class ToolArgumentsWarning(UserWarning):
+    """A tool call's `arguments` is a string that is not a JSON object (rendered as it is)."""
+
+
+def template_key(tok_cfg) -> str:
+    """The config key the chat template comes from (for messages)."""
+    if tok_cfg.get("custom_template") is not None:
+        return "policy.tokenizer.custom_template"
+    return "policy.tokenizer.chat_template"
 
 
 def resolve_chat_template(tok_cfg, tokenizer: PreTrainedTokenizerBase, tokenizer_name: str) -> str:
@@ -97,10 +110,13 @@ def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
                          "with its offsets and needs a tokenizer.json")
     template = resolve_chat_template(tok_cfg, tokenizer, name)
     tokenizer.chat_template = template
-    try:  # syntax errors at start-up, not at the first example
+    key = template_key(tok_cfg)
+    try:  # syntax errors and sandbox violations at start-up, not at the first example
         tokenizer.apply_chat_template([{"role": "user", "content": "probe"}], tokenize=False)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"policy.tokenizer: the chat template does not parse: {e} (line {e.lineno})") from e
+        raise ValueError(f"{key}: the chat template does not parse: {e} (line {e.lineno})") from e
+    except jinja2.exceptions.SecurityError as e:
+        raise ValueError(f"{key}: the chat template does something the sandbox forbids: {e}; fix {key}") from e
     return tokenizer
 
 
@@ -134,6 +150,9 @@ def check_conversation(row: Any, where: str, spec=None) -> tuple[list[dict], lis
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"{where}: message {j}: unknown role {role!r}; expected one of {ROLES}")
+        if isinstance(message.get("tool_calls"), (list, tuple)):
+            message["tool_calls"] = [_parse_arguments(call, f"{where}: message {j}: tool call {c}")
+                                     for c, call in enumerate(message["tool_calls"])]
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
             message["content"] = ""
@@ -162,6 +181,35 @@ def apply_task_spec(messages: list, spec) -> list:
     if spec.system_prompt is not None and not (isinstance(first, dict) and first.get("role") == "system"):
         messages.insert(0, {"role": "system", "content": spec.system_prompt})
     return messages
+
+
+_warned_tool_arguments = False
+
+
+def _parse_arguments(call: Any, where: str) -> Any:
+    """A tool call whose `arguments` (in `function`, or at the top) is a JSON string gets them as
+    a dict, as templates expect (they apply `tojson`, which would encode the string twice). A
+    string that is not a JSON object stays as it is, with one warning per process."""
+    global _warned_tool_arguments
+    if not isinstance(call, dict):
+        return call
+    nested = isinstance(call.get("function"), dict)
+    target = call["function"] if nested else call
+    arguments = target.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        if not _warned_tool_arguments:
+            _warned_tool_arguments = True
+            warnings.warn(f"{where}: 'arguments' is a string that is not a JSON object ({arguments!r:.60}); it is "
+                          "rendered as that string (this warning is shown once)", ToolArgumentsWarning, stacklevel=2)
+        return call
+    target = {**target, "arguments": parsed}
+    return {**call, "function": target} if nested else target
 
 
 def _common_prefix(a: str, b: str, i: int = 0, j: int = 0) -> int:
@@ -216,7 +264,8 @@ class ConversationEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, add_bos: bool, add_eos: bool,
                  add_generation_prompt: bool, only_unmask_final: bool,
-                 chat_template_kwargs: dict | None = None, task_spec=None):
+                 chat_template_kwargs: dict | None = None, task_spec=None,
+                 template_key: str = "policy.tokenizer.chat_template"):
         if not tokenizer.is_fast:
             raise ValueError("ConversationEncoder needs a fast tokenizer (offsets)")
         kwargs = dict(chat_template_kwargs or {})
@@ -229,6 +278,7 @@ class ConversationEncoder:
         self.only_unmask_final = only_unmask_final
         self.template_kwargs = kwargs
         self.task_spec = task_spec
+        self.template_key = template_key
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token is not None else None
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token is not None else None
         special = {t for t in tokenizer.all_special_tokens} | {
@@ -240,7 +290,8 @@ class ConversationEncoder:
         return cls(tokenizer, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos,
                    add_generation_prompt=cfg.data.add_generation_prompt,
                    only_unmask_final=cfg.sft.only_unmask_final,
-                   chat_template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"), task_spec=task_spec)
+                   chat_template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"), task_spec=task_spec,
+                   template_key=template_key(cfg.policy.tokenizer))
 
     # ------------------------------------------------------------------ rendering
 
@@ -248,8 +299,12 @@ class ConversationEncoder:
         try:
             return self.tokenizer.apply_chat_template(conversations, tools=tools, tokenize=False,
                                                       add_generation_prompt=gen, **self.template_kwargs)
+        except jinja2.exceptions.SecurityError as e:
+            raise ValueError(f"{where}: the chat template ({self.template_key}) does something the sandbox "
+                             f"forbids: {e}; fix {self.template_key}") from e
         except jinja2.TemplateError as e:
-            raise ValueError(f"{where}: the chat template failed on this conversation: {e}") from e
+            raise ValueError(f"{where}: the chat template ({self.template_key}) failed on this conversation: "
+                             f"{e}") from e
 
     def spans(self, messages: list[dict], tools, where: str) -> tuple[str, list[tuple[int, int]]]:
         """(full rendering, character spans [start, end) of the trained assistant messages)."""

@@ -192,6 +192,20 @@ def attention(
     return _xla_attention(q, k, v, segment_ids, sliding_window, scale, softcap)
 
 
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_positions: jax.Array, *,
+                     sliding_window: int | None = None, scale: float | None = None,
+                     softcap: float | None = None) -> jax.Array:
+    """Attention of new queries over a KV cache (generation; `kv_cache.py`).
+
+    q: [b, t, heads, d] at positions q_positions [b, t]; k_cache, v_cache: [b, S, kv_heads, d],
+    slot j holding the key/value of position j of that row. A query at position i attends slot j
+    when j <= i (and i - j < sliding_window): slots past a row's current position (padding, or
+    not yet generated) are never seen. fp32 logits and softmax, as the "xla" kernel; `scale` and
+    `softcap` as in `attention`.
+    """
+    return _xla_attention(q, k_cache, v_cache, None, sliding_window, scale, softcap, q_positions=q_positions)
+
+
 # ----------------------------------------------------------------------------- packed rows
 
 
@@ -279,25 +293,25 @@ def _xla_attention(
     v: jax.Array,  # [b, s, kv, d]
     segment_ids: jax.Array | None,  # [b, t]
     sliding_window: int | None,
-    scale: float,
+    scale: float | None = None,  # None: head_dim ** -0.5
     softcap: float | None = None,
+    q_positions: jax.Array | None = None,  # [b, t]: cached attention (see `cached_attention`)
 ) -> jax.Array:
     b, t, n, d = q.shape
-    kv = k.shape[2]
+    s, kv = k.shape[1], k.shape[2]
     if n % kv:
         raise ValueError(f"q_heads={n} is not a multiple of kv_heads={kv}")
     qg = q.reshape(b, t, kv, n // kv, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(scale)  # [b, kv, g, t, s] fp32
+    logits = logits * jnp.float32(d**-0.5 if scale is None else scale)  # [b, kv, g, t, s] fp32
     if softcap is not None:
         logits = jnp.float32(softcap) * jnp.tanh(logits / jnp.float32(softcap))
 
-    i = jnp.arange(t)[:, None]
-    j = jnp.arange(t)[None, :]
-    mask = j <= i  # [t, s]
+    i = jnp.arange(t)[None, :, None] if q_positions is None else q_positions[:, :, None]
+    j = jnp.arange(s)[None, None, :]
+    mask = j <= i  # [1 or b, t, s]
     if sliding_window is not None:
         mask = mask & (i - j < sliding_window)
-    mask = mask[None]  # [1, t, s]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [b, t, s]
     # Finite fill: a row that were fully masked would give a uniform softmax, never NaN.

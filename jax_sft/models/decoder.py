@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jax_sft.models import attention as attention_lib
+from jax_sft.models import kv_cache as kv_cache_lib
 from jax_sft.models.config import ModelConfig, RopeConfig
 
 REMAT_POLICIES = (
@@ -172,6 +173,7 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.max_segments = max_segments
         self.dtype = dtype
+        self.kv_cache: kv_cache_lib.LayerCache | None = nnx.data(None)  # generation only (kv_cache.py)
 
     def __call__(self, x, cos, sin, segment_ids):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, t, heads, d]
@@ -179,6 +181,13 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin).astype(self.dtype)
         k = apply_rope(k, cos, sin).astype(self.dtype)
+        if self.kv_cache is not None:
+            k_all, v_all, q_positions = self.kv_cache.write(k, v)
+            if q.shape[1] == 1:  # decode; more tokens: a prefill from slot 0, attended below
+                out = attention_lib.cached_attention(q, k_all, v_all, q_positions,
+                                                     sliding_window=self.sliding_window,
+                                                     scale=self.scale, softcap=self.softcap)
+                return self.o_proj(out)
         out = attention_lib.attention(
             q, k, v, segment_ids=segment_ids,
             sliding_window=self.sliding_window, implementation=self.implementation,
@@ -470,13 +479,16 @@ class CausalLM(nnx.Module):
 
         def body(carry, layer_state):
             h, stats = carry
-            h, layer_stats = nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, token_mask)
-            return (h, stats + layer_stats), None
+            layer = nnx.merge(graphdef, layer_state)
+            h, layer_stats = layer(h, cos, sin, segment_ids, token_mask)
+            # The KV caches, when generating (kv_cache.py).
+            return (h, stats + layer_stats), nnx.state(layer, nnx.Cache)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=False)
         zeros = jnp.zeros((2, self.config.num_experts), jnp.float32)
-        (x, stats), _ = jax.lax.scan(body, (x, zeros), state)
+        (x, stats), caches = jax.lax.scan(body, (x, zeros), state)
+        nnx.update(self.layers, caches)
         return x, stats
 
     def attention_kernel(self, packed: bool) -> str:

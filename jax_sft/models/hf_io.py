@@ -17,8 +17,12 @@ checkpoint with only `lm_head.weight` ties to it. Old `*.rotary_emb.inv_freq` bu
 
 Writing: config.json (the original keys, `architectures` and `dtype` set), generation_config.json,
 safetensors shards named as transformers names them (model-00001-of-00002.safetensors + index, or
-a single model.safetensors) and the tokenizer. Everything is written into a temporary folder beside
-`out_dir`, which replaces `out_dir` only once complete. Only process 0 writes; every process takes
+a single model.safetensors), the tokenizer and a marker file `.jax_sft_export`. Everything is
+written into a temporary folder beside `out_dir`, which replaces `out_dir` only once complete.
+`out_dir` must be new, empty or an earlier export (it holds the marker): any other folder is
+refused (`ExportTargetError`) unless `overwrite=True`, and even then never `/`, the home or
+working directory, a folder in `protected` (the run's checkpoint_dir), a parent of these, or an
+Orbax checkpoint. Only process 0 writes; every process takes
 part in gathering sharded parameters (multi-host gathering is untested so far).
 
 The HF <-> jax name and layout tables are `_NAMES` below: one per family, sharing Llama's names.
@@ -56,6 +60,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jax_sft.errors import InputError
 from jax_sft.models.config import ModelConfig, apply_overrides
 from jax_sft.models.decoder import CausalLM
 from jax_sft.models.sharding import param_shardings
@@ -70,6 +75,45 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as the config says; the message names file and tensor."""
+
+
+EXPORT_MARKER = ".jax_sft_export"  # written into every export: marks a folder export may replace
+
+
+class ExportTargetError(InputError, ValueError):
+    """The export's output folder holds files that export must not replace."""
+
+
+def export_target_problem(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                          protected: tuple[str | os.PathLike, ...] = ()) -> str | None:
+    """Why `save_pretrained` must not write (replace) `out_dir`, or None (see module docstring)."""
+    out = Path(out_dir).expanduser().resolve()
+    guarded = [Path.home().resolve(), Path.cwd().resolve()]
+    guarded += [Path(p).expanduser().resolve() for p in protected]
+    for folder in guarded:
+        if out == folder or out in folder.parents:
+            what = "/" if out == Path(out.anchor) else f"{out}" + ("" if out == folder else f", which contains {folder}")
+            return (f"export to {out_dir} would replace {what}; export never replaces the root, home or "
+                    "working directory, the checkpoint folder or a parent of them (not even with "
+                    "--overwrite). Choose a new folder")
+    if out.exists() and not out.is_dir():
+        return f"export to {out_dir}: it is a file, not a folder; choose a new folder"
+    if not out.is_dir() or not any(out.iterdir()) or (out / EXPORT_MARKER).is_file():
+        return None
+    if (out / "_CHECKPOINT_METADATA").exists():
+        return f"export to {out_dir}: it is a training checkpoint; export never replaces one. Choose a new folder"
+    if overwrite:
+        return None
+    return (f"export to {out_dir}: the folder holds files that no jax_sft export wrote (it lacks "
+            f"{EXPORT_MARKER}); export only replaces its own earlier exports. Choose a new or empty "
+            "folder, or pass --overwrite to replace it")
+
+
+def check_export_target(out_dir: str | os.PathLike, **kwargs) -> None:
+    """Raises ExportTargetError when `export_target_problem` finds one."""
+    problem = export_target_problem(out_dir, **kwargs)
+    if problem:
+        raise ExportTargetError(problem)
 
 
 # --- layouts ---------------------------------------------------------------------------------
@@ -502,12 +546,17 @@ def save_pretrained(
     tokenizer=None,
     max_shard_size: int | str = "5GB",
     dtype=None,
+    *,
+    overwrite: bool = False,
+    protected: tuple[str | os.PathLike, ...] = (),
 ) -> None:
     """Writes an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     dtype: of the written tensors; None = the checkpoint dtype named by the original
     config.json (`dtype`/`torch_dtype`), else the parameters' dtype.
+    overwrite, protected: which existing `out_dir` may be replaced (`export_target_problem`).
     """
+    check_export_target(out_dir, overwrite=overwrite, protected=protected)
     config = model.config
     dtype_name = jnp.dtype(dtype or config.torch_dtype or model.param_dtype).name
     if dtype_name not in ("float32", "bfloat16", "float16"):
@@ -561,6 +610,7 @@ def save_pretrained(
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        (tmp / EXPORT_MARKER).write_text("written by jax_sft's export; a later export may replace this folder\n")
 
 
 def _generation_config(config: ModelConfig) -> dict[str, Any]:
