@@ -365,12 +365,15 @@ def test_moe_training_with_expert_parallelism_matches_one_device(tmp_path):
     print("\nstep  1 device      8 devices (fsdp 2 x expert 4)")
     for s, (a, b) in enumerate(zip(*losses), 1):
         print(f"{s:>4}  {a:.7f}   {b:.7f}")
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    # Step 1 (same weights): equal. Later, discrete routing may flip an almost tied top-k choice
+    # between the two reduction orders; one flip changes one token's loss, moving the mean over
+    # the ~1000 loss tokens of a step by about 1e-3 at most.
+    np.testing.assert_allclose(losses[1][0], losses[0][0], rtol=1e-5)
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-3)
     aux = [[r["train/router_aux_loss"] for r in read_metrics(run.run_dir) if "train/loss" in r]
            for run in (one, eight)]
-    # Step 1 (same weights): equal. Later, an almost tied top-k choice may flip between the two
-    # reduction orders; one flip moves the aux loss by at most 2 * 4 experts / rows (~2000 rows
-    # of routed tokens x MoE layers per step here), i.e. < 4e-3.
+    # Likewise for the aux loss: one flip moves it by at most 2 * 4 experts / rows (~2000 rows of
+    # routed tokens x MoE layers per step here), i.e. < 4e-3.
     np.testing.assert_allclose(aux[1][0], aux[0][0], rtol=1e-5)
     np.testing.assert_allclose(aux[1], aux[0], atol=4e-3)
 
