@@ -5,7 +5,9 @@
 
 The first `--num` examples of `--split` (train or validation, in dataset order), templated,
 tokenised and loss-masked exactly as training does, with `data.overlength` applied (dropped
-examples are skipped with a note on stderr), before padding or packing.
+examples are skipped with a note on stderr), before padding or packing. An example that fails to
+encode is reported on stderr as `error: <split> example <i>: <file:line>: <why>` and the others are
+still printed; the exit status is then 2.
 
 `--format text` (default): the decoded tokens, loss tokens in colour on a terminal (ANSI) and
 as [[...]] otherwise (`--color always|never|auto`). `--format jsonl`: one JSON object per
@@ -25,7 +27,9 @@ import numpy as np
 from jax_sft.config import load_config, parse_args
 from jax_sft.data.chat import ConversationEncoder, load_tokenizer
 from jax_sft.data.layout import build_dataset
-from jax_sft.data.pipeline import apply_overlength
+from jax_sft.data.datasets import Place
+from jax_sft.data.pipeline import apply_overlength, dataset_place
+from jax_sft.errors import USAGE_EXIT_CODE, DataError, exit_on_input_error
 
 _OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto"}
 _CHOICES = {"format": ("text", "jsonl"), "split": ("train", "validation"), "color": ("auto", "always", "never")}
@@ -74,9 +78,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = dataset.formatted_ds[opts["split"]]
     indices = list(range(min(int(opts["num"]), len(rows))))
     max_length = cfg.data.get("max_input_seq_length") or cfg.policy.max_total_sequence_length
-    encoded = encoder.encode([rows[i] for i in indices], [f"{opts['split']} example {i}" for i in indices])
+    place = dataset_place(dataset, opts["split"])
     color = opts["color"] == "always" or (opts["color"] == "auto" and sys.stdout.isatty())
-    for i, e in zip(indices, encoded):
+    failed = 0
+    for i in indices:
+        try:
+            e = encoder.encode([rows[i]], [Place(place, i)])[0]
+        except DataError as error:  # the other rows are still shown; the exit status says some failed
+            print(f"error: {opts['split']} example {i}: {error}", file=sys.stderr)
+            failed += 1
+            continue
         ids, loss, status = apply_overlength(e.ids, e.loss, max_length, cfg.data.overlength)
         if ids is None:
             print(f"{opts['split']} example {i}: {len(e.ids)} tokens > {max_length}: dropped (data.overlength=drop)",
@@ -90,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             note = "" if status == "ok" else f", {status} to {max_length} (data.overlength)"
             print(f"=== {opts['split']} example {i}: {len(ids)} tokens, {int(loss.sum())} loss tokens{note} ===")
             print(highlight(tokenizer, ids, loss, color))
+    if failed:
+        print(f"error: {failed} of {len(indices)} examples failed to encode", file=sys.stderr)
+        raise SystemExit(USAGE_EXIT_CODE)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

@@ -217,7 +217,7 @@ def test_conversation_without_loss_is_an_error_or_skipped(fixture_tokenizer_path
     rows[11]["messages"][1]["content"] = ""  # passthrough template, no eos: nothing to train on
     train = write_jsonl(tmp_path / "t.jsonl", rows)
     kw = {"policy.tokenizer.chat_template": "null", "data.add_eos": False}
-    with pytest.raises(ValueError, match="train example 11: no token to train on .*skip_examples_without_loss"):
+    with pytest.raises(ValueError, match=r"t.jsonl:12 \(train\): no token to train on .*skip_examples_without_loss"):
         build(fixture_tokenizer_path, (train, files[1]), **kw)
     data = build(fixture_tokenizer_path, (train, files[1]), **kw, **{"data.skip_examples_without_loss": True})
     assert (data.stats["data/train_skipped"], data.stats["data/train_kept"]) == (1, 29)
@@ -229,7 +229,7 @@ def test_bad_example_fails_at_construction(fixture_tokenizer_path, files, tmp_pa
     rows[27]["messages"].insert(1, {"role": "narrator", "content": "meanwhile"})
     rows[27]["messages"].append({"role": "assistant", "content": "end"})
     train = write_jsonl(tmp_path / "t.jsonl", rows)
-    with pytest.raises(ValueError, match="train example 27: message 1: unknown role 'narrator'"):
+    with pytest.raises(ValueError, match=r"t.jsonl:28 \(train\): message 1: unknown role 'narrator'"):
         build(fixture_tokenizer_path, (train, files[1]))
 
 
@@ -277,7 +277,7 @@ def test_workers_give_the_same_cache_and_name_bad_examples(fixture_tokenizer_pat
     rows = [conversation(i) for i in range(30)]
     rows[21]["messages"][0]["role"] = "narrator"
     train = write_jsonl(tmp_path / "t.jsonl", rows)
-    with pytest.raises(ValueError, match="train example 21: message 0: unknown role 'narrator'"):
+    with pytest.raises(ValueError, match=r"t.jsonl:22 \(train\): message 0: unknown role 'narrator'"):
         build(fixture_tokenizer_path, (train, files[1]), **{"data.num_workers": 1,
                                                             "data.use_preserving_dataset": True})
 

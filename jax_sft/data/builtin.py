@@ -38,7 +38,7 @@ from jax_sft.data.datasets import (
     TaskDataSpec,
     _column,
     _format,
-    _raise_json_error,
+    load_file,
     oasst_conversations,
     read_json_records,
 )
@@ -72,10 +72,7 @@ def load_source(path: str, subset: str | None = None, split: str | None = "train
             raise ValueError(f"{key}={path!r}: a subset applies to hub datasets, not to a local file; remove it")
         if not p.is_file():
             raise FileNotFoundError(f"{key}={path!r}: no such file")
-        try:
-            raw = hf_datasets.load_dataset(FILE_TYPES[suffix], data_files=str(p))
-        except (ValueError, hf_datasets.exceptions.DatasetGenerationError) as e:
-            _raise_json_error(p, e)
+        raw = load_file(FILE_TYPES[suffix], p, None)
     elif _is_saved_dataset(p):
         raw = hf_datasets.load_from_disk(str(p))
     else:
@@ -108,6 +105,8 @@ def carve(rows, test_size: float, seed: int):
         return parts["train"], parts["test"]
     index = hf_datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
         test_size=test_size, seed=seed)
+    if isinstance(rows, PreservingDataset):
+        return tuple(rows.take(index[part]["i"]) for part in ("train", "test"))
     return tuple(PreservingDataset([rows[i] for i in index[part]["i"]]) for part in ("train", "test"))
 
 
@@ -136,6 +135,7 @@ class RawDataset:
     task_spec: TaskDataSpec | None = None
     data_config: dict | None = None
     HUB_ID: str | None = None  # for describe_data
+    rows_are_records = True  # row n of `dataset` is record n of its source (for error places)
 
     def split_train_validation(self, test_size: float | None, seed: int | None) -> None:
         if test_size and test_size > 0:
@@ -238,11 +238,13 @@ def _read_trees(path: str) -> list[tuple[int, dict]]:
     return read_json_records(path)
 
 
-class OasstDataset(RawDataset):
+class OasstDataset(RawDataset):  # rows are threads of several records
     """OpenAssistant/oasst1 message trees (NeMo RL downloads `2023-04-12_oasst_all.trees.jsonl.gz`):
     every root-to-leaf path is a conversation opened by NeMo RL's system prompt; 5% carved for
     validation with seed 42 by default. data_path: a trees `.jsonl`/`.jsonl.gz` file, or message
     rows of the hub's parquet schema (message_id, parent_id, role, text)."""
+
+    rows_are_records = False
 
     HUB_ID = "OpenAssistant/oasst1"
 
@@ -347,6 +349,7 @@ class Tulu3SftMixtureDataset(RawDataset):
         seed = 42 if seed is None else seed
         raw = _load(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID)["train"])
         raw = sample(raw, max_samples, seed)
+        self.rows_are_records = not (max_samples and max_samples > 0)
         self.dataset = _map(raw, lambda r, w: {"messages": _last_is_assistant(r["messages"], w)},
                             f"tulu3_sft_mixture {data_path or 'train'}", ("messages",))
         self.split_train_validation(split_validation_size, seed)
@@ -364,6 +367,7 @@ class NemotronCascade2SFTMathDataset(RawDataset):
         split, seed = split or "train", 42 if seed is None else seed
         raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, "math", split=split))
         raw = sample(raw, max_samples, seed)
+        self.rows_are_records = not (max_samples and max_samples > 0)
         self.dataset = _map(raw, lambda r, w: {"messages": _last_is_assistant(r["messages"], w)},
                             f"Nemotron-Cascade-2-SFT-Math {data_path or split}", ("messages",))
         self.split_train_validation(split_validation_size, seed)
@@ -528,6 +532,8 @@ class ArrowTextDataset(RawDataset):
     """Raw text as one assistant message per row (NeMo RL's `arrow_text`, task "x_token"); empty and
     non-string rows dropped; characters_per_sample > 0 joins consecutive rows with newlines until
     the running character count reaches it."""
+
+    rows_are_records = False
 
     def __init__(self, data_files: str, subset: str | None = None, split: str = "train", text_key: str = "text",
                  characters_per_sample: int | None = None, split_validation_size: float = 0.0, seed: int = 42):

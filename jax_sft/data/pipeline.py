@@ -37,10 +37,11 @@ micro-batches per step varies (and may differ between processes: see `pad_micro_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -49,13 +50,14 @@ from absl import flags as absl_flags
 
 from jax_sft.data.chat import ConversationEncoder
 from jax_sft.distributed import allgather_ints
-from jax_sft.data.datasets import SFTDataset
+from jax_sft.errors import DataError
+from jax_sft.data.datasets import Place, SFTDataset
 from jax_sft.data.layout import build_dataset
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SFTData", "StepBatch", "TrainIterator", "TokenizedSplit", "Layout", "tokenize_split",
-           "apply_overlength", "pack", "fill_rows", "pad_micro_batches", "ARRAY_KEYS", "OVERLENGTH", "PACKING"]
+           "apply_overlength", "dataset_place", "pack", "fill_rows", "pad_micro_batches", "ARRAY_KEYS", "OVERLENGTH", "PACKING"]
 
 ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 OVERLENGTH = ("truncate", "drop", "mask")
@@ -113,12 +115,12 @@ class _EncodeChunk:
     Bytes rather than arrays: Grain would move each array of a worker's output through its own
     shared-memory block."""
 
-    def __init__(self, rows, indices: np.ndarray, encoder: ConversationEncoder, split: str):
-        self.rows, self.indices, self.encoder, self.split = rows, indices, encoder, split
+    def __init__(self, rows, indices: np.ndarray, encoder: ConversationEncoder, place: Callable[[int], str]):
+        self.rows, self.indices, self.encoder, self.place = rows, indices, encoder, place
 
     def __call__(self, chunk: Sequence[int]) -> tuple[list[int], bytes, bytes]:
         idx = [int(self.indices[p]) for p in chunk]
-        encoded = self.encoder.encode([self.rows[i] for i in idx], [f"{self.split} example {i}" for i in idx])
+        encoded = self.encoder.encode([self.rows[i] for i in idx], [Place(self.place, i) for i in idx])
         return ([len(e.ids) for e in encoded], b"".join(e.ids.astype(np.int32).tobytes() for e in encoded),
                 b"".join(e.loss.astype(np.uint8).tobytes() for e in encoded))
 
@@ -134,14 +136,17 @@ def _unpack_chunk(chunk: tuple[list[int], bytes, bytes]) -> Iterator[tuple[np.nd
 
 def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, split: str, max_length: int,
                    overlength: str, skip_without_loss: bool, num_workers: int = 0,
-                   chunk_size: int = 64) -> tuple[TokenizedSplit, dict[str, int]]:
+                   chunk_size: int = 64, place: Callable[[int], str] | None = None
+                   ) -> tuple[TokenizedSplit, dict[str, int]]:
     """Encodes rows[indices] into a TokenizedSplit, applying `data.overlength` and the no-loss rule
     (a conversation without a loss token is an error naming it, or skipped and counted when
-    `skip_without_loss`). Returns (split, counts)."""
+    `skip_without_loss`). `place(i)` names row i in errors (default "<split> row i").
+    Returns (split, counts)."""
     if overlength not in OVERLENGTH:
         raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
+    place = place or functools.partial(_row_place, split)
     ds = grain.MapDataset.range(len(indices)).batch(chunk_size, batch_fn=list)
-    ds = ds.map(_EncodeChunk(rows, indices, encoder, split))
+    ds = ds.map(_EncodeChunk(rows, indices, encoder, place))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=1))
     if num_workers == 0 and len(indices) > 100_000:
         log.warning("%s: tokenising %d examples in one process; set data.num_workers to use more cores",
@@ -168,7 +173,7 @@ def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, s
                 if status != "masked" and not loss.any():
                     if not skip_without_loss:
                         why = f" after truncation to {max_length} tokens" if status == "truncated" else ""
-                        raise ValueError(f"{split} example {index}: no token to train on{why} (no assistant "
+                        raise DataError(f"{place(index)}: no token to train on{why} (no assistant "
                                          "message is trained); fix the example or set "
                                          "data.skip_examples_without_loss=true to skip and count such examples")
                     counts["skipped"] += 1
@@ -189,6 +194,17 @@ def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, s
     np.cumsum(lengths, out=starts[1:])
     return TokenizedSplit(_concat(tokens, np.int32), _concat(losses, np.uint8), starts,
                           np.asarray(source, np.int64)), counts
+
+
+def _row_place(split: str, index: int) -> str:
+    return f"{split} row {index}"
+
+
+def dataset_place(dataset, split: str) -> Callable[[int], str]:
+    """place(i): where row i of `split` of a built dataset comes from (file and line where known)."""
+    if callable(getattr(dataset, "place", None)):
+        return functools.partial(dataset.place, split)
+    return functools.partial(_row_place, f"{type(dataset).__name__} {split}")
 
 
 def _concat(arrays: list[np.ndarray], dtype) -> np.ndarray:
@@ -520,10 +536,10 @@ class SFTData:
         my_val = [list(owned(r, Gv)) for r in L.dp_ranks]
         self.train_split, train_counts = tokenize_split(
             train_rows, np.flatnonzero(np.isin(train_shard, sum(my_train, []))), self.encoder, split="train",
-            **common)
+            place=dataset_place(self.dataset, "train"), **common)
         self.val_split, val_counts = tokenize_split(
             val_rows, np.flatnonzero(np.isin(val_shard, sum(my_val, []))), self.encoder, split="validation",
-            **common)
+            place=dataset_place(self.dataset, "validation"), **common)
         self._train_members = [_shard_members(self.train_split, train_shard, train_position, sh) for sh in my_train]
         self._val_members = [_shard_members(self.val_split, val_shard, val_position, sh) for sh in my_val]
         self._train_shards = my_train
