@@ -248,7 +248,7 @@ class ConversationEncoder:
     """Renders, tokenises and loss-masks conversations (see the module docstring).
 
     Picklable (Grain worker processes get a copy). `encode(rows, wheres)` -> list[Encoded]; rows
-    are formatted dataset rows, `wheres` name them in errors ("train example 12").
+    are formatted dataset rows, `wheres` name them in errors ("file.jsonl:13 (train)").
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, add_bos: bool, add_eos: bool,
