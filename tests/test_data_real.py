@@ -200,3 +200,26 @@ def test_inspect_data_prints_good_rows_and_reports_bad_ones(tmp_path, fixture_to
     assert "=== train example 0:" in out and "=== train example 2:" in out and "example 1:" not in out
     assert re.search(r"error: train example 1: .*chat.jsonl:2 \(train\): message 0: unknown role 'narrator'", err)
     assert "1 of 3 examples failed" in err
+
+
+# ----------------------------------------------------------------------------- the README's "on purpose" lines
+
+
+def test_a_conversation_of_exactly_the_limit_is_kept_and_trained(fixture_tokenizer_path):
+    from jax_sft.data.pipeline import apply_overlength
+
+    tok = tokenizer(fixture_tokenizer_path, "qwen3")
+    e = encoder(tok).encode([PLAIN], ["row"])[0]
+    n = len(e.ids)
+    ids, loss, status = apply_overlength(e.ids, e.loss, n, "mask")  # NeMo RL: length >= limit is masked
+    assert status == "ok" and loss.tolist() == e.loss.tolist() and loss.any()
+    assert apply_overlength(e.ids, e.loss, n - 1, "mask")[2] == "masked"
+
+
+def test_the_newline_after_the_end_of_turn_token_is_not_trained(fixture_tokenizer_path):
+    tok = tokenizer(fixture_tokenizer_path, "qwen3")
+    two = {"messages": PLAIN["messages"] + [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
+    e = encoder(tok).encode([two], ["row"])[0]
+    assert "<|im_end|>\n<|im_start|>user" in e.text
+    trained = loss_text(tok, e)
+    assert "Hello!<|im_end|>" in trained and "<|im_end|>\n" not in trained
