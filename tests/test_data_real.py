@@ -223,3 +223,21 @@ def test_the_newline_after_the_end_of_turn_token_is_not_trained(fixture_tokenize
     assert "<|im_end|>\n<|im_start|>user" in e.text
     trained = loss_text(tok, e)
     assert "Hello!<|im_end|>" in trained and "<|im_end|>\n" not in trained
+
+
+def test_validate_data_reports_every_bad_row_with_its_line(tmp_path, fixture_tokenizer_path, capsys):
+    bad = {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    parts = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+                          {"role": "assistant", "content": "y"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [PLAIN, bad, PLAIN, parts])
+    val = write_jsonl(tmp_path / "val.jsonl", [PLAIN])
+    args = [f"policy.tokenizer.name={fixture_tokenizer_path('qwen3')}", "policy.tokenizer.chat_template=default",
+            "data.dataset_name=openai_format", f"data.train_data_path={train}", f"data.val_data_path={val}",
+            "--validate_data"]
+    with pytest.raises(SystemExit) as exit_:
+        inspect_main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: 2 rows failed" in err
+    assert re.search(r"train.jsonl:2 \(train\): message 0: unknown role 'narrator'", err)
+    assert re.search(r"train.jsonl:4 \(train\): message 0 \(user\): content part 0 is of type 'input_audio'", err)
+    inspect_main([*args[:4], f"data.train_data_path={val}", args[5], "--validate_data"])  # all good: returns
