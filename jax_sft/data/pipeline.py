@@ -1,10 +1,19 @@
 """From formatted conversations to device-ready batches, with Grain.
 
-Construction (`SFTData`) templates, tokenises and loss-masks this process's share of both splits
-once, up front, into flat int32/uint8 arrays (the cache), so that bad input fails at start-up and
-the training loop only gathers, packs and pads. The work runs in `data.num_workers` Grain worker
-processes (`mp_prefetch`; 0: in-process). One core does the whole pipeline at several hundred
+`data.tokenize=upfront` (default): construction (`SFTData`) templates, tokenises and loss-masks this
+process's share of both splits once, into flat int32/uint8 arrays (the cache), so that bad input
+fails at start-up and the training loop only gathers, packs and pads; the work runs in
+`data.num_workers` Grain worker processes (`mp_prefetch`; 0: in-process). `data.tokenize=lazy`:
+construction encodes nothing; each step encodes its own examples when it is assembled (in the
+workers, ahead of the training loop), so start-up time and memory do not depend on the dataset's
+size (bench/data_scale.py) and a bad row fails when its step is reached, naming its file and line
+(`python -m jax_sft.inspect_data --validate_data` checks every row beforehand). Both give the same
+batches, except that a lazily dropped or skipped example leaves its step one sequence short
+instead of being taken out of its shard. One core does the whole pipeline at a few hundred
 thousand tokens per second (bench/data_pipeline.py), far beyond what a training step consumes.
+
+The iterator state is the index of the next step (and what the stream depends on): the same on
+every process, so a run resumes on any number of processes and devices.
 
 Sharding does not depend on the device layout, so that a step's sequences are the same on one
 device, on a mesh of any data-parallel size and over any number of processes. The train split is
@@ -571,8 +580,8 @@ def _step_stream(assemble: _AssembleStep, workers: int, start: int) -> grain.Ite
 
 
 class SFTData:
-    """The data side of an SFT run: datasets, tokenisation (once, up front), train and validation
-    batches. See the module docstring for shapes and conventions.
+    """The data side of an SFT run: datasets, tokenisation (up front or lazily, `data.tokenize`),
+    train and validation batches. See the module docstring for shapes and conventions.
 
     cfg: the validated run config. tokenizer: from `load_tokenizer(cfg)`. dp_size: data-parallel
     ranks (mesh data * fsdp). dp_ranks: the ranks whose rows this process supplies, ascending
@@ -662,7 +671,8 @@ class SFTData:
     @property
     def stats(self) -> dict[str, int]:
         """Counters for the trainer's logs: "data/<split>_<name>" for examples, kept, truncated,
-        dropped, masked, skipped (no loss token), tokens and loss_tokens (this process)."""
+        dropped, masked, skipped (no loss token), tokens and loss_tokens (this process); lazily
+        only examples (nothing else is known at start-up)."""
         return {f"data/{split}_{k}": v for split, c in self._counts.items() for k, v in c.items()}
 
     def train_iterator(self) -> TrainIterator:
