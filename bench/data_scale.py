@@ -12,15 +12,19 @@ costs the same per row; generating a million distinct ones would take longer tha
 Each measurement is a fresh process pinned to one core (Rust tokenizer single-threaded) running
 `SFTData` + `train_iterator()` on the Qwen3 template (packing, seq 4096, global batch 64):
 
-  first_batch_s    wall time from process start (spawn) to the first StepBatch in hand
-  restart_s        the same for a restart that resumes the data position at step 1000 (lazy)
-  peak_rss_mb      peak resident memory; rss_growth_mb: peak minus the RSS after imports and
-                   tokenizer load (what the data costs)
-  steady_tok_s     tokens/s of the steps after the first (lazy: template + tokenise + mask + pack
-                   + batch, per step; up front: gathering from the cache, plus the start-up cost
-                   amortised in whole_tok_s)
-  ratio            steady_tok_s / reference_tok_s, the reference being one render and one
-                   encode per conversation of the same rows on the same core (the tokenizer's limit)
+  first batch      wall time from process start (spawn; Python, jax and tokenizer imports
+                   included) to the first StepBatch in hand; "of which data": from SFTData(...)
+  restart          the same for a restart that resumes the data position at step 1000 (lazy;
+                   up front a restart tokenises again, as a first start)
+  peak RSS         VmHWM; RSS growth: peak minus the RSS after imports and tokenizer load, of which
+                   "anonymous" is the process's own memory (RssAnon) and "file-backed" the pages of
+                   the memory-mapped dataset it touched (the OS page cache, reclaimable)
+  steady tok/s     tokens/s of `--steps` steps after the first, through the Grain iterator
+  pipeline tok/s   lazy: step assembly alone (template, tokenise, mask, pack, batch), timed step by
+                   step alternating with a bare render + encode of the same step's conversations
+                   (render+encode tok/s), so that the machine's load weighs on both alike; up front:
+                   tokens of the cache / start-up time
+  ratio            pipeline tok/s / render+encode tok/s (the tokenizer's limit on the same core)
 
 Sizes above --upfront-max are not run up front (a million conversations tokenise for tens of
 minutes on one core and hold gigabytes); its figures are extrapolated linearly from the largest
@@ -43,11 +47,12 @@ FIXTURE = HERE.parents[1] / "shared" / "fixtures" / "tokenizers" / "qwen3"
 POOL = 5000
 
 
-def _rss_mb() -> float:
+def _status_mb(key: str) -> float:
+    """A memory figure of /proc/self/status (VmRSS, VmHWM: peak RSS, RssAnon, RssFile) in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def conversation(synth, rng) -> dict:
@@ -105,7 +110,7 @@ def child(args) -> None:
         "policy.train_micro_batch_size=1", "policy.sequence_packing.enabled=true",
         "sft.val_global_batch_size=1", f"data.tokenize={args.child}"])
     tokenizer = load_tokenizer(cfg)
-    baseline = _rss_mb()
+    baseline, baseline_anon = _status_mb("VmRSS"), _status_mb("RssAnon")
     t0 = time.perf_counter()
     data = SFTData(cfg, tokenizer, dp_size=1, dp_ranks=[0], dataset=ArrowConversations(args.data))
     it = data.train_iterator()
@@ -118,23 +123,43 @@ def child(args) -> None:
         tokens += next(it).num_tokens
     t_steps = time.perf_counter() - t1
     it.close()
-    peak = _peak_rss_mb()
-    rows = data.dataset.formatted_ds["train"]
-    sample = [rows[(first.step * 64 + k) % len(rows)]["messages"] for k in range(min(1000, len(rows)))]
-    t2 = time.perf_counter()
-    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in sample]
-    ref_tokens = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
-    t_ref = time.perf_counter() - t2
+    peak, anon, file_backed = _status_mb("VmHWM"), _status_mb("RssAnon"), _status_mb("RssFile")
+    ratio = interleaved_ratio(data, tokenizer, first.step + args.steps + 1, args.steps)
     out = dict(first_batch_at=first_at, setup_to_first_s=t_first, steady_tok_s=tokens / t_steps,
-               peak_rss_mb=peak, rss_growth_mb=peak - baseline, reference_tok_s=ref_tokens / t_ref,
-               cache_tokens=int(data.stats.get("data/train_tokens", 0)))
+               peak_rss_mb=peak, rss_growth_mb=peak - baseline, anon_growth_mb=anon - baseline_anon,
+               file_rss_mb=file_backed, cache_tokens=int(data.stats.get("data/train_tokens", 0)), **ratio)
     print("RESULT " + json.dumps(out))
 
 
-def _peak_rss_mb() -> float:
-    import resource
+def interleaved_ratio(data, tokenizer, start: int, steps: int) -> dict:
+    """Step assembly (template, tokenise, mask, pack, batch: what a Grain worker does per step) and a
+    bare render + encode of the same step's conversations, alternated step by step so that the
+    machine's load weighs on both alike. Lazy: the pipeline's own work; up front: the cache makes
+    assembly cheap, so the ratio is taken against its start-up tokenisation instead (whole_tok_s)."""
+    import numpy as np  # noqa: PLC0415
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from jax_sft.data.pipeline import LazySplit, _AssembleStep  # noqa: PLC0415
+
+    split = data.train_split
+    if not isinstance(split, LazySplit):
+        split = LazySplit(data.dataset.formatted_ds["train"], data.encoder, str, max_length=data.layout.max_length,
+                          overlength=data.cfg.data.overlength, skip_without_loss=False)
+    rows, G, seed = data.dataset.formatted_ds["train"], data.layout.global_batch, int(data.cfg.sft.seed)
+    dealt = np.random.default_rng(seed).permutation(len(rows))  # the lazy shards (data.shuffle)
+    members = [[dealt[j::G] for j in shards] for shards in data._train_shards]
+    assemble = _AssembleStep(split, members, data._train_shards, data.layout, len(rows) // G, seed)
+    t_pipe = t_ref = 0.0
+    tokens = ref_tokens = 0
+    for step in range(start, start + steps):
+        t0 = time.perf_counter()
+        batch = assemble(step)
+        t1 = time.perf_counter()
+        texts = [tokenizer.apply_chat_template(rows[int(i)]["messages"], tokenize=False) for i in batch.indices]
+        ref_tokens += sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+        t_ref += time.perf_counter() - t1
+        t_pipe += t1 - t0
+        tokens += batch.num_tokens
+    return dict(assembly_tok_s=tokens / t_pipe, reference_tok_s=ref_tokens / t_ref)
 
 
 def run(mode: str, path: Path, args, resume: int = 0) -> dict:
@@ -186,20 +211,27 @@ def main() -> None:
             m = max(measured_upfront)
             up, k = measured_upfront[m], n / m
             rows.append(dict(n=n, mode=f"upfront (extrapolated x{k:.0f} from {m})",
-                             first_batch_s=up["first_batch_s"] * k, restart_s=up["first_batch_s"] * k,
-                             peak_rss_mb=up["peak_rss_mb"] - up["rss_growth_mb"] + up["rss_growth_mb"] * k,
-                             rss_growth_mb=up["rss_growth_mb"] * k, steady_tok_s=up["steady_tok_s"],
-                             reference_tok_s=up["reference_tok_s"], whole_tok_s=up["whole_tok_s"]))
-    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} on "
-          f"{os.cpu_count()} cores; one core per run")
-    print("| examples | tokenisation | first batch (s) | restart (s) | peak RSS (MB) | RSS growth (MB) "
-          "| steady tok/s | whole-pipeline tok/s | render+encode tok/s | ratio |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                             setup_to_first_s=up["setup_to_first_s"] * k,
+                             first_batch_s=up["first_batch_s"] + up["setup_to_first_s"] * (k - 1),
+                             restart_s=up["first_batch_s"] + up["setup_to_first_s"] * (k - 1),
+                             peak_rss_mb=up["peak_rss_mb"] + up["rss_growth_mb"] * (k - 1),
+                             rss_growth_mb=up["rss_growth_mb"] * k, anon_growth_mb=up["anon_growth_mb"] * k,
+                             file_rss_mb=up["file_rss_mb"], steady_tok_s=up["steady_tok_s"],
+                             whole_tok_s=up["whole_tok_s"], assembly_tok_s=up["assembly_tok_s"],
+                             reference_tok_s=up["reference_tok_s"]))
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores; one core per run")
+    print("| examples | tokenisation | first batch (s) | of which data (s) | restart (s) | peak RSS (MB) "
+          "| RSS growth (MB) | anonymous growth (MB) | file-backed RSS (MB) | steady tok/s | pipeline tok/s "
+          "| render+encode tok/s | ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        whole = r.get("whole_tok_s", r["steady_tok_s"])
-        print(f"| {r['n']:,} | {r['mode']} | {r['first_batch_s']:.1f} | {r['restart_s']:.1f} | {r['peak_rss_mb']:.0f} "
-              f"| {r['rss_growth_mb']:.0f} | {r['steady_tok_s']:,.0f} | {whole:,.0f} | {r['reference_tok_s']:,.0f} "
-              f"| {whole / r['reference_tok_s']:.2f} |")
+        lazy = r["mode"] == "lazy"
+        pipe = r["assembly_tok_s"] if lazy else r["whole_tok_s"]
+        print(f"| {r['n']:,} | {r['mode']} | {r['first_batch_s']:.1f} | {r['setup_to_first_s']:.1f} "
+              f"| {r['restart_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r['anon_growth_mb']:.0f} "
+              f"| {r['file_rss_mb']:.0f} | {r['steady_tok_s']:,.0f} | {pipe:,.0f} | {r['reference_tok_s']:,.0f} "
+              f"| {pipe / r['reference_tok_s']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def _read_trees(path: str) -> list[tuple[int, dict]]:
     return read_json_records(path)
 
 
-class OasstDataset(RawDataset):  # rows are threads of several records
+class OasstDataset(RawDataset):
     """OpenAssistant/oasst1 message trees (NeMo RL downloads `2023-04-12_oasst_all.trees.jsonl.gz`):
     every root-to-leaf path is a conversation opened by NeMo RL's system prompt; 5% carved for
     validation with seed 42 by default. data_path: a trees `.jsonl`/`.jsonl.gz` file, or message
