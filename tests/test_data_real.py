@@ -241,3 +241,19 @@ def test_validate_data_reports_every_bad_row_with_its_line(tmp_path, fixture_tok
     assert re.search(r"train.jsonl:2 \(train\): message 0: unknown role 'narrator'", err)
     assert re.search(r"train.jsonl:4 \(train\): message 0 \(user\): content part 0 is of type 'input_audio'", err)
     inspect_main([*args[:4], f"data.train_data_path={val}", args[5], "--validate_data"])  # all good: returns
+
+
+def test_places_in_a_saved_dataset_folder_are_its_rows(tmp_path):
+    import datasets as hf_datasets
+
+    folder = tmp_path / "saved"
+    hf_datasets.Dataset.from_list([_conversation(i) for i in range(30)]).save_to_disk(str(folder))
+    cfg = load_config(None, [f"data.train={json.dumps({'dataset_name': 'general-conversation-jsonl', 'data_path': str(folder), 'split_validation_size': 0.2})}",
+                             "data.validation=null"])
+    ds = build_dataset(cfg)
+    for split in ("train", "validation"):
+        rows = ds.formatted_ds[split]
+        for i in range(len(rows)):
+            m = re.fullmatch(rf"train \({re.escape(str(folder))}\) row (\d+)", ds.place(split, i))
+            assert m, ds.place(split, i)
+            assert rows[i]["messages"][0]["content"] == f"q{m.group(1)}"
