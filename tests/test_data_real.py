@@ -32,7 +32,8 @@ CALLS_IF_NONE = (
     "{{ t['function']['name'] }}({{ t['function']['arguments'] | tojson }}){% endfor %}</calls><|im_end|>"
     "{% elif m['role'] == 'assistant' %}<A>{{ m['content'] }}<|im_end|>"
     "{% elif m['role'] == 'tool' %}<T>{{ m['content'] }}{% endif %}{% endfor %}")
-PARTS_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{{ p['text'] }}|{% endfor %}{% endfor %}"
+PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{{ p['text'] }}|{% endfor %}"
+                  "{% endfor %}")
 
 
 def tokenizer(fixture_tokenizer_path, name, template=None):
@@ -133,7 +134,8 @@ def test_text_parts_are_joined(fixture_tokenizer_path, name):
 def test_a_template_that_iterates_over_parts_gets_them(fixture_tokenizer_path):
     enc = encoder(tokenizer(fixture_tokenizer_path, "qwen3", PARTS_TEMPLATE))
     assert enc.content_parts
-    e = enc.encode([{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    user = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    e = enc.encode([{"messages": [{"role": "user", "content": user},
                                   {"role": "assistant", "content": [{"type": "text", "text": "c"}]}]}], ["r"])[0]
     assert e.text == "<user>a|b|<assistant>c|"
 
@@ -174,8 +176,9 @@ def test_places_of_carved_rows_are_their_lines(tmp_path):
             lines.append("")
     path = tmp_path / "conv.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    cfg = load_config(None, [f"data.train={json.dumps({'dataset_name': 'general-conversation-jsonl', 'data_path': str(path), 'split_validation_size': 0.25, 'seed': 3})}",
-                             "data.validation=null"])
+    section = {"dataset_name": "general-conversation-jsonl", "data_path": str(path), "split_validation_size": 0.25,
+               "seed": 3}
+    cfg = load_config(None, [f"data.train={json.dumps(section)}", "data.validation=null"])
     ds = build_dataset(cfg)
     text = path.read_text().split("\n")
     for split in ("train", "validation"):
@@ -218,7 +221,8 @@ def test_a_conversation_of_exactly_the_limit_is_kept_and_trained(fixture_tokeniz
 
 def test_the_newline_after_the_end_of_turn_token_is_not_trained(fixture_tokenizer_path):
     tok = tokenizer(fixture_tokenizer_path, "qwen3")
-    two = {"messages": PLAIN["messages"] + [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
+    more = [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
+    two = {"messages": PLAIN["messages"] + more}
     e = encoder(tok).encode([two], ["row"])[0]
     assert "<|im_end|>\n<|im_start|>user" in e.text
     trained = loss_text(tok, e)
@@ -248,8 +252,8 @@ def test_places_in_a_saved_dataset_folder_are_its_rows(tmp_path):
 
     folder = tmp_path / "saved"
     hf_datasets.Dataset.from_list([_conversation(i) for i in range(30)]).save_to_disk(str(folder))
-    cfg = load_config(None, [f"data.train={json.dumps({'dataset_name': 'general-conversation-jsonl', 'data_path': str(folder), 'split_validation_size': 0.2})}",
-                             "data.validation=null"])
+    section = {"dataset_name": "general-conversation-jsonl", "data_path": str(folder), "split_validation_size": 0.2}
+    cfg = load_config(None, [f"data.train={json.dumps(section)}", "data.validation=null"])
     ds = build_dataset(cfg)
     for split in ("train", "validation"):
         rows = ds.formatted_ds[split]

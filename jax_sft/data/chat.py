@@ -279,7 +279,8 @@ class ConversationEncoder:
         OpenAI value, which DeepSeek-V3's template tests to render the calls). A template that fails
         on None or prints it ("None", e.g. `content | trim`) expects a string: such messages get ""."""
         call = {"type": "function", "function": {"name": "jaxsft_probe_tool", "arguments": {"x": 1}}}
-        probe = [{"role": "user", "content": "jaxsft-probe"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        probe = [{"role": "user", "content": "jaxsft-probe"},
+                 {"role": "assistant", "content": None, "tool_calls": [call]}]
         try:
             text = self._render_raw([probe], None, False)[0]
         except (jinja2.TemplateError, TypeError, AttributeError):  # `in`, `+` or string methods on None
