@@ -39,7 +39,7 @@ def test_squad_from_local_files(tmp_path):
         {"role": "assistant", "content": "France"}]}
     assert [d.task_spec for d in ds.datasets] == [TaskDataSpec("squad")] * 2
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**row, "answers": {"text": [], "answer_start": []}}])
-    with pytest.raises(ValueError, match=r"squad .*bad.jsonl.* row 0: 'answers.text' is empty"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1 \(squad\): 'answers.text' is empty"):
         build_dataset(cfg_with(train={"dataset_name": "squad", "data_path": bad}))
 
 
@@ -132,7 +132,7 @@ def test_response_dataset_keys_and_parquet(tmp_path):
         build_dataset(c)
     c.data.output_key = "answer"
     c.data.train_data_path = write_jsonl(tmp_path / "gap.jsonl", [*rows, {"question": "4+4"}])
-    with pytest.raises(KeyError, match=r"gap.jsonl row 2: missing key 'answer'"):
+    with pytest.raises(DataError, match=r"gap.jsonl:3: missing key 'answer'"):
         build_dataset(c)
 
 
