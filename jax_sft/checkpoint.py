@@ -4,7 +4,8 @@ Each checkpoint holds
   params/       the fp32 master weights (sharded arrays, written by every process)
   opt_state/    the optimizer state (if `checkpointing.save_optimizer`)
   train_info/   JSON: step, epoch, consumed samples, the metrics used for retention
-  data/         one JSON per process: that process's data-iterator state (exact resume)
+  data/         one JSON per process: the data-iterator state (exact resume; the same on every
+                process, so that a run resumes on another number of processes)
   extra/        config.yaml and the tokenizer files (written by process 0)
 Saves are asynchronous; Orbax writes into a temporary folder and renames it to step_N only when
 every item is complete (each item and step_N itself then hold a `commit_success.txt`), so a crash
@@ -356,15 +357,26 @@ class Checkpointer:
             "params": ocp.args.StandardRestore(abstract_params),
             "train_info": ocp.args.JsonRestore(),
         }
+        data_file = self._saved_data_file(step)
         if with_data:
-            items["data"] = FilesRestore([_data_file()])
+            items["data"] = FilesRestore([data_file])
         has_opt = (self.step_dir(step) / "opt_state").exists()
         if abstract_opt_state is not None and has_opt:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        data_state = json.loads(restored["data"][_data_file()]) if with_data else None
+        data_state = json.loads(restored["data"][data_file]) if with_data else None
         opt_state = restored["opt_state"] if "opt_state" in items else None
         return restored["params"], opt_state, dict(restored["train_info"]), data_state
+
+    def _saved_data_file(self, step: int) -> str:
+        """This process's data-state file; when the checkpoint was saved by another number of
+        processes, process 0's: the state is global (the next step of the layout-independent
+        stream, jax_sft.data.pipeline.TrainIterator), so a run resumes on any layout."""
+        own, folder = _data_file(), self.step_dir(step) / "data"
+        if (folder / own).exists():
+            return own
+        saved = sorted(folder.glob("process_0-of-*.json"))
+        return saved[0].name if saved else own
 
     def wait(self) -> None:
         """Blocks until the save in flight is written; CheckpointDiskFull if it ran out of space."""

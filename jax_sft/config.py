@@ -182,6 +182,7 @@ DERIVED: dict[str, Callable[[ConfigDict], Any]] = {
 PRECISIONS = ("bfloat16", "float32")
 PARAM_DTYPES = ("float32", "bfloat16")
 OVERLENGTH = ("truncate", "drop", "mask")
+TOKENIZE = ("upfront", "lazy")
 ATTENTION = ("auto", "xla", "cudnn")
 REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 PACKING = ("modified_first_fit_decreasing", "first_fit", "best_fit", "first_fit_decreasing")
@@ -638,6 +639,7 @@ def _check(c: ConfigDict, derived: set[str]) -> list[str]:
     one_of("policy.jax_cfg.remat", REMAT)
     one_of("policy.sequence_packing.algorithm", PACKING)
     one_of("data.overlength", OVERLENGTH)
+    one_of("data.tokenize", TOKENIZE)
     need("checkpointing.checkpoint_must_save_by", _is_deadline,
          '"DD:HH:MM:SS" (e.g. "00:03:45:00"), or null')
     need("checkpointing.metric_name",

@@ -205,6 +205,10 @@ def get_config() -> config_dict.ConfigDict:
         overlength="mask",  # "truncate", "drop" or "mask" (NeMo RL: kept, no loss)
         skip_examples_without_loss=False,  # false: a conversation with no loss token is an error
         num_workers=0,  # Grain worker processes for templating/tokenising (0: in-process)
+        # "lazy": each step's examples are templated and tokenised when the step is assembled (start-up
+        # and memory independent of the dataset's size; a bad row fails when reached). "upfront": this
+        # process's shards are tokenised at start-up (bad rows fail before the first step).
+        tokenize="upfront",
     )
 
     c.logger = dict(

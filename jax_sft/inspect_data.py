@@ -6,13 +6,19 @@
 The first `--num` examples of `--split` (train or validation, in dataset order; for train, a
 validation path is not needed), templated,
 tokenised and loss-masked exactly as training does, with `data.overlength` applied (dropped
-examples are skipped with a note on stderr), before padding or packing.
+examples are skipped with a note on stderr), before padding or packing. An example that fails to
+encode is reported on stderr as `error: <split> example <i>: <file:line>: <why>` and the others are
+still printed; the exit status is then 2.
 
 `--format text` (default): the decoded tokens, loss tokens in colour on a terminal (ANSI) and
 as [[...]] otherwise (`--color always|never|auto`). `--format jsonl`: one JSON object per
 example, `{"input_ids": [...], "loss_mask": [...], "text": "..."}`, where loss_mask[i] is 1 when
 token input_ids[i] is a training target (token-aligned, not shifted like the batches' mask) and
 text is the decoded input_ids.
+
+`--validate_data`: instead, encode every row of both splits as training does and report each that
+fails (`error: <file>:<line> (<dataset>): <why>`), exit status 2 if any did: the check that
+`data.tokenize=lazy` otherwise makes when a row is reached.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import numpy as np
 from jax_sft.config import load_config, parse_args
 from jax_sft.data.chat import ConversationEncoder, load_tokenizer
 from jax_sft.data.layout import build_dataset
-from jax_sft.data.pipeline import apply_overlength
+from jax_sft.data.datasets import Place
+from jax_sft.data.pipeline import LazySplit, apply_overlength, dataset_place
+from jax_sft.errors import USAGE_EXIT_CODE, DataError, exit_on_input_error
 
-_OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto"}
-_CHOICES = {"format": ("text", "jsonl"), "split": ("train", "validation"), "color": ("auto", "always", "never")}
+_OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto", "validate_data": "false"}
+_CHOICES = {"format": ("text", "jsonl"), "split": ("train", "validation"), "color": ("auto", "always", "never"),
+            "validate_data": ("false", "true")}
 _ON, _OFF = "\x1b[1;42;30m", "\x1b[0m"  # bold black on green
 
 
@@ -53,12 +62,32 @@ def _options(extra: dict) -> dict[str, str]:
         raise SystemExit(f"inspect_data: unknown option(s) {sorted('--' + k for k in unknown)}; "
                          f"expected {sorted('--' + k for k in _OPTIONS)}")
     opts = {**_OPTIONS, **{k: str(v) for k, v in extra.items()}}
+    opts["validate_data"] = opts["validate_data"].lower()
     for key, choices in _CHOICES.items():
         if opts[key] not in choices:
             raise SystemExit(f"inspect_data: --{key}={opts[key]!r}: expected one of {choices}")
     if not opts["num"].isdigit():
         raise SystemExit(f"inspect_data: --num={opts['num']!r}: expected a non-negative integer")
     return opts
+
+
+def validate(cfg, dataset, encoder) -> int:
+    """Encodes every row of both splits as training does (data.overlength, the no-loss rule) and
+    prints an `error:` line for each that fails; returns how many failed."""
+    max_length = cfg.data.get("max_input_seq_length") or cfg.policy.max_total_sequence_length
+    failed = 0
+    for split in ("train", "validation"):
+        rows = dataset.formatted_ds[split]
+        lazy = LazySplit(rows, encoder, dataset_place(dataset, split), max_length=max_length,
+                         overlength=cfg.data.overlength, skip_without_loss=bool(cfg.data.skip_examples_without_loss))
+        for i in range(len(rows)):
+            try:
+                lazy.examples([i])
+            except DataError as error:
+                print(f"error: {error}", file=sys.stderr)
+                failed += 1
+        print(f"{split}: {len(rows)} rows checked", file=sys.stderr)
+    return failed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -75,12 +104,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer = load_tokenizer(cfg)
     dataset = build_dataset(cfg)
     encoder = ConversationEncoder.from_config(cfg, tokenizer, dataset.task_spec)
+    if opts["validate_data"] == "true":
+        failed = validate(cfg, dataset, encoder)
+        if failed:
+            print(f"error: {failed} rows failed", file=sys.stderr)
+            raise SystemExit(USAGE_EXIT_CODE)
+        return
     rows = dataset.formatted_ds[opts["split"]]
     indices = list(range(min(int(opts["num"]), len(rows))))
     max_length = cfg.data.get("max_input_seq_length") or cfg.policy.max_total_sequence_length
-    encoded = encoder.encode([rows[i] for i in indices], [f"{opts['split']} example {i}" for i in indices])
+    place = dataset_place(dataset, opts["split"])
     color = opts["color"] == "always" or (opts["color"] == "auto" and sys.stdout.isatty())
-    for i, e in zip(indices, encoded):
+    failed = 0
+    for i in indices:
+        try:
+            e = encoder.encode([rows[i]], [Place(place, i)])[0]
+        except DataError as error:  # the other rows are still shown; the exit status says some failed
+            print(f"error: {opts['split']} example {i}: {error}", file=sys.stderr)
+            failed += 1
+            continue
         ids, loss, status = apply_overlength(e.ids, e.loss, max_length, cfg.data.overlength)
         if ids is None:
             print(f"{opts['split']} example {i}: {len(e.ids)} tokens > {max_length}: dropped (data.overlength=drop)",
@@ -94,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             note = "" if status == "ok" else f", {status} to {max_length} (data.overlength)"
             print(f"=== {opts['split']} example {i}: {len(ids)} tokens, {int(loss.sum())} loss tokens{note} ===")
             print(highlight(tokenizer, ids, loss, color))
+    if failed:
+        print(f"error: {failed} of {len(indices)} examples failed to encode", file=sys.stderr)
+        raise SystemExit(USAGE_EXIT_CODE)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)

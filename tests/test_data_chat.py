@@ -239,7 +239,11 @@ def test_assistant_tool_call_without_content_is_accepted():
         {"role": "user", "content": "x", "tool_calls": None},
         {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]},
         "row 0")
-    assert messages[1]["content"] == "" and "tool_calls" not in messages[0] and tools is None
+    assert messages[1]["content"] is None and "tool_calls" not in messages[0] and tools is None
+    messages, _ = check_conversation({"messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]},
+        "row 0", null_content=False)  # a template that expects a string
+    assert messages[1]["content"] == ""
 
 
 # ----------------------------------------------------------------------------- template choice

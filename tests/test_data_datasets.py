@@ -11,6 +11,7 @@ from jax_sft.config import ConfigError
 from jax_sft.data import DATASETS, build_dataset
 from jax_sft.data.datasets import OASST_SYSTEM_PROMPT, NoneFilledToolsWarning, PreservingDataset, TaskDataSpec
 from jax_sft.defaults import get_config
+from jax_sft.errors import DataError
 
 
 def cfg_with(**data):
@@ -38,7 +39,7 @@ def test_squad_from_local_files(tmp_path):
         {"role": "assistant", "content": "France"}]}
     assert [d.task_spec for d in ds.datasets] == [TaskDataSpec("squad")] * 2
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**row, "answers": {"text": [], "answer_start": []}}])
-    with pytest.raises(ValueError, match=r"squad .*bad.jsonl.* row 0: 'answers.text' is empty"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1 \(squad\): 'answers.text' is empty"):
         build_dataset(cfg_with(train={"dataset_name": "squad", "data_path": bad}))
 
 
@@ -131,7 +132,7 @@ def test_response_dataset_keys_and_parquet(tmp_path):
         build_dataset(c)
     c.data.output_key = "answer"
     c.data.train_data_path = write_jsonl(tmp_path / "gap.jsonl", [*rows, {"question": "4+4"}])
-    with pytest.raises(KeyError, match=r"gap.jsonl row 2: missing key 'answer'"):
+    with pytest.raises(DataError, match=r"gap.jsonl:3: missing key 'answer'"):
         build_dataset(c)
 
 
@@ -205,7 +206,8 @@ def test_openai_format_last_message_must_be_assistant(tmp_path):
     rows = _tool_rows()
     rows[1]["messages"] = rows[1]["messages"][:3]
     path = write_jsonl(tmp_path / "tools.jsonl", rows)
-    for preserving, where in ((True, "tools.jsonl:2"), (False, "tools.jsonl row 1")):
+    for preserving in (True, False):  # both name the 1-based line
+        where = "tools.jsonl:2"
         c = cfg_with(dataset_name="openai_format", train_data_path=path, val_data_path=path,
                      use_preserving_dataset=preserving)
         with pytest.raises(ValueError, match=f"{where}: the last message must be the assistant's.*'tool'"):
@@ -219,7 +221,7 @@ def test_openai_format_system_key_and_missing_chat_key(tmp_path):
                  system_key="sys", use_preserving_dataset=True)
     assert build_dataset(c).formatted_ds["train"][0]["messages"][0] == {"role": "system", "content": "S"}
     c.data.chat_key = "messages"
-    with pytest.raises(KeyError, match=r"c.jsonl:1: missing key 'messages' \(chat_key\)"):
+    with pytest.raises(DataError, match=r"c.jsonl:1: missing key 'messages' \(chat_key\)"):
         build_dataset(c)
 
 

@@ -95,7 +95,7 @@ def test_gsm8k_extracts_the_answer_after_hashes(tmp_path):
         assert messages(one(name, path)[0]) == [ua("How many?", "7")]
     assert messages(one("gsm8k", path, extract_answer=False)[0]) == [ua("How many?", "3 + 4 = 7\n#### 7 ")]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "no marker"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl row 0: the answer has no '#### <answer>' line"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 \(gsm8k\): the answer has no '#### <answer>' line"):
         one("gsm8k", bad)
 
 
@@ -113,7 +113,7 @@ def test_chat_datasets_keep_their_messages_and_sample_max_samples(tmp_path):
     assert messages(ds.formatted_ds["train"]) == [convs[picked[j]] for j in carve["train"]["j"]]
     assert messages(ds.formatted_ds["validation"]) == [convs[picked[j]] for j in carve["test"]["j"]]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "messages": convs[0][:1], "source": "s"}])
-    with pytest.raises(ValueError, match="bad.jsonl row 0: the last message must be the assistant's, got role 'user'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 \(\S+\): the last message must be the assistant's, got role 'user'"):
         one("tulu3_sft_mixture", bad)
 
 
@@ -126,7 +126,7 @@ def test_general_conversations_and_arrow_text(tmp_path):
     assert ds.datasets[0].task_name == "general-conversation-jsonl"
     media = write_jsonl(tmp_path / "img.jsonl", [{"conversations": [{"from": "human", "value": "<image> what?"},
                                                                      {"from": "gpt", "value": "a cat"}]}])
-    with pytest.raises(ValueError, match="img.jsonl row 0: turn 0 holds the media tag <image>; jax_sft trains text"):
+    with pytest.raises(ValueError, match="img.jsonl:1: turn 0 holds the media tag <image>; jax_sft trains text"):
         one("general-conversation-jsonl", media)
 
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in ("abc", "", "defg", "hi", "jklmn")])

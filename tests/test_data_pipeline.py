@@ -12,6 +12,7 @@ import pytest
 from jax_sft.config import load_config
 from jax_sft.data import ARRAY_KEYS, SFTData, load_tokenizer, pad_micro_batches
 from jax_sft.data.pipeline import pack, process_dp_ranks
+from jax_sft.errors import DataError
 
 
 def conversation(i: int) -> dict:
@@ -208,7 +209,7 @@ def test_overlength(fixture_tokenizer_path, files, tmp_path, mode):
             k = int(np.flatnonzero(data.train_split.source == i)[0])
             ids, loss = data.train_split.example(k)
             assert len(ids) == 64 and not loss.any()
-    with pytest.raises(ValueError, match="train example 5: no token to train on after truncation to 64 tokens"):
+    with pytest.raises(ValueError, match=r"long.jsonl:6 \(train\): no token to train on after truncation to 64 tokens"):
         build(fixture_tokenizer_path, (train, files[1]), **{"data.overlength": "truncate"})
 
 
@@ -217,7 +218,7 @@ def test_conversation_without_loss_is_an_error_or_skipped(fixture_tokenizer_path
     rows[11]["messages"][1]["content"] = ""  # passthrough template, no eos: nothing to train on
     train = write_jsonl(tmp_path / "t.jsonl", rows)
     kw = {"policy.tokenizer.chat_template": "null", "data.add_eos": False}
-    with pytest.raises(ValueError, match="train example 11: no token to train on .*skip_examples_without_loss"):
+    with pytest.raises(ValueError, match=r"t.jsonl:12 \(train\): no token to train on .*skip_examples_without_loss"):
         build(fixture_tokenizer_path, (train, files[1]), **kw)
     data = build(fixture_tokenizer_path, (train, files[1]), **kw, **{"data.skip_examples_without_loss": True})
     assert (data.stats["data/train_skipped"], data.stats["data/train_kept"]) == (1, 29)
@@ -229,7 +230,7 @@ def test_bad_example_fails_at_construction(fixture_tokenizer_path, files, tmp_pa
     rows[27]["messages"].insert(1, {"role": "narrator", "content": "meanwhile"})
     rows[27]["messages"].append({"role": "assistant", "content": "end"})
     train = write_jsonl(tmp_path / "t.jsonl", rows)
-    with pytest.raises(ValueError, match="train example 27: message 1: unknown role 'narrator'"):
+    with pytest.raises(ValueError, match=r"t.jsonl:28 \(train\): message 1: unknown role 'narrator'"):
         build(fixture_tokenizer_path, (train, files[1]))
 
 
@@ -277,7 +278,7 @@ def test_workers_give_the_same_cache_and_name_bad_examples(fixture_tokenizer_pat
     rows = [conversation(i) for i in range(30)]
     rows[21]["messages"][0]["role"] = "narrator"
     train = write_jsonl(tmp_path / "t.jsonl", rows)
-    with pytest.raises(ValueError, match="train example 21: message 0: unknown role 'narrator'"):
+    with pytest.raises(ValueError, match=r"t.jsonl:22 \(train\): message 0: unknown role 'narrator'"):
         build(fixture_tokenizer_path, (train, files[1]), **{"data.num_workers": 1,
                                                             "data.use_preserving_dataset": True})
 
@@ -390,3 +391,60 @@ def test_no_validation_data(fixture_tokenizer_path, files):
     assert data.steps_per_epoch == 30 // 8
     with pytest.raises(ValueError, match=r"sft.val_period=10: expected 0 when there is no validation data"):
         build(fixture_tokenizer_path, files, **today, **{"sft.val_period": 10})
+
+
+# ----------------------------------------------------------------------------- lazy tokenisation
+
+
+def _assert_same_steps(a, b, n):
+    for _ in range(n):
+        x, y = next(a), next(b)
+        assert (x.step, x.epoch, x.num_tokens, x.num_loss_tokens) == (y.step, y.epoch, y.num_tokens, y.num_loss_tokens)
+        assert x.indices.tolist() == y.indices.tolist() and x.num_micro_batches == y.num_micro_batches
+        for p, q in zip(x.micro_batches, y.micro_batches):
+            for key in ARRAY_KEYS:
+                np.testing.assert_array_equal(p[key], q[key])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_lazy_gives_the_same_batches_as_upfront(fixture_tokenizer_path, files, packing):
+    kw = {"policy.sequence_packing.enabled": packing, "policy.sequence_packing.train_mb_tokens": 128}
+    for dp_size, process_index, process_count in ((1, 0, 1), (2, 1, 2)):
+        up = build(fixture_tokenizer_path, files, dp_size, process_index, process_count, **kw)
+        lazy = build(fixture_tokenizer_path, files, dp_size, process_index, process_count,
+                     **kw, **{"data.tokenize": "lazy"})
+        assert lazy.steps_per_epoch == up.steps_per_epoch == 3
+        _assert_same_steps(up.train_iterator(), lazy.train_iterator(), 2 * up.steps_per_epoch + 1)
+        for p, q in zip(up.val_batches(), lazy.val_batches(), strict=True):
+            for key in ARRAY_KEYS:
+                np.testing.assert_array_equal(p[key], q[key])
+
+
+def test_lazy_state_is_global_and_resumes_with_workers(fixture_tokenizer_path, files):
+    """The state is the next step: taken on 2 processes it resumes one process holding both ranks,
+    with Grain workers, at the same batches."""
+    lazy = {"data.tokenize": "lazy"}
+    one = build(fixture_tokenizer_path, files, dp_size=2, **lazy).train_iterator()
+    part = build(fixture_tokenizer_path, files, dp_size=2, process_index=1, process_count=2, **lazy).train_iterator()
+    for _ in range(4):
+        next(part)
+    state = json.loads(json.dumps(part.get_state()))
+    assert state["next_step"] == 4
+    resumed = build(fixture_tokenizer_path, files, dp_size=2, **lazy, **{"data.num_workers": 1}).train_iterator()
+    resumed.set_state(state)
+    for _ in range(4):
+        next(one)
+    try:
+        _assert_same_steps(one, resumed, 3)
+    finally:
+        resumed.close()
+
+
+def test_lazy_bad_row_fails_when_reached_naming_its_line(fixture_tokenizer_path, files, tmp_path):
+    rows = [conversation(i) for i in range(30)]
+    rows[5]["messages"][0]["role"] = "narrator"
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    data = build(fixture_tokenizer_path, (train, files[1]), **{"data.tokenize": "lazy", "data.shuffle": False})
+    it = data.train_iterator()  # built: nothing encoded yet
+    with pytest.raises(DataError, match=r"t.jsonl:6 \(train\): message 0: unknown role 'narrator'"):
+        next(it)  # step 0: rows 0..7, one in each of the 8 shards

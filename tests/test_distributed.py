@@ -460,3 +460,20 @@ def test_sbatch_forwards_usr1_to_srun_and_requeues(tmp_path, signalled):
     else:
         assert job.returncode == 0, out
         assert not (tmp_path / "scontrol_args").exists()
+
+
+def test_saved_on_two_processes_resumes_on_one_with_four_devices(assets, reference, tmp_path):
+    """The data position is global: a run saved on 2 processes x 2 devices continues on 1 x 4 with
+    the losses of the uninterrupted 2 x 2 run (to the cross-layout tolerance of the test above)."""
+    first = Launch(overrides(assets, tmp_path, sft__max_num_steps=4), tmp_path / "first")
+    assert first.wait() == 0, first.output()
+    assert saved_steps(tmp_path / "ckpt")[-1] == 4
+    cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), overrides(
+        assets, tmp_path, cluster__num_nodes=1, cluster__gpus_per_node=4)[2:])
+    resumed = train.run(cfg).train_losses
+    straight = losses(run_dirs(reference)[0])
+    assert sorted(resumed) == list(range(5, STEPS + 1))
+    print("\nstep  uninterrupted 2x2  resumed on 1x4 from step_4 of a 2x2 run")
+    for s in sorted(resumed):
+        print(f"{s:>4}  {straight[s]:.7f}          {resumed[s]:.7f}")
+    np.testing.assert_allclose([resumed[s] for s in sorted(resumed)], [straight[s] for s in sorted(resumed)], rtol=1e-4)

@@ -385,3 +385,21 @@ def test_sigterm_during_start_up_exits_75(assets, tmp_path):
     assert proc.returncode == 75, err[-2000:]
     assert "SIGTERM received" in err and "Traceback" not in err
     assert not (tmp_path / "logs").exists()  # it stopped before the run began
+
+
+def test_lazy_tokenisation_trains_like_upfront_and_resumes(assets, tmp_path):
+    """data.tokenize=lazy (encoding in a Grain worker, step by step) gives the losses of the up-front
+    cache, also when the run stops after step 3 and a new run resumes from its checkpoint."""
+    kw = dict(sft__max_num_steps=6, sft__val_period=3, checkpointing__save_period=3)
+    upfront = train.run(load(assets, tmp_path / "upfront", **kw))
+    lazy = dict(data__tokenize="lazy", data__num_workers=1)
+    first = train.run(load(assets, tmp_path / "lazy", **{**kw, **lazy, "sft__max_num_steps": 3}))
+    second = train.run(load(assets, tmp_path / "lazy", **kw, **lazy))
+    assert sorted(first.train_losses) == [1, 2, 3] and sorted(second.train_losses) == [4, 5, 6]
+    got = {**first.train_losses, **second.train_losses}
+    print("\nstep  upfront    lazy (resumed after step 3)")
+    for s in sorted(got):
+        print(f"{s:>4}  {upfront.train_losses[s]:.7f}  {got[s]:.7f}")
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [upfront.train_losses[s] for s in sorted(got)],
+                               rtol=1e-6)
+    np.testing.assert_allclose(second.val_losses[6], upfront.val_losses[6], rtol=1e-6)

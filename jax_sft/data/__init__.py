@@ -2,7 +2,7 @@
 
     tokenizer = load_tokenizer(cfg)                     # policy.tokenizer + chat-template choice
     describe_data(cfg)                                  # one line per dataset; checks, loads nothing
-    data = SFTData(cfg, tokenizer, dp_size=dp)          # builds the dataset, tokenises up front
+    data = SFTData(cfg, tokenizer, dp_size=dp)          # builds the dataset; tokenises up front or lazily
     it = data.train_iterator()                          # StepBatch per optimizer step
     state = it.get_state(); it.set_state(state)         # JSON-serialisable, exact resume
     for mb in data.val_batches(): ...                   # fresh from the start on every call

@@ -23,6 +23,7 @@ Constructor keyword arguments are the keys a section may hold (besides `dataset_
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -34,14 +35,17 @@ import datasets as hf_datasets
 from jax_sft.data.datasets import (
     OASST_SYSTEM_PROMPT,
     OpenAIFormatDataset as _OpenAIFormatRows,
+    Place,
     PreservingDataset,
     TaskDataSpec,
     _column,
     _format,
-    _raise_json_error,
+    load_file,
     oasst_conversations,
     read_json_records,
+    record_place,
 )
+from jax_sft.errors import DataError
 
 __all__ = [
     "RawDataset", "REGISTRY", "ALIASES", "VISION_LANGUAGE", "NOT_SFT", "PROCESSORS", "FILE_TYPES",
@@ -72,10 +76,7 @@ def load_source(path: str, subset: str | None = None, split: str | None = "train
             raise ValueError(f"{key}={path!r}: a subset applies to hub datasets, not to a local file; remove it")
         if not p.is_file():
             raise FileNotFoundError(f"{key}={path!r}: no such file")
-        try:
-            raw = hf_datasets.load_dataset(FILE_TYPES[suffix], data_files=str(p))
-        except (ValueError, hf_datasets.exceptions.DatasetGenerationError) as e:
-            _raise_json_error(p, e)
+        raw = load_file(FILE_TYPES[suffix], p, None)
     elif _is_saved_dataset(p):
         raw = hf_datasets.load_from_disk(str(p))
     else:
@@ -108,6 +109,8 @@ def carve(rows, test_size: float, seed: int):
         return parts["train"], parts["test"]
     index = hf_datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
         test_size=test_size, seed=seed)
+    if isinstance(rows, PreservingDataset):
+        return tuple(rows.take(index[part]["i"]) for part in ("train", "test"))
     return tuple(PreservingDataset([rows[i] for i in index[part]["i"]]) for part in ("train", "test"))
 
 
@@ -136,6 +139,7 @@ class RawDataset:
     task_spec: TaskDataSpec | None = None
     data_config: dict | None = None
     HUB_ID: str | None = None  # for describe_data
+    rows_are_records = True  # row n of `dataset` is record n of its source (for error places)
 
     def split_train_validation(self, test_size: float | None, seed: int | None) -> None:
         if test_size and test_size > 0:
@@ -166,16 +170,26 @@ def _user_assistant(user: Any, assistant: Any) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def _map(ds, fn, where: str, columns: tuple[str, ...]):
+def _map(ds, fn, where: str, columns: tuple[str, ...], path: str | None = None):
+    """`ds` formatted by fn(row, place); `path`: the local file row i is record i of (None: rows
+    are named "<where> row i"), so that errors name its 1-based line."""
     for col in columns:
         _column(ds, col, where)
-    return _format(ds, lambda row, i: fn(row, f"{where} row {i}"), where)
+    place = functools.partial(_format_place, where, path)
+    return _format(ds, lambda row, i: fn(row, Place(place, i)), where)
+
+
+def _format_place(where: str, path: str | None, i: int) -> str:
+    if path is None or not Path(path).is_file():
+        return f"{where} row {i}"
+    name = where.removesuffix(str(path)).strip()
+    return record_place(path, i) + (f" ({name})" if name else "")
 
 
 def _last_is_assistant(messages: list, where: str) -> list:
     if not messages or messages[-1]["role"] != "assistant":
         role = messages[-1]["role"] if messages else None
-        raise ValueError(f"{where}: the last message must be the assistant's, got role {role!r}")
+        raise DataError(f"{where}: the last message must be the assistant's, got role {role!r}")
     return messages
 
 
@@ -191,13 +205,14 @@ class SquadDataset(RawDataset):
         self.task_name = "squad"
         split = split or "train"
         raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID)[split])
-        self.dataset = _map(raw, self.format_data, f"squad {data_path or split}", ("context", "question", "answers"))
+        self.dataset = _map(raw, self.format_data, f"squad {data_path or split}", ("context", "question", "answers"),
+                            path=data_path)
 
     @staticmethod
     def format_data(row: dict, where: str) -> dict:
         answers = row["answers"]["text"]
         if not answers:
-            raise ValueError(f"{where}: 'answers.text' is empty")
+            raise DataError(f"{where}: 'answers.text' is empty")
         return {"messages": [{"role": "system", "content": row["context"]},
                              {"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": answers[0]}]}
@@ -214,7 +229,7 @@ def _threads(node: dict, where: str) -> list[list[dict]]:
         return [[]]
     role = _OASST_ROLES.get(message["role"])
     if role is None:
-        raise ValueError(f"{where}: unknown role {message['role']!r}; expected one of {sorted(_OASST_ROLES)}")
+        raise DataError(f"{where}: unknown role {message['role']!r}; expected one of {sorted(_OASST_ROLES)}")
     turn = {"role": role, "content": message["text"]}
     below = [thread for reply in message.get("replies") or [] for thread in _threads(reply, where)]
     return [[turn, *thread] for thread in below] if below else [[turn]]
@@ -243,6 +258,8 @@ class OasstDataset(RawDataset):
     every root-to-leaf path is a conversation opened by NeMo RL's system prompt; 5% carved for
     validation with seed 42 by default. data_path: a trees `.jsonl`/`.jsonl.gz` file, or message
     rows of the hub's parquet schema (message_id, parent_id, role, text)."""
+
+    rows_are_records = False
 
     HUB_ID = "OpenAssistant/oasst1"
 
@@ -288,7 +305,7 @@ class OpenMathInstruct2Dataset(RawDataset):
             raise ValueError(f"OpenMathInstruct-2: split={split!r}; expected one of {_OMI2_SPLITS}")
         raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, split=split))
         self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r[self.output_key]),
-                            f"OpenMathInstruct-2 {data_path or split}", ("problem", self.output_key))
+                            f"OpenMathInstruct-2 {data_path or split}", ("problem", self.output_key), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -308,7 +325,7 @@ class NuminaMath15Dataset(RawDataset):
         if require_valid:
             raw = raw.filter(lambda r: r.get("problem_is_valid") == "Yes" and r.get("solution_is_valid") == "Yes")
         self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r["answer"]),
-                            f"NuminaMath-1.5 {data_path or split}", ("problem", "answer"))
+                            f"NuminaMath-1.5 {data_path or split}", ("problem", "answer"), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -331,7 +348,7 @@ class OpenR1Math220KDataset(RawDataset):
         raw = _load(type(self), data_path, split,
                     lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "default", split=split))
         self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r["answer"]),
-                            f"OpenR1-Math-220k {data_path or split}", ("problem", "answer"))
+                            f"OpenR1-Math-220k {data_path or split}", ("problem", "answer"), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -347,8 +364,10 @@ class Tulu3SftMixtureDataset(RawDataset):
         seed = 42 if seed is None else seed
         raw = _load(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID)["train"])
         raw = sample(raw, max_samples, seed)
+        self.rows_are_records = not (max_samples and max_samples > 0)
         self.dataset = _map(raw, lambda r, w: {"messages": _last_is_assistant(r["messages"], w)},
-                            f"tulu3_sft_mixture {data_path or 'train'}", ("messages",))
+                            f"tulu3_sft_mixture {data_path or 'train'}", ("messages",), 
+                            path=data_path if self.rows_are_records else None)
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -364,14 +383,16 @@ class NemotronCascade2SFTMathDataset(RawDataset):
         split, seed = split or "train", 42 if seed is None else seed
         raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, "math", split=split))
         raw = sample(raw, max_samples, seed)
+        self.rows_are_records = not (max_samples and max_samples > 0)
         self.dataset = _map(raw, lambda r, w: {"messages": _last_is_assistant(r["messages"], w)},
-                            f"Nemotron-Cascade-2-SFT-Math {data_path or split}", ("messages",))
+                            f"Nemotron-Cascade-2-SFT-Math {data_path or split}", ("messages",), 
+                            path=data_path if self.rows_are_records else None)
         self.split_train_validation(split_validation_size, seed)
 
 
 def _hash_answer(text: str, where: str) -> str:
     if "####" not in text:
-        raise ValueError(f"{where}: the answer has no '#### <answer>' line (set extract_answer=false to train "
+        raise DataError(f"{where}: the answer has no '#### <answer>' line (set extract_answer=false to train "
                          "on the whole solution)")
     return text.split("####")[1].strip()
 
@@ -389,7 +410,7 @@ class GSM8KDataset(RawDataset):
                     lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "main")[split])
         answer = (lambda r, w: _hash_answer(r["answer"], w)) if extract_answer else (lambda r, w: r["answer"])
         self.dataset = _map(raw, lambda r, w: _user_assistant(r["question"], answer(r, w)),
-                            f"gsm8k {data_path or split}", ("question", "answer"))
+                            f"gsm8k {data_path or split}", ("question", "answer"), path=data_path)
 
 
 class DeepScalerDataset(RawDataset):
@@ -401,7 +422,7 @@ class DeepScalerDataset(RawDataset):
         self.task_name = "DeepScaler"
         raw = _load(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
         self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r["answer"]),
-                            f"DeepScaler {data_path or 'train'}", ("problem", "answer"))
+                            f"DeepScaler {data_path or 'train'}", ("problem", "answer"), path=data_path)
 
 
 class _AIMEDataset(RawDataset):
@@ -414,7 +435,7 @@ class _AIMEDataset(RawDataset):
         self.task_name = f"AIME{self.VARIANT}"
         raw = _load(type(self), data_path, "train", self._hub)
         self.dataset = _map(raw, lambda r, w: _user_assistant(r[self.INPUT_KEY], str(r["answer"])),
-                            f"{self.task_name} {data_path or 'hub'}", (self.INPUT_KEY, "answer"))
+                            f"{self.task_name} {data_path or 'hub'}", (self.INPUT_KEY, "answer"), path=data_path)
         if repeat and repeat > 1:
             self.dataset = self.dataset.repeat(repeat)
 
@@ -449,7 +470,7 @@ class DAPOMath17KDataset(RawDataset):
         raw = _load(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
         self.dataset = _map(raw, lambda r, w: _user_assistant(r["prompt"][0]["content"],
                                                               r["reward_model"]["ground_truth"]),
-                            f"{self.TASK} {data_path or 'train'}", ("prompt", "reward_model"))
+                            f"{self.TASK} {data_path or 'train'}", ("prompt", "reward_model"), path=data_path)
 
 
 class DAPOMathAIME2024Dataset(DAPOMath17KDataset):
@@ -469,13 +490,13 @@ class ResponseDataset(RawDataset):
         if "messages" in raw.column_names:
             self.dataset = raw.select_columns(["messages"] + (["tools"] if "tools" in raw.column_names else []))
         else:
-            self.dataset = _map(raw, self.format_data, data_path, (self.input_key, self.output_key))
+            self.dataset = _map(raw, self.format_data, data_path, (self.input_key, self.output_key), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
     def format_data(self, row: dict, where: str) -> dict:
         for key in (self.input_key, self.output_key):
             if row[key] is None:  # Arrow gives a row without the key None
-                raise KeyError(f"{where}: missing key {key!r}")
+                raise DataError(f"{where}: missing key {key!r}")
         return _user_assistant(row[self.input_key], row[self.output_key])
 
 
@@ -504,7 +525,7 @@ class GeneralConversationsJsonlDataset(RawDataset):
     def __init__(self, data_path: str, media_data_dir: str | None = None, split_validation_size: float = 0,
                  seed: int = 42):
         raw = load_source(data_path, None, None, key="general-conversation-jsonl data_path")
-        self.dataset = _map(raw, self.format_data, data_path, ())
+        self.dataset = _map(raw, self.format_data, data_path, (), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
     @staticmethod
@@ -513,11 +534,11 @@ class GeneralConversationsJsonlDataset(RawDataset):
         for j, turn in enumerate(row.get("conversations") or []):
             role = _SENDERS.get(turn["from"])
             if role is None:
-                raise ValueError(f"{where}: turn {j}: unknown conversation role {turn['from']!r}; expected one of "
+                raise DataError(f"{where}: turn {j}: unknown conversation role {turn['from']!r}; expected one of "
                                  f"{sorted(_SENDERS)}")
             tag = MEDIA_TAG.search(turn["value"])
             if tag:
-                raise ValueError(f"{where}: turn {j} holds the media tag {tag.group(0)}; jax_sft trains text-only "
+                raise DataError(f"{where}: turn {j} holds the media tag {tag.group(0)}; jax_sft trains text-only "
                                  "causal LMs")
             # NeMo RL keeps the text as one text fragment, none when it is blank.
             messages.append({"role": role, "content": turn["value"] if turn["value"].strip() else ""})
@@ -528,6 +549,8 @@ class ArrowTextDataset(RawDataset):
     """Raw text as one assistant message per row (NeMo RL's `arrow_text`, task "x_token"); empty and
     non-string rows dropped; characters_per_sample > 0 joins consecutive rows with newlines until
     the running character count reaches it."""
+
+    rows_are_records = False
 
     def __init__(self, data_files: str, subset: str | None = None, split: str = "train", text_key: str = "text",
                  characters_per_sample: int | None = None, split_validation_size: float = 0.0, seed: int = 42):

@@ -44,11 +44,14 @@ from typing import Any
 import jinja2
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from jax_sft.errors import DataError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PASSTHROUGH_TEMPLATE", "ROLES", "load_tokenizer", "resolve_chat_template", "ConversationEncoder",
-           "Encoded", "apply_task_spec", "check_conversation"]
+           "Encoded", "apply_task_spec", "check_conversation", "content_text"]
 
 # NeMo RL's passthrough template (chat_template: null): the message contents, concatenated.
 PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -85,7 +88,7 @@ def resolve_chat_template(tok_cfg, tokenizer: PreTrainedTokenizerBase, tokenizer
         raise TypeError(f"{key}: expected a string or null, got {type(spec).__name__}")
     if spec == "default":
         if tokenizer.chat_template is None:
-            raise ValueError(
+            raise DataError(
                 f"{key}='default' but tokenizer {tokenizer_name!r} has no chat template. Set {key} to a Jinja "
                 "template, a path to a .jinja file, or null (passthrough: the message contents concatenated)")
         if isinstance(tokenizer.chat_template, dict):
@@ -106,7 +109,7 @@ def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
     name = tok_cfg.get("name") or cfg.policy.model_name
     tokenizer = AutoTokenizer.from_pretrained(name)
     if not tokenizer.is_fast:
-        raise ValueError(f"tokenizer {name!r} is not a fast (Rust) tokenizer; jax_sft maps loss masks onto tokens "
+        raise DataError(f"tokenizer {name!r} is not a fast (Rust) tokenizer; jax_sft maps loss masks onto tokens "
                          "with its offsets and needs a tokenizer.json")
     template = resolve_chat_template(tok_cfg, tokenizer, name)
     tokenizer.chat_template = template
@@ -114,9 +117,9 @@ def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
     try:  # syntax errors and sandbox violations at start-up, not at the first example
         tokenizer.apply_chat_template([{"role": "user", "content": "probe"}], tokenize=False)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{key}: the chat template does not parse: {e} (line {e.lineno})") from e
+        raise DataError(f"{key}: the chat template does not parse: {e} (line {e.lineno})") from e
     except jinja2.exceptions.SecurityError as e:
-        raise ValueError(f"{key}: the chat template does something the sandbox forbids: {e}; fix {key}") from e
+        raise DataError(f"{key}: the chat template does something the sandbox forbids: {e}; fix {key}") from e
     return tokenizer
 
 
@@ -130,41 +133,72 @@ class Encoded:
     text: str
 
 
-def check_conversation(row: Any, where: str, spec=None) -> tuple[list[dict], list | None]:
+def check_conversation(row: Any, where: Any, spec=None, *, content_parts: bool = False,
+                       null_content: bool = True) -> tuple[list[dict], list | None]:
     """(messages, tools) of a formatted row, validated: a dict with a non-empty `messages` list of
-    dicts with a known `role` and a string `content` (None or absent only for an assistant message
-    with `tool_calls`, read as ""). Keys whose value is None are dropped (Arrow fills them in).
-    `spec` (a TaskDataSpec) applies its prompt to the first user message and its system prompt."""
+    dicts with a known `role` and a `content` that is a string or a list of OpenAI content parts.
+    Keys whose value is None are dropped (Arrow fills them in), except the content of an
+    assistant message with `tool_calls`: None (or absent) stays None (`null_content`, for templates
+    that take None: DeepSeek-V3 renders the tool calls only then), or is "" for templates that
+    expect a string (see `ConversationEncoder`), as an OpenAI client's message renders at inference.
+
+    Content parts (`[{"type": "text", "text": ...}, ...]`): only text parts are accepted; they are
+    joined with "\\n" (what vLLM and NeMo RL's multimodal path hand a template that expects a
+    string), or kept as a list when `content_parts` (the template iterates over parts itself).
+    `spec` (a TaskDataSpec) applies its prompt to the first user message and its system prompt.
+    `where` names the row in errors (a string, or an object whose str() is computed only then)."""
     if not isinstance(row, dict):
-        raise TypeError(f"{where}: expected a dict with 'messages', got {type(row).__name__}")
+        raise DataError(f"{where}: expected a dict with 'messages', got {type(row).__name__}")
     raw = row.get("messages")
     if raw is None:
-        raise KeyError(f"{where}: missing key 'messages'; the keys are {sorted(row)}")
+        raise DataError(f"{where}: missing key 'messages'; the keys are {sorted(row)}")
     if not isinstance(raw, (list, tuple)) or len(raw) == 0:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of messages, got {raw!r:.80}")
+        raise DataError(f"{where}: 'messages' must be a non-empty list of messages, got {raw!r:.80}")
     messages = []
     for j, message in enumerate(raw):
         if not isinstance(message, dict):
-            raise TypeError(f"{where}: message {j}: expected a dict with 'role' and 'content', got {message!r:.80}")
+            raise DataError(f"{where}: message {j}: expected a dict with 'role' and 'content', got {message!r:.80}")
         message = {k: v for k, v in message.items() if v is not None}
         role = message.get("role")
         if role not in ROLES:
-            raise ValueError(f"{where}: message {j}: unknown role {role!r}; expected one of {ROLES}")
+            raise DataError(f"{where}: message {j}: unknown role {role!r}; expected one of {ROLES}")
         if isinstance(message.get("tool_calls"), (list, tuple)):
             message["tool_calls"] = [_parse_arguments(call, f"{where}: message {j}: tool call {c}")
                                      for c, call in enumerate(message["tool_calls"])]
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
-            message["content"] = ""
+            message["content"] = None if null_content else ""
+        elif isinstance(content, (list, tuple)):
+            message["content"] = _text_parts(content, content_parts, f"{where}: message {j} ({role})")
         elif not isinstance(content, str):
-            raise ValueError(f"{where}: message {j} ({role}): 'content' must be a string, got "
-                             f"{type(content).__name__}")
+            raise DataError(f"{where}: message {j} ({role}): 'content' must be a string or a list of text parts, "
+                            f"got {type(content).__name__}")
         messages.append(message)
     messages = apply_task_spec(messages, spec)
     tools = row.get("tools")
     if tools is not None and not isinstance(tools, (list, tuple)):
-        raise TypeError(f"{where}: 'tools' must be a list of tool schemas, got {type(tools).__name__}")
+        raise DataError(f"{where}: 'tools' must be a list of tool schemas, got {type(tools).__name__}")
     return messages, (list(tools) if tools else None)
+
+
+def _text_parts(parts, keep: bool, where: str) -> str | list[dict]:
+    """OpenAI content parts, text only: joined with "\\n", or (keep) as a list of text parts."""
+    texts = []
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: content part {k} is of type {kind!r}; jax_sft trains text-only models and "
+                            "takes only {'type': 'text', 'text': ...} parts")
+        texts.append(part["text"])
+    return [{"type": "text", "text": t} for t in texts] if keep else "\n".join(texts)
+
+
+def content_text(message: dict) -> str:
+    """The text of a message's content (a string, text parts joined with "\\n", or "" for None)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content)
+    return content or ""
 
 
 def apply_task_spec(messages: list, spec) -> list:
@@ -175,8 +209,11 @@ def apply_task_spec(messages: list, spec) -> list:
     messages = list(messages)
     if spec.prompt is not None:
         j = next((j for j, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
-        if j is not None and isinstance(messages[j].get("content"), str):
-            messages[j] = {**messages[j], "content": spec.prompt.format(messages[j]["content"])}
+        content = messages[j].get("content") if j is not None else None
+        if isinstance(content, str):
+            messages[j] = {**messages[j], "content": spec.prompt.format(content)}
+        elif isinstance(content, list):  # text parts: each formatted, as NeMo RL does
+            messages[j] = {**messages[j], "content": [{**p, "text": spec.prompt.format(p["text"])} for p in content]}
     first = messages[0] if messages else None
     if spec.system_prompt is not None and not (isinstance(first, dict) and first.get("role") == "system"):
         messages.insert(0, {"role": "system", "content": spec.system_prompt})
@@ -259,7 +296,7 @@ class ConversationEncoder:
     """Renders, tokenises and loss-masks conversations (see the module docstring).
 
     Picklable (Grain worker processes get a copy). `encode(rows, wheres)` -> list[Encoded]; rows
-    are formatted dataset rows, `wheres` name them in errors ("train example 12").
+    are formatted dataset rows, `wheres` name them in errors ("file.jsonl:13 (train)").
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, add_bos: bool, add_eos: bool,
@@ -271,7 +308,7 @@ class ConversationEncoder:
         kwargs = dict(chat_template_kwargs or {})
         clash = set(kwargs) & {"tools", "add_generation_prompt", "messages", "conversation", "tokenize"}
         if clash:
-            raise ValueError(f"policy.tokenizer.chat_template_kwargs: {sorted(clash)} are set by jax_sft; remove them")
+            raise DataError(f"policy.tokenizer.chat_template_kwargs: {sorted(clash)} are set by jax_sft; remove them")
         self.tokenizer = tokenizer
         self.add_bos, self.add_eos = add_bos, add_eos
         self.add_generation_prompt = add_generation_prompt
@@ -284,6 +321,32 @@ class ConversationEncoder:
         special = {t for t in tokenizer.all_special_tokens} | {
             t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         self._special_tokens = tuple(sorted(special, key=len, reverse=True))
+        self.content_parts = self._takes_content_parts()
+        self.null_content = self._renders_null_content()
+
+    def _renders_null_content(self) -> bool:
+        """Whether the template takes `content: None` on an assistant message with tool calls (the
+        OpenAI value, which DeepSeek-V3's template tests to render the calls). A template that fails
+        on None or prints it ("None", e.g. `content | trim`) expects a string: such messages get ""."""
+        call = {"type": "function", "function": {"name": "jaxsft_probe_tool", "arguments": {"x": 1}}}
+        probe = [{"role": "user", "content": "jaxsft-probe"},
+                 {"role": "assistant", "content": None, "tool_calls": [call]}]
+        try:
+            text = self._render_raw([probe], None, False)[0]
+        except (jinja2.TemplateError, TypeError, AttributeError):  # `in`, `+` or string methods on None
+            return False
+        return "None" not in text
+
+    def _takes_content_parts(self) -> bool:
+        """Whether the template renders a list of text parts itself (iterates over `content`), rather
+        than expecting a string: a probe with two parts shows both texts and no Python list repr."""
+        probe = [{"role": "user", "content": [{"type": "text", "text": "jaxsft-part-one"},
+                                              {"type": "text", "text": "jaxsft-part-two"}]}]
+        try:
+            text = self._render_raw([probe], None, False)[0]
+        except (jinja2.TemplateError, TypeError, AttributeError):  # string methods or + on a list
+            return False
+        return "jaxsft-part-one" in text and "jaxsft-part-two" in text and "'type'" not in text
 
     @classmethod
     def from_config(cls, cfg, tokenizer, task_spec=None) -> ConversationEncoder:
@@ -295,16 +358,27 @@ class ConversationEncoder:
 
     # ------------------------------------------------------------------ rendering
 
+    def _render_raw(self, conversations: list[list[dict]], tools, gen: bool) -> list[str]:
+        """The template applied as `apply_chat_template(tokenize=False)` does, except that messages are
+        passed as given: transformers 5 drops keys whose value is None, but the content of an
+        assistant message with tool calls is None at inference (OpenAI clients, vLLM, transformers 4)
+        and templates test for it (DeepSeek-V3 renders the tool calls only then).
+        `check_conversation` has dropped every other None."""
+        template = self.tokenizer.get_chat_template(None, tools)
+        rendered, _ = render_jinja_template(conversations=conversations, tools=tools, chat_template=template,
+                                            add_generation_prompt=gen,
+                                            **{**self.tokenizer.special_tokens_map, **self.template_kwargs})
+        return rendered
+
     def _render(self, conversations: list[list[dict]], tools, gen: bool, where: str) -> list[str]:
         try:
-            return self.tokenizer.apply_chat_template(conversations, tools=tools, tokenize=False,
-                                                      add_generation_prompt=gen, **self.template_kwargs)
+            return self._render_raw(conversations, tools, gen)
         except jinja2.exceptions.SecurityError as e:
-            raise ValueError(f"{where}: the chat template ({self.template_key}) does something the sandbox "
-                             f"forbids: {e}; fix {self.template_key}") from e
+            raise DataError(f"{where}: the chat template ({self.template_key}) does something the sandbox "
+                            f"forbids: {e}; fix {self.template_key}") from e
         except jinja2.TemplateError as e:
-            raise ValueError(f"{where}: the chat template ({self.template_key}) failed on this conversation: "
-                             f"{e}") from e
+            raise DataError(f"{where}: the chat template ({self.template_key}) failed on this conversation: "
+                            f"{e}") from e
 
     def spans(self, messages: list[dict], tools, where: str) -> tuple[str, list[tuple[int, int]]]:
         """(full rendering, character spans [start, end) of the trained assistant messages)."""
@@ -313,7 +387,7 @@ class ConversationEncoder:
         if self.only_unmask_final:
             trained = [a for a in trained if a == n - 1]
         if trained and trained[0] == 0:
-            raise ValueError(f"{where}: message 0 is an assistant message; a conversation must open with a system "
+            raise DataError(f"{where}: message 0 is an assistant message; a conversation must open with a system "
                              "or user message")
         cuts = sorted({k for a in trained for k in (a, a + 1) if k < n})
         renders = self._render([messages] + [messages[:k] for k in cuts], tools, False, where)
@@ -324,7 +398,7 @@ class ConversationEncoder:
         if self.add_generation_prompt and trained:
             for a, text in zip(trained, self._render([messages[:a] for a in trained], tools, True, where)):
                 if not text.startswith(prefix_of[a]):
-                    raise ValueError(f"{where}: the chat template's generation prompt is not appended to the "
+                    raise DataError(f"{where}: the chat template's generation prompt is not appended to the "
                                      f"rendering of messages 0..{a - 1}; set data.add_generation_prompt=false")
                 gen_prompts[a] = text[len(prefix_of[a]):]
         spans = []
@@ -334,9 +408,9 @@ class ConversationEncoder:
                 start += _common_prefix(gen_prompts[a], full[start:end])
             end = self._trim_after_special(full, start, end)
             # The end of the content survives templates; reasoning inlined as <think>...</think> may not.
-            tail = messages[a].get("content", "").split("</think>")[-1].strip()[-64:]
+            tail = content_text(messages[a]).split("</think>")[-1].strip()[-64:]
             if end < start or tail not in full[start:end]:
-                raise ValueError(
+                raise DataError(
                     f"{where}: cannot locate assistant message {a} in the rendered conversation (characters "
                     f"{start}..{end}: {full[start:end]!r:.200}); the chat template renders it in a way jax_sft "
                     "cannot align. Use a template that renders each message's content verbatim")
@@ -354,7 +428,8 @@ class ConversationEncoder:
     def encode(self, rows: list[Any], wheres: list[str]) -> list[Encoded]:
         texts, all_spans, ends_trained = [], [], []
         for row, where in zip(rows, wheres):
-            messages, tools = check_conversation(row, where, self.task_spec)
+            messages, tools = check_conversation(row, where, self.task_spec, content_parts=self.content_parts,
+                                                 null_content=self.null_content)
             full, spans = self.spans(messages, tools, where)
             texts.append(full)
             all_spans.append(spans)

@@ -18,6 +18,7 @@ flat `data.dataset_name` as a dotted path `"pkg.module:Class"` (or `"pkg.module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -27,12 +28,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import datasets as hf_datasets
+import numpy as np
+
+from jax_sft.errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TaskDataSpec", "SFTDataset", "PreservingDataset", "build_dataset", "load_rows", "read_json_records",
     "oasst_conversations", "OpenAIFormatDataset", "NoneFilledToolsWarning", "OASST_SYSTEM_PROMPT",
+    "Place", "record_place", "source_row", "load_file",
 ]
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -87,16 +92,22 @@ class PreservingDataset(Sequence):
     trained to emit. This list keeps each row as it was.
     """
 
-    def __init__(self, rows: list[dict[str, Any]]):
+    def __init__(self, rows: list[dict[str, Any]], places: list[str] | None = None):
         self.rows = rows
+        self.places = places  # where each row was read ("file:line"), for errors
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return PreservingDataset(self.rows[index])
+            return PreservingDataset(self.rows[index], None if self.places is None else self.places[index])
         return self.rows[index]
+
+    def take(self, indices: Sequence[int]) -> PreservingDataset:
+        """The rows at `indices`, with their places."""
+        return PreservingDataset([self.rows[i] for i in indices],
+                                 None if self.places is None else [self.places[i] for i in indices])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.rows)
@@ -108,39 +119,113 @@ class PreservingDataset(Sequence):
 def read_json_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each record of a `.jsonl` file (one JSON object per line; blank
     lines skipped) or a `.json` file holding a list of objects (line number of the list: 1).
-    A malformed line is a ValueError naming the file and the line."""
+    A malformed line, bytes that are not UTF-8 or a file without records is a DataError naming the
+    file (and the 1-based line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     if path.suffix == ".json":
+        text = _decode(path.read_bytes(), path, 1)
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from e
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from e
         if isinstance(records, dict):
             records = [records]
         out = list(enumerate(records, start=1))
     else:
         out = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = _decode(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
                     out.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from e
+                    raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from e
+    if not out:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
     for lineno, record in out:
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     return out
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if path.suffix == ".json":  # the whole file: find the line of the bad byte
+            lineno += raw[:e.start].count(b"\n")
+        raise DataError(f"{path}:{lineno}: bytes that are not UTF-8 ({raw[e.start:e.end]!r} at byte {e.start}); "
+                        "JSON data must be UTF-8") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _record_lines(path: str, mtime_ns: int) -> np.ndarray:
+    """1-based line numbers of the non-blank lines of a JSON-lines file (record k is on line [k])."""
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                lines.append(lineno)
+    return np.asarray(lines, np.int64)
+
+
+def record_place(path: str | Path, n: int) -> str:
+    """Where record n (0-based, as loaded) of a local file is: "file:line" for JSON lines (blank
+    lines are skipped by the loaders), "file, record n+1" for a JSON list, "file row n" otherwise."""
+    path = Path(path)
+    if path.suffix == ".jsonl" and path.is_file():
+        lines = _record_lines(str(path), path.stat().st_mtime_ns)
+        if 0 <= n < len(lines):
+            return f"{path}:{lines[n]}"
+    if path.suffix == ".json":
+        return f"{path}, record {n + 1}"
+    return f"{path} row {n}"
+
+
+class Place:
+    """The place of a row in error messages, computed only when the message is formatted
+    (`fn(index)`), so that naming millions of rows costs nothing until one is wrong."""
+
+    __slots__ = ("fn", "index")
+
+    def __init__(self, fn: Callable[[int], str], index: int):
+        self.fn, self.index = fn, index
+
+    def __str__(self) -> str:
+        return self.fn(self.index)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def source_row(rows: Any, j: int) -> int:
+    """The row of the dataset `rows` was selected from (carving, shuffling) that row j of `rows` is:
+    an Arrow dataset that is a selection keeps the indices of the rows it selected."""
+    indices = getattr(rows, "_indices", None) if isinstance(rows, hf_datasets.Dataset) else None
+    return int(indices.column(0)[j].as_py()) if indices is not None else j
 
 
 def _raise_json_error(path: Path, error: Exception) -> None:
     """Re-raises a failed Arrow JSON load with the file and line of the first malformed line."""
     if path.suffix in (".json", ".jsonl"):
-        read_json_records(path)  # raises ValueError naming the line when one is malformed
-    raise error
+        read_json_records(path)  # raises a DataError naming the line when one is malformed
+    raise DataError(f"{path}: cannot be read as a {path.suffix} dataset: {error}") from error
+
+
+def load_file(fmt: str, path: Path, split: str | None = "train"):
+    """`load_dataset(fmt, data_files=path, split=split)`; bad bytes, malformed lines and an empty
+    file (on which `datasets` raises a bare StopIteration) are DataErrors naming the file and line."""
+    try:
+        return hf_datasets.load_dataset(fmt, data_files=str(path), split=split)
+    except (ValueError, StopIteration, hf_datasets.exceptions.DatasetGenerationError) as e:
+        _raise_json_error(path, e)
 
 
 def load_rows(path_or_id: str, split: str | None = None, *, key: str = "data path") -> hf_datasets.Dataset:
@@ -153,10 +238,7 @@ def load_rows(path_or_id: str, split: str | None = None, *, key: str = "data pat
         if fmt is None:
             raise ValueError(f"{key}={path_or_id!r}: unsupported file type {path.suffix!r}; expected one of "
                              f"{sorted(_FILE_FORMATS)}")
-        try:
-            return hf_datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except (ValueError, hf_datasets.exceptions.DatasetGenerationError) as e:
-            _raise_json_error(path, e)
+        return load_file(fmt, path)
     if path.suffix in _FILE_FORMATS:
         raise FileNotFoundError(f"{key}={path_or_id!r}: no such file")
     return hf_datasets.load_dataset(path_or_id, split=split or "train")
@@ -193,11 +275,11 @@ def oasst_conversations(ds, where: str) -> list[dict]:
     roots = []
     for i, (mid, parent, role) in enumerate(zip(ids, parents, roles)):
         if role not in _OASST_ROLES:
-            raise ValueError(f"{where}: message {mid}: unknown role {role!r}; expected one of {sorted(_OASST_ROLES)}")
+            raise DataError(f"{where}: message {mid}: unknown role {role!r}; expected one of {sorted(_OASST_ROLES)}")
         if parent is None:
             roots.append(i)
         elif parent not in known:
-            raise ValueError(f"{where}: message {mid}: parent_id {parent} is not a message of this split")
+            raise DataError(f"{where}: message {mid}: parent_id {parent} is not a message of this split")
         else:
             children.setdefault(parent, []).append(i)
     out = []
@@ -251,19 +333,24 @@ class OpenAIFormatDataset:
             if Path(path).suffix not in (".jsonl", ".json"):
                 raise ValueError(f"{key}={path!r}: use_preserving_dataset reads JSON lines; expected a .jsonl "
                                  "or .json file")
-            return PreservingDataset([self.format(rec, f"{path}:{lineno}") for lineno, rec in read_json_records(path)])
+            records = read_json_records(path)
+            return PreservingDataset([self.format(rec, f"{path}:{lineno}") for lineno, rec in records],
+                                     [f"{path}:{lineno}" for lineno, _ in records])
         ds = load_rows(path, key=key)
-        ds = ds.map(lambda rec, i: self.format(rec, f"{path} row {i}"), with_indices=True,
-                    remove_columns=ds.column_names, desc=f"formatting {path}")
+        # Every row gets a "tools" value (None without): `map` takes its columns from the first rows
+        # it writes, so an optional key would be dropped from all rows, or missing from some.
+        ds = ds.map(lambda rec, i: self.format(rec, Place(functools.partial(record_place, path), i),
+                                               tools_column=True),
+                    with_indices=True, remove_columns=ds.column_names, desc=f"formatting {path}")
         _warn_if_none_filled(ds, path)
         return ds
 
-    def format(self, record: dict, where: str) -> dict:
+    def format(self, record: dict, where: Any, tools_column: bool = False) -> dict:
         if self.chat_key not in record or record[self.chat_key] is None:
-            raise KeyError(f"{where}: missing key {self.chat_key!r} (chat_key); the keys are {sorted(record)}")
+            raise DataError(f"{where}: missing key {self.chat_key!r} (chat_key); the keys are {sorted(record)}")
         messages = list(record[self.chat_key])
         if not messages:
-            raise ValueError(f"{where}: {self.chat_key!r} is an empty conversation")
+            raise DataError(f"{where}: {self.chat_key!r} is an empty conversation")
         if self.system_key is not None and record.get(self.system_key) is not None:
             messages = [{"role": "system", "content": record[self.system_key]}, *messages]
         elif self.system_prompt:
@@ -271,10 +358,12 @@ class OpenAIFormatDataset:
         last = messages[-1]
         if not isinstance(last, dict) or last.get("role") != "assistant":
             role = last.get("role") if isinstance(last, dict) else type(last).__name__
-            raise ValueError(f"{where}: the last message must be the assistant's (openai_format), got role {role!r}")
+            raise DataError(f"{where}: the last message must be the assistant's (openai_format), got role {role!r}")
         out = {"messages": messages}
         if self.tool_key and record.get(self.tool_key) is not None:
             out["tools"] = record[self.tool_key]
+        elif tools_column:
+            out["tools"] = None
         return out
 
 

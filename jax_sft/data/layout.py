@@ -48,7 +48,7 @@ from jax_sft.data.builtin import (
     RawDataset,
 )
 from jax_sft.data.chat import apply_task_spec
-from jax_sft.data.datasets import PreservingDataset, TaskDataSpec, _import_class
+from jax_sft.data.datasets import PreservingDataset, TaskDataSpec, _import_class, record_place, source_row
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +376,33 @@ class MixedDataset:
     datasets: list[RawDataset]
     sections: list[Section]
     task_spec: TaskDataSpec | None = None
+    # split -> [(section, dataset, rows)] in the order their rows are concatenated
+    parts: dict[str, list[tuple[Section, RawDataset, Any]]] = dataclasses.field(default_factory=dict)
+
+    def place(self, split: str, index: int) -> str:
+        """Where row `index` of `split` comes from, for errors: "file:line (label)" for rows read one
+        to one from a JSON-lines file, else the dataset, its source and the row (0-based, as `ds[n]`)."""
+        parts = self.parts.get(split) or []
+        for s, d, rows in parts:
+            if index < len(rows):
+                return row_place(s, d, rows, index)
+            index -= len(rows)
+        return f"{split} row {index}"
+
+
+def row_place(s: Section, d: RawDataset, rows: Any, j: int) -> str:
+    """The place of row j of `rows`, a split of dataset `d` built from section `s`."""
+    places = getattr(rows, "places", None)
+    if places is not None:
+        return f"{places[j]} ({s.label})"
+    n = source_row(rows, j)
+    path = s.keys.get("data_path") or s.keys.get("data_files")
+    if not getattr(d, "rows_are_records", True):  # rows built from several records, or sampled
+        return f"{s.label} ({s.keys['dataset_name']} {path or ''}) row {n}".replace(" )", ")")
+    if path and Path(path).is_file():
+        return f"{record_place(path, n)} ({s.label})"
+    source = path or getattr(d, "HUB_ID", None) or s.keys["dataset_name"]
+    return f"{s.label} ({source}{' ' + s.keys['split'] if s.keys.get('split') else ''}) row {n}"
 
 
 def _load_section(s: Section) -> RawDataset:
@@ -416,13 +443,15 @@ def build_dataset(cfg):
             log.warning("%s: task name %r is shared with a later train dataset whose prompt_file / "
                         "system_prompt_file apply to its rows too (NeMo RL binds them by task name)",
                         s.label, d.task_name)
-    val_specs, val_parts = {}, []
-    for d in train:
+    val_specs, val_parts, val_places = {}, [], []
+    for s, d in zip(train_sections, train):
         if d.val_dataset is not None:
             val_parts.append((d.val_dataset, d.task_name))
+            val_places.append((s, d, d.val_dataset))
             val_specs[d.task_name] = train_specs[d.task_name]
-    for d in validation:
+    for s, d in zip(val_sections, validation):
         val_parts.append((d.dataset, d.task_name))
+        val_places.append((s, d, d.dataset))
         val_specs[d.task_name] = d.task_spec
     formatted = {"train": _mix([(d.dataset, train_specs[d.task_name]) for d in train]),
                  "validation": _mix([(rows, val_specs[name]) for rows, name in val_parts])}
@@ -432,7 +461,8 @@ def build_dataset(cfg):
                  f" (+{carved} carved for validation)" if carved else "")
     if not len(formatted["validation"]):
         log.warning("no validation data: data.validation is null and no train dataset carves a split")
-    return MixedDataset(formatted, train + validation, train_sections + val_sections)
+    parts = {"train": [(s, d, d.dataset) for s, d in zip(train_sections, train)], "validation": val_places}
+    return MixedDataset(formatted, train + validation, train_sections + val_sections, parts=parts)
 
 
 def _build_guide(cfg):

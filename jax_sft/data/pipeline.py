@@ -1,10 +1,19 @@
 """From formatted conversations to device-ready batches, with Grain.
 
-Construction (`SFTData`) templates, tokenises and loss-masks this process's share of both splits
-once, up front, into flat int32/uint8 arrays (the cache), so that bad input fails at start-up and
-the training loop only gathers, packs and pads. The work runs in `data.num_workers` Grain worker
-processes (`mp_prefetch`; 0: in-process). One core does the whole pipeline at several hundred
+`data.tokenize=upfront` (default): construction (`SFTData`) templates, tokenises and loss-masks this
+process's share of both splits once, into flat int32/uint8 arrays (the cache), so that bad input
+fails at start-up and the training loop only gathers, packs and pads; the work runs in
+`data.num_workers` Grain worker processes (`mp_prefetch`; 0: in-process). `data.tokenize=lazy`:
+construction encodes nothing; each step encodes its own examples when it is assembled (in the
+workers, ahead of the training loop), so start-up time and memory do not depend on the dataset's
+size (bench/data_scale.py) and a bad row fails when its step is reached, naming its file and line
+(`python -m jax_sft.inspect_data --validate_data` checks every row beforehand). Both give the same
+batches, except that a lazily dropped or skipped example leaves its step one sequence short
+instead of being taken out of its shard. One core does the whole pipeline at a few hundred
 thousand tokens per second (bench/data_pipeline.py), far beyond what a training step consumes.
+
+The iterator state is the index of the next step (and what the stream depends on): the same on
+every process, so a run resumes on any number of processes and devices.
 
 Sharding does not depend on the device layout, so that a step's sequences are the same on one
 device, on a mesh of any data-parallel size and over any number of processes. The train split is
@@ -37,10 +46,11 @@ micro-batches per step varies (and may differ between processes: see `pad_micro_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -49,18 +59,21 @@ from absl import flags as absl_flags
 
 from jax_sft.data.chat import ConversationEncoder
 from jax_sft.distributed import allgather_ints
-from jax_sft.data.datasets import SFTDataset
+from jax_sft.errors import DataError
+from jax_sft.data.datasets import Place, SFTDataset
 from jax_sft.data.layout import build_dataset
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SFTData", "StepBatch", "TrainIterator", "TokenizedSplit", "Layout", "tokenize_split",
-           "apply_overlength", "pack", "fill_rows", "pad_micro_batches", "ARRAY_KEYS", "OVERLENGTH", "PACKING"]
+           "apply_overlength", "dataset_place", "pack", "fill_rows", "pad_micro_batches", "ARRAY_KEYS", "OVERLENGTH", "PACKING"]
 
 ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 OVERLENGTH = ("truncate", "drop", "mask")
 PACKING = ("modified_first_fit_decreasing", "first_fit_decreasing", "first_fit", "best_fit")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+TOKENIZE = ("upfront", "lazy")
+_ENDLESS = 2**62  # steps of the stream (epochs repeat)
 NO_VALIDATION = ("sft.val_period={}: expected 0 when there is no validation data (data.validation is null and no "
                  "train dataset carves a split with split_validation_size), as NeMo RL requires; or give validation "
                  "data")
@@ -90,6 +103,55 @@ class TokenizedSplit:
         s, e = self.starts[i], self.starts[i + 1]
         return self.tokens[s:e], self.loss[s:e]
 
+    def examples(self, positions: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        return [self.example(int(p)) for p in positions]
+
+    def sources(self, positions: Sequence[int]) -> np.ndarray:
+        return self.source[np.asarray(positions, np.int64)]
+
+
+class LazySplit:
+    """A split encoded when its examples are asked for (`data.tokenize=lazy`): nothing is held but
+    the rows (memory-mapped Arrow tables stay on disk). `examples(indices)` encodes rows[indices]
+    with `data.overlength` and the no-loss rule applied; a dropped or skipped example is None.
+    Picklable (Grain workers get a copy)."""
+
+    def __init__(self, rows, encoder: ConversationEncoder, place: Callable[[int], str], *, max_length: int,
+                 overlength: str, skip_without_loss: bool):
+        if overlength not in OVERLENGTH:
+            raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
+        self.rows, self.encoder, self.place = rows, encoder, place
+        self.max_length, self.overlength, self.skip_without_loss = max_length, overlength, skip_without_loss
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def examples(self, indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        indices = [int(i) for i in indices]
+        encoded = self.encoder.encode([self.rows[i] for i in indices], [Place(self.place, i) for i in indices])
+        out = []
+        for i, e in zip(indices, encoded):
+            ids, loss, status = apply_overlength(e.ids, e.loss, self.max_length, self.overlength)
+            keep = ids is not None and _has_loss(loss, status, self.skip_without_loss, self.place, i, self.max_length)
+            out.append((ids, loss) if keep else None)
+        return out
+
+    def sources(self, indices: Sequence[int]) -> np.ndarray:
+        return np.asarray(indices, np.int64)
+
+
+def _has_loss(loss: np.ndarray, status: str, skip: bool, place: Callable[[int], str], index: int,
+              max_length: int) -> bool:
+    """Whether an example that was not dropped is kept: it has a loss token (or was masked by
+    `data.overlength=mask`); without one it is skipped when `skip`, else a DataError naming it."""
+    if status == "masked" or loss.any():
+        return True
+    if not skip:
+        why = f" after truncation to {max_length} tokens" if status == "truncated" else ""
+        raise DataError(f"{place(index)}: no token to train on{why} (no assistant message is trained); fix the "
+                        "example or set data.skip_examples_without_loss=true to skip and count such examples")
+    return False
+
 
 def apply_overlength(ids: np.ndarray, loss: np.ndarray, max_length: int, mode: str):
     """(ids, loss, status) for an example under `data.overlength`: "truncate" keeps the first
@@ -113,12 +175,12 @@ class _EncodeChunk:
     Bytes rather than arrays: Grain would move each array of a worker's output through its own
     shared-memory block."""
 
-    def __init__(self, rows, indices: np.ndarray, encoder: ConversationEncoder, split: str):
-        self.rows, self.indices, self.encoder, self.split = rows, indices, encoder, split
+    def __init__(self, rows, indices: np.ndarray, encoder: ConversationEncoder, place: Callable[[int], str]):
+        self.rows, self.indices, self.encoder, self.place = rows, indices, encoder, place
 
     def __call__(self, chunk: Sequence[int]) -> tuple[list[int], bytes, bytes]:
         idx = [int(self.indices[p]) for p in chunk]
-        encoded = self.encoder.encode([self.rows[i] for i in idx], [f"{self.split} example {i}" for i in idx])
+        encoded = self.encoder.encode([self.rows[i] for i in idx], [Place(self.place, i) for i in idx])
         return ([len(e.ids) for e in encoded], b"".join(e.ids.astype(np.int32).tobytes() for e in encoded),
                 b"".join(e.loss.astype(np.uint8).tobytes() for e in encoded))
 
@@ -134,14 +196,17 @@ def _unpack_chunk(chunk: tuple[list[int], bytes, bytes]) -> Iterator[tuple[np.nd
 
 def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, split: str, max_length: int,
                    overlength: str, skip_without_loss: bool, num_workers: int = 0,
-                   chunk_size: int = 64) -> tuple[TokenizedSplit, dict[str, int]]:
+                   chunk_size: int = 64, place: Callable[[int], str] | None = None
+                   ) -> tuple[TokenizedSplit, dict[str, int]]:
     """Encodes rows[indices] into a TokenizedSplit, applying `data.overlength` and the no-loss rule
     (a conversation without a loss token is an error naming it, or skipped and counted when
-    `skip_without_loss`). Returns (split, counts)."""
+    `skip_without_loss`). `place(i)` names row i in errors (default "<split> row i").
+    Returns (split, counts)."""
     if overlength not in OVERLENGTH:
         raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
+    place = place or functools.partial(_row_place, split)
     ds = grain.MapDataset.range(len(indices)).batch(chunk_size, batch_fn=list)
-    ds = ds.map(_EncodeChunk(rows, indices, encoder, split))
+    ds = ds.map(_EncodeChunk(rows, indices, encoder, place))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=1))
     if num_workers == 0 and len(indices) > 100_000:
         log.warning("%s: tokenising %d examples in one process; set data.num_workers to use more cores",
@@ -165,12 +230,7 @@ def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, s
                     counts[status] += 1
                 if ids is None:
                     continue
-                if status != "masked" and not loss.any():
-                    if not skip_without_loss:
-                        why = f" after truncation to {max_length} tokens" if status == "truncated" else ""
-                        raise ValueError(f"{split} example {index}: no token to train on{why} (no assistant "
-                                         "message is trained); fix the example or set "
-                                         "data.skip_examples_without_loss=true to skip and count such examples")
+                if not _has_loss(loss, status, skip_without_loss, place, index, max_length):
                     counts["skipped"] += 1
                     continue
                 tokens.append(ids)
@@ -189,6 +249,17 @@ def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, s
     np.cumsum(lengths, out=starts[1:])
     return TokenizedSplit(_concat(tokens, np.int32), _concat(losses, np.uint8), starts,
                           np.asarray(source, np.int64)), counts
+
+
+def _row_place(split: str, index: int) -> str:
+    return f"{split} row {index}"
+
+
+def dataset_place(dataset, split: str) -> Callable[[int], str]:
+    """place(i): where row i of `split` of a built dataset comes from (file and line where known)."""
+    if callable(getattr(dataset, "place", None)):
+        return functools.partial(dataset.place, split)
+    return functools.partial(_row_place, f"{type(dataset).__name__} {split}")
 
 
 def _concat(arrays: list[np.ndarray], dtype) -> np.ndarray:
@@ -408,14 +479,16 @@ def _micro_batches(per_rank: list[list[list]], rank_rows: int, layout: Layout,
 
 
 class _AssembleStep:
-    """Grain map_with_index: step index -> StepBatch (reads the cache; picklable).
+    """Grain map: step index -> StepBatch (reads the token cache, or encodes lazily; picklable).
 
     Each shard's order in epoch e is a permutation seeded by (seed, shard, e) (identity without
     `data.shuffle`), the same in whichever process holds the shard. (Grain's index shuffle costs
-    about a millisecond per lookup on shards this small; a step needs one lookup per sequence.)"""
+    about a millisecond per lookup on shards this small; a step needs one lookup per sequence.)
+    A step's sequences are `split.examples(picks)`; a lazily dropped or skipped one (None) leaves
+    its rank one sequence short in that step."""
 
-    def __init__(self, split: TokenizedSplit, members: list[list[np.ndarray]], shards: list[list[int]],
-                 layout: Layout, steps_per_epoch: int, seed: int | None):
+    def __init__(self, split: TokenizedSplit | LazySplit, members: list[list[np.ndarray]],
+                 shards: list[list[int]], layout: Layout, steps_per_epoch: int, seed: int | None):
         self.split, self.members, self.shards = split, members, shards  # [local rank][shard of the rank]
         self.layout, self.steps_per_epoch, self.seed = layout, steps_per_epoch, seed
         self._epoch, self._orders = -1, []
@@ -429,58 +502,86 @@ class _AssembleStep:
             self._epoch = epoch
         return self._orders
 
-    def __call__(self, step: int, _) -> StepBatch:
+    def __call__(self, step: int) -> StepBatch:
+        step = int(step)
         epoch, b = divmod(step, self.steps_per_epoch)
         L = self.layout
-        picks, per_rank = [], []
+        picks, per_rank, tokens = [], [], 0
         for orders in self._orders_of(epoch):
             rank_picks = [int(order[b]) for order in orders]
-            picks += rank_picks
-            per_rank.append(_rank_rows([self.split.example(i) for i in rank_picks], L, L.packing))
+            seqs = self.split.examples(rank_picks)
+            picks += [p for p, seq in zip(rank_picks, seqs) if seq is not None]
+            seqs = [seq for seq in seqs if seq is not None]
+            tokens += sum(len(seq[0]) for seq in seqs)
+            per_rank.append(_rank_rows(seqs, L, L.packing))
         micro = _micro_batches(per_rank, L.rank_rows, L)
-        return StepBatch(micro, step, epoch, L.global_batch, L.local_batch,
-                         int(sum(len(self.split.example(i)[0]) for i in picks)),
-                         sum(int(mb["loss_mask"].sum()) for mb in micro), self.split.source[picks])
+        return StepBatch(micro, step, epoch, L.global_batch, L.local_batch, int(tokens),
+                         sum(int(mb["loss_mask"].sum()) for mb in micro), self.split.sources(picks))
 
 
 class TrainIterator(Iterator[StepBatch]):
     """Endless iterator of StepBatch (epoch after epoch) over a Grain pipeline.
 
-    `get_state()` is a JSON-serialisable dict; `set_state(state)` on an iterator of the same data
-    and config continues exactly where the state was taken (the next batch is the one an
-    uninterrupted iterator gives next), also in a new process.
+    `get_state()` is a JSON-serialisable dict: the index of the next step and what the stream
+    depends on, nothing of the device layout, the processes or the workers. `set_state(state)`
+    on an iterator of the same data and config continues exactly where the state was taken (the
+    next batch is the one an uninterrupted iterator gives next), in a new process too, and on any
+    number of processes and devices. `build(step)` gives the Grain iterator from step `step` on.
     """
 
-    def __init__(self, dataset: grain.MapDataset, fingerprint: dict[str, Any]):
-        self._fingerprint = fingerprint
-        self._it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)).__iter__()
+    def __init__(self, build: Callable[[int], grain.IterDataset], fingerprint: dict[str, Any]):
+        self._build, self._fingerprint = build, fingerprint
+        self._next_step = 0
+        self._it = iter(build(0))
 
     def __next__(self) -> StepBatch:
-        return next(self._it)
+        batch = next(self._it)
+        self._next_step = batch.step + 1
+        return batch
 
     def close(self) -> None:
-        """Stops the prefetch thread."""
+        """Stops the prefetch thread and the worker processes."""
         self._it.close()
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "data": dict(self._fingerprint), "grain": self._it.get_state()}
+        return {"version": _STATE_VERSION, "data": dict(self._fingerprint), "next_step": self._next_step}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')!r}; expected {_STATE_VERSION}")
-        if state["data"] != self._fingerprint:
-            diff = {k: (state["data"].get(k), v) for k, v in self._fingerprint.items() if state["data"].get(k) != v}
+        version = state.get("version")
+        if version == 1:  # jax_sft before the global data position: the Grain state of the step stream
+            step = int(state["grain"]["next_index"])
+        elif version == _STATE_VERSION:
+            step = int(state["next_step"])
+        else:
+            raise ValueError(f"data iterator state version {version!r}; expected {_STATE_VERSION} (or 1)")
+        saved, now = state["data"], self._fingerprint
+        if saved != now:
+            diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise ValueError(f"the data iterator state was saved for different data or settings "
-                             f"(saved, now): {diff}; resume with the same dataset, batch sizes, seed and processes")
-        self._it.set_state(state["grain"])
+                             f"(saved, now): {diff}; resume with the same dataset, batch sizes and seed")
+        self._it.close()
+        self._it = iter(self._build(step))
+        self._next_step = step
+
+
+def _step_stream(assemble: _AssembleStep, workers: int, start: int) -> grain.IterDataset:
+    """The StepBatches from step `start` on; with `workers` > 0 assembled (and, lazily, encoded) in
+    that many Grain worker processes, step after step in order."""
+    steps = grain.MapDataset.range(start, _ENDLESS).map(assemble)
+    it = steps.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers == 0 else 0, prefetch_buffer_size=2))
+    if workers > 0:
+        if not absl_flags.FLAGS.is_parsed():  # Grain reads its absl flags when it starts workers
+            absl_flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    return it
 
 
 # ----------------------------------------------------------------------------- SFTData
 
 
 class SFTData:
-    """The data side of an SFT run: datasets, tokenisation (once, up front), train and validation
-    batches. See the module docstring for shapes and conventions.
+    """The data side of an SFT run: datasets, tokenisation (up front or lazily, `data.tokenize`),
+    train and validation batches. See the module docstring for shapes and conventions.
 
     cfg: the validated run config. tokenizer: from `load_tokenizer(cfg)`. dp_size: data-parallel
     ranks (mesh data * fsdp). dp_ranks: the ranks whose rows this process supplies, ascending
@@ -502,63 +603,90 @@ class SFTData:
         self.num_train_examples, self.num_val_examples = len(train_rows), len(val_rows)
         if not len(val_rows) and cfg.sft.val_period > 0:
             raise ValueError(NO_VALIDATION.format(cfg.sft.val_period))
-        common = dict(max_length=L.max_length, overlength=cfg.data.overlength,
-                      skip_without_loss=bool(cfg.data.skip_examples_without_loss),
-                      num_workers=int(cfg.data.get("num_workers") or 0))
+        self.tokenize = cfg.data.get("tokenize") or "upfront"
+        if self.tokenize not in TOKENIZE:
+            raise ValueError(f"data.tokenize={self.tokenize!r}: expected one of {TOKENIZE}")
         seed, G, Gv = int(cfg.sft.seed), L.global_batch, L.val_global_batch
         n = len(train_rows)
         dealt = np.random.default_rng(seed).permutation(n) if cfg.data.shuffle else np.arange(n)
+
+        def owned(r: int, total: int) -> list[int]:  # the shards of rank r
+            return list(range(r * total // dp_size, (r + 1) * total // dp_size))
+
+        self._train_shards = my_train = [owned(r, G) for r in L.dp_ranks]
+        my_val = [owned(r, Gv) for r in L.dp_ranks]
+        if self.tokenize == "lazy":
+            self._lazy(train_rows, val_rows, dealt, my_train, my_val)
+        else:
+            self._upfront(train_rows, val_rows, dealt, my_train, my_val)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the train split has too few usable examples for one step of "
+                             f"train_global_batch_size={G} (a shard of its examples is empty)")
+        log.info("data: %d steps per epoch; %s", self.steps_per_epoch, self.stats)
+
+    def _split_args(self) -> dict[str, Any]:
+        return dict(max_length=self.layout.max_length, overlength=self.cfg.data.overlength,
+                    skip_without_loss=bool(self.cfg.data.skip_examples_without_loss))
+
+    def _lazy(self, train_rows, val_rows, dealt: np.ndarray, my_train: list[list[int]], my_val: list[list[int]]):
+        """Nothing is encoded here: shard j's members are the row indices dealt at positions j, j+G, ...
+        (the same members as up front when no example is dropped or skipped)."""
+        G, Gv = self.layout.global_batch, self.layout.val_global_batch
+        self.train_split = LazySplit(train_rows, self.encoder, dataset_place(self.dataset, "train"),
+                                     **self._split_args())
+        self.val_split = LazySplit(val_rows, self.encoder, dataset_place(self.dataset, "validation"),
+                                   **self._split_args())
+        self._train_members = [[dealt[j::G] for j in shards] for shards in my_train]
+        self._val_members = [[np.arange(j, len(val_rows), Gv) for j in shards] for shards in my_val]
+        self._counts = {"train": {"examples": len(train_rows)}, "validation": {"examples": len(val_rows)}}
+        self.steps_per_epoch = len(train_rows) // G
+
+    def _upfront(self, train_rows, val_rows, dealt: np.ndarray, my_train: list[list[int]], my_val: list[list[int]]):
+        """This process's shards of both splits encoded now, into flat arrays."""
+        n, G, Gv = len(train_rows), self.layout.global_batch, self.layout.val_global_batch
+        common = dict(self._split_args(), num_workers=int(self.cfg.data.get("num_workers") or 0))
         train_position = np.empty(n, np.int64)
         train_position[dealt] = np.arange(n)  # example i is dealt at train_position[i]
         train_shard, val_shard = train_position % G, np.arange(len(val_rows)) % Gv
         val_position = np.arange(len(val_rows))
-
-        def owned(r: int, total: int) -> range:  # the shards of rank r
-            return range(r * total // dp_size, (r + 1) * total // dp_size)
-
-        my_train = [list(owned(r, G)) for r in L.dp_ranks]
-        my_val = [list(owned(r, Gv)) for r in L.dp_ranks]
         self.train_split, train_counts = tokenize_split(
             train_rows, np.flatnonzero(np.isin(train_shard, sum(my_train, []))), self.encoder, split="train",
-            **common)
+            place=dataset_place(self.dataset, "train"), **common)
         self.val_split, val_counts = tokenize_split(
             val_rows, np.flatnonzero(np.isin(val_shard, sum(my_val, []))), self.encoder, split="validation",
-            **common)
+            place=dataset_place(self.dataset, "validation"), **common)
         self._train_members = [_shard_members(self.train_split, train_shard, train_position, sh) for sh in my_train]
         self._val_members = [_shard_members(self.val_split, val_shard, val_position, sh) for sh in my_val]
-        self._train_shards = my_train
         self._counts = {"train": train_counts, "validation": val_counts}
         # The smallest shard holds n // G examples as dealt; drops and skips (known to the process that
         # tokenised them) can make a shard smaller still, so the processes agree on the minimum.
         smallest = min([n // G] + [len(m) for rank in self._train_members for m in rank])
         self.steps_per_epoch = int(allgather_ints([smallest]).min())  # every process runs the same steps
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the train split has too few usable examples for one step of "
-                             f"train_global_batch_size={G} (a shard of its examples is empty)")
         for split, c in self._counts.items():
             if c["truncated"] or c["dropped"] or c["masked"] or c["skipped"]:
                 log.warning("%s: of %d examples, %d truncated, %d dropped, %d masked (over %d tokens), %d skipped "
                             "(no loss token)", split, c["examples"], c["truncated"], c["dropped"], c["masked"],
-                            L.max_length, c["skipped"])
-        log.info("data: %d steps per epoch; %s", self.steps_per_epoch, self.stats)
+                            self.layout.max_length, c["skipped"])
 
     @property
     def stats(self) -> dict[str, int]:
         """Counters for the trainer's logs: "data/<split>_<name>" for examples, kept, truncated,
-        dropped, masked, skipped (no loss token), tokens and loss_tokens (this process)."""
+        dropped, masked, skipped (no loss token), tokens and loss_tokens (this process); lazily
+        only examples (nothing else is known at start-up)."""
         return {f"data/{split}_{k}": v for split, c in self._counts.items() for k, v in c.items()}
 
     def train_iterator(self) -> TrainIterator:
         """A fresh iterator from the first step; `set_state` moves it to a saved position."""
         L, seed = self.layout, int(self.cfg.sft.seed)
-        steps = grain.MapDataset.range(self.steps_per_epoch).repeat()
-        steps = steps.map_with_index(_AssembleStep(self.train_split, self._train_members, self._train_shards, L,
-                                                   self.steps_per_epoch, seed if self.cfg.data.shuffle else None))
+        assemble = _AssembleStep(self.train_split, self._train_members, self._train_shards, L,
+                                 self.steps_per_epoch, seed if self.cfg.data.shuffle else None)
+        workers = int(self.cfg.data.get("num_workers") or 0) if self.tokenize == "lazy" else 0
+        build = functools.partial(_step_stream, assemble, workers)
         # What the stream depends on; not the device layout (a run may resume on another one).
         fingerprint = dict(train_examples=self.num_train_examples, steps_per_epoch=self.steps_per_epoch,
                            seed=seed, shuffle=bool(self.cfg.data.shuffle), global_batch=L.global_batch,
                            seq_len=L.seq_len, packing=L.packing)
-        return TrainIterator(steps, fingerprint)
+        return TrainIterator(build, fingerprint)
 
     @property
     def num_val_batches(self) -> int:
@@ -575,6 +703,6 @@ class SFTData:
         L = self.layout
         per_batch = L.val_rank_batch // L.val_rank_rows
         for b in range(self.num_val_batches):
-            per_rank = [[[self.val_split.example(int(m[b]))] for m in members if b < len(m)]
-                        for members in self._val_members]
+            per_rank = [[[seq] for seq in self.val_split.examples([int(m[b]) for m in members if b < len(m)])
+                         if seq is not None] for members in self._val_members]
             yield from _micro_batches(per_rank, L.val_rank_rows, L, per_batch)
