@@ -372,9 +372,9 @@ def test_moe_training_with_expert_parallelism_matches_one_device(tmp_path):
     np.testing.assert_allclose(losses[1], losses[0], atol=1e-3)
     aux = [[r["train/router_aux_loss"] for r in read_metrics(run.run_dir) if "train/loss" in r]
            for run in (one, eight)]
-    # Likewise for the aux loss: one flip moves it by at most 2 * 4 experts / rows (~2000 rows of
-    # routed tokens x MoE layers per step here), i.e. < 4e-3.
-    np.testing.assert_allclose(aux[1][0], aux[0][0], rtol=1e-5)
+    # The aux loss counts the top-k choices of every real token (prompts included), so a flip can
+    # show from step 1; one flip moves it by at most 2 * 4 experts / rows (~2000 rows of routed
+    # tokens x MoE layers per step here), i.e. < 4e-3.
     np.testing.assert_allclose(aux[1], aux[0], atol=4e-3)
 
 
