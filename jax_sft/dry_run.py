@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jax_sft import config as config_lib
+from jax_sft.errors import InputError, MissingFileError
 
 __all__ = ["plan"]
 
@@ -30,7 +31,7 @@ def plan(cfg: Any) -> list[str]:
             return fn(*args)
         except config_lib.ConfigError as e:
             problems.extend(e.problems)
-        except (ValueError, FileNotFoundError) as e:  # the input errors of the readers called
+        except InputError as e:  # the readers' errors about the input (files, settings)
             problems.append(str(e))
         return None
 
@@ -71,7 +72,7 @@ def _local_model_dir(name: str) -> Path | None:
     if path.is_dir():
         return path
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"policy.model_name={name!r}: not a model folder (and not a hub id "
+        raise MissingFileError(f"policy.model_name={name!r}: not a model folder (and not a hub id "
                                 "of the form org/name)")
     from huggingface_hub import try_to_load_from_cache
 
@@ -80,7 +81,7 @@ def _local_model_dir(name: str) -> Path | None:
 
 
 def _model(cfg: Any) -> tuple[list[str], int | None]:
-    """(lines, max_position_embeddings or None when the config is not local)."""
+    """(lines, the longest sequence the model takes, or None when its config is not local)."""
     from jax_sft import models
 
     name = cfg.policy.model_name
@@ -88,7 +89,8 @@ def _model(cfg: Any) -> tuple[list[str], int | None]:
     if model_dir is None:
         return [f"model: {name} is a hub id not in the local Hugging Face cache; its config.json "
                 "is read (and its architecture checked) when the run downloads it"], None
-    m = models.read_config(model_dir)
+    overrides = cfg.policy.hf_config_overrides
+    m = models.read_config(model_dir, overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
     lines = [f"model: {m.architecture} ({m.family} family) from {model_dir}: {m.num_layers} layers, "
              f"hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
              f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"]
@@ -97,7 +99,7 @@ def _model(cfg: Any) -> tuple[list[str], int | None]:
                      f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
                      f"{m.router_aux_loss_coef}; experts over mesh expert="
                      f"{cfg.policy.jax_cfg.mesh.expert}")
-    return lines, m.max_position_embeddings
+    return lines, m.context_length
 
 
 def _data(cfg: Any) -> list[str]:

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["InputError", "DataError", "MissingFileError", "UsageError", "USAGE_EXIT_CODE", "exit_on_input_error"]
+__all__ = ["InputError", "DataError", "MissingFileError", "UsageError", "SettingError", "RunFailure",
+           "RUN_FAILURE_EXIT_CODE", "USAGE_EXIT_CODE", "exit_on_input_error"]
 
 USAGE_EXIT_CODE = 2  # as argparse and the shells use for bad usage
 
@@ -53,3 +54,8 @@ class RunFailure(RuntimeError):
     """The run stopped for a reason the message states that is neither bad input nor a bug in
     jax_sft (the disk filled up, training diverged); it says what was kept. The command-line
     tools print it as `error: ...` and exit with RUN_FAILURE_EXIT_CODE, without a traceback."""
+
+
+class SettingError(InputError, ValueError):
+    """A config setting of the right type that cannot be honoured (an unsupported optimizer or
+    scheduler, say); the message names the key."""

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax_sft.errors import SettingError
+
 # torch kwargs that describe an implementation, not the maths; accepted and ignored.
 _IMPLEMENTATION_KWARGS = {"foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad"}
 _ADAMW_NAMES = {"torch.optim.AdamW", "AdamW", "adamw"}
@@ -74,10 +76,10 @@ def make_schedule(base_lr: float, scheduler: Sequence[Mapping[str, Any]] | None)
     milestones = [list(e["milestones"]) for e in entries if "milestones" in e]
     entries = [e for e in entries if "milestones" not in e]
     if len(milestones) > 1:
-        raise ValueError("policy.scheduler: give one {milestones: [...]} entry, not several")
+        raise SettingError("policy.scheduler: give one {milestones: [...]} entry, not several")
     milestones = milestones[0] if milestones else []
     if len(entries) > 1 and len(milestones) != len(entries) - 1:
-        raise ValueError(
+        raise SettingError(
             f"policy.scheduler: {len(entries)} schedulers need {len(entries) - 1} milestones, "
             f"got {milestones}"
         )
@@ -85,7 +87,7 @@ def make_schedule(base_lr: float, scheduler: Sequence[Mapping[str, Any]] | None)
     for i, entry in enumerate(entries):
         name = str(entry.get("name", "")).rsplit(".", 1)[-1]
         if name not in factories:
-            raise ValueError(
+            raise SettingError(
                 f"policy.scheduler[{i}].name: unsupported scheduler {entry.get('name')!r}; "
                 f"supported: {', '.join('torch.optim.lr_scheduler.' + n for n in factories)}"
             )
@@ -93,7 +95,7 @@ def make_schedule(base_lr: float, scheduler: Sequence[Mapping[str, Any]] | None)
         try:
             factors.append(factories[name](**kwargs))
         except TypeError as e:
-            raise ValueError(f"policy.scheduler[{i}].kwargs for {name}: {e}") from None
+            raise SettingError(f"policy.scheduler[{i}].kwargs for {name}: {e}") from None
 
     def schedule(count):
         factor = factors[0](count)
@@ -112,15 +114,15 @@ def make_optimizer(
     """AdamW (+ global-norm clipping) from NeMo RL's `policy.optimizer`; returns (tx, schedule)."""
     name = optimizer_cfg.get("name", "torch.optim.AdamW")
     if name not in _ADAMW_NAMES:
-        raise ValueError(
+        raise SettingError(
             f"policy.optimizer.name: {name!r} is not supported; use torch.optim.AdamW"
         )
     kwargs = dict(optimizer_cfg.get("kwargs") or {})
     if kwargs.get("amsgrad") or kwargs.get("maximize"):
-        raise ValueError("policy.optimizer.kwargs: amsgrad / maximize are not supported")
+        raise SettingError("policy.optimizer.kwargs: amsgrad / maximize are not supported")
     unknown = set(kwargs) - {"lr", "weight_decay", "betas", "eps"} - _IMPLEMENTATION_KWARGS
     if unknown:
-        raise ValueError(f"policy.optimizer.kwargs: unknown AdamW arguments {sorted(unknown)}")
+        raise SettingError(f"policy.optimizer.kwargs: unknown AdamW arguments {sorted(unknown)}")
     lr = float(kwargs.get("lr", 1e-3))
     b1, b2 = (float(b) for b in kwargs.get("betas", (0.9, 0.999)))
     schedule = make_schedule(lr, scheduler_cfg)
@@ -254,7 +256,7 @@ def make_megatron_optimizer(
                          optax.trace(decay=float(opt["sgd_momentum"])),
                          optax.scale_by_learning_rate(lr))
     else:
-        raise ValueError(f"policy.megatron_cfg.optimizer.optimizer={opt['optimizer']!r}: "
+        raise SettingError(f"policy.megatron_cfg.optimizer.optimizer={opt['optimizer']!r}: "
                          "expected adam or sgd")
     clip = opt.get("clip_grad")
     if not clip:  # null or 0: Megatron clips only when clip_grad > 0

@@ -29,6 +29,13 @@ import json
 import math
 from typing import Any
 
+from jax_sft.errors import InputError
+
+
+class ModelConfigError(InputError, ValueError):
+    """A model's config.json (or policy.hf_config_overrides) that jax_sft cannot build from."""
+
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
@@ -135,14 +142,14 @@ class ModelConfig:
         archs = d.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            raise ValueError(_unsupported(archs, d.get("model_type"), source))
+            raise ModelConfigError(_unsupported(archs, d.get("model_type"), source))
         if arch == "Gemma3ForConditionalGeneration":
             return _text_of_multimodal(cls, d, source)
         d = {**_FAMILY_DEFAULTS.get(arch, {}), **d}  # keys config.json leaves to the HF class
 
         def req(key: str) -> Any:
             if d.get(key) is None:
-                raise ValueError(f"{source}: required key {key!r} is missing ({arch})")
+                raise ModelConfigError(f"{source}: required key {key!r} is missing ({arch})")
             return d[key]
 
         hidden, heads = int(req("hidden_size")), int(req("num_attention_heads"))
@@ -151,9 +158,9 @@ class ModelConfig:
         act_key = "hidden_activation" if gemma else "hidden_act"
         act = d.get(act_key, "silu")
         if act not in _ACTIVATIONS:
-            raise ValueError(f"{source}: {act_key}={act!r} is not supported (one of {sorted(_ACTIVATIONS)})")
+            raise ModelConfigError(f"{source}: {act_key}={act!r} is not supported (one of {sorted(_ACTIVATIONS)})")
         if float(d.get("attention_dropout") or 0.0) != 0.0:
-            raise ValueError(
+            raise ModelConfigError(
                 f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0.0"
             )
         # head_dim: Qwen3Config defaults to 128 when absent; the others derive it.
@@ -233,7 +240,7 @@ def _text_of_multimodal(cls, d: dict[str, Any], source: str) -> ModelConfig:
     export writes; the vision tower is not part of the model)."""
     text = d.get("text_config")
     if not isinstance(text, dict):
-        raise ValueError(f"{source}: Gemma3ForConditionalGeneration needs a text_config dict")
+        raise ModelConfigError(f"{source}: Gemma3ForConditionalGeneration needs a text_config dict")
     text = {**text, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
     text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", True))
     if text.get("dtype") is None and text.get("torch_dtype") is None:
@@ -247,7 +254,7 @@ def _gemma_fields(d: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
     soft-capping (Gemma 3's attention ignores attn_logit_softcapping, as transformers does) and
     Gemma 3's separate RoPE of the sliding-window layers."""
     if d.get("use_bidirectional_attention"):
-        raise ValueError(f"{source}: use_bidirectional_attention=true is not supported (causal LM only)")
+        raise ModelConfigError(f"{source}: use_bidirectional_attention=true is not supported (causal LM only)")
     fields = dict(
         norm_offset=1.0, sandwich_norm=True, embed_scale=True,
         query_scale=float(d["query_pre_attn_scalar"]) ** -0.5,
@@ -286,10 +293,10 @@ def _moe_fields(d: dict[str, Any], arch: str, num_layers: int, source: str) -> d
     experts = d.get("num_local_experts", d.get("num_experts", 128))
     top_k = int(d["num_experts_per_tok"])
     if not (isinstance(experts, int) and 1 <= top_k <= experts):
-        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be within 1..num experts={experts}")
+        raise ModelConfigError(f"{source}: num_experts_per_tok={top_k} must be within 1..num experts={experts}")
     if arch == "MixtralForCausalLM":
         if float(d.get("router_jitter_noise") or 0.0) != 0.0:
-            raise ValueError(f"{source}: router_jitter_noise={d['router_jitter_noise']} is not supported; set 0.0")
+            raise ModelConfigError(f"{source}: router_jitter_noise={d['router_jitter_noise']} is not supported; set 0.0")
         size, norm_topk, sparse = int(d["intermediate_size"]), True, (True,) * num_layers
     else:
         size, norm_topk = int(d["moe_intermediate_size"]), bool(d.get("norm_topk_prob", False))
@@ -331,21 +338,21 @@ def _read_rope(d: dict[str, Any], source: str) -> RopeConfig:
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"{source}: {key}={params!r}: per-layer-type RoPE parameters are not supported")
+        raise ModelConfigError(f"{source}: {key}={params!r}: per-layer-type RoPE parameters are not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
+        raise ModelConfigError(
             f"{source}: {key} rope_type={rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
         )
     if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor") or 1.0)) != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+        raise ModelConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
     theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
     if rope_type == "default":
         return RopeConfig(theta=theta)
 
     def field(name: str) -> Any:
         if params.get(name) is None:
-            raise ValueError(f"{source}: {key} of rope_type {rope_type!r} needs {name!r}")
+            raise ModelConfigError(f"{source}: {key} of rope_type {rope_type!r} needs {name!r}")
         return params[name]
 
     if rope_type == "linear":
@@ -358,7 +365,7 @@ def _read_rope(d: dict[str, Any], source: str) -> RopeConfig:
         or d.get("max_position_embeddings")
     )
     if original is None:
-        raise ValueError(f"{source}: {rope_type} RoPE needs original_max_position_embeddings")
+        raise ModelConfigError(f"{source}: {rope_type} RoPE needs original_max_position_embeddings")
     if rope_type == "yarn":
         return _read_yarn(d, params, theta, int(original))
     return RopeConfig(
@@ -402,7 +409,7 @@ def _read_sliding_windows(
         ]
     layer_types = d.get("layer_types") or default_types
     if len(layer_types) != num_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
-        raise ValueError(
+        raise ModelConfigError(
             f"{source}: layer_types={layer_types!r} must list 'full_attention' or 'sliding_attention' "
             f"for each of the {num_layers} layers"
         )

@@ -60,7 +60,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jax_sft.errors import InputError
+from jax_sft.errors import InputError, MissingFileError
 from jax_sft.models.config import ModelConfig, apply_overrides
 from jax_sft.models.decoder import CausalLM
 from jax_sft.models.sharding import param_shardings
@@ -73,7 +73,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint that cannot be read as the config says; the message names file and tensor."""
 
 
@@ -275,14 +275,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         return path
     name = str(name_or_path)
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{name}: not a model folder (and not a hub id of the form org/name)")
+        raise MissingFileError(f"{name}: not a model folder (and not a hub id of the form org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_ALLOW_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name}: no such local folder, and the hub snapshot could not be fetched "
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
         ) from e
@@ -293,11 +293,11 @@ def read_config(model_dir: Path, overrides: dict[str, Any] | None = None) -> Mod
     the merged dict is what `save_pretrained` writes back."""
     path = model_dir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a Hugging Face model folder needs config.json)")
+        raise MissingFileError(f"{path}: missing (a Hugging Face model folder needs config.json)")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
     source = f"{path} with policy.hf_config_overrides" if overrides else str(path)
     return ModelConfig.from_hf_dict(apply_overrides(d, overrides), source=source)
 
@@ -318,7 +318,7 @@ class _Checkpoint:
             weight_map, files, self.index = None, [SAFE_WEIGHTS], None
         else:
             others = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{model_dir}: neither {SAFE_WEIGHTS} nor {SAFE_INDEX} found"
                 + (f" (only safetensors are read; found {others})" if others else "")
             )
