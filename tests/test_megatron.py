@@ -458,10 +458,10 @@ def test_nemo_rl_megatron_recipe_yaml_trains_on_the_cpu(assets, tmp_path, capsys
     pipeline 2, its optimizer and scheduler, OpenMathInstruct-2 in today's data layout with 5%
     carved for validation, a prompt file), with only the model, the data file, the sizes and the
     output folders overridden: 4 steps on 8 CPU devices, the learning rates being Megatron's."""
-    rows = [json.loads(line) for line in open(assets / "data" / "train.jsonl")]
+    rows = [{m["role"]: m["content"] for m in json.loads(line)["messages"]}
+            for line in open(assets / "data" / "train.jsonl")]
     omi2 = tmp_path / "omi2.jsonl"  # OpenMathInstruct-2's columns
-    omi2.write_text("".join(json.dumps({"problem": r["messages"][1]["content"],
-                                        "generated_solution": r["messages"][2]["content"],
+    omi2.write_text("".join(json.dumps({"problem": r["user"], "generated_solution": r["assistant"],
                                         "expected_answer": "", "problem_source": "test"}) + "\n"
                             for r in rows))
     (tmp_path / "math.txt").write_text("Solve: {}")
