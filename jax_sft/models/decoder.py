@@ -30,6 +30,7 @@ row for the cuDNN packed layout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -39,9 +40,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jax_sft.errors import SettingError
 from jax_sft.models import attention as attention_lib
 from jax_sft.models import kv_cache as kv_cache_lib
 from jax_sft.models.config import ModelConfig, RopeConfig
+from jax_sft.models.lora import LM_HEAD, LoRA, LoraConfig
 
 REMAT_POLICIES = (
     "none",
@@ -131,9 +134,32 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
+class Projection(nnx.Einsum):
+    """`nnx.Einsum` plus an optional LoRA adapter (`lora`; None: the plain projection)."""
+
+    def __init__(self, *args, lora: LoRA | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = nnx.data(lora)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        y = super().__call__(x)
+        return y if self.lora is None else y + self.lora(x, dropout_key).astype(y.dtype)
+
+
 def _dense(einsum: str, kernel: tuple[int, ...], names: tuple[str, ...], bias: tuple[int, ...] | None,
-           bias_names: tuple[str, ...], *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Einsum:
-    return nnx.Einsum(
+           bias_names: tuple[str, ...], *, dtype, param_dtype, rngs: nnx.Rngs,
+           lora: LoraConfig | None = None) -> Projection:
+    """A projection; with `lora`, plus an adapter over the kernel's input and output dimensions."""
+    adapter = None
+    if lora is not None:
+        x_sub, rest = einsum.split(",")
+        k_sub, y_sub = rest.split("->")
+        ins = "".join(c for c in k_sub if c in x_sub)
+        outs = "".join(c for c in k_sub if c in y_sub)
+        dims = {c: (kernel[i], names[i]) for i, c in enumerate(k_sub)}
+        adapter = LoRA(lora, tuple(dims[c] for c in ins), tuple(dims[c] for c in outs), ins, outs,
+                       dtype=dtype, rngs=rngs)
+    return Projection(
         einsum,
         kernel,
         bias,
@@ -144,23 +170,31 @@ def _dense(einsum: str, kernel: tuple[int, ...], names: tuple[str, ...], bias: t
         kernel_metadata=_meta(*names),
         bias_metadata=_meta(*bias_names),
         rngs=rngs,
+        lora=adapter,
     )
+
+
+def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """n dropout keys from one (all None when `key` is None: no dropout)."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
-                 max_segments: int, rngs: nnx.Rngs):
+                 max_segments: int, rngs: nnx.Rngs, lora: LoraConfig | None = None,
+                 adapted: frozenset[str] = frozenset()):
         e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dense = partial(_dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv_bias = cfg.qkv_bias
+        ad = lambda name: lora if name in adapted else None  # noqa: E731
         self.q_proj = dense("bte,ehd->bthd", (e, n, d), ("embed", "q_heads", "head_dim"),
-                            (n, d) if qkv_bias else None, ("q_heads", "head_dim"))
+                            (n, d) if qkv_bias else None, ("q_heads", "head_dim"), lora=ad("q_proj"))
         self.k_proj = dense("bte,ehd->bthd", (e, kv, d), ("embed", "kv_heads", "head_dim"),
-                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"))
+                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"), lora=ad("k_proj"))
         self.v_proj = dense("bte,ehd->bthd", (e, kv, d), ("embed", "kv_heads", "head_dim"),
-                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"))
+                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"), lora=ad("v_proj"))
         self.o_proj = dense("bthd,hde->bte", (n, d, e), ("q_heads", "head_dim", "embed"),
-                            (e,) if cfg.o_bias else None, ("embed",))
+                            (e,) if cfg.o_bias else None, ("embed",), lora=ad("o_proj"))
         if cfg.qk_norm:
             norm = partial(RMSNorm, d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
                            offset=cfg.norm_offset)
@@ -175,8 +209,9 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.kv_cache: kv_cache_lib.LayerCache | None = nnx.data(None)  # generation only (kv_cache.py)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, t, heads, d]
+    def __call__(self, x, cos, sin, segment_ids, dropout_key=None):
+        kq, kk, kv, ko = _keys(dropout_key, 4)
+        q, k, v = self.q_proj(x, kq), self.k_proj(x, kk), self.v_proj(x, kv)  # [b, t, heads, d]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin).astype(self.dtype)
@@ -187,27 +222,33 @@ class Attention(nnx.Module):
                 out = attention_lib.cached_attention(q, k_all, v_all, q_positions,
                                                      sliding_window=self.sliding_window,
                                                      scale=self.scale, softcap=self.softcap)
-                return self.o_proj(out)
+                return self.o_proj(out, ko)
         out = attention_lib.attention(
             q, k, v, segment_ids=segment_ids,
             sliding_window=self.sliding_window, implementation=self.implementation,
             max_segments=self.max_segments, scale=self.scale, softcap=self.softcap,
         )
-        return self.o_proj(out)
+        return self.o_proj(out, ko)
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, lora: LoraConfig | None = None,
+                 adapted: frozenset[str] = frozenset()):
         e, m = cfg.hidden_size, cfg.intermediate_size
         dense = partial(_dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         bias = cfg.mlp_bias
-        self.gate_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",))
-        self.up_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",))
-        self.down_proj = dense("btm,me->bte", (m, e), ("mlp", "embed"), (e,) if bias else None, ("embed",))
+        ad = lambda name: lora if name in adapted else None  # noqa: E731
+        self.gate_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",),
+                               lora=ad("gate_proj"))
+        self.up_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",),
+                             lora=ad("up_proj"))
+        self.down_proj = dense("btm,me->bte", (m, e), ("mlp", "embed"), (e,) if bias else None, ("embed",),
+                               lora=ad("down_proj"))
         self.act = ACTIVATIONS[cfg.activation]
 
-    def __call__(self, x, token_mask=None):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)), None
+    def __call__(self, x, token_mask=None, dropout_key=None):
+        kg, ku, kd = _keys(dropout_key, 3)
+        return self.down_proj(self.act(self.gate_proj(x, kg)) * self.up_proj(x, ku), kd), None
 
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
@@ -240,7 +281,7 @@ class MoE(nnx.Module):
             weights = weights / weights.sum(axis=-1, keepdims=True)
         return probs, weights, experts
 
-    def __call__(self, x, token_mask=None):
+    def __call__(self, x, token_mask=None, dropout_key=None):
         """-> (output like x, router statistics [2, experts] fp32: top-k counts and probability
         sums over the tokens of `token_mask` ([b, t], None: all))."""
         b, t, e = x.shape
@@ -314,13 +355,14 @@ def dense_experts(x, experts, weights, gate, up, down, act):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
-                 max_segments: int, rngs: nnx.Rngs, mesh=None):
+                 max_segments: int, rngs: nnx.Rngs, mesh=None, lora: LoraConfig | None = None,
+                 adapted: frozenset[str] = frozenset()):
         norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
                        offset=cfg.norm_offset)
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype,
                                    implementation=implementation, max_segments=max_segments,
-                                   rngs=rngs)
+                                   rngs=rngs, lora=lora, adapted=adapted)
         self.post_attention_layernorm = norm()
         # Gemma: post_attention_layernorm normalises the attention output; the MLP has its own
         # pre and post norms.
@@ -330,21 +372,42 @@ class DecoderLayer(nnx.Module):
         if sparse:
             self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
         else:
-            self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora, adapted=adapted)
         self.num_experts = cfg.num_experts
 
-    def __call__(self, x, cos, sin, segment_ids, token_mask=None):
-        """-> (x, router statistics [2, num_experts]; zeros for a dense layer)."""
+    def __call__(self, x, cos, sin, segment_ids, token_mask=None, dropout_key=None):
+        """-> (x, router statistics [2, num_experts]; zeros for a dense layer). dropout_key: LoRA
+        dropout (None: none)."""
+        ka, km = _keys(dropout_key, 2)
         if self.pre_feedforward_layernorm is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
-            y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, ka)
+            y, stats = self.mlp(self.post_attention_layernorm(x), token_mask, km)
         else:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, segment_ids))
-            y, stats = self.mlp(self.pre_feedforward_layernorm(x), token_mask)
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, ka))
+            y, stats = self.mlp(self.pre_feedforward_layernorm(x), token_mask, km)
             y = self.post_feedforward_layernorm(y)
         if stats is None:
             stats = jnp.zeros((2, self.num_experts), jnp.float32)
         return x + y, stats
+
+
+def lora_sites(config: ModelConfig, lora: LoraConfig | None, scan_layers: bool) -> dict[int | None, frozenset[str]]:
+    """{layer index: projections with adapters, None: {"lm_head"} or {}} for `lora` (None: none)."""
+    sites = frozenset() if lora is None else lora.adapted(config.num_layers, tuple(
+        not (config.num_experts > 0 and config.moe_layers[i]) for i in range(config.num_layers)))
+    if lora is not None and not sites:
+        raise SettingError(f"LoRA target_modules={list(lora.target_modules)}, exclude_modules="
+                           f"{list(lora.exclude_modules)} match no linear layer of this {config.architecture}")
+    by_layer = {i: frozenset(p for j, p in sites if j == i) for i in [None, *range(config.num_layers)]}
+    if scan_layers and len({by_layer[i] for i in range(config.num_layers)}) > 1:
+        raise SettingError("LoRA adapters differ between layers (target_modules / exclude_modules name "
+                           "layers), but scan_layers=true needs the same on every layer; set "
+                           "policy.jax_cfg.scan_layers=false")
+    if lora is not None and lora.dropout > 0 and by_layer[None]:
+        raise SettingError(f"LoRA dropout={lora.dropout} with an adapter on lm_head (match_all_linear "
+                           "adapts it) is not supported; exclude lm_head (target_modules: ['*_proj']) or "
+                           "set dropout to 0")
+    return by_layer
 
 
 def _remat_policy(remat: str):
@@ -367,7 +430,7 @@ class CausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                  attention: str = "auto", remat: str = "none", scan_layers: bool = False,
                  max_segments: int = attention_lib.DEFAULT_MAX_SEGMENTS, rngs: nnx.Rngs,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, lora: LoraConfig | None = None):
         attention_lib.check_implementation(attention, dtype, config.head_dim)
         if config.attn_softcap is not None:  # raises for "cudnn", which cannot soft-cap
             attention_lib.resolve_implementation(attention, dtype, config.head_dim, False, softcap=True)
@@ -381,12 +444,14 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.scan_layers = scan_layers
         self.max_segments = max_segments
+        self.lora = lora
+        adapted = lora_sites(config, lora, scan_layers)
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=_normal, embedding_metadata=_meta("vocab", "embed"), rngs=rngs,
         )
         layer = partial(DecoderLayer, config, dtype=dtype, param_dtype=param_dtype,
-                        implementation=attention, max_segments=max_segments, mesh=mesh)
+                        implementation=attention, max_segments=max_segments, mesh=mesh, lora=lora)
         if scan_layers:
             if len(set(config.sliding_windows)) != 1:
                 raise ValueError(
@@ -404,11 +469,11 @@ class CausalLM(nnx.Module):
             @nnx.split_rngs(splits=config.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
             def stacked(rngs):
-                return layer(0, rngs=rngs)
+                return layer(0, rngs=rngs, adapted=adapted[0])
 
             self.layers = stacked(rngs)  # one DecoderLayer whose parameters are [num_layers, ...]
         else:
-            self.layers = nnx.List([layer(i, rngs=rngs) for i in range(config.num_layers)])
+            self.layers = nnx.List([layer(i, rngs=rngs, adapted=adapted[i]) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
                             offset=config.norm_offset)
         if config.tie_word_embeddings:
@@ -417,6 +482,10 @@ class CausalLM(nnx.Module):
             self.lm_head = _dense("bte,ev->btv", (config.hidden_size, config.vocab_size),
                                   ("embed", "vocab"), None, (), dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)
+        # The lm_head's adapter (tied or not), folded into `lm_head_kernel()`.
+        e, v = config.hidden_size, config.vocab_size
+        self.lm_head_lora = nnx.data(LoRA(lora, ((e, "embed"),), ((v, "vocab"),), "e", "v", dtype=dtype, rngs=rngs)
+                                     if LM_HEAD in adapted[None] else None)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                       segment_ids: jax.Array | None = None) -> jax.Array:
@@ -425,9 +494,11 @@ class CausalLM(nnx.Module):
 
     def hidden_states_and_aux(self, input_ids: jax.Array, positions: jax.Array | None = None,
                               segment_ids: jax.Array | None = None,
-                              token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                              token_mask: jax.Array | None = None,
+                              dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """-> (hidden states, router load-balancing loss: fp32 scalar, 0 for dense models).
-        `token_mask` [b, t]: the tokens the loss averages over (None: all; HF's attention_mask)."""
+        `token_mask` [b, t]: the tokens the loss averages over (None: all; HF's attention_mask).
+        `dropout_key`: LoRA dropout while training (None: no dropout)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         b, t = input_ids.shape
@@ -454,13 +525,15 @@ class CausalLM(nnx.Module):
         x = self.embed_tokens(input_ids)
         if self.config.embed_scale:
             x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_layers)
         if self.scan_layers:
-            x, stats = self._scan_layers(x, *rope_of(0), segment_ids, token_mask)
+            x, stats = self._scan_layers(x, *rope_of(0), segment_ids, token_mask, keys)
         else:
             layer_fn = _layer_fn(self.remat)
             stats = jnp.zeros((2, self.config.num_experts), jnp.float32)
             for i, layer in enumerate(self.layers):
-                x, layer_stats = layer_fn(layer, x, *rope_of(i), segment_ids, token_mask)
+                key = None if keys is None else keys[i]
+                x, layer_stats = layer_fn(layer, x, *rope_of(i), segment_ids, token_mask, key)
                 stats = stats + layer_stats
         return self.norm(x), self._aux_loss(stats, b * t if token_mask is None else token_mask.sum())
 
@@ -473,21 +546,22 @@ class CausalLM(nnx.Module):
         rows = jnp.maximum(jnp.asarray(tokens, jnp.float32) * n_moe, 1.0)
         return self.config.num_experts * jnp.sum((stats[0] / rows) * (stats[1] / rows))
 
-    def _scan_layers(self, x, cos, sin, segment_ids, token_mask):
-        """The stacked layers as one lax.scan over their [num_layers, ...] parameters."""
+    def _scan_layers(self, x, cos, sin, segment_ids, token_mask, keys):
+        """The stacked layers as one lax.scan over their [num_layers, ...] parameters (and
+        per-layer dropout keys, None when there is no dropout)."""
         graphdef, state = nnx.split(self.layers)
 
-        def body(carry, layer_state):
-            h, stats = carry
+        def body(carry, xs):
+            (h, stats), (layer_state, key) = carry, xs
             layer = nnx.merge(graphdef, layer_state)
-            h, layer_stats = layer(h, cos, sin, segment_ids, token_mask)
+            h, layer_stats = layer(h, cos, sin, segment_ids, token_mask, key)
             # The KV caches, when generating (kv_cache.py).
             return (h, stats + layer_stats), nnx.state(layer, nnx.Cache)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=False)
         zeros = jnp.zeros((2, self.config.num_experts), jnp.float32)
-        (x, stats), caches = jax.lax.scan(body, (x, zeros), state)
+        (x, stats), caches = jax.lax.scan(body, (x, zeros), (state, keys))
         nnx.update(self.layers, caches)
         return x, stats
 
@@ -508,10 +582,15 @@ class CausalLM(nnx.Module):
                                       self.config.attn_softcap is not None)
 
     def lm_head_kernel(self) -> jax.Array:
-        """[hidden, vocab] unembedding in the compute dtype (the embedding transposed when tied)."""
+        """[hidden, vocab] unembedding in the compute dtype (the embedding transposed when tied),
+        with the lm_head adapter's scale * A @ B added when there is one."""
         if self.lm_head is None:
-            return self.embed_tokens.embedding[...].T.astype(self.dtype)
-        return self.lm_head.kernel[...].astype(self.dtype)
+            kernel = self.embed_tokens.embedding[...].T
+        else:
+            kernel = self.lm_head.kernel[...]
+        if self.lm_head_lora is not None:
+            kernel = kernel.astype(jnp.float32) + self.lm_head_lora.delta_kernel()
+        return kernel.astype(self.dtype)
 
     def unembed(self, hidden: jax.Array) -> jax.Array:
         """[..., hidden] (compute dtype) -> [..., vocab] float32 logits (fp32 accumulation),
@@ -525,3 +604,43 @@ class CausalLM(nnx.Module):
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """[b, t] ints -> [b, t, vocab] float32 logits (whole: for tests and small evals)."""
         return self.unembed(self.hidden_states(input_ids, positions, segment_ids))
+
+
+def merge_lora(model: CausalLM) -> CausalLM:
+    """The model with every adapter folded into its base kernel (W + scale * A @ B, float32), as
+    a CausalLM without LoRA; `model` itself when it has none. A tied model whose lm_head has an
+    adapter comes back untied (its lm_head = embedding^T + the adapter's delta)."""
+    if model.lora is None:
+        return model
+    untie = model.lm_head is None and model.lm_head_lora is not None
+    config = dataclasses.replace(model.config, tie_word_embeddings=False) if untie else model.config
+    abstract = nnx.eval_shape(lambda: CausalLM(
+        config, dtype=model.dtype, param_dtype=jnp.float32, attention=model.attention, remat=model.remat,
+        scan_layers=model.scan_layers, max_segments=model.max_segments, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    source = {path: var for path, var in nnx.to_flat_state(nnx.state(model))}
+    filled = []
+    for path, var in nnx.to_flat_state(abs_state):
+        if untie and path == ("lm_head", "kernel"):
+            value = source[("embed_tokens", "embedding")][...].T.astype(jnp.float32)
+            value = value + model.lm_head_lora.delta_kernel()
+        else:
+            value = source[path][...]
+            a, b = source.get(path[:-1] + ("lora", "lora_a")), source.get(path[:-1] + ("lora", "lora_b"))
+            if path[-1] == "kernel" and a is not None:
+                value = value.astype(jnp.float32) + model.lora.scale * _lora_delta(a[...], b[...], value.ndim)
+            elif path == ("lm_head", "kernel") and model.lm_head_lora is not None:
+                value = value.astype(jnp.float32) + model.lm_head_lora.delta_kernel()
+            value = value.astype(jnp.float32) if isinstance(var, nnx.Param) else value
+        filled.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def _lora_delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:
+    """A @ B as a kernel: a [*lead, *in, r], b [*lead, r, *out] -> [*lead, *in, *out] float32
+    (lead: the layer axis of scan-stacked adapters, or nothing)."""
+    n_lead = a.ndim + b.ndim - 2 - kernel_ndim
+    lead, ins, outs = a.shape[:n_lead], a.shape[n_lead:-1], b.shape[n_lead + 1:]
+    a2 = a.astype(jnp.float32).reshape(*lead, math.prod(ins), a.shape[-1])
+    b2 = b.astype(jnp.float32).reshape(*lead, b.shape[n_lead], math.prod(outs))
+    return jnp.matmul(a2, b2).reshape(*lead, *ins, *outs)

@@ -49,6 +49,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ from safetensors.numpy import save_file
 
 from jax_sft.errors import InputError, MissingFileError
 from jax_sft.models.config import ModelConfig, apply_overrides
-from jax_sft.models.decoder import CausalLM
+from jax_sft.models import lora as lora_lib
+from jax_sft.models.decoder import CausalLM, merge_lora
+from jax_sft.models.lora import LoraConfig, LoRAParam
 from jax_sft.models.sharding import param_shardings
 
 logger = logging.getLogger(__name__)
@@ -392,11 +395,13 @@ def from_pretrained(
     scan_layers: bool = False,
     max_segments: int = 64,
     hf_config_overrides: dict[str, Any] | None = None,
+    lora: LoraConfig | None = None,
 ) -> CausalLM:
     """Loads an HF checkpoint of a supported family (models.SUPPORTED_ARCHITECTURES); with `mesh`, each parameter is created
     directly in its sharding (sharding.LOGICAL_AXIS_RULES). `dtype` is the compute dtype;
     `attention`, `remat`, `scan_layers`, `max_segments` as `CausalLM` takes them;
-    `hf_config_overrides` merged into config.json (see `read_config`)."""
+    `hf_config_overrides` merged into config.json (see `read_config`). `lora`: adapters on
+    the projections it targets, initialised as `lora.initial_value` says (B = 0: the base model)."""
     model_dir = resolve_model_dir(name_or_path)
     config = read_config(model_dir, hf_config_overrides)
     gen_path = model_dir / "generation_config.json"
@@ -414,7 +419,7 @@ def from_pretrained(
         abstract = nnx.eval_shape(
             lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
                              remat=remat, scan_layers=scan_layers, max_segments=max_segments,
-                             rngs=nnx.Rngs(0), mesh=mesh)
+                             rngs=nnx.Rngs(0), mesh=mesh, lora=lora)
         )
         graphdef, abs_state = nnx.split(abstract)
         shardings = {}
@@ -422,7 +427,11 @@ def from_pretrained(
             shardings = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh))}
 
         plan = []  # (path, variable, hf names, layout), all checked before any data is read
+        adapters = []  # (path, variable): LoRA adapters, not in the checkpoint
         for path, var in nnx.to_flat_state(abs_state):
+            if isinstance(var, LoRAParam):
+                adapters.append((path, var))
+                continue
             names, layout = hf_names(config, path)
             inner_shape = tuple(var.shape[names.ndim:])
             for index in np.ndindex(names.shape):
@@ -466,6 +475,10 @@ def from_pretrained(
                 value = jax.device_put(read(tuple(slice(None) for _ in shape)))
             else:
                 value = jax.make_array_from_callback(shape, shardings[path], read)
+            filled.append((path, var.replace(value)))
+        for path, var in adapters:
+            init = partial(lora_lib.initial_value, lora, path, tuple(var.shape), config.num_layers)
+            value = jax.jit(init, out_shardings=shardings.get(path))()
             filled.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
@@ -557,6 +570,7 @@ def save_pretrained(
     overwrite, protected: which existing `out_dir` may be replaced (`export_target_problem`).
     """
     check_export_target(out_dir, overwrite=overwrite, protected=protected)
+    model = merge_lora(model)  # LoRA: the adapters folded into the weights
     config = model.config
     dtype_name = jnp.dtype(dtype or config.torch_dtype or model.param_dtype).name
     if dtype_name not in ("float32", "bfloat16", "float16"):

@@ -13,6 +13,8 @@ Every parameter of the decoder carries logical axis names in its `out_sharding` 
     mlp.router (MoE)                ("embed", "router")
     mlp.{gate,up}_proj (MoE)        ("expert", "embed", "expert_mlp")
     mlp.down_proj (MoE)             ("expert", "expert_mlp", "embed")
+    <projection>.lora.lora_a        (<the kernel's input axes>, "lora_rank")    LoRA (lora.py)
+    <projection>.lora.lora_b        ("lora_rank", <the kernel's output axes>)
 
 `LOGICAL_AXIS_RULES` below is the one place that maps them to the mesh axes ("data", "fsdp",
 "expert", "tensor"): FSDP shards the model dimension, tensor parallelism shards heads / mlp / vocab
@@ -48,6 +50,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
     ("router", None),
+    ("lora_rank", None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
