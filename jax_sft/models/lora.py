@@ -155,11 +155,25 @@ class LoraConfig:
 LORA_FILE = "lora.json"
 
 
-def base_reference(lora: LoraConfig, model_name: str, hf_config: dict[str, Any]) -> dict[str, Any]:
-    """What a LoRA checkpoint records about its base: the adapters' config, the base's name or
-    path (policy.model_name) and the SHA-256 of its config.json as jax_sft reads it (with
-    hf_config_overrides applied), so that resuming or exporting onto another base is refused."""
-    return {"lora": lora.to_dict(), "base": {"model_name": str(model_name), "config_sha256": config_hash(hf_config)}}
+def base_reference(lora: LoraConfig, model_name: str, hf_config: dict[str, Any],
+                   hf_config_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a LoRA checkpoint records about its base (extra file LORA_FILE): the adapters'
+    config, the base's name or path (policy.model_name), the hf_config_overrides it was built with
+    and the SHA-256 of its config as loaded (`CausalLM.config.to_hf_dict()`), so that resuming or
+    exporting onto another base is refused (`base_problem`)."""
+    return {"lora": lora.to_dict(), "base": {"model_name": str(model_name),
+                                             "hf_config_overrides": hf_config_overrides or {},
+                                             "config_sha256": config_hash(hf_config)}}
+
+
+def base_problem(reference: dict[str, Any], model_name: str, hf_config: dict[str, Any]) -> str | None:
+    """None when `hf_config` (of the base at `model_name`) is the one `reference` was trained on;
+    else one sentence saying what differs."""
+    if config_hash(hf_config) == reference["base"]["config_sha256"]:
+        return None
+    return (f"the base model {model_name} is not the one these LoRA adapters were trained on "
+            f"({reference['base']['model_name']}): its config.json differs (SHA-256 of the loaded config "
+            f"{config_hash(hf_config)[:12]}... != {reference['base']['config_sha256'][:12]}...)")
 
 
 def config_hash(hf_config: dict[str, Any]) -> str:
