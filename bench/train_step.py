@@ -16,6 +16,9 @@ clipping at 1.0. Every optimizer step sees ~32768 tokens:
                     tokens) packed first-fit decreasing into rows of 4096, one row per
                     micro-batch (train_mb_tokens 4096; jax_sft only)
   packed-4096-mb2   the same, two rows per micro-batch (an odd row count leaves one row empty)
+  padded-4096-lora  padded-4096 training LoRA adapters (rank 16, every linear layer incl. lm_head)
+                    on a frozen bf16 base (jax_sft only; its MFU counts full-training FLOPs, so
+                    read its tokens/s and peak memory)
 
 "padded" rows are full (no padding), so the padded cases give the dense-step ceiling that the
 packed case is measured against. jax_sft runs its real step functions (`jax_sft.step`): one
@@ -74,16 +77,18 @@ class Case:
     packed: bool = False
     scan: bool = False  # the trainer's default (policy.jax_cfg.scan_layers=false)
     loss_chunk: int | None = None  # None: --loss-chunk
+    lora: int = 0  # LoRA rank on every linear layer (alpha = 2 x rank), bf16 frozen base; 0: full
 
 
 def cases(tiny: bool) -> list[Case]:
     if tiny:
         return [Case("padded-1024", 64, 8, 4), Case("padded-4096", 128, 4, 2),
-                Case("packed-4096", 128, 56, 1, packed=True)]
+                Case("packed-4096", 128, 56, 1, packed=True), Case("padded-4096-lora", 128, 4, 2, lora=8)]
     return [Case("padded-1024", 1024, 32, 8), Case("padded-4096", 4096, 8, 2),
             Case("packed-4096", 4096, 56, 1, packed=True),
             Case("padded-1024-mb16", 1024, 32, 16, loss_chunk=512),
-            Case("packed-4096-mb2", 4096, 56, 2, packed=True)]
+            Case("packed-4096-mb2", 4096, 56, 2, packed=True),
+            Case("padded-4096-lora", 4096, 8, 2, lora=16)]
 
 
 # ----------------------------------------------------------------------------- batches
@@ -157,6 +162,7 @@ def jax_worker(case: Case, args) -> dict:
     from jax_sft.metrics import peak_flops_per_device, peak_memory_bytes, training_flops
     from jax_sft.models import CausalLM, sharding
     from jax_sft.models import attention as attention_lib
+    from jax_sft.models.lora import LoraConfig, LoRAParam
     from jax_sft.optim import make_optimizer
     from jax_sft.step import make_step_fns, opt_state_shardings
 
@@ -164,21 +170,23 @@ def jax_worker(case: Case, args) -> dict:
     cfg = flops_config(shape)
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, attention=args.attention,
-                     remat=args.remat, scan_layers=case.scan, max_segments=MAX_SEGMENTS,
-                     rngs=nnx.Rngs(0))
+    lora = LoraConfig(dim=case.lora, alpha=2 * case.lora, match_all_linear=True) if case.lora else None
+    model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16 if lora else jnp.float32,
+                     attention=args.attention, remat=args.remat, scan_layers=case.scan,
+                     max_segments=MAX_SEGMENTS, rngs=nnx.Rngs(0), lora=lora)
     kernel = model.describe_attention(case.packed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, frozen, rest = nnx.split(model, LoRAParam if lora else nnx.Param, nnx.Param, ...)
     del model
     shardings = sharding.param_shardings(params, mesh)
     params = jax.device_put(params, shardings)
+    frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
     opt = {"name": "torch.optim.AdamW", "kwargs": {**ADAMW, "betas": list(ADAMW["betas"])}}
     tx, schedule = make_optimizer(opt, None, 1.0)
     opt_shardings = opt_state_shardings(tx, params, shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     fns = make_step_fns(graphdef, rest, tx, schedule, mesh=mesh, param_shardings=shardings,
                         opt_shardings=opt_shardings, chunk_size=case.loss_chunk or args.loss_chunk,
-                        packed=case.packed)
+                        packed=case.packed, compute_dtype=jnp.bfloat16)
     batch_sharding = sharding.batch_sharding(mesh)
     jax.block_until_ready(opt_state)
     init_s = time.perf_counter() - t0
@@ -195,16 +203,20 @@ def jax_worker(case: Case, args) -> dict:
 
     t0 = time.perf_counter()
     acc = fns.init_accumulator(params)
-    micro_step = fns.micro_step.lower(params, acc, put(steps[0][0][0])).compile()
+    compute = fns.cast(params, frozen)
+    counter = jnp.zeros((2,), jnp.int32)
+    micro_step = fns.micro_step.lower(compute, acc, put(steps[0][0][0]), counter).compile()
     apply = fns.apply.lower(params, opt_state, acc, jnp.asarray(0, jnp.int32)).compile()
     compile_s = time.perf_counter() - t0
 
     times, flops, tokens, rows = [], [], [], []
     for i, (micro, lengths) in enumerate(steps):
         t0 = time.perf_counter()
+        compute = fns.cast(params, frozen)
         acc = fns.init_accumulator(params)
-        for mb in micro:
-            acc = micro_step(params, acc, put(mb))
+        for j, mb in enumerate(micro):
+            acc = micro_step(compute, acc, put(mb), jnp.asarray([i, j], jnp.int32))
+        del compute
         params, opt_state, metrics = apply(params, opt_state, acc, jnp.asarray(i, jnp.int32))
         loss = float(metrics["train/loss"])  # waits for the step
         if i >= args.warmup:
@@ -450,7 +462,8 @@ def main(argv=None) -> None:
     plan.append((["jax", "padded-1024-warm"], 30))
     if compile_ok:
         plan.append((["torch-compile", "padded-4096"], 110))
-    plan += [(["jax", c], 40) for c in ("padded-1024-mb16", "packed-4096-mb2") if c in all_cases]
+    plan += [(["jax", c], 40) for c in ("padded-1024-mb16", "packed-4096-mb2", "padded-4096-lora")
+             if c in all_cases]
     if args.xla_flags_variant:
         plan.append((["jax", "padded-4096", "flags"], 60))
     if args.scan:

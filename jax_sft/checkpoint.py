@@ -60,6 +60,11 @@ class IncompleteCheckpoint(InputError, ValueError):
     """A step_N folder asked for by name is not a complete, committed checkpoint."""
 
 
+class CheckpointMismatch(InputError, ValueError):
+    """checkpoint_dir holds a run that this config cannot continue (LoRA vs full fine-tuning,
+    another base model, other LoRA settings)."""
+
+
 class IncompleteCheckpointWarning(UserWarning):
     """A step_N folder under checkpoint_dir is incomplete and is skipped (never resumed)."""
 

@@ -219,19 +219,21 @@ class StopSignals:
         self._previous = {}
 
 
-def agree_to_stop(signum: int, *flags: bool) -> tuple[str | None, list[bool]]:
-    """Whether any process received a stop signal, and for each flag whether any process set it.
+def agree_to_stop(signum: int, *flags: bool, values: Sequence[int] = ()) -> tuple[str | None, list[bool], np.ndarray]:
+    """Whether any process received a stop signal, for each flag whether any process set it, and
+    every process's `values` ([process_count, len(values)] int64: e.g. its token count and its
+    next step's micro-batches, so that a step needs no second all-gather).
 
     One all-gather across processes (every process must call it at the same point of every
     step); in a single process it only reads its arguments. Returns (what was received, e.g.
     "SIGTERM received" or "SIGUSR1 received by process 1 of 2", or None; [flag set on some
-    process, ...]).
+    process, ...]; values).
     """
-    gathered = allgather_ints([signum, *flags])
+    gathered = allgather_ints([signum, *flags, *values])
     by = [i for i, s in enumerate(gathered[:, 0]) if s]
     said = None
     if by:
         said = f"{signal.Signals(int(gathered[by[0], 0])).name} received"
         if len(gathered) > 1:
             said += f" by process{'es' if len(by) > 1 else ''} {', '.join(map(str, by))} of {len(gathered)}"
-    return said, [bool(gathered[:, i + 1].any()) for i in range(len(flags))]
+    return said, [bool(gathered[:, i + 1].any()) for i in range(len(flags))], gathered[:, 1 + len(flags):]

@@ -11,6 +11,21 @@ whose loss or gradient norm is not finite leaves parameters and optimizer state 
 Batches are dicts of int32 arrays [rows, seq]: input_ids, targets, loss_mask, segment_ids,
 positions (see jax_sft.data).
 
+Parameters come in two states: `params`, the trainable ones (all `nnx.Param`s for full
+fine-tuning; the `LoRAParam` adapters for LoRA), which get gradients and optimizer state, and
+`frozen`, the rest (the LoRA base; empty for full fine-tuning), passed to every step as an
+argument (never baked into the compiled code) and never updated.
+
+The fixed cost per micro-batch is kept small: `cast` turns the fp32 master weights into the
+compute dtype once per step (`compute = fns.cast(params, frozen)`), and the micro-steps take that
+copy. Only the weights the model would cast anyway are cast (kernels, embeddings, biases, expert
+weights; RMSNorm weights and the lm_head adapter stay fp32, as the model uses them in fp32), so
+the forward values are the same as casting inside every micro-step; the gradients with respect to
+the compute copy are accumulated in fp32.
+
+LoRA dropout (`dropout_seed` not None): micro-batch m of step s draws its masks from
+fold_in(fold_in(key(seed), s), m), so a resumed run repeats them.
+
 Mixture-of-experts models: each micro-batch's router load-balancing loss (over its real tokens)
 is accumulated weighted by the micro-batch's loss tokens and logged as train/router_aux_loss; when
 the model's `router_aux_loss_coef` is non-zero, coef x that loss joins the objective the same way
@@ -51,24 +66,53 @@ jax.tree_util.register_dataclass(
 class StepFns:
     """The jitted functions of a run (see `make_step_fns`)."""
 
+    cast: Any  # (params, frozen) -> compute: the weights in the compute dtype, once per step (not jitted itself)
     init_accumulator: Any  # (params) -> Accumulator of zeros
-    micro_step: Any  # (params, acc, batch) -> acc            (acc donated)
+    micro_step: Any  # (compute, acc, batch, counter) -> acc   (acc donated; counter int32 [2]: step, micro)
     apply: Any  # (params, opt_state, acc, step) -> (params, opt_state, metrics)  (state donated)
-    eval_step: Any  # (params, batch) -> (nll_sum, num_tokens)
+    eval_step: Any  # (params, frozen, batch) -> (nll_sum, num_tokens)
+
+
+def _needs_cast(path: tuple, x: jax.Array, dtype) -> bool:
+    """Whether the compute copy of a weight is `x` cast to `dtype`: not when it already has that
+    dtype, nor for the weights the model uses in fp32 (RMSNorm weights; the lm_head adapter,
+    folded into the unembedding in fp32)."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    keep = "weight" in names[-2:] or "lm_head_lora" in names
+    return not keep and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype)
+
+
+def compute_caster(dtype):
+    """tree -> the same tree with the weights the model casts anyway in `dtype` (one jitted
+    cast of just those leaves; the others are passed through, not copied: a frozen bf16 base
+    costs no memory)."""
+    cast_all = jax.jit(lambda xs: [x.astype(dtype) for x in xs])
+
+    def cast(tree: Any) -> Any:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        leaves = [x for _, x in flat]
+        which = [i for i, (path, x) in enumerate(flat) if _needs_cast(path, x, dtype)]
+        if which:
+            for i, y in zip(which, cast_all([leaves[i] for i in which])):
+                leaves[i] = y
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return cast
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, packed: bool):
-    """(params, batch) -> (objective, (summed masked NLL, router aux loss)), fp32. The objective
-    is the NLL sum plus, for MoE models with a router_aux_loss_coef, coef x aux x loss tokens.
-    `rest` is the model's non-Param state."""
+    """(params, frozen, batch, dropout_key) -> (objective, (summed masked NLL, router aux loss)),
+    fp32. The objective is the NLL sum plus, for MoE models with a router_aux_loss_coef, coef x
+    aux x loss tokens. `rest` is the model's non-Param state."""
 
-    def loss_sum(params: nnx.State, batch: Batch):
-        model = nnx.merge(graphdef, params, rest)
+    def loss_sum(params: nnx.State, frozen: nnx.State, batch: Batch, dropout_key=None):
+        model = nnx.merge(graphdef, params, frozen, rest)
         hidden, aux = model.hidden_states_and_aux(
             batch["input_ids"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"] if packed else None,
             token_mask=batch["segment_ids"] > 0,
+            dropout_key=dropout_key,
         )
         nll = masked_nll_sum(
             hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk_size,
@@ -92,21 +136,36 @@ def make_step_fns(
     opt_shardings: Any,
     chunk_size: int,
     packed: bool,
+    compute_dtype=jnp.bfloat16,
     moe: bool = False,
+    dropout_seed: int | None = None,
+    cast_once: bool = True,
 ) -> StepFns:
-    """The jitted step functions; `moe`: the model has experts (train/router_aux_loss is logged)."""
+    """The jitted step functions. `graphdef` comes from nnx.split(model, <trainable filter>,
+    nnx.Param, ...) and `rest` is its third state; `moe`: the model has experts
+    (train/router_aux_loss is logged); `dropout_seed`: LoRA dropout (None: none); `cast_once`
+    False keeps fp32 weights in the micro-steps (the model casts them each time: for
+    benchmarks)."""
     loss_sum = make_loss_fn(graphdef, rest, chunk_size=chunk_size, packed=packed)
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     acc_shardings = Accumulator(param_shardings, replicated, replicated, replicated)
+    to_compute = compute_caster(compute_dtype if cast_once else jnp.float32)
+
+    def cast(params, frozen):
+        return to_compute(params), to_compute(frozen)
 
     def init_accumulator(params):
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zero = jnp.zeros((), jnp.float32)
         return Accumulator(zeros, zero, zero, zero)
 
-    def micro_step(params, acc: Accumulator, batch: Batch) -> Accumulator:
-        (_, (loss, aux)), grads = grad_fn(params, batch)
+    def micro_step(compute, acc: Accumulator, batch: Batch, counter: jax.Array) -> Accumulator:
+        params, frozen = compute
+        key = None
+        if dropout_seed is not None:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), counter[0]), counter[1])
+        (_, (loss, aux)), grads = grad_fn(params, frozen, batch, key)
         tokens = batch["loss_mask"].sum(dtype=jnp.float32)
         return Accumulator(
             jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc.grads, grads),
@@ -137,10 +196,11 @@ def make_step_fns(
             metrics["train/router_aux_loss"] = acc.aux_sum / denom
         return params, opt_state, metrics
 
-    def eval_step(params, batch: Batch):
-        return loss_sum(params, batch)[1][0], batch["loss_mask"].sum(dtype=jnp.float32)
+    def eval_step(params, frozen, batch: Batch):
+        return loss_sum(params, frozen, batch)[1][0], batch["loss_mask"].sum(dtype=jnp.float32)
 
     return StepFns(
+        cast=cast,
         init_accumulator=jax.jit(init_accumulator, out_shardings=acc_shardings),
         micro_step=jax.jit(micro_step, donate_argnums=(1,), out_shardings=acc_shardings),
         apply=jax.jit(

@@ -136,22 +136,14 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in BATCH_KEYS}
 
 
-def agree_micro_batches(batch: Any, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """The step's micro-batches, padded to the most any process has (packing varies the count)."""
-    from jax_sft.data import pad_micro_batches
-
-    most = int(distributed.allgather_ints([batch.num_micro_batches]).max())
-    return pad_micro_batches(batch, most, pad_id).micro_batches
-
-
 def segment_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """Lengths of the real (segment id > 0) sequences in a [rows, seq] batch."""
-    seg = np.asarray(batch["segment_ids"])
-    lengths = []
-    for row in seg:
-        ids, counts = np.unique(row[row > 0], return_counts=True)
-        lengths.extend(counts.tolist())
-    return np.asarray(lengths, np.int64)
+    """Lengths of the real (segment id > 0) sequences in a [rows, seq] batch, row by row in
+    segment order."""
+    seg = np.asarray(batch["segment_ids"]).astype(np.int64)
+    width = int(seg.max(initial=0)) + 1
+    keys = (np.arange(seg.shape[0])[:, None] * width + seg)[seg > 0]
+    counts = np.bincount(keys, minlength=seg.shape[0] * width)
+    return counts[counts > 0].astype(np.int64)
 
 
 def sharding_table(params: Any) -> str:
@@ -212,24 +204,94 @@ def hold_run_lock(directory: Path) -> Iterator[Any]:
             lock.release()
 
 
+@dataclasses.dataclass
+class _Run:
+    """Everything a run sets up before its first step (`_setup`) and the state the loop moves."""
+
+    cfg: Any
+    mesh: Any
+    devices: list
+    tokenizer: Any
+    sft_data: Any
+    model_cfg: Any
+    lora: Any  # models.lora.LoraConfig, or None for full fine-tuning
+    graphdef: Any
+    params: Any  # trainable: every Param (full fine-tuning) or the LoRA adapters
+    frozen: Any  # the frozen base (LoRA), empty otherwise
+    rest: Any
+    opt_state: Any
+    fns: Any
+    batch_sharding: Any
+    total_steps: int
+    packed: bool
+    check_rows: bool  # cuDNN's packed layout: segments per row checked per micro-batch
+    attention_line: str
+    ckpt: Any = None
+    lock: Any = None
+    train_iter: Any = None
+    resumed_from: int | None = None
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.params, self.frozen, self.rest)
+
+
 def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.ExitStack) -> RunResult:
+    from jax_sft.metrics import MetricsLogger
+
+    start_time = time.time()
+    r = _setup(cfg, stack)
+    if r.resumed_from is not None and r.resumed_from >= r.total_steps:
+        return _finished_already(r.ckpt, r.resumed_from, r.total_steps)
+    run_dir = next_run_dir(Path(cfg.logger.log_dir))
+    logger = MetricsLogger(cfg.logger, run_dir, total_steps=r.total_steps, initial_step=r.step)
+    _log_start(r, logger, run_dir)
+    loop = _Loop(r, logger, stop_signals, start_time)
+    try:
+        loop.train()
+    finally:
+        if r.ckpt:
+            r.ckpt.close()
+        logger.close()
+    if loop.diverged:
+        raise _diverged(*loop.diverged, r.ckpt.dir if r.ckpt else None)
+    export_dir = None
+    if cfg.checkpointing.get("hf_export_dir") and not loop.exit_code:  # a preempted run is unfinished
+        from jax_sft import models
+
+        export_dir = Path(cfg.checkpointing.hf_export_dir)
+        # LoRA: the adapters are merged into the weights (jax_sft.export also writes PEFT folders).
+        models.save_pretrained(r.model(), export_dir, tokenizer=r.tokenizer, protected=_protected(cfg))
+    return RunResult(
+        run_dir=run_dir,
+        checkpoint_dir=r.ckpt.dir if r.ckpt else None,
+        export_dir=export_dir,
+        final_step=r.step,
+        train_losses=loop.train_losses,
+        val_losses=loop.val_losses,
+        compilations={f.name: getattr(r.fns, f.name)._cache_size() for f in dataclasses.fields(r.fns)
+                      if hasattr(getattr(r.fns, f.name), "_cache_size")},
+        stopped_early=loop.stopped_early,
+        exit_code=loop.exit_code,
+    )
+
+
+def _setup(cfg: Any, stack: contextlib.ExitStack) -> _Run:
+    """Devices, checks, lock, data, model, optimizer, step functions, and the resumed state."""
     # Imports that touch JAX devices come after distributed.initialize (see main).
     from jax_sft import data as data_lib
     from jax_sft import models
-    from jax_sft.checkpoint import Checkpointer
-    from jax_sft.export import model_files
-    from jax_sft.metrics import MetricsLogger, peak_flops_per_device, peak_memory_bytes, training_flops
-    from jax_sft.models import attention as attention_lib
     from jax_sft.models import sharding as sharding_lib
     from jax_sft.models.hf_io import resolve_model_dir
+    from jax_sft.models.lora import LoRAParam
     from jax_sft.optim import optimizer_from_config
     from jax_sft.step import make_step_fns, opt_state_shardings
 
-    start_time = time.time()
     p, jc, s = cfg.policy, cfg.policy.jax_cfg, cfg.sft
     if jc.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(jc.compilation_cache_dir))
-
     devices = distributed.select_devices(cfg.cluster)
     mesh = sharding_lib.make_mesh(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, devices=devices,
                                   expert=jc.mesh.expert)
@@ -245,23 +307,17 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.Exit
     tokenizer = data_lib.load_tokenizer(cfg)
     sft_data = data_lib.SFTData(cfg, tokenizer, dp_size=dp_size, dp_ranks=sharding_lib.local_dp_ranks(mesh))
     packed = bool(p.sequence_packing.enabled)
-
+    lora = config_lib.lora_config(cfg)
+    compute_dtype = PRECISIONS[p.precision]
     model = models.from_pretrained(
-        model_dir,
-        dtype=PRECISIONS[p.precision],
-        param_dtype=jnp.float32 if p.precision == "bfloat16" else PRECISIONS[p.precision],
-        mesh=mesh,
-        attention=jc.attention,
-        remat=jc.remat,
-        scan_layers=jc.scan_layers,
-        max_segments=jc.max_segments_per_row,
-        hf_config_overrides=hf_overrides,
+        model_dir, dtype=compute_dtype, param_dtype=PRECISIONS[jc.param_dtype], mesh=mesh,
+        attention=jc.attention, remat=jc.remat, scan_layers=jc.scan_layers,
+        max_segments=jc.max_segments_per_row, hf_config_overrides=hf_overrides, lora=lora,
     )
     model_cfg = model.config
     attention_line = model.describe_attention(packed)
-    # cuDNN's packed layout takes a static bound on segments per row: checked per micro-batch.
     check_rows = packed and "cudnn" in model.attention_kernel(packed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, frozen, rest = nnx.split(model, LoRAParam if lora else nnx.Param, nnx.Param, ...)
     del model
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     total_steps = min(s.max_num_epochs * sft_data.steps_per_epoch, s.max_num_steps)
@@ -271,187 +327,286 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.Exit
     fns = make_step_fns(
         graphdef, rest, tx, schedule,
         mesh=mesh, param_shardings=param_shardings, opt_shardings=opt_shardings,
-        chunk_size=jc.loss_chunk_size, packed=packed, moe=model_cfg.num_experts > 0,
+        chunk_size=jc.loss_chunk_size, packed=packed, compute_dtype=compute_dtype,
+        moe=model_cfg.num_experts > 0,
+        dropout_seed=s.seed if lora is not None and lora.dropout > 0 else None,
     )
-    batch_sharding = sharding_lib.batch_sharding(mesh)
+    r = _Run(cfg=cfg, mesh=mesh, devices=devices, tokenizer=tokenizer, sft_data=sft_data,
+             model_cfg=model_cfg, lora=lora, graphdef=graphdef, params=params, frozen=frozen, rest=rest,
+             opt_state=opt_state, fns=fns, batch_sharding=sharding_lib.batch_sharding(mesh),
+             total_steps=total_steps, packed=packed, check_rows=check_rows, attention_line=attention_line,
+             lock=lock, train_iter=sft_data.train_iterator())
+    if cfg.checkpointing.enabled:
+        _resume(r, param_shardings, opt_shardings)
+    return r
 
-    # Resume.
-    ckpt = Checkpointer(cfg.checkpointing) if cfg.checkpointing.enabled else None
-    train_iter = sft_data.train_iterator()
-    step, epoch, consumed = 0, 0, 0
-    resumed_from = ckpt.latest_step() if ckpt else None
-    if resumed_from is not None and resumed_from >= total_steps:
-        return _finished_already(ckpt, resumed_from, total_steps)
-    if resumed_from is not None:
-        params, restored_opt, info, data_state = ckpt.restore(
-            resumed_from,
-            abstract_params=_abstract(params, param_shardings),
-            abstract_opt_state=_abstract(opt_state, opt_shardings),
+
+def _resume(r: _Run, param_shardings: Any, opt_shardings: Any) -> None:
+    """Opens checkpoint_dir; when it has a step (below the last), restores params, optimizer and
+    data state into `r`. A LoRA checkpoint must match the run's base model and LoRA settings."""
+    from jax_sft.checkpoint import Checkpointer
+
+    r.ckpt = Checkpointer(r.cfg.checkpointing)
+    r.resumed_from = r.ckpt.latest_step()
+    if r.resumed_from is None or r.resumed_from >= r.total_steps:
+        return
+    _check_lora_checkpoint(r, r.ckpt.step_dir(r.resumed_from))
+    params, restored_opt, info, data_state = r.ckpt.restore(
+        r.resumed_from,
+        abstract_params=_abstract(r.params, param_shardings),
+        abstract_opt_state=_abstract(r.opt_state, opt_shardings),
+    )
+    if restored_opt is None:
+        raise RuntimeError(
+            f"{r.ckpt.step_dir(r.resumed_from)} has no optimizer state (save_optimizer was false); "
+            "resuming would reset AdamW's moments. Point checkpointing.checkpoint_dir elsewhere "
+            "to start a new run from exported weights instead"
         )
-        if restored_opt is None:
-            raise RuntimeError(
-                f"{ckpt.step_dir(resumed_from)} has no optimizer state (save_optimizer was false); "
-                "resuming would reset AdamW's moments. Point checkpointing.checkpoint_dir elsewhere "
-                "to start a new run from exported weights instead"
-            )
-        opt_state = restored_opt
-        train_iter.set_state(data_state)
-        step, epoch, consumed = info["step"], info["epoch"], info["consumed_samples"]
+    r.params, r.opt_state = params, restored_opt
+    r.train_iter.set_state(data_state)
+    r.step, r.epoch, r.consumed = info["step"], info["epoch"], info["consumed_samples"]
 
-    run_dir = next_run_dir(Path(cfg.logger.log_dir))
-    logger = MetricsLogger(cfg.logger, run_dir, total_steps=total_steps, initial_step=step)
-    config_yaml = config_lib.to_yaml(cfg)
+
+def _check_lora_checkpoint(r: _Run, step_dir: Path) -> None:
+    """Refuses to resume LoRA adapters onto another base or with other LoRA settings, and to mix
+    LoRA and full fine-tuning checkpoints."""
+    import json
+
+    from jax_sft.checkpoint import CheckpointMismatch
+    from jax_sft.models.lora import LORA_FILE, base_problem
+
+    saved = step_dir / "extra" / LORA_FILE
+    if (r.lora is not None) != saved.is_file():
+        kind = lambda lora: "LoRA adapters" if lora else "a full fine-tune"  # noqa: E731
+        raise CheckpointMismatch(f"{step_dir} holds {kind(saved.is_file())} but this run trains {kind(r.lora)}; "
+                              "point checkpointing.checkpoint_dir elsewhere or set the LoRA keys as that run had them")
+    if r.lora is None:
+        return
+    reference = json.loads(saved.read_text())
+    problem = base_problem(reference, r.cfg.policy.model_name, r.model_cfg.to_hf_dict())
+    if problem:
+        raise CheckpointMismatch(f"{step_dir}: {problem}; resume with that policy.model_name or point "
+                              "checkpointing.checkpoint_dir elsewhere")
+    if reference["lora"] != r.lora.to_dict():
+        raise CheckpointMismatch(f"{step_dir}: its LoRA settings {reference['lora']} differ from this run's "
+                              f"{r.lora.to_dict()}; resume with the same settings")
+
+
+def _log_start(r: _Run, logger: Any, run_dir: Path) -> None:
+    from jax_sft.models import sharding as sharding_lib
+
+    config_yaml = config_lib.to_yaml(r.cfg)
     if jax.process_index() == 0:
-        config_lib.save_config(cfg, run_dir / "config.yaml")
+        config_lib.save_config(r.cfg, run_dir / "config.yaml")
         logger.write(f"config:\n{config_yaml}")
-        logger.write(f"mesh: {sharding_lib.describe_mesh(mesh)} over {len(devices)} {devices[0].platform} devices "
-                     f"({jax.process_count()} processes)")
-        logger.write(sharding_table(params))
-        logger.write(attention_line)
-        if resumed_from is not None:
-            logger.write(f"resumed from {ckpt.step_dir(resumed_from)} (step {step}, epoch {epoch})")
-        logger.write("data: " + ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in sft_data.stats.items()))
-    logger.log_config(cfg.to_dict())
+        logger.write(f"mesh: {sharding_lib.describe_mesh(r.mesh)} over {len(r.devices)} {r.devices[0].platform} "
+                     f"devices ({jax.process_count()} processes)")
+        logger.write(sharding_table({"trainable": r.params, "frozen": r.frozen} if r.lora else r.params))
+        logger.write(memory_line(r.params, r.frozen, r.opt_state, r.cfg.policy.precision))
+        logger.write(r.attention_line)
+        if r.resumed_from is not None:
+            logger.write(f"resumed from {r.ckpt.step_dir(r.resumed_from)} (step {r.step}, epoch {r.epoch})")
+        logger.write("data: " + ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in r.sft_data.stats.items()))
+    logger.log_config(r.cfg.to_dict())
 
-    peak = peak_flops_per_device(devices[0], p.precision)
-    deadline = parse_deadline(cfg.checkpointing.checkpoint_must_save_by)
-    extra_files = {**_extra_files(config_yaml, tokenizer), **model_files(model_cfg)} if ckpt else {}
-    train_losses: dict[int, float] = {}
-    val_losses: dict[int, float] = {}
-    last_val: dict[str, float] = {}
 
-    def validate() -> float:
-        if sft_data.num_val_examples == 0:  # no validation data: skipped, as NeMo RL does
+def memory_line(params: Any, frozen: Any, opt_state: Any, precision: str) -> str:
+    """One log line: trainable / total parameters and the bytes of weights, gradients (the fp32
+    accumulator), optimizer state and the per-step compute copy, over all devices."""
+    from jax_sft.step import _needs_cast
+
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    trainable, total = count(params), count(params) + count(frozen)
+    dtype = PRECISIONS[precision]
+    copy = sum(x.size * jnp.dtype(dtype).itemsize
+               for tree in (params, frozen)
+               for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if _needs_cast(path, x, dtype))
+    gib = lambda b: f"{b / 2**30:.3f} GiB"  # noqa: E731
+    return (f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%); "
+            f"memory (all devices): weights {gib(nbytes(params) + nbytes(frozen))}, gradients "
+            f"{gib(4 * trainable)}, optimizer state {gib(nbytes(opt_state))}, {precision} compute copy {gib(copy)}")
+
+
+class _Loop:
+    """The step loop of a set-up run: one optimizer step per global batch, validation every
+    sft.val_period steps, checkpoints, and stopping (signals, deadline, a lost lock, divergence).
+
+    Each step needs one all-gather between processes (`distributed.agree_to_stop`): after the
+    step it carries the stop signals and flags, this process's real tokens, and the number of
+    micro-batches of the next batch (drawn before it; the data state saved with a checkpoint is
+    taken before that draw)."""
+
+    def __init__(self, r: _Run, logger: Any, stop_signals: distributed.StopSignals, start_time: float):
+        from jax_sft.export import model_files
+        from jax_sft.metrics import peak_flops_per_device
+
+        self.r, self.logger, self.stop_signals, self.start_time = r, logger, stop_signals, start_time
+        cfg = r.cfg
+        self.deadline = parse_deadline(cfg.checkpointing.checkpoint_must_save_by)
+        self.peak = peak_flops_per_device(r.devices[0], cfg.policy.precision)
+        self.extra_files = {}
+        if r.ckpt:
+            self.extra_files = {**_extra_files(config_lib.to_yaml(cfg), r.tokenizer), **model_files(r.model_cfg)}
+            if r.lora is not None:
+                import json
+
+                from jax_sft.models.lora import LORA_FILE, base_reference
+
+                ref = base_reference(r.lora, cfg.policy.model_name, r.model_cfg.to_hf_dict(),
+                                     _plain(cfg.policy.hf_config_overrides))
+                self.extra_files[LORA_FILE] = json.dumps(ref, indent=2).encode()
+        self.train_losses: dict[int, float] = {}
+        self.val_losses: dict[int, float] = {}
+        self.last_val: dict[str, float] = {}
+        self.stopped_early: str | None = None
+        self.exit_code = 0
+        self.diverged: tuple[int, dict[str, float]] | None = None
+
+    def train(self) -> None:
+        r, s = self.r, self.r.cfg.sft
+        if s.val_at_start and r.resumed_from is None:
+            self.validate()
+        t0 = time.time()
+        batch = next(r.train_iter) if r.step < r.total_steps else None
+        t_data = time.time() - t0
+        said, _, counts = distributed.agree_to_stop(self.stop_signals.signum,
+                                                    values=[batch.num_micro_batches if batch else 0])
+        if said:  # nothing trained since the last checkpoint: nothing to save
+            self.stopped_early, self.exit_code = said, distributed.PREEMPTED_EXIT_CODE
+            self.logger.write(f"{said} before the first step; stopping (exit code {self.exit_code})")
+            return
+        while r.step < r.total_steps:
+            t_step = time.time()
+            metrics, lengths = self.step(batch, int(counts[:, 0].max()))
+            if metrics is None:
+                return
+            r.step, r.epoch = r.step + 1, batch.epoch
+            r.consumed += r.cfg.policy.train_global_batch_size
+            elapsed = time.time() - t_step + t_data
+            data_state = r.train_iter.get_state()  # before the next batch is drawn
+            last = r.step == r.total_steps
+            t0 = time.time()
+            batch = None if last else next(r.train_iter)
+            t_data = time.time() - t0
+            past_deadline = self.deadline is not None and time.time() - self.start_time + elapsed >= self.deadline
+            lock_lost = bool(r.lock is not None and r.lock.lost)
+            # Every process decides alike (a signal may reach only some; clocks differ).
+            said, (past_deadline, lock_lost), counts = distributed.agree_to_stop(
+                self.stop_signals.signum, past_deadline, lock_lost,
+                values=[int(lengths.sum()), batch.num_micro_batches if batch else 0])
+            self.log_step(metrics, lengths, int(counts[:, 0].sum()), elapsed, t_data, last)
+            if self.stop_after_step(said, past_deadline, lock_lost, last, data_state):
+                return
+            counts = counts[:, 1:]
+
+    def step(self, batch: Any, micro_batches: int) -> tuple[dict[str, float] | None, np.ndarray]:
+        """One optimizer step over `batch` padded to `micro_batches` micro-batches; -> (metrics,
+        this process's sequence lengths); metrics None when the step was not finite."""
+        from jax_sft.data import pad_micro_batches
+        from jax_sft.models import attention as attention_lib
+
+        r = self.r
+        jc = r.cfg.policy.jax_cfg
+        compute = r.fns.cast(r.params, r.frozen)  # the compute-dtype weights, once per step
+        acc = r.fns.init_accumulator(r.params)
+        lengths = []
+        for i, mb in enumerate(pad_micro_batches(batch, micro_batches, r.sft_data.layout.pad_id).micro_batches):
+            if r.check_rows:
+                attention_lib.check_packed_rows(mb["segment_ids"], jc.max_segments_per_row)
+            acc = r.fns.micro_step(compute, acc, to_global(mb, r.batch_sharding), jnp.asarray([r.step, i], jnp.int32))
+            lengths.append(segment_lengths(mb))
+        del compute
+        r.params, r.opt_state, metrics = r.fns.apply(r.params, r.opt_state, acc, jnp.asarray(r.step, jnp.int32))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
+            self.diverged = (r.step + 1, metrics)  # `apply` left params and optimizer state as they were
+            return None, np.zeros(0, np.int64)
+        return metrics, np.concatenate(lengths)
+
+    def log_step(self, metrics: dict[str, float], lengths: np.ndarray, global_valid: int, elapsed: float,
+                 t_data: float, last: bool) -> None:
+        from jax_sft.metrics import peak_memory_bytes, training_flops
+
+        r, s = self.r, self.r.cfg.sft
+        n_dev = len(r.devices)
+        metrics.update({
+            "train/global_valid_seqs": float(r.cfg.policy.train_global_batch_size),
+            "train/global_valid_toks": float(global_valid),
+            "timing/train/total_step_time": elapsed,
+            "timing/train/data_processing": t_data,
+            "timing/train/tokens_per_sec": global_valid / elapsed,
+            "timing/train/valid_tokens_per_sec_per_gpu": global_valid / elapsed / n_dev,
+        })
+        if self.peak is not None:
+            metrics["train/mfu"] = training_flops(r.model_cfg, lengths) / elapsed / (self.peak * len(jax.local_devices()))
+        peak_mem = peak_memory_bytes()
+        if peak_mem is not None:
+            metrics["memory/peak_bytes"] = float(peak_mem)
+        self.train_losses[r.step] = metrics["train/loss"]
+        if (s.val_period > 0 and r.step % s.val_period == 0) or (last and s.val_at_end):
+            self.validate()
+        self.logger.log(metrics, r.step)
+        self.logger.progress(r.step, {**metrics, **{f"validation/{k[4:]}": v for k, v in self.last_val.items()}})
+
+    def stop_after_step(self, said: str | None, past_deadline: bool, lock_lost: bool, last: bool,
+                        data_state: Any) -> bool:
+        """Saves when due; -> whether the run stops here (besides having run its last step)."""
+        r, cc = self.r, self.r.cfg.checkpointing
+        if lock_lost:
+            from jax_sft.run_lock import RunLocked
+
+            raise RunLocked(f"another run took over the lock of {cc.checkpoint_dir} (this run's heartbeat "
+                            f"looked stale); stopping at step {r.step} without saving, so as not to "
+                            "overwrite its checkpoints")
+        if r.ckpt and (r.step % cc.save_period == 0 or last or past_deadline or said):
+            self.save(data_state)
+        if said and not last:
+            self.stopped_early, self.exit_code = said, distributed.PREEMPTED_EXIT_CODE
+            saved = f"saved step_{r.step}; a rerun resumes from it" if r.ckpt else "checkpointing is disabled"
+            self.logger.write(f"step {r.step}: {said}; {saved}; stopping with exit code {self.exit_code}")
+            return True
+        if past_deadline and not last:
+            self.stopped_early = f"checkpoint_must_save_by={cc.checkpoint_must_save_by} reached"
+            self.logger.write(f"step {r.step}: {self.stopped_early}; saved and stopping")
+            return True
+        return False
+
+    def save(self, data_state: Any) -> None:
+        r = self.r
+        r.ckpt.save(
+            r.step,
+            params=r.params,  # LoRA: the adapters only (lora.json names the base)
+            opt_state=r.opt_state,
+            train_info={"step": r.step, "epoch": r.epoch, "consumed_samples": r.consumed, **self.last_val},
+            data_state=data_state,
+            extra_files=self.extra_files,
+            metrics=dict(self.last_val),
+        )
+
+    def validate(self) -> float:
+        from jax_sft.models import attention as attention_lib
+
+        r, jc = self.r, self.r.cfg.policy.jax_cfg
+        if r.sft_data.num_val_examples == 0:  # no validation data: skipped, as NeMo RL does
             return float("nan")
         t0 = time.time()
         nll, tokens = 0.0, 0.0
-        for mb in sft_data.val_batches():
-            if check_rows:
+        for mb in r.sft_data.val_batches():
+            if r.check_rows:
                 attention_lib.check_packed_rows(mb["segment_ids"], jc.max_segments_per_row)
-            n, t = fns.eval_step(params, to_global(mb, batch_sharding))
+            n, t = r.fns.eval_step(r.params, r.frozen, to_global(mb, r.batch_sharding))
             nll, tokens = nll + float(n), tokens + float(t)
         val_loss = nll / max(tokens, 1.0)
         metrics = {"validation/val_loss": val_loss, "timing/validation/total_validation_time": time.time() - t0}
-        logger.log(metrics, step)
-        logger.write(f"step {step}: val_loss {val_loss:.4f} over {int(tokens)} tokens")
-        if cfg.logger.num_val_samples_to_print:
-            _val_samples(cfg, nnx.merge(graphdef, params, rest), tokenizer, mesh, sft_data, logger, step)
-        val_losses[step] = val_loss
-        last_val.clear()
-        last_val.update({"val:val_loss": val_loss})
+        self.logger.log(metrics, r.step)
+        self.logger.write(f"step {r.step}: val_loss {val_loss:.4f} over {int(tokens)} tokens")
+        if r.cfg.logger.num_val_samples_to_print:
+            _val_samples(r.cfg, r.model(), r.tokenizer, r.mesh, r.sft_data, self.logger, r.step)
+        self.val_losses[r.step] = val_loss
+        self.last_val.clear()
+        self.last_val.update({"val:val_loss": val_loss})
         return val_loss
-
-    def save() -> None:
-        ckpt.save(
-            step,
-            params=params,
-            opt_state=opt_state,
-            train_info={"step": step, "epoch": epoch, "consumed_samples": consumed, **last_val},
-            data_state=train_iter.get_state(),
-            extra_files=extra_files,
-            metrics=dict(last_val),
-        )
-
-    stopped_early, exit_code, diverged = None, 0, None
-    try:
-        if s.val_at_start and resumed_from is None:
-            validate()
-        iterator: Iterator = train_iter
-        early_signal, _ = distributed.agree_to_stop(stop_signals.signum)
-        if early_signal:  # nothing trained since the last checkpoint: nothing to save
-            stopped_early, exit_code = early_signal, distributed.PREEMPTED_EXIT_CODE
-            logger.write(f"{stopped_early} before the first step; stopping (exit code {exit_code})")
-        while step < total_steps and not exit_code:
-            t_step = time.time()
-            batch = next(iterator)
-            micro_batches = agree_micro_batches(batch, sft_data.layout.pad_id)
-            t_data = time.time() - t_step
-            acc = fns.init_accumulator(params)
-            lengths = []
-            for mb in micro_batches:
-                if check_rows:
-                    attention_lib.check_packed_rows(mb["segment_ids"], jc.max_segments_per_row)
-                acc = fns.micro_step(params, acc, to_global(mb, batch_sharding))
-                lengths.append(segment_lengths(mb))
-            lengths = np.concatenate(lengths)
-            valid = int(lengths.sum())  # this process's real (non-padding) tokens
-            params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(step, jnp.int32))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
-                diverged = (step + 1, metrics)  # `apply` left params and optimizer state as they were
-                break
-            step += 1
-            epoch = batch.epoch
-            consumed += p.train_global_batch_size
-            elapsed = time.time() - t_step
-            n_dev = len(devices)
-            global_valid = int(distributed.allgather_ints([valid]).sum())
-            metrics.update({
-                "train/global_valid_seqs": float(p.train_global_batch_size),
-                "train/global_valid_toks": float(global_valid),
-                "timing/train/total_step_time": elapsed,
-                "timing/train/data_processing": t_data,
-                "timing/train/tokens_per_sec": global_valid / elapsed,
-                "timing/train/valid_tokens_per_sec_per_gpu": global_valid / elapsed / n_dev,
-            })
-            if peak is not None:
-                local_flops = training_flops(model_cfg, lengths)
-                metrics["train/mfu"] = local_flops / elapsed / (peak * len(jax.local_devices()))
-            peak_mem = peak_memory_bytes()
-            if peak_mem is not None:
-                metrics["memory/peak_bytes"] = float(peak_mem)
-            train_losses[step] = metrics["train/loss"]
-            last = step == total_steps
-            if (s.val_period > 0 and step % s.val_period == 0) or (last and s.val_at_end):
-                validate()
-            logger.log(metrics, step)
-            logger.progress(step, {**metrics, **{f"validation/{k[4:]}": v for k, v in last_val.items()}})
-            past_deadline = deadline is not None and time.time() - start_time + elapsed >= deadline
-            # Every process decides alike (a signal may reach only some; clocks differ).
-            lock_lost = bool(lock is not None and lock.lost)
-            stop_signal, (past_deadline, lock_lost) = distributed.agree_to_stop(
-                stop_signals.signum, past_deadline, lock_lost)
-            if lock_lost:
-                from jax_sft.run_lock import RunLocked
-
-                raise RunLocked(f"another run took over the lock of {cfg.checkpointing.checkpoint_dir} "
-                                f"(this run's heartbeat looked stale); stopping at step {step} without "
-                                "saving, so as not to overwrite its checkpoints")
-            if ckpt and (step % cfg.checkpointing.save_period == 0 or last or past_deadline or stop_signal):
-                save()
-            if stop_signal and not last:
-                stopped_early, exit_code = stop_signal, distributed.PREEMPTED_EXIT_CODE
-                saved = f"saved step_{step}; a rerun resumes from it" if ckpt else "checkpointing is disabled"
-                logger.write(f"step {step}: {stopped_early}; {saved}; stopping with exit code {exit_code}")
-                break
-            if past_deadline and not last:
-                stopped_early = f"checkpoint_must_save_by={cfg.checkpointing.checkpoint_must_save_by} reached"
-                logger.write(f"step {step}: {stopped_early}; saved and stopping")
-                break
-    finally:
-        if ckpt:
-            ckpt.close()
-        logger.close()
-    if diverged:
-        raise _diverged(*diverged, ckpt.dir if ckpt else None)
-
-    export_dir = None
-    if cfg.checkpointing.get("hf_export_dir") and not exit_code:  # a preempted run is unfinished
-        export_dir = Path(cfg.checkpointing.hf_export_dir)
-        models.save_pretrained(nnx.merge(graphdef, params, rest), export_dir, tokenizer=tokenizer,
-                               protected=_protected(cfg))
-    result = RunResult(
-        run_dir=run_dir,
-        checkpoint_dir=ckpt.dir if ckpt else None,
-        export_dir=export_dir,
-        final_step=step,
-        train_losses=train_losses,
-        val_losses=val_losses,
-        compilations={f.name: getattr(fns, f.name)._cache_size() for f in dataclasses.fields(fns)},
-        stopped_early=stopped_early,
-        exit_code=exit_code,
-    )
-    return result
 
 
 def _val_samples(cfg: Any, model: Any, tokenizer: Any, mesh: Any, sft_data: Any, logger: Any, step: int) -> None:

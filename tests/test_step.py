@@ -33,35 +33,46 @@ def rows(n: int, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     return dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=mask, segment_ids=seg, positions=pos)
 
 
-def setup(devices):
+def setup(devices, dtype=jnp.float32, **step_kwargs):
+    """(fns, params, frozen, opt_state, batch sharding) of a tiny Llama, all parameters trainable
+    (frozen is empty)."""
     mesh = sharding.make_mesh(1, len(devices), 1, devices=devices)
-    model = CausalLM(ModelConfig.from_hf_dict(HF), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model = CausalLM(ModelConfig.from_hf_dict(HF), dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params, frozen, rest = nnx.split(model, nnx.Param, nnx.Param, ...)
     shardings = sharding.param_shardings(params, mesh)
     params = jax.device_put(params, shardings)
     tx, schedule = make_optimizer(OPT, None, 1.0)
     opt_shardings = opt_state_shardings(tx, params, shardings, mesh)
     fns = make_step_fns(graphdef, rest, tx, schedule, mesh=mesh, param_shardings=shardings,
-                        opt_shardings=opt_shardings, chunk_size=8, packed=True)
+                        opt_shardings=opt_shardings, chunk_size=8, packed=True, compute_dtype=dtype,
+                        **step_kwargs)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    return fns, params, opt_state, sharding.batch_sharding(mesh)
+    return fns, params, frozen, opt_state, sharding.batch_sharding(mesh)
 
 
-def one_step(fns, params, opt_state, batch_sharding, micro_batches):
+def micro_steps(fns, params, frozen, batch_sharding, micro_batches, step=0):
+    """The step's accumulator: the weights cast once, then one micro-step per micro-batch."""
+    compute = fns.cast(params, frozen)
     acc = fns.init_accumulator(params)
-    for mb in micro_batches:
-        acc = fns.micro_step(params, acc, {k: jax.device_put(v, batch_sharding) for k, v in mb.items()})
+    for i, mb in enumerate(micro_batches):
+        batch = {k: jax.device_put(v, batch_sharding) for k, v in mb.items()}
+        acc = fns.micro_step(compute, acc, batch, jnp.asarray([step, i], jnp.int32))
+    return acc
+
+
+def one_step(fns, params, frozen, opt_state, batch_sharding, micro_batches):
+    acc = micro_steps(fns, params, frozen, batch_sharding, micro_batches)
     return fns.apply(params, opt_state, acc, jnp.asarray(0))
 
 
 def test_one_micro_batch_of_8_equals_four_of_2():
     batch = rows(8)
     with jax.default_matmul_precision("highest"):
-        fns, params, opt_state, bs = setup(jax.devices()[:1])
-        p1, _, m1 = one_step(fns, params, opt_state, bs, [batch])
-        fns, params, opt_state, bs = setup(jax.devices()[:1])
+        fns, params, frozen, opt_state, bs = setup(jax.devices()[:1])
+        p1, _, m1 = one_step(fns, params, frozen, opt_state, bs, [batch])
+        fns, params, frozen, opt_state, bs = setup(jax.devices()[:1])
         split = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
-        p4, _, m4 = one_step(fns, params, opt_state, bs, split)
+        p4, _, m4 = one_step(fns, params, frozen, opt_state, bs, split)
     # The loss is the token mean over the whole global batch, not a mean of micro-batch means.
     mask = batch["loss_mask"]
     assert float(m1["train/num_unmasked_tokens"]) == float(m4["train/num_unmasked_tokens"]) == mask.sum()
@@ -77,12 +88,33 @@ def test_one_micro_batch_of_8_equals_four_of_2():
     assert len(set(per_mb)) > 1
 
 
+def test_weights_are_cast_once_per_step_with_the_same_loss_and_gradients():
+    """bf16 compute: the micro-steps take a bf16 copy of the kernels and embeddings made once per
+    step (norm weights stay fp32, as the model uses them), and give bit-for-bit the loss and
+    gradients of casting inside every micro-step."""
+    micro = [rows(2, seed=i) for i in range(3)]
+    fns, params, frozen, _, bs = setup(jax.devices()[:1], dtype=jnp.bfloat16)
+    compute, _ = fns.cast(params, frozen)
+    dtypes = {jax.tree_util.keystr(p, simple=True, separator="."): x.dtype
+              for p, x in jax.tree_util.tree_leaves_with_path(compute)}
+    assert dtypes["embed_tokens.embedding.value"] == jnp.bfloat16
+    assert dtypes["layers.0.self_attn.q_proj.kernel.value"] == jnp.bfloat16
+    assert dtypes["layers.0.input_layernorm.weight.value"] == jnp.float32
+    once = micro_steps(fns, params, frozen, bs, micro)
+    fns, params, frozen, _, bs = setup(jax.devices()[:1], dtype=jnp.bfloat16, cast_once=False)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(fns.cast(params, frozen)))
+    every = micro_steps(fns, params, frozen, bs, micro)
+    assert float(once.loss_sum) == float(every.loss_sum)
+    for a, b in zip(jax.tree.leaves(once.grads), jax.tree.leaves(every.grads)):
+        assert a.dtype == b.dtype == jnp.float32
+        # The cotangent of the model's own cast is the bf16 gradient converted: the same values.
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_micro_steps_compile_once_for_any_number_of_micro_batches():
-    fns, params, opt_state, bs = setup(jax.devices()[:1])
+    fns, params, frozen, opt_state, bs = setup(jax.devices()[:1])
     for step, count in enumerate([1, 3, 2]):
-        acc = fns.init_accumulator(params)
-        for i in range(count):
-            acc = fns.micro_step(params, acc, {k: jax.device_put(v, bs) for k, v in rows(2, seed=i).items()})
+        acc = micro_steps(fns, params, frozen, bs, [rows(2, seed=i) for i in range(count)], step)
         params, opt_state, _ = fns.apply(params, opt_state, acc, jnp.asarray(step))
     assert fns.micro_step._cache_size() == 1 and fns.apply._cache_size() == 1
 
@@ -161,10 +193,9 @@ def test_chunk_size_must_divide_sequence():
 
 @pytest.mark.parametrize("poison", ["loss", "grad"])
 def test_non_finite_step_leaves_params_and_optimizer_state_unchanged(poison):
-    fns, params, opt_state, bs = setup(jax.devices()[:1])
+    fns, params, frozen, opt_state, bs = setup(jax.devices()[:1])
     before = [np.asarray(x).copy() for x in jax.tree.leaves((params, opt_state))]
-    acc = fns.init_accumulator(params)
-    acc = fns.micro_step(params, acc, {k: jax.device_put(v, bs) for k, v in rows(2).items()})
+    acc = micro_steps(fns, params, frozen, bs, [rows(2)])
     if poison == "loss":
         acc = dataclasses.replace(acc, loss_sum=acc.loss_sum * jnp.nan)
     else:  # one NaN gradient entry (the loss stays finite)

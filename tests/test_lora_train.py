@@ -1,0 +1,114 @@
+"""LoRA training end to end on the CPU: only adapters learn, kill -9 and resume, small checkpoints,
+every layout (mesh, scan_layers, remat, packing), and refusals to resume onto another base."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_sft import train
+from jax_sft.checkpoint import CheckpointMismatch
+from test_train import ROOT, load, overrides, read_metrics
+from tiny_run import make_tiny_run_assets
+
+# Adapters on every projection (not lm_head, so that dropout is allowed), dropout 0.1 before them.
+LORA = dict(policy__dtensor_cfg__lora_cfg__enabled=True, policy__dtensor_cfg__lora_cfg__dim=8,
+            policy__dtensor_cfg__lora_cfg__alpha=16, policy__dtensor_cfg__lora_cfg__match_all_linear=False,
+            policy__dtensor_cfg__lora_cfg__target_modules="[*_proj]",
+            policy__dtensor_cfg__lora_cfg__dropout=0.1, policy__dtensor_cfg__lora_cfg__dropout_position="pre")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    return make_tiny_run_assets(tmp_path_factory.mktemp("assets"))
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_lora_run_learns_resumes_after_kill_9_and_saves_small_checkpoints(assets, tmp_path):
+    args = overrides(assets, tmp_path / "killed", sft__max_num_steps=10, sft__val_period=5,
+                     checkpointing__save_period=2, **LORA)
+    cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"), *args]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "killed" / "ckpt"
+    deadline = time.time() + 180
+    while not (ckpt / "step_4").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name.split("_")[1]) for p in ckpt.glob("step_*") if p.name[5:].isdigit())
+    assert 4 <= killed_at < 10
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt / f'step_{killed_at}'}" in resumed.stdout + resumed.stderr
+
+    straight = train.run(load(assets, tmp_path / "straight", sft__max_num_steps=10, sft__val_period=5,
+                              checkpointing__save_period=2, **LORA))
+    vals = [straight.val_losses[s] for s in sorted(straight.val_losses)]
+    assert vals[-1] < 0.9 * vals[0], vals  # the adapters learn
+    logs = sorted((tmp_path / "killed" / "logs").glob("exp_*"))
+    second = {r["step"]: r["train/loss"] for r in read_metrics(logs[-1]) if "train/loss" in r}
+    assert sorted(second) == list(range(killed_at + 1, 11))
+    print(f"\nLoRA, killed after step_{killed_at}; step  uninterrupted  resumed")
+    for s in sorted(second):
+        print(f"{s:>4}  {straight.train_losses[s]:.7f}   {second[s]:.7f}")
+    # Same dropout masks after resuming (keyed by step and micro-batch).
+    np.testing.assert_allclose([second[s] for s in sorted(second)],
+                               [straight.train_losses[s] for s in sorted(second)], rtol=1e-6)
+    log_text = (logs[0] / "train.log").read_text() if (logs[0] / "train.log").exists() else ""
+    step_dir = straight.checkpoint_dir / "step_10"
+    reference = json.loads((step_dir / "extra" / "lora.json").read_text())
+    assert reference["base"]["model_name"] == str(assets / "model") and reference["lora"]["dim"] == 8
+
+    full = train.run(load(assets, tmp_path / "full", sft__max_num_steps=1, sft__val_period=0))
+    lora_bytes, full_bytes = tree_bytes(step_dir), tree_bytes(full.checkpoint_dir / "step_1")
+    arrays = lambda d: tree_bytes(d / "params") + tree_bytes(d / "opt_state")  # noqa: E731
+    print(f"checkpoint: LoRA {lora_bytes:,} bytes (arrays {arrays(step_dir):,}), full {full_bytes:,} bytes "
+          f"(arrays {arrays(full.checkpoint_dir / 'step_1'):,}) {log_text[:0]}")
+    assert arrays(step_dir) < 0.5 * arrays(full.checkpoint_dir / "step_1")
+
+
+def test_lora_losses_agree_across_meshes_scan_remat_and_packing(assets, tmp_path):
+    common = dict(sft__max_num_steps=3, sft__val_period=0, checkpointing__enabled=False,
+                  policy__sequence_packing__enabled=True, policy__dtensor_cfg__lora_cfg__enabled=True,
+                  policy__dtensor_cfg__lora_cfg__dim=4, policy__dtensor_cfg__lora_cfg__alpha=8,
+                  policy__dtensor_cfg__lora_cfg__lora_A_init="uniform")
+    one = train.run(load(assets, tmp_path / "one", **common))
+    eight = train.run(load(
+        assets, tmp_path / "eight", cluster__gpus_per_node=8, policy__jax_cfg__mesh__fsdp=4,
+        policy__jax_cfg__mesh__tensor=2, policy__jax_cfg__scan_layers=True, policy__jax_cfg__remat="full",
+        policy__train_micro_batch_size=2, sft__val_micro_batch_size=8, **common))
+    a = [one.train_losses[s] for s in (1, 2, 3)]
+    b = [eight.train_losses[s] for s in (1, 2, 3)]
+    print(f"\nLoRA packed losses, 1 device unrolled: {a}\n8 devices (fsdp 4 x tensor 2), scan, remat: {b}")
+    assert a[2] < a[0]
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_resuming_lora_onto_another_base_or_a_full_run_is_refused(assets, tmp_path):
+    run = tmp_path / "run"
+    train.run(load(assets, run, sft__max_num_steps=1, sft__val_period=0, **LORA))
+    other = tmp_path / "other_model"
+    shutil.copytree(assets / "model", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    with pytest.raises(CheckpointMismatch, match="not the one these LoRA adapters were trained on"):
+        train.run(load(assets, run, sft__max_num_steps=2, sft__val_period=0, policy__model_name=other, **LORA))
+    with pytest.raises(CheckpointMismatch, match="holds LoRA adapters but this run trains a full fine-tune"):
+        train.run(load(assets, run, sft__max_num_steps=2, sft__val_period=0))
+    with pytest.raises(CheckpointMismatch, match="LoRA settings"):
+        train.run(load(assets, run, sft__max_num_steps=2, sft__val_period=0,
+                       **{**LORA, "policy__dtensor_cfg__lora_cfg__dim": 4}))
