@@ -112,10 +112,15 @@ def _lora(cfg: Any, lora: Any, m: Any) -> list[str]:
     key = "policy.megatron_cfg.peft" if lora.naming == "megatron" else "policy.dtensor_cfg.lora_cfg"
     if lora.match_all_linear:
         which = "every linear layer (match_all_linear)"
+    elif lora.target_modules:
+        which = f"targets {list(lora.target_modules)}"
+    elif lora.naming == "megatron":
+        which = "targets linear_qkv, linear_proj, linear_fc1, linear_fc2 (no target_modules)"
+    elif lora.exclude_modules:
+        which = "every linear layer, lm_head included (exclude_modules without target_modules)"
     else:
-        default = "linear_qkv, linear_proj, linear_fc1, linear_fc2" if lora.naming == "megatron" else "*_proj"
-        which = f"targets {list(lora.target_modules) or default}"
-        which += f" minus {list(lora.exclude_modules)}" if lora.exclude_modules else ""
+        which = "every *_proj (no target_modules)"
+    which += f" minus {list(lora.exclude_modules)}" if lora.exclude_modules else ""
     line = (f"LoRA ({key}, {lora.naming} module names): rank {lora.dim}, alpha {lora.alpha:g}, "
             f"scale {lora.scale:g}, {which}; dropout {lora.dropout:g} ({lora.dropout_position}); "
             "float32 adapters, frozen base")

@@ -25,10 +25,11 @@ LORA = {
         "every linear layer (match_all_linear)",
     "sft-llama3.1-8b-1n8g-megatron-lora.yaml":
         "LoRA (policy.megatron_cfg.peft, megatron module names): rank 128, alpha 128, scale 1, "
-        "targets linear_qkv, linear_proj, linear_fc1, linear_fc2;",
+        "targets linear_qkv, linear_proj, linear_fc1, linear_fc2 (no target_modules);",
     **dict.fromkeys(("sft-nanov3-30BA3B-2n4g-fsdp2-lora.yaml", "sft-nanov3-30BA3B-2n8g-fsdp2-lora.yaml"),
                     "LoRA (policy.dtensor_cfg.lora_cfg, hf module names): rank 256, alpha 512, scale 2, "
-                    "targets *_proj minus ['*out_proj*'];"),
+                    "every linear layer, lm_head included (exclude_modules without target_modules) minus "
+                    "['*out_proj*'];"),
 }
 
 

@@ -239,3 +239,14 @@ def test_dry_run_plan_counts_adapters_of_a_local_model(tmp_path, capsys):
             "3,584 trainable parameters of 118,592 (3.02%)") in out
     code, out, err = run(f"{DTENSOR}.match_all_linear=true", f"{DTENSOR}.target_modules=[]", f"{DTENSOR}.dropout=0.1")
     assert code == 2 and "LoRA dropout=0.1 with an adapter on lm_head" in err and "Traceback" not in err
+
+
+def test_lora_config_round_trips_through_config_yaml(tmp_path):
+    from jax_sft.config import save_config
+
+    for overrides in ([f"{DTENSOR}.enabled=true", f"{DTENSOR}.match_all_linear=false",
+                       f"{DTENSOR}.target_modules=['*.layers.0.*', o_proj]"],
+                      [*MEGATRON, f"{PEFT}.enabled=true", f"{PEFT}.exclude_modules=[linear_qkv]"]):
+        cfg = load(None, overrides)
+        again = load(save_config(cfg, tmp_path / "config.yaml"))
+        assert again == cfg and lora_config(again) == lora_config(cfg) is not None
