@@ -32,7 +32,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import omegaconf
 import yaml
@@ -43,6 +43,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jax_sft.defaults import get_config as _defaults
 from jax_sft.errors import InputError
+
+if TYPE_CHECKING:
+    from jax_sft.models.lora import LoraConfig
 
 __all__ = [
     "ConfigError", "IgnoredKeysWarning", "default_config", "load_config", "apply_overrides",
@@ -741,7 +744,7 @@ def _lora_section(c: ConfigDict) -> str | None:
     return DTENSOR_LORA if c.policy.dtensor_cfg.lora_cfg.enabled else None
 
 
-def _lora_of(c: ConfigDict, key: str):
+def _lora_of(c: ConfigDict, key: str) -> LoraConfig:
     from jax_sft.models.lora import LoraConfig  # noqa: PLC0415  (jax only when LoRA is on)
 
     s, megatron = _get(c, key), key == MEGATRON_LORA
@@ -753,7 +756,7 @@ def _lora_of(c: ConfigDict, key: str):
         naming="megatron" if megatron else "hf", seed=c.sft.seed)
 
 
-def lora_config(cfg: ConfigDict):
+def lora_config(cfg: ConfigDict) -> LoraConfig | None:
     """The run's `jax_sft.models.lora.LoraConfig` (cfg: a validated config), or None when LoRA is
     off: from policy.dtensor_cfg.lora_cfg (HF module names), or with policy.megatron_cfg.enabled
     from policy.megatron_cfg.peft (Megatron module names); the adapters' seed is sft.seed."""
