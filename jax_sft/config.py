@@ -12,10 +12,11 @@ the `DERIVED` keys and checks the values. All problems of a stage come in one `C
 The keys are the defaults' keys: an unknown key is an error naming the nearest valid key. NeMo RL
 keys that do not apply to this backend (`IGNORED`) are dropped with ONE `IgnoredKeysWarning` (a
 `warnings.warn`; `warnings.simplefilter("error", IgnoredKeysWarning)` makes it fatal) per load,
-listing them all. LoRA (`lora_cfg.enabled: true`) is an error. `policy.megatron_cfg` with
+listing them all. LoRA is `policy.dtensor_cfg.lora_cfg` or, with Megatron enabled,
+`policy.megatron_cfg.peft` (`lora_config` turns either into a `LoraConfig`). `policy.megatron_cfg` with
 `enabled: true` maps NeMo RL's Megatron recipes onto this backend: its tensor size, activation
-checkpointing, optimizer and scheduler are used (`_megatron`), its other keys are listed in the
-warning, and a value that would change results but cannot be honoured (FP8, LoRA, fp16) is an
+checkpointing, optimizer, scheduler and peft are used (`_megatron`), its other keys are listed in the
+warning, and a value that would change results but cannot be honoured (FP8, fp16) is an
 error; `policy.optimizer: null` is then accepted. With `enabled: false` it is ignored and
 unchecked. Strings of the defaults and of Python configs are literal (their `${` is escaped);
 YAML files and override values may interpolate, as in NeMo RL.
@@ -31,7 +32,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import omegaconf
 import yaml
@@ -43,9 +44,12 @@ from omegaconf.errors import OmegaConfBaseException
 from jax_sft.defaults import get_config as _defaults
 from jax_sft.errors import InputError
 
+if TYPE_CHECKING:
+    from jax_sft.models.lora import LoraConfig
+
 __all__ = [
     "ConfigError", "IgnoredKeysWarning", "default_config", "load_config", "apply_overrides",
-    "validate", "to_yaml", "save_config", "parse_args",
+    "validate", "to_yaml", "save_config", "parse_args", "lora_config",
 ]
 
 
@@ -73,8 +77,7 @@ IGNORED = (
     "policy.dtensor_cfg.env_vars",
     "policy.dtensor_cfg.clear_cache_every_n_steps",
     "policy.dtensor_cfg.automodel_kwargs",
-    "policy.dtensor_cfg.lora_cfg",  # LoRA is not supported yet; enabled: true is an error
-    "policy.lora_cfg",  # (lora_cfg's place in older NeMo RL configs)
+    "policy.lora_cfg",  # not a NeMo RL place (lora_cfg is under dtensor_cfg): enabled is an error
     "policy.generation",
     "policy.offload_optimizer_for_logprob",
     "logger.swanlab_enabled",
@@ -86,10 +89,9 @@ IGNORED = (
     "policy.dequantize_base_checkpoint",  # quantised (MXFP4) base checkpoints are not supported
     "policy.tokenizer.video",  # vision-language processing
 )
-_LORA = "LoRA is not supported by jax_sft yet; set enabled=false for full fine-tuning"
 _MUST_BE_DISABLED = {
-    "policy.dtensor_cfg.lora_cfg": _LORA,
-    "policy.lora_cfg": _LORA,
+    "policy.lora_cfg": "LoRA's keys go under policy.dtensor_cfg.lora_cfg (or policy.megatron_cfg.peft "
+                       "with Megatron), as in NeMo RL; move them there",
 }
 # NeMo RL keys kept with their defaults (NeMo RL's sft.yaml has them) that change how NeMo RL lays
 # out memory or work, not what is computed, and have no counterpart here: named in the warning when
@@ -102,6 +104,7 @@ INERT = {
     "policy.dtensor_cfg.context_parallel_size": 1,
     "policy.dtensor_cfg.custom_parallel_plan": None,
     "policy.dynamic_batching.enabled": False,
+    "policy.megatron_cfg.peft.a2a_experimental": False,  # Megatron's all-to-all for LoRA
 }
 # Sections that take keys beyond the defaults' (their reader checks them): torch optimizer kwargs.
 OPEN = ("policy.optimizer.kwargs",)
@@ -109,7 +112,6 @@ OPEN = ("policy.optimizer.kwargs",)
 # An enabled policy.megatron_cfg: keys (below megatron_cfg) that must keep a value, with the reason;
 # at that value they are listed as ignored.
 _MEGATRON_FIXED: dict[str, tuple[Any, str]] = {
-    "peft.enabled": (False, _LORA),
     "fp8_cfg.enabled": (False, "FP8 training is not supported by jax_sft"),
     "optimizer.fp16": (False, "fp16 is not supported; policy.precision sets the compute dtype "
                               "(bfloat16 or float32)"),
@@ -657,6 +659,7 @@ def _check(c: ConfigDict, derived: set[str]) -> list[str]:
             problems.append(_problem(f"{prefix}_global_batch_size", gbs, expected))
     if c.policy.megatron_cfg.enabled:
         problems += _check_megatron(c, derived)
+    problems += _lora_problems(c)
     packing, p = c.policy.sequence_packing, c.policy
     if packing.enabled and p.dynamic_batching.enabled:
         problems.append(_problem("policy.sequence_packing.enabled", True, "false when "
@@ -723,6 +726,70 @@ def _check_megatron(c: ConfigDict, derived: set[str]) -> list[str]:
     elif s.weight_decay_incr_style == "constant" and start != end:
         problems.append(_problem(f"{at}scheduler.end_weight_decay", end,
                                  f"start_weight_decay={start} (weight_decay_incr_style constant)"))
+    return problems
+
+
+DTENSOR_LORA = "policy.dtensor_cfg.lora_cfg"
+MEGATRON_LORA = "policy.megatron_cfg.peft"
+# lora_dtype values that mean float32 adapters ("None": NeMo RL's sft.yaml writes `lora_dtype: None`,
+# which YAML reads as that string).
+LORA_DTYPES = (None, "None", "float32", "torch.float32")
+
+
+def _lora_section(c: ConfigDict) -> str | None:
+    """The key of the section that enables LoRA (Megatron's peft when megatron_cfg is enabled, as
+    NeMo RL picks its backend), or None for full fine-tuning."""
+    if c.policy.megatron_cfg.enabled:
+        return MEGATRON_LORA if c.policy.megatron_cfg.peft.enabled else None
+    return DTENSOR_LORA if c.policy.dtensor_cfg.lora_cfg.enabled else None
+
+
+def _lora_of(c: ConfigDict, key: str) -> LoraConfig:
+    from jax_sft.models.lora import LoraConfig  # noqa: PLC0415  (jax only when LoRA is on)
+
+    s, megatron = _get(c, key), key == MEGATRON_LORA
+    return LoraConfig(
+        dim=s.dim, alpha=s.alpha, dropout=s.dropout, dropout_position=s.dropout_position,
+        a_init=s.lora_A_init_method if megatron else s.lora_A_init,
+        target_modules=tuple(s.target_modules), exclude_modules=tuple(s.exclude_modules),
+        match_all_linear=False if megatron else s.match_all_linear,
+        naming="megatron" if megatron else "hf", seed=c.sft.seed)
+
+
+def lora_config(cfg: ConfigDict) -> LoraConfig | None:
+    """The run's `jax_sft.models.lora.LoraConfig` (cfg: a validated config), or None when LoRA is
+    off: from policy.dtensor_cfg.lora_cfg (HF module names), or with policy.megatron_cfg.enabled
+    from policy.megatron_cfg.peft (Megatron module names); the adapters' seed is sft.seed."""
+    key = _lora_section(cfg)
+    return None if key is None else _lora_of(cfg, key)
+
+
+def _lora_problems(c: ConfigDict) -> list[str]:
+    """The problems of the enabled LoRA section (each naming its full key)."""
+    problems = []
+    if c.policy.megatron_cfg.enabled and c.policy.dtensor_cfg.lora_cfg.enabled:
+        problems.append(_problem(f"{DTENSOR_LORA}.enabled", True, "false with policy.megatron_cfg.enabled=true",
+                                 f"NeMo RL's Megatron backend takes LoRA from {MEGATRON_LORA}"))
+    key = _lora_section(c)
+    if key is None:
+        return problems
+    s = _get(c, key)
+    for name in ("target_modules", "exclude_modules"):
+        if not all(isinstance(m, str) and m for m in s[name]):
+            problems.append(_problem(f"{key}.{name}", list(s[name]),
+                                     "a list of module names or wildcard patterns (strings)"))
+    rename = {"lora_A_init": "lora_A_init_method"} if key == MEGATRON_LORA else {}
+    for line in _lora_of(c, key).problems():
+        name, eq, rest = line.partition("=")
+        problems.append(f"{key}.{rename.get(name, name)}{eq}{rest}")
+    if key == MEGATRON_LORA:
+        if s.lora_B_init_method != "zero":
+            problems.append(_problem(f"{key}.lora_B_init_method", s.lora_B_init_method, '"zero"',
+                                     "B starts at zero, so training starts from the base model"))
+        if s.lora_dtype not in LORA_DTYPES:
+            problems.append(_problem(f"{key}.lora_dtype", s.lora_dtype, 'null, "float32" or "torch.float32"',
+                                     "LoRA adapters are always float32 here (the frozen base follows "
+                                     "policy.jax_cfg.param_dtype)"))
     return problems
 
 

@@ -86,6 +86,20 @@ def get_config() -> config_dict.ConfigDict:
             context_parallel_size=1,
             dp_replicate_size=1,  # HSDP: maps to the mesh's data axis (replicas; fsdp shards within)
             custom_parallel_plan=placeholder(str),
+            # LoRA on the DTensor (Automodel) path, NeMo RL's keys: see README "LoRA" and
+            # jax_sft/models/lora.py. Adapters are float32; the frozen base follows jax_cfg.param_dtype.
+            lora_cfg=dict(
+                enabled=False,
+                target_modules=[],  # HF module names or wildcard patterns of full names
+                exclude_modules=[],  # removed from the targets (NeMo RL: one or the other)
+                match_all_linear=True,  # every linear layer, lm_head included; lists must be empty
+                dim=8,  # the rank
+                alpha=32,  # scale = alpha / dim
+                dropout=0.0,
+                dropout_position="post",  # "pre" (on the input) or "post" (on the adapter's output)
+                lora_A_init="xavier",  # or "uniform"; B starts at zero
+                use_triton=True,  # a CUDA kernel choice of NeMo RL's: accepted, no effect here
+            ),
         ),
         # Keys merged into the model's config.json before the model is built (and exported), e.g.
         # {rope_scaling: {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32768}}.
@@ -119,6 +133,21 @@ def get_config() -> config_dict.ConfigDict:
                 start_weight_decay=placeholder(float),  # null: optimizer.weight_decay
                 end_weight_decay=placeholder(float),  # null: optimizer.weight_decay
                 weight_decay_incr_style="constant",  # constant, linear, cosine
+            ),
+            # LoRA with enabled: true above, NeMo RL's Megatron keys (Megatron module names:
+            # linear_qkv, linear_proj, linear_fc1, linear_fc2, output_layer).
+            peft=dict(
+                enabled=False,
+                target_modules=[],  # empty: linear_qkv, linear_proj, linear_fc1, linear_fc2
+                exclude_modules=[],
+                dim=8,
+                alpha=32,
+                dropout=0.0,
+                dropout_position="post",
+                lora_A_init_method="xavier",  # or "uniform"
+                lora_B_init_method="zero",  # the only choice
+                a2a_experimental=False,  # Megatron's all-to-all strategy: listed as ignored when true
+                lora_dtype=placeholder(str),  # null / "float32": adapters are always float32 here
             ),
         ),
         dynamic_batching=dict(

@@ -86,9 +86,11 @@ def _model(cfg: Any) -> tuple[list[str], int | None]:
 
     name = cfg.policy.model_name
     model_dir = _local_model_dir(name)
+    lora = config_lib.lora_config(cfg)
     if model_dir is None:
         return [f"model: {name} is a hub id not in the local Hugging Face cache; its config.json "
-                "is read (and its architecture checked) when the run downloads it"], None
+                "is read (and its architecture checked) when the run downloads it",
+                *_lora(cfg, lora, None)], None
     overrides = cfg.policy.hf_config_overrides
     m = models.read_config(model_dir, overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
     lines = [f"model: {m.architecture} ({m.family} family) from {model_dir}: {m.num_layers} layers, "
@@ -99,7 +101,40 @@ def _model(cfg: Any) -> tuple[list[str], int | None]:
                      f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
                      f"{m.router_aux_loss_coef}; experts over mesh expert="
                      f"{cfg.policy.jax_cfg.mesh.expert}")
-    return lines, m.context_length
+    return lines + _lora(cfg, lora, m), m.context_length
+
+
+def _lora(cfg: Any, lora: Any, m: Any) -> list[str]:
+    """The LoRA line (none for full fine-tuning); with the model's config `m`, the adapted
+    projections and parameter counts, checked as the run's model build checks them."""
+    if lora is None:
+        return []
+    key = "policy.megatron_cfg.peft" if lora.naming == "megatron" else "policy.dtensor_cfg.lora_cfg"
+    if lora.match_all_linear:
+        which = "every linear layer (match_all_linear)"
+    elif lora.target_modules:
+        which = f"targets {list(lora.target_modules)}"
+    elif lora.naming == "megatron":
+        which = "targets linear_qkv, linear_proj, linear_fc1, linear_fc2 (no target_modules)"
+    elif lora.exclude_modules:
+        which = "every linear layer, lm_head included (exclude_modules without target_modules)"
+    else:
+        which = "every *_proj (no target_modules)"
+    which += f" minus {list(lora.exclude_modules)}" if lora.exclude_modules else ""
+    line = (f"LoRA ({key}, {lora.naming} module names): rank {lora.dim}, alpha {lora.alpha:g}, "
+            f"scale {lora.scale:g}, {which}; dropout {lora.dropout:g} ({lora.dropout_position}); "
+            "float32 adapters, frozen base")
+    if m is None:
+        return [line + "; adapted projections are counted when the model's config.json is local"]
+    from jax_sft.memory import lora_param_count, lora_sites
+    from jax_sft.models.decoder import lora_sites as check_sites
+
+    check_sites(m, lora, cfg.policy.jax_cfg.scan_layers)  # the run's checks (SettingError)
+    sites = lora_sites(m, lora)
+    trainable, total = lora_param_count(m, lora)
+    head = " (lm_head included)" if (None, "lm_head") in sites else ""
+    return [f"{line}; {len(sites)} adapted projections{head}, {trainable:,} trainable parameters of "
+            f"{total:,} ({100 * trainable / total:.3g}%)"]
 
 
 def _data(cfg: Any) -> list[str]:

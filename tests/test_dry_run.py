@@ -18,9 +18,18 @@ NEMO_CONFIGS = ROOT.parent / "shared" / "reference" / "nemo-rl-configs" / "examp
 CONFIGS = sorted(NEMO_CONFIGS.glob("*.yaml")) + sorted(NEMO_CONFIGS.glob("recipes/llm/*.yaml"))
 # What a config may not do here, as the one error line must say it.
 VISION = {"sft_vlm_3B.yaml": "vision-language", "sft_avlm.yaml": "vision-language"}
-LORA = {  # until LoRA lands (issue 12)
-    "sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml", "sft-llama3.1-8b-1n8g-megatron-lora.yaml",
-    "sft-nanov3-30BA3B-2n4g-fsdp2-lora.yaml", "sft-nanov3-30BA3B-2n8g-fsdp2-lora.yaml",
+# The LoRA recipes' plan line (their models are hub ids, so no parameter counts).
+LORA = {
+    "sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml":
+        "LoRA (policy.dtensor_cfg.lora_cfg, hf module names): rank 128, alpha 128, scale 1, "
+        "every linear layer (match_all_linear)",
+    "sft-llama3.1-8b-1n8g-megatron-lora.yaml":
+        "LoRA (policy.megatron_cfg.peft, megatron module names): rank 128, alpha 128, scale 1, "
+        "targets linear_qkv, linear_proj, linear_fc1, linear_fc2 (no target_modules);",
+    **dict.fromkeys(("sft-nanov3-30BA3B-2n4g-fsdp2-lora.yaml", "sft-nanov3-30BA3B-2n8g-fsdp2-lora.yaml"),
+                    "LoRA (policy.dtensor_cfg.lora_cfg, hf module names): rank 256, alpha 512, scale 2, "
+                    "every linear layer, lm_head included (exclude_modules without target_modules) minus "
+                    "['*out_proj*'];"),
 }
 
 
@@ -49,17 +58,19 @@ def nemo_rl_checkout(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_dry_run_of_every_nemo_rl_sft_config(path, nemo_rl_checkout, capsys):
     code, out, err = dry_run(["--config", str(path)], capsys)
-    if path.name in VISION or path.name in LORA:
-        reason = VISION.get(path.name, "LoRA")
+    if path.name in VISION:
         assert code == 2 and out == "", (out, err)
         (line,) = err.strip().splitlines()  # one line, no traceback
-        assert line.startswith("error: ") and reason in line, line
+        assert line.startswith("error: ") and VISION[path.name] in line, line
         return
     assert code == 0, err
     assert "dry run: the config is valid" in out
     plan = out[out.index("\nplan:\n"):]
     for part in ("mesh: data=", "batches: ", "model: ", "data: ", "optimizer: ", "learning rate: "):
         assert f"\n  {part}" in plan, plan
+    assert ("\n  LoRA " in plan) == (path.name in LORA), plan
+    if path.name in LORA:
+        assert f"\n  {LORA[path.name]}" in plan, plan
 
 
 @pytest.mark.skipif(not CONFIGS, reason="../shared/reference/nemo-rl-configs is absent")

@@ -303,12 +303,12 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
     megatron_ignored = [k for k in ignored if k.startswith("policy.megatron_cfg")]
     for key in ("pipeline_model_parallel_size", "context_parallel_size", "sequence_parallel",
                 "expert_model_parallel_size", "distributed_data_parallel_config",
-                "apply_rope_fusion", "cuda_graph_impl", "peft", "fp8_cfg",
+                "apply_rope_fusion", "cuda_graph_impl", "fp8_cfg",
                 "optimizer.use_distributed_optimizer", "optimizer.bf16", "optimizer.fp16",
                 "optimizer.params_dtype", "optimizer.optimizer_cpu_offload"):
         assert f"policy.megatron_cfg.{key}" in megatron_ignored, key
     used = ("enabled", "tensor_model_parallel_size", "activation_checkpointing", "optimizer.lr",
-            "scheduler.lr_decay_style", "scheduler.lr_warmup_init")
+            "scheduler.lr_decay_style", "scheduler.lr_warmup_init", "peft")  # peft: LoRA
     assert not [k for k in megatron_ignored if k.removeprefix("policy.megatron_cfg.") in used]
     assert "policy.megatron_cfg" not in ignored
 
@@ -325,8 +325,8 @@ def test_disabled_megatron_cfg_stays_ignored_and_optimizer_null_needs_it():
 
 
 @pytest.mark.parametrize("override, problem", [
-    ("policy.megatron_cfg.peft.enabled=true",
-     "policy.megatron_cfg.peft.enabled=True: expected false; LoRA is not supported by jax_sft yet"),
+    ("policy.megatron_cfg.peft={enabled: true, lora_B_init_method: uniform}",  # more: test_lora_config.py
+     "policy.megatron_cfg.peft.lora_B_init_method='uniform': expected \"zero\""),
     ("policy.megatron_cfg.fp8_cfg.enabled=true",
      "policy.megatron_cfg.fp8_cfg.enabled=True: expected false; FP8 training is not supported"),
     ("policy.megatron_cfg.optimizer.fp16=true",

@@ -1,0 +1,60 @@
+"""Parameter counts of a model from its `ModelConfig` alone (no arrays): what the dry run reports
+and what memory estimates build on.
+
+The counts follow the decoder of `jax_sft.models.decoder` parameter for parameter (tests compare
+them with an abstract `CausalLM`): embeddings [vocab, hidden]; per layer the RMSNorm weights,
+q/k/v/o kernels (and biases), q/k norms, a dense MLP (gate, up, down) or a mixture of experts
+(router [hidden, experts], experts' gate/up/down); the final norm; an untied lm_head [hidden, vocab].
+A LoRA adapter on a projection whose kernel maps input dims I to output dims O has
+dim * (prod(I) + prod(O)) parameters (A [*I, dim], B [dim, *O]).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jax_sft.models.config import ModelConfig
+    from jax_sft.models.lora import LoraConfig
+
+__all__ = ["base_param_count", "lora_param_count", "lora_sites", "projection_shapes"]
+
+
+def projection_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(input size, output size) of each projection's kernel: q/k/v/o, the dense MLP's gate/up/down,
+    lm_head."""
+    e, q, kv = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    mlp = m.intermediate_size
+    return {"q_proj": (e, q), "k_proj": (e, kv), "v_proj": (e, kv), "o_proj": (q, e),
+            "gate_proj": (e, mlp), "up_proj": (e, mlp), "down_proj": (mlp, e), "lm_head": (e, m.vocab_size)}
+
+
+def _dense_mlp(m: ModelConfig) -> tuple[bool, ...]:
+    return tuple(not (m.num_experts > 0 and m.moe_layers[i]) for i in range(m.num_layers))
+
+
+def base_param_count(m: ModelConfig) -> int:
+    """Parameters of the model without adapters."""
+    e, d = m.hidden_size, m.head_dim
+    shapes = projection_shapes(m)
+    attention = sum(i * o for i, o in (shapes[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    attention += (m.num_heads + 2 * m.num_kv_heads) * d * m.qkv_bias + e * m.o_bias + 2 * d * m.qk_norm
+    dense = 3 * e * m.intermediate_size + (2 * m.intermediate_size + e) * m.mlp_bias
+    sparse = e * m.num_experts + 3 * m.num_experts * e * m.moe_intermediate_size
+    norms = (4 if m.sandwich_norm else 2) * e
+    layers = sum(attention + norms + (dense if is_dense else sparse) for is_dense in _dense_mlp(m))
+    lm_head = 0 if m.tie_word_embeddings else e * m.vocab_size
+    return m.vocab_size * e + layers + e + lm_head
+
+
+def lora_sites(m: ModelConfig, lora: LoraConfig) -> frozenset[tuple[int | None, str]]:
+    """The (layer, projection) sites of `m` that get adapters ((None, "lm_head") for the head)."""
+    return lora.adapted(m.num_layers, _dense_mlp(m), True)
+
+
+def lora_param_count(m: ModelConfig, lora: LoraConfig) -> tuple[int, int]:
+    """(trainable adapter parameters, total parameters: the base's plus the adapters') of the model
+    `m` with `lora`'s adapters."""
+    shapes = projection_shapes(m)
+    trainable = sum(lora.dim * sum(shapes[proj]) for _, proj in lora_sites(m, lora))
+    return trainable, base_param_count(m) + trainable
