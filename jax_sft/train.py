@@ -422,7 +422,10 @@ def memory_line(params: Any, frozen: Any, opt_state: Any, precision: str) -> str
     copy = sum(x.size * jnp.dtype(dtype).itemsize
                for tree in (params, frozen)
                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if _needs_cast(path, x, dtype))
-    gib = lambda b: f"{b / 2**30:.3f} GiB"  # noqa: E731
+    def gib(b: float) -> str:
+        unit = next((u for u, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if b >= 2**k), "B")
+        return f"{b / 2 ** {'GiB': 30, 'MiB': 20, 'KiB': 10, 'B': 0}[unit]:.2f} {unit}"
+
     return (f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%); "
             f"memory (all devices): weights {gib(nbytes(params) + nbytes(frozen))}, gradients "
             f"{gib(4 * trainable)}, optimizer state {gib(nbytes(opt_state))}, {precision} compute copy {gib(copy)}")

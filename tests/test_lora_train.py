@@ -23,7 +23,7 @@ from tiny_run import make_tiny_run_assets
 # Adapters on every projection (not lm_head, so that dropout is allowed), dropout 0.1 before them.
 LORA = dict(policy__dtensor_cfg__lora_cfg__enabled=True, policy__dtensor_cfg__lora_cfg__dim=8,
             policy__dtensor_cfg__lora_cfg__alpha=16, policy__dtensor_cfg__lora_cfg__match_all_linear=False,
-            policy__dtensor_cfg__lora_cfg__target_modules="[*_proj]",
+            policy__dtensor_cfg__lora_cfg__target_modules="['*_proj']",
             policy__dtensor_cfg__lora_cfg__dropout=0.1, policy__dtensor_cfg__lora_cfg__dropout_position="pre")
 
 
