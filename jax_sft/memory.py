@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from jax_sft.models.config import ModelConfig
     from jax_sft.models.lora import LoraConfig
 
-__all__ = ["base_param_count", "lora_param_count", "lora_sites", "projection_shapes"]
+__all__ = ["base_param_count", "lora_param_count", "lora_sites", "projection_shapes", "state_bytes_per_device"]
 
 
 def projection_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -58,3 +58,21 @@ def lora_param_count(m: ModelConfig, lora: LoraConfig) -> tuple[int, int]:
     shapes = projection_shapes(m)
     trainable = sum(lora.dim * sum(shapes[proj]) for _, proj in lora_sites(m, lora))
     return trainable, base_param_count(m) + trainable
+
+
+def state_bytes_per_device(m: ModelConfig, lora: LoraConfig | None, *, param_dtype: str, precision: str,
+                           devices: int) -> dict[str, float]:
+    """Bytes per device of the training state (activations not included) when FSDP shards it over
+    `devices`: weights (the base in `param_dtype`; LoRA adapters fp32), gradients (the fp32
+    accumulator of the trainable parameters), AdamW's two moments (in the trainable parameters'
+    dtype) and the per-step compute-dtype copy of the weights that are not in it already."""
+    size = {"float32": 4, "bfloat16": 2}
+    base = base_param_count(m)
+    trainable = lora_param_count(m, lora)[0] if lora is not None else base
+    master = 4 if lora is not None else size[param_dtype]  # the trainable parameters' dtype
+    weights = base * size[param_dtype] + (trainable * 4 if lora is not None else 0)
+    copy = sum(n * size[precision] for n, dtype in ((base, param_dtype), (trainable if lora else 0, "float32"))
+               if size[dtype] != size[precision])
+    parts = {"weights": weights, "gradients": 4 * trainable, "optimizer": 2 * master * trainable,
+             "compute copy": copy}
+    return {k: v / devices for k, v in parts.items()}
