@@ -133,19 +133,38 @@ def full_model(step_dir: Path) -> CausalLM:
     return nnx.merge(graphdef, restore_params(step_dir, abs_params), rest)
 
 
+def _lora_graph(base: CausalLM, lora: LoraConfig) -> tuple[Any, Any]:
+    """(graphdef, abstract adapters) of `base` with `lora` adapters (nothing is computed)."""
+    abstract = nnx.eval_shape(lambda: CausalLM(
+        base.config, dtype=base.dtype, param_dtype=base.param_dtype, attention=base.attention, remat=base.remat,
+        scan_layers=base.scan_layers, max_segments=base.max_segments, rngs=nnx.Rngs(0), lora=lora))
+    graphdef, abs_adapters, _ = nnx.split(abstract, LoRAParam, ...)
+    return graphdef, abs_adapters
+
+
+def abstract_adapters(base: CausalLM, lora: LoraConfig) -> Any:
+    """The nnx.State (abstract values) that `lora`'s adapters on `base` have."""
+    return _lora_graph(base, lora)[1]
+
+
+def attach_lora(base: CausalLM, lora: LoraConfig, adapters: Any) -> CausalLM:
+    """`base` with `lora` adapters holding `adapters` (an nnx.State as `nnx.state(model, LoRAParam)`
+    has it); the base's parameters are shared, not copied. Unlike from_pretrained(lora=...), no
+    initial values are drawn (that compiles for seconds)."""
+    return nnx.merge(_lora_graph(base, lora)[0], adapters, nnx.state(base))
+
+
 def lora_model(step_dir: Path, reference: dict[str, Any], base: str | None) -> CausalLM:
     """The base (`base`, else the recorded model_name, with the recorded hf_config_overrides) with
     the checkpoint's adapters; BaseMismatch when its config is not the one trained on."""
     lora = LoraConfig.from_dict(reference["lora"])
     name = base or reference["base"]["model_name"]
-    model = from_pretrained(name, dtype=jnp.float32, param_dtype=jnp.float32, lora=lora,
-                            scan_layers=saved_scan_layers(step_dir),
+    model = from_pretrained(name, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=saved_scan_layers(step_dir),
                             hf_config_overrides=reference["base"]["hf_config_overrides"] or None)
     problem = lora_lib.base_problem(reference, name, model.config.to_hf_dict())
     if problem:
         raise BaseMismatch(f"{step_dir}: {problem}; pass --base with the base model it was trained on")
-    graphdef, abs_adapters, rest = nnx.split(model, LoRAParam, ...)
-    return nnx.merge(graphdef, restore_params(step_dir, abs_adapters), rest)
+    return attach_lora(model, lora, restore_params(step_dir, abstract_adapters(model, lora)))
 
 
 def adapters_only(step_dir: Path, reference: dict[str, Any]) -> CausalLM:
