@@ -143,6 +143,8 @@ def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     assert {n for n in module_names if matches(pattern, n)} == {
         n.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for n in grads if "lora_A" in n}
 
+    base_nll = hf_loss(hf)[1].item()
+    assert rel(loss, base_nll) > 100 * TOL  # the adapters matter far beyond the tolerance
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
     peft_model.eval()
     hf_logits, hf_nll = hf_loss(peft_model, grads=True)
@@ -163,9 +165,11 @@ def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     # The merged export reproduces the loss in plain transformers.
     merged_loss = hf_loss(load_hf(tmp_path / "merged"))[1].item()
     assert rel(loss, merged_loss) < TOL
-    print(f"\n{family} {'all' if lora is ALL_LINEAR else 'some'}{' scan' if scan else ''}{' cli' if cli else ''}: logits "
+    case = f"{family} {'all' if lora is ALL_LINEAR else 'some'}{' scan' if scan else ''}{' cli' if cli else ''}"
+    print(f"\n{case}: logits "
           f"{rel(logits, hf_logits.detach().numpy()):.1e} grads {max(grad_errors.values()):.1e} "
-          f"peft loss {rel(loss, hf_nll.item()):.1e} merged loss {rel(loss, merged_loss):.1e}")
+          f"peft loss {rel(loss, hf_nll.item()):.1e} merged loss {rel(loss, merged_loss):.1e} "
+          f"(loss {loss:.6f}, peft {hf_nll.item():.6f}, merged {merged_loss:.6f}, base {base_nll:.6f})")
 
 
 def test_target_modules_are_exact():
@@ -196,9 +200,6 @@ def save_lora_checkpoint(model, ckpt_dir: Path, step: int, base: Path) -> Path:
     """A LoRA checkpoint as train.py writes one: params = the adapters only (float32), extra files
     = the model config and lora.json (the base reference). Replace with a real run once train.py
     writes them."""
-    from ml_collections import ConfigDict
-
-    from jax_sft.checkpoint import Checkpointer
     from jax_sft.export import model_files
 
     adapters = nnx.split(model, LoRAParam, nnx.Param, ...)[1]
@@ -250,3 +251,9 @@ def test_export_full_checkpoint_refuses_peft_out(bases, tmp_path, capsys):
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "full fine-tune checkpoint" in err and "no LoRA adapters" in err, err
     assert not (tmp_path / "adapter").exists()
+    for args, message in ((["--out", str(tmp_path / "hf"), "--base", str(bases["qwen3"])], "--base applies to LoRA"),
+                          ([], "nothing to export: pass --out")):
+        with pytest.raises(SystemExit) as exit_info:
+            export_main(["--checkpoint", str(step_dir), *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
