@@ -1,35 +1,57 @@
-"""Export a training checkpoint to a Hugging Face model folder.
+"""Export a training checkpoint to a Hugging Face model folder, or its LoRA adapters to a PEFT
+adapter folder.
 
     python -m jax_sft.export --checkpoint results/sft/step_60 --out hf_model [--dtype bfloat16]
+    python -m jax_sft.export --checkpoint results/lora/step_60 [--out hf_model] [--peft_out adapter] [--base PATH]
 
-Writes weights (sharded safetensors with index), config.json, generation_config.json and the
+--out writes weights (sharded safetensors with index), config.json, generation_config.json and the
 tokenizer with its chat template, atomically; `transformers.AutoModelForCausalLM.from_pretrained`
-loads the result. --out must be a new or empty folder or an earlier export (marked by
-`.jax_sft_export`); `--overwrite` allows any other folder except the checkpoint folder, the
-working or home directory, a parent of them, or `/`. Only complete checkpoints are exported.
-Errors print as `error: ...` with exit code 2. The checkpoint carries everything needed (the model's HF config and the
-tokenizer), so the original model folder need not be reachable.
+loads the result. The checkpoint carries everything needed (the model's HF config and the
+tokenizer), so the original model folder need not be reachable, except for a LoRA checkpoint.
+
+A LoRA checkpoint (its extra/lora.json names the frozen base: `models.lora.base_reference`) holds
+only the adapters. --out loads the base (the recorded policy.model_name with its
+hf_config_overrides, or --base), refuses a base whose config differs from the one trained on, and
+writes the merged model (W + alpha/dim * A @ B). --peft_out writes the adapters as a PEFT adapter
+folder (`models.peft_io`; no base weights are read), which
+`peft.PeftModel.from_pretrained(base_model, DIR)` loads; give one or both. A full fine-tune has no
+adapters, so --peft_out is an error for it.
+
+Each output must be a new or empty folder or an earlier export (marked by `.jax_sft_export`);
+`--overwrite` allows any other folder except the checkpoint folder, the working or home directory,
+a parent of them, or `/`. Only complete checkpoints are exported; checkpoints saved with or without
+policy.jax_cfg.scan_layers both are (the layout is read from the checkpoint). Errors print as
+`error: ...` with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jax_sft.checkpoint import Checkpointer, IncompleteCheckpoint, incomplete_reason
-from jax_sft.errors import exit_on_input_error
-from jax_sft.models import CausalLM, ModelConfig, save_pretrained
+from jax_sft.errors import InputError, UsageError, exit_on_input_error
+from jax_sft.models import CausalLM, ModelConfig, from_pretrained, save_pretrained
+from jax_sft.models import lora as lora_lib
 from jax_sft.models.hf_io import check_export_target
+from jax_sft.models.lora import LoraConfig, LoRAParam
+from jax_sft.models.peft_io import save_peft_adapter
 
 MODEL_CONFIG = "model/config.json"
 GENERATION_CONFIG = "model/generation_config.json"
+LORA_REFERENCE = lora_lib.LORA_FILE  # extra/lora.json of a LoRA checkpoint
+
+
+class BaseMismatch(InputError, ValueError):
+    """A LoRA checkpoint's adapters would be merged into a base other than the one trained on."""
 
 
 def model_files(config: ModelConfig) -> dict[str, bytes]:
@@ -40,17 +62,9 @@ def model_files(config: ModelConfig) -> dict[str, bytes]:
     return files
 
 
-def export_checkpoint(step_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-                      overwrite: bool = False) -> Path:
-    """Restores step_dir's parameters on this host and writes them as an HF folder at out_dir.
-
-    overwrite: replace a non-empty out_dir that is not an earlier export (see module docstring).
-    """
-    from ml_collections import ConfigDict
-    from transformers import AutoTokenizer
-
+def checked_step_dir(step_dir: str | Path) -> Path:
+    """The absolute step_N folder; IncompleteCheckpoint when it is none or incomplete."""
     step_dir = Path(step_dir).absolute()
-    extra = step_dir / "extra"
     if not step_dir.name.startswith("step_") or not step_dir.name[5:].isdigit() or not step_dir.is_dir():
         raise IncompleteCheckpoint(
             f"{step_dir}: not a jax_sft checkpoint; pass a step_N folder under checkpointing.checkpoint_dir"
@@ -61,47 +75,167 @@ def export_checkpoint(step_dir: str | Path, out_dir: str | Path, *, dtype: str |
             f"{step_dir}: incomplete checkpoint ({reason}); export a complete step_N of "
             f"{step_dir.parent} instead"
         )
-    protected = (step_dir.parent,)
-    check_export_target(out_dir, overwrite=overwrite, protected=protected)  # before the slow restore
-    step = int(step_dir.name.rsplit("_", 1)[-1])
-    config = ModelConfig.from_hf_dict(json.loads((extra / MODEL_CONFIG).read_text()), source=str(extra / MODEL_CONFIG))
-    if (extra / GENERATION_CONFIG).is_file():
-        config = dataclasses.replace(config, generation_config_json=(extra / GENERATION_CONFIG).read_text())
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    return step_dir
+
+
+def lora_reference(step_dir: Path) -> dict[str, Any] | None:
+    """extra/lora.json of a LoRA checkpoint, None for a full fine-tune."""
+    path = step_dir / "extra" / LORA_REFERENCE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def saved_scan_layers(step_dir: Path) -> bool:
+    """Whether the checkpoint's params were saved scan-stacked (`layers.<name>`, not `layers.<i>.<name>`),
+    read from the tree structure Orbax stored."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.metadata(step_dir / "params").item_metadata.tree
+    layers = tree.get("layers", {})
+    return bool(layers) and not any(str(k).isdigit() for k in layers)
+
+
+def restore_params(step_dir: Path, abstract_params: Any) -> Any:
+    """The `params` item of step_dir, restored onto this host's first device in the structure
+    of `abstract_params` (an nnx.State of abstract variables)."""
+    from ml_collections import ConfigDict
+
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abs_params)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
     ckpt_cfg = ConfigDict(
         dict(checkpoint_dir=str(step_dir.parent), save_optimizer=False, metric_name=None,
              higher_is_better=False, keep_top_k=None)
     )
     ckpt = Checkpointer(ckpt_cfg, enable_async=False, read_only=True)
     try:
-        params, _, _, _ = ckpt.restore(step, abstract_params=target, abstract_opt_state=None, with_data=False)
+        params, _, _, _ = ckpt.restore(int(step_dir.name[5:]), abstract_params=target,
+                                       abstract_opt_state=None, with_data=False)
     finally:
         ckpt.close()
-    model = nnx.merge(graphdef, params, rest)
-    tokenizer = None
-    if (extra / "tokenizer").is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(extra / "tokenizer"))
-    save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, protected=protected)
-    return Path(out_dir)
+    return params
+
+
+def saved_config(step_dir: Path) -> ModelConfig:
+    """The model config stored in the checkpoint's extra files."""
+    extra = step_dir / "extra"
+    config = ModelConfig.from_hf_dict(json.loads((extra / MODEL_CONFIG).read_text()), source=str(extra / MODEL_CONFIG))
+    if (extra / GENERATION_CONFIG).is_file():
+        config = dataclasses.replace(config, generation_config_json=(extra / GENERATION_CONFIG).read_text())
+    return config
+
+
+def full_model(step_dir: Path) -> CausalLM:
+    """A full fine-tune's model, every parameter restored from the checkpoint."""
+    config, scan = saved_config(step_dir), saved_scan_layers(step_dir)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32,
+                                               scan_layers=scan, rngs=nnx.Rngs(0)))
+    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    return nnx.merge(graphdef, restore_params(step_dir, abs_params), rest)
+
+
+def _lora_graph(base: CausalLM, lora: LoraConfig) -> tuple[Any, Any]:
+    """(graphdef, abstract adapters) of `base` with `lora` adapters (nothing is computed)."""
+    abstract = nnx.eval_shape(lambda: CausalLM(
+        base.config, dtype=base.dtype, param_dtype=base.param_dtype, attention=base.attention, remat=base.remat,
+        scan_layers=base.scan_layers, max_segments=base.max_segments, rngs=nnx.Rngs(0), lora=lora))
+    graphdef, abs_adapters, _ = nnx.split(abstract, LoRAParam, ...)
+    return graphdef, abs_adapters
+
+
+def abstract_adapters(base: CausalLM, lora: LoraConfig) -> Any:
+    """The nnx.State (abstract values) that `lora`'s adapters on `base` have."""
+    return _lora_graph(base, lora)[1]
+
+
+def attach_lora(base: CausalLM, lora: LoraConfig, adapters: Any) -> CausalLM:
+    """`base` with `lora` adapters holding `adapters` (an nnx.State as `nnx.state(model, LoRAParam)`
+    has it); the base's parameters are shared, not copied. Unlike from_pretrained(lora=...), no
+    initial values are drawn (that compiles for seconds)."""
+    return nnx.merge(_lora_graph(base, lora)[0], adapters, nnx.state(base))
+
+
+def lora_model(step_dir: Path, reference: dict[str, Any], base: str | None) -> CausalLM:
+    """The base (`base`, else the recorded model_name, with the recorded hf_config_overrides) with
+    the checkpoint's adapters; BaseMismatch when its config is not the one trained on."""
+    lora = LoraConfig.from_dict(reference["lora"])
+    name = base or reference["base"]["model_name"]
+    model = from_pretrained(name, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=saved_scan_layers(step_dir),
+                            hf_config_overrides=reference["base"]["hf_config_overrides"] or None)
+    problem = lora_lib.base_problem(reference, name, model.config.to_hf_dict())
+    if problem:
+        raise BaseMismatch(f"{step_dir}: {problem}; pass --base with the base model it was trained on")
+    return attach_lora(model, lora, restore_params(step_dir, abstract_adapters(model, lora)))
+
+
+def adapters_only(step_dir: Path, reference: dict[str, Any]) -> CausalLM:
+    """A model whose adapters are restored from the checkpoint and whose base weights are
+    abstract (never read): enough to write a PEFT adapter."""
+    lora = LoraConfig.from_dict(reference["lora"])
+    config, scan = saved_config(step_dir), saved_scan_layers(step_dir)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32,
+                                               scan_layers=scan, rngs=nnx.Rngs(0), lora=lora))
+    graphdef, abs_adapters, rest = nnx.split(abstract, LoRAParam, ...)
+    return nnx.merge(graphdef, restore_params(step_dir, abs_adapters), rest)
+
+
+def export_checkpoint(step_dir: str | Path, out_dir: str | Path | None = None, *,
+                      peft_out: str | Path | None = None, base: str | None = None,
+                      dtype: str | None = None, overwrite: bool = False) -> list[Path]:
+    """Writes step_dir as an HF model folder at out_dir and/or (LoRA checkpoints) its adapters as
+    a PEFT adapter folder at peft_out; returns the folders written. `base`: the LoRA base to load
+    instead of the recorded one. overwrite: replace a non-empty output folder that is not an
+    earlier export (see module docstring)."""
+    from transformers import AutoTokenizer
+
+    if out_dir is None and peft_out is None:
+        raise UsageError("nothing to export: pass --out (the merged HF model) and/or --peft_out (a PEFT adapter)")
+    step_dir = checked_step_dir(step_dir)
+    reference = lora_reference(step_dir)
+    if reference is None and peft_out is not None:
+        raise UsageError(f"{step_dir}: a full fine-tune checkpoint (no extra/{LORA_REFERENCE}) has no LoRA "
+                         "adapters to write as a PEFT adapter; export it with --out only")
+    if reference is None and base is not None:
+        raise UsageError(f"{step_dir}: --base applies to LoRA checkpoints; this full fine-tune holds every weight")
+    protected = (step_dir.parent,)
+    for target in (out_dir, peft_out):  # before the slow restore
+        if target is not None:
+            check_export_target(target, overwrite=overwrite, protected=protected)
+    written = []
+    if peft_out is not None:
+        model = adapters_only(step_dir, reference)
+        save_peft_adapter(model, peft_out, base_model_name_or_path=base or reference["base"]["model_name"],
+                          overwrite=overwrite, protected=protected)
+        written.append(Path(peft_out))
+    if out_dir is not None:
+        model = full_model(step_dir) if reference is None else lora_model(step_dir, reference, base)
+        tokenizer = None
+        if (step_dir / "extra" / "tokenizer").is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(str(step_dir / "extra" / "tokenizer"))
+        save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, protected=protected)
+        written.append(Path(out_dir))
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a step_N folder of a jax_sft run")
-    parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    parser.add_argument("--out", default=None, help="the Hugging Face model folder to write (LoRA: merged)")
+    parser.add_argument("--peft_out", default=None, help="LoRA checkpoints: the PEFT adapter folder to write")
+    parser.add_argument("--base", default=None,
+                        help="LoRA checkpoints: the base model (folder or hub id) instead of the recorded "
+                             "policy.model_name; it must have the same config")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="dtype of the written tensors (default: the source model's)")
+                        help="dtype of the tensors --out writes (default: the source model's)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --out that no earlier export wrote (never the checkpoint "
-                             "folder, the working or home directory, their parents or /)")
+                        help="replace a non-empty output folder that no earlier export wrote (never the "
+                             "checkpoint folder, the working or home directory, their parents or /)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    out = exit_on_input_error(
-        lambda: export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    written = exit_on_input_error(
+        lambda: export_checkpoint(args.checkpoint, args.out, peft_out=args.peft_out, base=args.base,
+                                  dtype=args.dtype, overwrite=args.overwrite)
     )
-    print(f"exported {args.checkpoint} -> {out}")
+    for out in written:
+        print(f"exported {args.checkpoint} -> {out}")
 
 
 if __name__ == "__main__":

@@ -476,10 +476,12 @@ def from_pretrained(
             else:
                 value = jax.make_array_from_callback(shape, shardings[path], read)
             filled.append((path, var.replace(value)))
-        for path, var in adapters:
-            init = partial(lora_lib.initial_value, lora, path, tuple(var.shape), config.num_layers)
-            value = jax.jit(init, out_shardings=shardings.get(path))()
-            filled.append((path, var.replace(value)))
+        if adapters:  # one compiled function draws them all (one per adapter took ~0.4 s each)
+            inits = [partial(lora_lib.initial_value, lora, path, tuple(var.shape), config.num_layers)
+                     for path, var in adapters]
+            out_shardings = None if mesh is None else [shardings[path] for path, _ in adapters]
+            values = jax.jit(lambda: [init() for init in inits], out_shardings=out_shardings)()
+            filled += [(path, var.replace(value)) for (path, var), value in zip(adapters, values)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

@@ -1,0 +1,171 @@
+"""LoRA adapters -> a Hugging Face PEFT adapter folder, without torch or peft.
+
+    save_peft_adapter(model, "out/adapter", base_model_name_or_path="Qwen/Qwen3-0.6B")
+    # in transformers + peft:
+    #   PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/adapter")
+
+Writes `adapter_config.json` (peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout,
+target_modules, ...) and `adapter_model.safetensors` with the tensor names peft's save_pretrained
+writes for the default adapter: `base_model.model.<HF module name>.lora_A.weight` [r, in] and
+`...lora_B.weight` [out, r]. Both sides scale by lora_alpha / r (no rsLoRA), so A and B are
+written as they are, reshaped and transposed: a q_proj A [hidden, r] becomes lora_A [r, hidden],
+its B [r, heads, head_dim] lora_B [heads * head_dim, r]; an o_proj A [heads, head_dim, r] becomes
+lora_A [r, heads * head_dim]. Scan-stacked adapters ([num_layers, ...]) become one tensor pair
+per layer. lm_head's adapter (tied embeddings too) is `base_model.model.lm_head.lora_*`.
+
+target_modules says exactly which modules have adapters, in peft's terms: a list of module names
+(peft matches a module whose name ends with `.<entry>`) when every layer has the same adapted
+projections and every layer's MLP is dense; otherwise one regular expression that fully matches
+exactly the adapted modules' names (peft applies `re.fullmatch` to a string).
+
+lora_dropout is the training setting; peft applies dropout to the adapter's input (NeMo RL's
+dropout_position "pre"); at inference neither applies it. Writing follows save_pretrained's rules
+(`hf_io.export_target_problem`, atomic replacement, the `.jax_sft_export` marker; process 0
+writes, every process takes part in gathering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jax_sft.errors import SettingError
+from jax_sft.models.decoder import CausalLM
+from jax_sft.models.hf_io import EXPORT_MARKER, _atomic_dir, _to_host, check_export_target, is_stacked
+from jax_sft.models.lora import ATTENTION, LM_HEAD, MLP, LoRAParam, hf_module_name, site_of
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft's prefix of the wrapped model's module names
+_ORDER = ATTENTION + MLP + (LM_HEAD,)
+
+
+def adapter_sites(model: CausalLM) -> frozenset[tuple[int | None, str]]:
+    """The (layer, projection) sites of `model`'s adapters ((None, "lm_head") for lm_head)."""
+    sites = set()
+    for path, _ in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        layer, proj = site_of(path)
+        if proj != LM_HEAD and layer is None:  # scan-stacked: on every layer
+            sites.update((i, proj) for i in range(model.config.num_layers))
+        else:
+            sites.add((layer, proj))
+    return frozenset(sites)
+
+
+def target_modules(config, sites: frozenset[tuple[int | None, str]]) -> list[str] | str:
+    """peft's target_modules matching exactly `sites` (see the module docstring)."""
+    names = sorted({p for _, p in sites}, key=_ORDER.index)
+    every_layer = {(None if p == LM_HEAD else i, p) for p in names for i in range(config.num_layers)}
+    dense = config.num_experts == 0 or not any(config.moe_layers)
+    if sites == every_layer and dense:
+        return names
+    by_layer: dict[tuple[str, ...], list[int]] = {}
+    for i in range(config.num_layers):
+        projs = tuple(p for p in _ORDER if (i, p) in sites)
+        if projs:
+            by_layer.setdefault(projs, []).append(i)
+    alternatives = []
+    for projs, layers in by_layer.items():
+        parents = []
+        for parent, group in (("self_attn", ATTENTION), ("mlp", MLP)):
+            chosen = [p for p in projs if p in group]
+            if chosen:
+                parents.append(rf"{parent}\.(?:{'|'.join(chosen)})")
+        alternatives.append(rf"model\.layers\.(?:{'|'.join(map(str, layers))})\.(?:{'|'.join(parents)})")
+    if (None, LM_HEAD) in sites:
+        alternatives.append(LM_HEAD)
+    return "|".join(alternatives)
+
+
+def adapter_config(model: CausalLM, base_model_name_or_path: str) -> dict[str, Any]:
+    """adapter_config.json's content (peft's LoraConfig fields; the rest take peft's defaults)."""
+    lora = model.lora
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": lora.dim,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": float(lora.dropout),
+        "target_modules": target_modules(model.config, adapter_sites(model)),
+        "exclude_modules": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+
+
+def peft_name(layer: int | None, proj: str, matrix: str) -> str:
+    """peft's tensor name of one adapter matrix (matrix: "lora_a" or "lora_b")."""
+    return f"{PREFIX}{hf_module_name(layer, proj)}.{'lora_A' if matrix == 'lora_a' else 'lora_B'}.weight"
+
+
+def to_peft(matrix: str, value: np.ndarray) -> np.ndarray:
+    """One site's A [*in, r] -> lora_A.weight [r, prod(in)], or B [r, *out] -> lora_B.weight [prod(out), r]."""
+    if matrix == "lora_a":
+        return np.ascontiguousarray(value.reshape(-1, value.shape[-1]).T)
+    return np.ascontiguousarray(value.reshape(value.shape[0], -1).T)
+
+
+def peft_tensors(adapters: nnx.State) -> dict[str, np.ndarray]:
+    """{peft tensor name: float32 array} of every matrix in `adapters` (`nnx.state(model,
+    LoRAParam)`, or a gradient of it), gathered onto every process."""
+    tensors = {}
+    for path, var in nnx.to_flat_state(adapters):
+        layer, proj = site_of(path)
+        value = _to_host(var[...]).astype(np.float32)
+        if is_stacked(path) and proj != LM_HEAD:
+            per_layer = [(i, value[i]) for i in range(value.shape[0])]
+        else:
+            per_layer = [(layer, value)]
+        for i, v in per_layer:
+            tensors[peft_name(i, proj, path[-1])] = to_peft(path[-1], v)
+    return dict(sorted(tensors.items()))
+
+
+def save_peft_adapter(model: CausalLM, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
+                      overwrite: bool = False, protected: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Writes `model`'s LoRA adapters as a PEFT adapter folder (see the module docstring).
+    overwrite, protected: which existing `out_dir` may be replaced, as for save_pretrained."""
+    if model.lora is None:
+        raise SettingError("this model has no LoRA adapters to write as a PEFT adapter (it was not "
+                           "built with lora=...); export the full model with save_pretrained / --out")
+    if model.config.text_of_multimodal:
+        raise SettingError("a PEFT adapter of a Gemma3ForConditionalGeneration base is not supported "
+                           "(peft names its modules model.language_model.*); export the merged "
+                           "text-only model with save_pretrained / --out instead")
+    check_export_target(out_dir, overwrite=overwrite, protected=protected)
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = peft_tensors(nnx.state(model, LoRAParam))  # every process gathers
+    writer = jax.process_index() == 0
+    with (_atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext()) as tmp:
+        if not writer:
+            return
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text("written by jax_sft's export; a later export may replace this folder\n")
+
+
+def matches(pattern: list[str] | str, module_name: str) -> bool:
+    """Whether peft's target_modules `pattern` selects `module_name` (peft's rule, for tests)."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, module_name) is not None
+    return module_name in pattern or any(module_name.endswith(f".{p}") for p in pattern)
