@@ -112,3 +112,50 @@ def test_resuming_lora_onto_another_base_or_a_full_run_is_refused(assets, tmp_pa
     with pytest.raises(CheckpointMismatch, match="LoRA settings"):
         train.run(load(assets, run, sft__max_num_steps=2, sft__val_period=0,
                        **{**LORA, "policy__dtensor_cfg__lora_cfg__dim": 4}))
+
+
+def test_lora_run_exports_merged_and_peft_with_the_runs_val_loss(assets, tmp_path):
+    """A real LoRA run (adapters on every linear layer, lm_head of the tied model included), its
+    end-of-run export and both exports of its checkpoint give the run's validation loss in
+    transformers (the PEFT folder through peft.PeftModel)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from jax_sft import data as data_lib
+    from jax_sft.export import main as export_main
+
+    cfg = load(assets, tmp_path, sft__max_num_steps=4, sft__val_at_end=True,
+               checkpointing__hf_export_dir=tmp_path / "hf_end", policy__optimizer__kwargs__lr=1e-2,
+               policy__dtensor_cfg__lora_cfg__enabled=True, policy__dtensor_cfg__lora_cfg__dim=4,
+               policy__dtensor_cfg__lora_cfg__alpha=8)
+    result = train.run(cfg)
+    step_dir = tmp_path / "ckpt" / "step_4"
+    export_main(["--checkpoint", str(step_dir), "--out", str(tmp_path / "hf_cli"),
+                 "--peft_out", str(tmp_path / "adapter")])
+    tokenizer = data_lib.load_tokenizer(cfg)
+    batches = list(data_lib.SFTData(cfg, tokenizer, dp_size=1).val_batches())
+
+    def val_loss(hf) -> float:
+        nll, count = 0.0, 0.0
+        for mb in batches:
+            with torch.no_grad():
+                logits = hf(torch.tensor(mb["input_ids"], dtype=torch.long),
+                            position_ids=torch.tensor(mb["positions"], dtype=torch.long)).logits
+            logp = torch.log_softmax(logits.double(), -1)
+            tok = logp.gather(-1, torch.tensor(mb["targets"], dtype=torch.long)[..., None])[..., 0]
+            mask = torch.tensor(mb["loss_mask"], dtype=torch.float64)
+            nll += float(-(tok * mask).sum())
+            count += float(mask.sum())
+        return nll / count
+
+    load_hf = lambda path: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()  # noqa: E731
+    losses = {folder: val_loss(load_hf(tmp_path / folder)) for folder in ("hf_end", "hf_cli")}
+    losses["peft"] = val_loss(peft.PeftModel.from_pretrained(load_hf(assets / "model"), tmp_path / "adapter").eval())
+    base = val_loss(load_hf(assets / "model"))
+    print(f"\nLoRA run val_loss {result.val_losses[4]:.7f} (base {base:.7f}); in transformers: "
+          + ", ".join(f"{k} {v:.7f}" for k, v in losses.items()))
+    assert abs(result.val_losses[4] - base) > 1e-3 * base  # the adapters changed the model
+    for name, loss in losses.items():
+        # fp32 forward passes in two frameworks: a few ulps per op over a 2-layer model.
+        np.testing.assert_allclose(loss, result.val_losses[4], rtol=1e-5, err_msg=name)
