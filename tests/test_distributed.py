@@ -477,3 +477,34 @@ def test_saved_on_two_processes_resumes_on_one_with_four_devices(assets, referen
     for s in sorted(resumed):
         print(f"{s:>4}  {straight[s]:.7f}          {resumed[s]:.7f}")
     np.testing.assert_allclose([resumed[s] for s in sorted(resumed)], [straight[s] for s in sorted(resumed)], rtol=1e-4)
+
+
+def test_lora_on_two_processes_matches_one_process_and_exports_peft(assets, tmp_path):
+    """LoRA (every linear layer, packed rows) on 2 processes x 2 devices: the losses of 1 process
+    x 4 devices, one lora.json in the checkpoint, and a PEFT export gathered from both processes
+    equal to the single-process one."""
+    lora = dict(sft__max_num_steps=4, policy__sequence_packing__enabled=True,
+                policy__dtensor_cfg__lora_cfg__enabled=True, policy__dtensor_cfg__lora_cfg__dim=4,
+                policy__dtensor_cfg__lora_cfg__alpha=8)
+    launch = Launch(overrides(assets, tmp_path / "two", **lora), tmp_path / "two" / "processes")
+    assert launch.wait() == 0, launch.output()
+    cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), overrides(
+        assets, tmp_path / "one", cluster__num_nodes=1, cluster__gpus_per_node=4, **lora)[2:])
+    one = train.run(cfg)
+    [two_dir] = run_dirs(tmp_path / "two")
+    two = losses(two_dir)
+    print("\nLoRA step  1 process x 4 devices   2 processes x 2 devices")
+    for s in sorted(two):
+        print(f"{s:>9}  {one.train_losses[s]:.7f}             {two[s]:.7f}")
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one.train_losses[s] for s in sorted(two)], rtol=1e-4)
+    assert (tmp_path / "two" / "ckpt" / "step_4" / "extra" / "lora.json").is_file()
+    export = [sys.executable, "-m", "jax_sft.export", "--checkpoint"]
+    for run in ("one", "two"):
+        proc = subprocess.run([*export, str(tmp_path / run / "ckpt" / "step_4"), "--peft_out", str(tmp_path / run / "peft")],
+                              capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "peft" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "peft" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and any(k.endswith("lm_head.lora_B.weight") for k in a)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
