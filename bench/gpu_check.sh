@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, as one script: the GPU attention/scan tests, a probe of cuDNN's packed
-# layout, then bench/train_step.py (jax_sft vs PyTorch). Logs and the table go to $OUT (default
+# The GPU check of issues 6 and 15, as one script: the GPU attention/scan tests (cuDNN padded and
+# packed layouts, many short segments, windows, model-level cuDNN vs xla), a probe of cuDNN's packed
+# layout, bench/train_step.py (jax_sft unrolled and scanned at 32 x 1024 and 8 x 4096, packed,
+# LoRA, vs PyTorch eager and torch.compile), bench/step_overhead.py, and a Qwen3-4B-shaped run. Logs and the table go to $OUT (default
 # ./gpu_check_out). Run from the repository root with the GPU image's python3:
 #
 #     bash bench/gpu_check.sh [bench time budget in seconds, default 340]
 #
-# Wall time: ~3-4 min of tests (each GPU test compiles its kernels) + the bench budget + <= 90 s
-# of test_model.py. The 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
+# Wall time: ~3-4 min of tests (each GPU test compiles its kernels) + the bench budget + ~2 min of
+# step_overhead + QWEN_BUDGET (default 240 s) + <= 90 s of test_model.py: more than one 10-minute
+# device call; give it two (BUDGET=200 QWEN_BUDGET=0, then the Qwen3 part alone) or a shorter budget. The 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
 set -u -o pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${1:-340}
@@ -30,6 +33,17 @@ timeout 25 $PY tests/gpu/probe_packed.py 2>&1 | tee "$OUT/probe.log"
 
 timeout $((BUDGET + 15)) $PY bench/train_step.py --out "$OUT" --time-budget "$BUDGET" \
   --scan ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+
+# The fixed cost per micro-batch: weights cast once per step against once per micro-step.
+timeout 150 $PY bench/step_overhead.py --micro-batches 32 --tokens 256 2>&1 | tee "$OUT/step_overhead.log"
+
+# A Qwen3-4B-shaped full fine-tune at 8 x 4096 against torch on the same card (QWEN_BUDGET=0 skips).
+QWEN_BUDGET=${QWEN_BUDGET:-240}
+if [ "$QWEN_BUDGET" -gt 0 ]; then
+  timeout $((QWEN_BUDGET + 15)) $PY bench/train_step.py --model qwen3-4b --out "$OUT/qwen3_4b" \
+    --time-budget "$QWEN_BUDGET" --only jax:padded-4096 torch-eager:padded-4096 torch-compile:padded-4096 \
+    2>&1 | tee "$OUT/bench_qwen3_4b.log"
+fi
 
 # The model tests on the GPU (parity with transformers), if time remains in the caller's limit.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $PY -m pytest -q -p no:cacheprovider -x \

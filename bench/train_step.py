@@ -3,9 +3,12 @@
     python bench/train_step.py [--out DIR] [--time-budget 420] [--scan] [--no-torch-compile]
     python bench/train_step.py --only jax:padded-4096:scan torch-eager:padded-4096
     python bench/train_step.py --cpu-tiny          # a tiny model on the CPU, for CI (< 2 min)
+    python bench/train_step.py --model qwen3-4b --only jax:padded-4096 torch-eager:padded-4096
 
 The model is Llama-3.2-1B-shaped with random weights (vocab 128256, hidden 2048, 16 layers,
-32 heads, 8 kv heads, intermediate 8192, tied embeddings), bf16 compute, fp32 master weights,
+32 heads, 8 kv heads, intermediate 8192, tied embeddings; `--model qwen3-4b`: Qwen3-4B's shape,
+vocab 151936, hidden 2560, 36 layers, 32 heads of 128, 8 kv heads, intermediate 9728, q/k norms,
+tied, torch running Qwen3ForCausalLM), bf16 compute, fp32 master weights,
 AdamW (NeMo RL's defaults: lr 5e-6, betas 0.9/0.98, eps 1e-5, weight decay 0.1), gradient
 clipping at 1.0. Every optimizer step sees ~32768 tokens:
 
@@ -24,7 +27,7 @@ clipping at 1.0. Every optimizer step sees ~32768 tokens:
 packed case is measured against. jax_sft runs its real step functions (`jax_sft.step`): one
 compiled micro-step per micro-batch accumulating gradients, one compiled AdamW apply; layers
 unrolled (the trainer's default, `policy.jax_cfg.scan_layers=false`), `--scan` adds
-padded-4096 with scanned layers. PyTorch runs `LlamaForCausalLM(LlamaConfig(...))` (sdpa
+padded-4096 and padded-1024 with scanned layers. PyTorch runs `LlamaForCausalLM(LlamaConfig(...))` (sdpa
 attention), autocast bf16, fused AdamW, eagerly and under `torch.compile`. Each case runs in
 its own process (peak memory is per case; XLA and PyTorch never share the GPU), `warmup` steps
 then `steps` timed steps (median). Cases run in order of importance until --time-budget is spent.
@@ -64,6 +67,11 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
             max_position_embeddings=1024, rope_theta=500000.0, rms_norm_eps=1e-5)
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+# --model: (HF architecture, config.json shape).
+MODELS = {"llama-1b": ("LlamaForCausalLM", LLAMA_1B), "qwen3-4b": ("Qwen3ForCausalLM", QWEN3_4B)}
 ADAMW = dict(lr=5e-6, betas=(0.9, 0.98), eps=1e-5, weight_decay=0.1)
 MAX_SEGMENTS = 64
 
@@ -141,11 +149,16 @@ def padded_steps(seq: int, global_rows: int, micro_rows: int, num_steps: int, vo
     return steps
 
 
-def flops_config(shape: dict):
+def model_shape(args) -> tuple[str, dict]:
+    """(HF architecture, config.json shape) of the benchmarked model (--model; --cpu-tiny: TINY)."""
+    return ("LlamaForCausalLM", TINY) if args.cpu_tiny else MODELS[args.model]
+
+
+def flops_config(shape: dict, architecture: str = "LlamaForCausalLM"):
     """The ModelConfig of a benchmark shape (what `jax_sft.metrics.training_flops` takes)."""
     from jax_sft.models import ModelConfig
 
-    return ModelConfig.from_hf_dict({"architectures": ["LlamaForCausalLM"], **shape})
+    return ModelConfig.from_hf_dict({"architectures": [architecture], **shape})
 
 
 # ----------------------------------------------------------------------------- jax worker
@@ -166,8 +179,8 @@ def jax_worker(case: Case, args) -> dict:
     from jax_sft.optim import make_optimizer
     from jax_sft.step import make_step_fns, opt_state_shardings
 
-    shape = TINY if args.cpu_tiny else LLAMA_1B
-    cfg = flops_config(shape)
+    arch, shape = model_shape(args)
+    cfg = flops_config(shape, arch)
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     lora = LoraConfig(dim=case.lora, alpha=2 * case.lora, match_all_linear=True) if case.lora else None
@@ -221,7 +234,7 @@ def jax_worker(case: Case, args) -> dict:
         loss = float(metrics["train/loss"])  # waits for the step
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-            flops.append(training_flops(flops_config(shape), lengths))
+            flops.append(training_flops(cfg, lengths))
             tokens.append(int(lengths.sum()))
             rows.append(len(micro) * case.micro_rows)
     if not np.isfinite(loss):
@@ -250,11 +263,11 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    shape = TINY if args.cpu_tiny else LLAMA_1B
-    config = transformers.LlamaConfig(**shape, attn_implementation="sdpa")
+    arch, shape = model_shape(args)
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = transformers.LlamaForCausalLM(config).to(device)  # fp32 master weights
+    model = getattr(transformers, arch)(config).to(device)  # fp32 master weights
     model.train()
     opt = torch.optim.AdamW(model.parameters(), **ADAMW, fused=cuda)
     forward = torch.compile(model, dynamic=False) if compiled else model
@@ -294,7 +307,7 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
 
         name = torch.cuda.get_device_name()
         peak = next((p["bfloat16"] * 1e12 for k, p in PEAK_TFLOPS if k in name), None)
-    flops = training_flops(flops_config(shape), np.full(case.global_rows, case.seq))
+    flops = training_flops(flops_config(shape, arch), np.full(case.global_rows, case.seq))
     return dict(
         framework="torch.compile" if compiled else "torch eager", case=case.name, variant="",
         device=torch.cuda.get_device_name() if cuda else "cpu", kernel="sdpa", seq=case.seq,
@@ -314,7 +327,8 @@ def run_worker(spec: list[str], args, timeout: float) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *spec, "--out", args.out,
            "--cache-dir", args.cache_dir,
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--attention", args.attention,
-           "--remat", args.remat, "--loss-chunk", str(args.loss_chunk)] + (["--cpu-tiny"] if args.cpu_tiny else [])
+           "--remat", args.remat, "--loss-chunk", str(args.loss_chunk), "--model", args.model] + (
+               ["--cpu-tiny"] if args.cpu_tiny else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if "flags" in spec:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags_variant).strip()
@@ -402,6 +416,8 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu-tiny", action="store_true", help="tiny model on the CPU (CI)")
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-1b",
+                   help="the benchmarked shape (random weights): Llama-3.2-1B or Qwen3-4B")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--cache-dir", help="persistent XLA compilation cache (default: a fresh temp folder)")
     p.add_argument("--time-budget", type=float, default=420.0, help="seconds for all cases")
@@ -467,7 +483,7 @@ def main(argv=None) -> None:
     if args.xla_flags_variant:
         plan.append((["jax", "padded-4096", "flags"], 60))
     if args.scan:
-        plan.append((["jax", "padded-4096", "scan"], 40))
+        plan += [(["jax", "padded-4096", "scan"], 40), (["jax", "padded-1024", "scan"], 40)]
     if args.only:
         plan = [(spec.split(":"), 0) for spec in args.only]
     results = []

@@ -403,3 +403,10 @@ def test_lazy_tokenisation_trains_like_upfront_and_resumes(assets, tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)], [upfront.train_losses[s] for s in sorted(got)],
                                rtol=1e-6)
     np.testing.assert_allclose(second.val_losses[6], upfront.val_losses[6], rtol=1e-6)
+
+
+def test_segment_lengths_lists_each_rows_sequences_in_order():
+    seg = np.array([[1, 1, 1, 2, 2, 0], [1, 2, 2, 2, 3, 3], [0, 0, 0, 0, 0, 0], [4, 4, 4, 4, 4, 4]], np.int32)
+    lengths = train.segment_lengths({"segment_ids": seg})
+    assert lengths.tolist() == [3, 2, 1, 3, 2, 6] and lengths.dtype == np.int64
+    assert train.segment_lengths({"segment_ids": np.zeros((2, 3), np.int32)}).tolist() == []
