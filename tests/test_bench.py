@@ -31,7 +31,6 @@ def test_bench_cpu_tiny_prints_table(tmp_path):
         ("jax_sft", "padded-1024", "unrolled"), ("jax_sft", "padded-4096", "unrolled"),
         ("jax_sft", "packed-4096", "unrolled"), ("jax_sft", "padded-1024-warm", "unrolled"),
         ("jax_sft", "padded-4096", "scan"), ("jax_sft", "padded-4096-lora", "unrolled"),
-        ("jax_sft", "padded-1024", "scan"),
         ("torch eager", "padded-1024", ""), ("torch eager", "padded-4096", ""),
     }, got
     for r in results:

@@ -68,17 +68,19 @@ def test_lora_run_learns_resumes_after_kill_9_and_saves_small_checkpoints(assets
     # Same dropout masks after resuming (keyed by step and micro-batch).
     np.testing.assert_allclose([second[s] for s in sorted(second)],
                                [straight.train_losses[s] for s in sorted(second)], rtol=1e-6)
-    log_text = (logs[0] / "train.log").read_text() if (logs[0] / "train.log").exists() else ""
     step_dir = straight.checkpoint_dir / "step_10"
     reference = json.loads((step_dir / "extra" / "lora.json").read_text())
     assert reference["base"]["model_name"] == str(assets / "model") and reference["lora"]["dim"] == 8
 
-    full = train.run(load(assets, tmp_path / "full", sft__max_num_steps=1, sft__val_period=0))
-    lora_bytes, full_bytes = tree_bytes(step_dir), tree_bytes(full.checkpoint_dir / "step_1")
-    arrays = lambda d: tree_bytes(d / "params") + tree_bytes(d / "opt_state")  # noqa: E731
-    print(f"checkpoint: LoRA {lora_bytes:,} bytes (arrays {arrays(step_dir):,}), full {full_bytes:,} bytes "
-          f"(arrays {arrays(full.checkpoint_dir / 'step_1'):,}) {log_text[:0]}")
-    assert arrays(step_dir) < 0.5 * arrays(full.checkpoint_dir / "step_1")
+    # A full fine-tune's checkpoint holds every parameter and its two AdamW moments in fp32.
+    from jax_sft.memory import base_param_count
+    from jax_sft.models import read_config
+
+    full_arrays = 3 * 4 * base_param_count(read_config(assets / "model"))
+    lora_arrays = tree_bytes(step_dir / "params") + tree_bytes(step_dir / "opt_state")
+    print(f"checkpoint: LoRA {tree_bytes(step_dir):,} bytes (arrays {lora_arrays:,}); a full fine-tune's "
+          f"arrays {full_arrays:,} bytes")
+    assert lora_arrays < 0.5 * full_arrays
 
 
 def test_lora_losses_agree_across_meshes_scan_remat_and_packing(assets, tmp_path):
