@@ -9,7 +9,7 @@
 #
 # Wall time: ~3-4 min of tests (each GPU test compiles its kernels) + the bench budget + ~2 min of
 # step_overhead + QWEN_BUDGET (default 240 s) + <= 90 s of test_model.py: more than one 10-minute
-# device call; give it two (BUDGET=200 QWEN_BUDGET=0, then the Qwen3 part alone) or a shorter budget. The 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
+# device call; give it two (`QWEN_BUDGET=0 bash bench/gpu_check.sh 200`, then the Qwen3 part alone) or a shorter budget. The 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
 set -u -o pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${1:-340}
