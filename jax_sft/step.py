@@ -73,7 +73,7 @@ class StepFns:
     eval_step: Any  # (params, frozen, batch) -> (nll_sum, num_tokens)
 
 
-def _needs_cast(path: tuple, x: jax.Array, dtype) -> bool:
+def needs_cast(path: tuple, x: jax.Array, dtype) -> bool:
     """Whether the compute copy of a weight is `x` cast to `dtype`: not when it already has that
     dtype, nor for the weights the model uses in fp32 (RMSNorm weights; the lm_head adapter,
     folded into the unembedding in fp32)."""
@@ -91,7 +91,7 @@ def compute_caster(dtype):
     def cast(tree: Any) -> Any:
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
         leaves = [x for _, x in flat]
-        which = [i for i, (path, x) in enumerate(flat) if _needs_cast(path, x, dtype)]
+        which = [i for i, (path, x) in enumerate(flat) if needs_cast(path, x, dtype)]
         if which:
             for i, y in zip(which, cast_all([leaves[i] for i in which])):
                 leaves[i] = y

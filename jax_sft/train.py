@@ -247,8 +247,9 @@ def _run(cfg: Any, stop_signals: distributed.StopSignals, stack: contextlib.Exit
         return _finished_already(r.ckpt, r.resumed_from, r.total_steps)
     run_dir = next_run_dir(Path(cfg.logger.log_dir))
     logger = MetricsLogger(cfg.logger, run_dir, total_steps=r.total_steps, initial_step=r.step)
-    _log_start(r, logger, run_dir)
-    loop = _Loop(r, logger, stop_signals, start_time)
+    config_yaml = config_lib.to_yaml(cfg)
+    _log_start(r, logger, run_dir, config_yaml)
+    loop = _Loop(r, logger, stop_signals, start_time, config_yaml)
     try:
         loop.train()
     finally:
@@ -392,10 +393,9 @@ def _check_lora_checkpoint(r: _Run, step_dir: Path) -> None:
                               f"{r.lora.to_dict()}; resume with the same settings")
 
 
-def _log_start(r: _Run, logger: Any, run_dir: Path) -> None:
+def _log_start(r: _Run, logger: Any, run_dir: Path, config_yaml: str) -> None:
     from jax_sft.models import sharding as sharding_lib
 
-    config_yaml = config_lib.to_yaml(r.cfg)
     if jax.process_index() == 0:
         config_lib.save_config(r.cfg, run_dir / "config.yaml")
         logger.write(f"config:\n{config_yaml}")
@@ -413,7 +413,7 @@ def _log_start(r: _Run, logger: Any, run_dir: Path) -> None:
 def memory_line(params: Any, frozen: Any, opt_state: Any, precision: str) -> str:
     """One log line: trainable / total parameters and the bytes of weights, gradients (the fp32
     accumulator), optimizer state and the per-step compute copy, over all devices."""
-    from jax_sft.step import _needs_cast
+    from jax_sft.step import needs_cast
 
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
@@ -421,7 +421,7 @@ def memory_line(params: Any, frozen: Any, opt_state: Any, precision: str) -> str
     dtype = PRECISIONS[precision]
     copy = sum(x.size * jnp.dtype(dtype).itemsize
                for tree in (params, frozen)
-               for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if _needs_cast(path, x, dtype))
+               for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if needs_cast(path, x, dtype))
     def gib(b: float) -> str:
         unit = next((u for u, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if b >= 2**k), "B")
         return f"{b / 2 ** {'GiB': 30, 'MiB': 20, 'KiB': 10, 'B': 0}[unit]:.2f} {unit}"
@@ -440,7 +440,8 @@ class _Loop:
     micro-batches of the next batch (drawn before it; the data state saved with a checkpoint is
     taken before that draw)."""
 
-    def __init__(self, r: _Run, logger: Any, stop_signals: distributed.StopSignals, start_time: float):
+    def __init__(self, r: _Run, logger: Any, stop_signals: distributed.StopSignals, start_time: float,
+                 config_yaml: str):
         from jax_sft.export import model_files
         from jax_sft.metrics import peak_flops_per_device
 
@@ -450,7 +451,7 @@ class _Loop:
         self.peak = peak_flops_per_device(r.devices[0], cfg.policy.precision)
         self.extra_files = {}
         if r.ckpt:
-            self.extra_files = {**_extra_files(config_lib.to_yaml(cfg), r.tokenizer), **model_files(r.model_cfg)}
+            self.extra_files = {**_extra_files(config_yaml, r.tokenizer), **model_files(r.model_cfg)}
             if r.lora is not None:
                 import json
 
