@@ -159,3 +159,20 @@ def jax_logits(model, input_ids, positions=None, segment_ids=None) -> np.ndarray
     """model(...) under nnx.jit (compiling once per model and shape beats eager op-by-op)."""
     as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
     return np.asarray(_jit_forward(model, as_array(input_ids), as_array(positions), as_array(segment_ids)))
+
+
+def hf_val_loss(model, batches) -> float:
+    """The masked mean NLL (float64 log-softmax) of a transformers (or peft) causal LM over jax_sft
+    batches (dicts with input_ids, positions, targets, loss_mask): what jax_sft's val_loss is."""
+    nll, count = 0.0, 0.0
+    for mb in batches:
+        with torch.no_grad():
+            logits = model(torch.tensor(mb["input_ids"], dtype=torch.long),
+                           position_ids=torch.tensor(mb["positions"], dtype=torch.long)).logits
+        logp = torch.log_softmax(logits.double(), -1)
+        tok = logp.gather(-1, torch.tensor(mb["targets"], dtype=torch.long)[..., None])[..., 0]
+        mask = torch.tensor(mb["loss_mask"], dtype=torch.float64)
+        nll += float(-(tok * mask).sum())
+        count += float(mask.sum())
+    assert count > 0
+    return nll / count

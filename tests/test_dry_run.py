@@ -1,7 +1,6 @@
 """`python -m jax_sft.train --dry_run` on every SFT config of today's NeMo RL, and input errors as
 one-line messages with exit code 2 (no traceback)."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 
 from jax_sft.config import IgnoredKeysWarning
 from jax_sft.train import main
+from tiny_run import write_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NEMO_CONFIGS = ROOT.parent / "shared" / "reference" / "nemo-rl-configs" / "examples" / "configs"
@@ -86,12 +86,7 @@ def test_dry_run_checks_the_mesh_and_reads_a_local_model(tmp_path, capsys):
                               "policy.jax_cfg.mesh.tensor=3"], capsys)
     assert code == 2
     assert "policy.jax_cfg.mesh data=1 x tensor=3 = 3 does not divide the 8 devices" in err
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    model = write_model_config(tmp_path / "model")
     args = ["--config", sft, f"policy.model_name={model}", "cluster.gpus_per_node=8",
             "policy.jax_cfg.mesh.tensor=2", f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
             f"logger.log_dir={tmp_path}/logs"]

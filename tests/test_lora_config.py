@@ -205,16 +205,10 @@ def test_parameter_counts_match_hf_and_the_model_built_with_adapters(family):
 
 
 def test_dry_run_plan_counts_adapters_of_a_local_model(tmp_path, capsys):
-    import json
-
     from jax_sft.train import main
+    from tiny_run import write_model_config
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    model = write_model_config(tmp_path / "model")
     args = ["--config", str(ROOT / "configs" / "sft.py"), f"policy.model_name={model}",
             "policy.max_total_sequence_length=256", f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
             f"logger.log_dir={tmp_path}/logs", f"{DTENSOR}.enabled=true", f"{DTENSOR}.match_all_linear=false",

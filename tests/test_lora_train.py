@@ -4,12 +4,7 @@ every layout (mesh, scan_layers, remat, packing), and refusals to resume onto an
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +12,7 @@ import pytest
 
 from jax_sft import train
 from jax_sft.checkpoint import CheckpointMismatch
-from test_train import ROOT, load, overrides, read_metrics
+from test_train import killed_and_resumed, load
 from tiny_run import make_tiny_run_assets
 
 # Adapters on every projection (not lm_head, so that dropout is allowed), dropout 0.1 before them.
@@ -37,31 +32,11 @@ def tree_bytes(path: Path) -> int:
 
 
 def test_lora_run_learns_resumes_after_kill_9_and_saves_small_checkpoints(assets, tmp_path):
-    args = overrides(assets, tmp_path / "killed", sft__max_num_steps=10, sft__val_period=5,
-                     checkpointing__save_period=2, **LORA)
-    cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"), *args]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = tmp_path / "killed" / "ckpt"
-    deadline = time.time() + 180
-    while not (ckpt / "step_4").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(int(p.name.split("_")[1]) for p in ckpt.glob("step_*") if p.name[5:].isdigit())
-    assert 4 <= killed_at < 10
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {ckpt / f'step_{killed_at}'}" in resumed.stdout + resumed.stderr
-
+    killed_at, second = killed_and_resumed(assets, tmp_path / "killed", **LORA)
     straight = train.run(load(assets, tmp_path / "straight", sft__max_num_steps=10, sft__val_period=5,
                               checkpointing__save_period=2, **LORA))
     vals = [straight.val_losses[s] for s in sorted(straight.val_losses)]
     assert vals[-1] < 0.9 * vals[0], vals  # the adapters learn
-    logs = sorted((tmp_path / "killed" / "logs").glob("exp_*"))
-    second = {r["step"]: r["train/loss"] for r in read_metrics(logs[-1]) if "train/loss" in r}
-    assert sorted(second) == list(range(killed_at + 1, 11))
     print(f"\nLoRA, killed after step_{killed_at}; step  uninterrupted  resumed")
     for s in sorted(second):
         print(f"{s:>4}  {straight.train_losses[s]:.7f}   {second[s]:.7f}")
@@ -124,6 +99,7 @@ def test_lora_run_exports_merged_and_peft_with_the_runs_val_loss(assets, tmp_pat
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
+    from hf_models import hf_val_loss as val_loss
     from jax_sft import data as data_lib
     from jax_sft.export import main as export_main
 
@@ -135,26 +111,12 @@ def test_lora_run_exports_merged_and_peft_with_the_runs_val_loss(assets, tmp_pat
     step_dir = tmp_path / "ckpt" / "step_4"
     export_main(["--checkpoint", str(step_dir), "--out", str(tmp_path / "hf_cli"),
                  "--peft_out", str(tmp_path / "adapter")])
-    tokenizer = data_lib.load_tokenizer(cfg)
-    batches = list(data_lib.SFTData(cfg, tokenizer, dp_size=1).val_batches())
-
-    def val_loss(hf) -> float:
-        nll, count = 0.0, 0.0
-        for mb in batches:
-            with torch.no_grad():
-                logits = hf(torch.tensor(mb["input_ids"], dtype=torch.long),
-                            position_ids=torch.tensor(mb["positions"], dtype=torch.long)).logits
-            logp = torch.log_softmax(logits.double(), -1)
-            tok = logp.gather(-1, torch.tensor(mb["targets"], dtype=torch.long)[..., None])[..., 0]
-            mask = torch.tensor(mb["loss_mask"], dtype=torch.float64)
-            nll += float(-(tok * mask).sum())
-            count += float(mask.sum())
-        return nll / count
+    batches = list(data_lib.SFTData(cfg, data_lib.load_tokenizer(cfg), dp_size=1).val_batches())
 
     load_hf = lambda path: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()  # noqa: E731
-    losses = {folder: val_loss(load_hf(tmp_path / folder)) for folder in ("hf_end", "hf_cli")}
-    losses["peft"] = val_loss(peft.PeftModel.from_pretrained(load_hf(assets / "model"), tmp_path / "adapter").eval())
-    base = val_loss(load_hf(assets / "model"))
+    losses = {folder: val_loss(load_hf(tmp_path / folder), batches) for folder in ("hf_end", "hf_cli")}
+    losses["peft"] = val_loss(peft.PeftModel.from_pretrained(load_hf(assets / "model"), tmp_path / "adapter").eval(), batches)
+    base = val_loss(load_hf(assets / "model"), batches)
     print(f"\nLoRA run val_loss {result.val_losses[4]:.7f} (base {base:.7f}); in transformers: "
           + ", ".join(f"{k} {v:.7f}" for k, v in losses.items()))
     assert abs(result.val_losses[4] - base) > 1e-3 * base  # the adapters changed the model

@@ -89,24 +89,14 @@ def test_step0_val_loss_equals_hf_torch_masked_nll(assets, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
+    from hf_models import hf_val_loss
     from jax_sft import data as data_lib
 
     cfg = load(assets, tmp_path, sft__max_num_steps=0, checkpointing__enabled=False)
     result = train.run(cfg)
     hf = AutoModelForCausalLM.from_pretrained(assets / "model", torch_dtype=torch.float32).eval()
-    tokenizer = data_lib.load_tokenizer(cfg)
-    nll, count = 0.0, 0.0
-    for mb in data_lib.SFTData(cfg, tokenizer, dp_size=1).val_batches():
-        ids = torch.tensor(mb["input_ids"], dtype=torch.long)
-        with torch.no_grad():
-            logits = hf(ids, position_ids=torch.tensor(mb["positions"], dtype=torch.long)).logits
-        logp = torch.log_softmax(logits.double(), -1)
-        tok = logp.gather(-1, torch.tensor(mb["targets"], dtype=torch.long)[..., None])[..., 0]
-        mask = torch.tensor(mb["loss_mask"], dtype=torch.float64)
-        nll += float(-(tok * mask).sum())
-        count += float(mask.sum())
-    assert count > 0
-    np.testing.assert_allclose(result.val_losses[0], nll / count, rtol=2e-6)
+    batches = data_lib.SFTData(cfg, data_lib.load_tokenizer(cfg), dp_size=1).val_batches()
+    np.testing.assert_allclose(result.val_losses[0], hf_val_loss(hf, batches), rtol=2e-6)
 
 
 def test_sharded_8_devices_matches_single_device(assets, tmp_path):
@@ -124,13 +114,15 @@ def test_sharded_8_devices_matches_single_device(assets, tmp_path):
     np.testing.assert_allclose(eight, one, rtol=1e-5)
 
 
-def test_resume_after_kill_9_reproduces_uninterrupted_losses(assets, tmp_path):
-    args = overrides(assets, tmp_path / "killed", sft__max_num_steps=10, sft__val_period=5,
-                     checkpointing__save_period=2)
+def killed_and_resumed(assets: Path, run: Path, **extra) -> tuple[int, dict[int, float]]:
+    """A 10-step run (saves every 2 steps, validation every 5) in a subprocess, killed with
+    SIGKILL once step_4 is saved, then rerun to resume: (the step it resumed from, the resumed
+    run's train losses by step)."""
+    args = overrides(assets, run, sft__max_num_steps=10, sft__val_period=5, checkpointing__save_period=2, **extra)
     cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"), *args]
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = tmp_path / "killed" / "ckpt"
+    ckpt = run / "ckpt"
     deadline = time.time() + 180
     while not (ckpt / "step_4").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -142,12 +134,16 @@ def test_resume_after_kill_9_reproduces_uninterrupted_losses(assets, tmp_path):
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpt / f'step_{killed_at}'}" in resumed.stdout + resumed.stderr
-
-    straight = train.run(load(assets, tmp_path / "straight", sft__max_num_steps=10, sft__val_period=5,
-                              checkpointing__save_period=2))
-    logs = sorted((tmp_path / "killed" / "logs").glob("exp_*"))
+    logs = sorted((run / "logs").glob("exp_*"))
     second = {r["step"]: r["train/loss"] for r in read_metrics(logs[-1]) if "train/loss" in r}
     assert sorted(second) == list(range(killed_at + 1, 11))
+    return killed_at, second
+
+
+def test_resume_after_kill_9_reproduces_uninterrupted_losses(assets, tmp_path):
+    killed_at, second = killed_and_resumed(assets, tmp_path / "killed")
+    straight = train.run(load(assets, tmp_path / "straight", sft__max_num_steps=10, sft__val_period=5,
+                              checkpointing__save_period=2))
     print(f"\nkilled after step_{killed_at}; step  uninterrupted  resumed")
     for s in sorted(second):
         print(f"{s:>4}  {straight.train_losses[s]:.7f}   {second[s]:.7f}")
@@ -170,6 +166,7 @@ def test_export_loads_in_transformers_with_the_same_val_loss(assets, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
+    from hf_models import hf_val_loss
     from jax_sft import data as data_lib
     from jax_sft.export import main as export_main
 
@@ -181,17 +178,7 @@ def test_export_loads_in_transformers_with_the_same_val_loss(assets, tmp_path):
     batches = list(data_lib.SFTData(cfg, tokenizer, dp_size=1).val_batches())
     for folder in ("hf_end", "hf_cli"):
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / folder, torch_dtype=torch.float32).eval()
-        nll, count = 0.0, 0.0
-        for mb in batches:
-            with torch.no_grad():
-                logits = hf(torch.tensor(mb["input_ids"], dtype=torch.long),
-                            position_ids=torch.tensor(mb["positions"], dtype=torch.long)).logits
-            logp = torch.log_softmax(logits.double(), -1)
-            tok = logp.gather(-1, torch.tensor(mb["targets"], dtype=torch.long)[..., None])[..., 0]
-            mask = torch.tensor(mb["loss_mask"], dtype=torch.float64)
-            nll += float(-(tok * mask).sum())
-            count += float(mask.sum())
-        np.testing.assert_allclose(nll / count, result.val_losses[4], rtol=2e-6, err_msg=folder)
+        np.testing.assert_allclose(hf_val_loss(hf, batches), result.val_losses[4], rtol=2e-6, err_msg=folder)
         assert (tmp_path / folder / "tokenizer_config.json").is_file()
 
 

@@ -52,3 +52,14 @@ def make_tiny_run_assets(out: Path, family: str = "llama") -> Path:
     model = CausalLM(ModelConfig.from_hf_dict(hf), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     save_pretrained(model, out / "model", tokenizer=tokenizer)
     return out
+
+
+def write_model_config(folder: Path) -> Path:
+    """folder/config.json of a tiny 2-layer Llama (vocab 320, hidden 64) and nothing else: enough
+    for `--dry_run`, which reads a local model's config but no weights."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    return folder
