@@ -285,7 +285,3 @@ def initial_value(cfg: LoraConfig, path: tuple, shape: tuple[int, ...], num_laye
     if not stacked:
         return init_a(cfg.a_init, site_key(cfg.seed, layer, proj), shape)
     return jnp.stack([init_a(cfg.a_init, site_key(cfg.seed, i, proj), shape[1:]) for i in range(num_layers)])
-
-
-def num_params(state: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
