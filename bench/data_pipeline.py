@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
-    from jax_sft.config import load_config
+    from jax_sft.config import load_config, make_plan
     from jax_sft.data import SFTData, load_tokenizer
 
     def cfg(packing: bool, batch: int = args.batch):
@@ -129,18 +129,18 @@ def main() -> None:
     t_encode = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    padded = SFTData(cfg(False), tokenizer, dp_size=1, dp_ranks=[0], dataset=dataset)
+    padded = SFTData(make_plan(cfg(False), devices=1).data, tokenizer, dp_ranks=[0], dataset=dataset)
     t_tokenise = time.perf_counter() - t0
     tokens = padded.stats["data/train_tokens"]
     pad_padded, t_pad_steps = padding_fraction(padded, padded.steps_per_epoch)
-    packed = SFTData(cfg(True), tokenizer, dp_size=1, dp_ranks=[0], dataset=dataset)
+    packed = SFTData(make_plan(cfg(True), devices=1).data, tokenizer, dp_ranks=[0], dataset=dataset)
     pad_packed, t_pack_steps = padding_fraction(packed, packed.steps_per_epoch)
     epoch_tokens = packed.steps_per_epoch * args.batch * tokens / len(padded.train_split)
 
     by_batch = {}
     for g in (32, 64, 128):  # the last row of a step is partly empty: ~seq / 2 of G * mean length tokens
         c = cfg(True) if g == args.batch else cfg(True, batch=g)
-        data = packed if g == args.batch else SFTData(c, tokenizer, dp_size=1, dp_ranks=[0],
+        data = packed if g == args.batch else SFTData(make_plan(c, devices=1).data, tokenizer, dp_ranks=[0],
                                                       dataset=dataset)
         by_batch[g] = round(padding_fraction(data, data.steps_per_epoch)[0], 4)
     lengths = padded.train_split.lengths

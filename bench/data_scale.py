@@ -101,7 +101,7 @@ class ArrowConversations:
 
 def child(args) -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from jax_sft.config import load_config
+    from jax_sft.config import load_config, make_plan
     from jax_sft.data import SFTData, load_tokenizer
 
     cfg = load_config(None, [
@@ -112,7 +112,7 @@ def child(args) -> None:
     tokenizer = load_tokenizer(cfg)
     baseline, baseline_anon = _status_mb("VmRSS"), _status_mb("RssAnon")
     t0 = time.perf_counter()
-    data = SFTData(cfg, tokenizer, dp_size=1, dp_ranks=[0], dataset=ArrowConversations(args.data))
+    data = SFTData(make_plan(cfg, devices=1).data, tokenizer, dp_ranks=[0], dataset=ArrowConversations(args.data))
     it = data.train_iterator()
     if args.resume:
         it.set_state({**it.get_state(), "next_step": args.resume})
@@ -138,13 +138,14 @@ def interleaved_ratio(data, tokenizer, start: int, steps: int) -> dict:
     assembly cheap, so the ratio is taken against its start-up tokenisation instead (whole_tok_s)."""
     import numpy as np  # noqa: PLC0415
 
-    from jax_sft.data.pipeline import LazySplit, _AssembleStep  # noqa: PLC0415
+    from jax_sft.data.pipeline import _AssembleStep  # noqa: PLC0415
+    from jax_sft.data.tokens import LazySplit  # noqa: PLC0415
 
     split = data.train_split
     if not isinstance(split, LazySplit):
         split = LazySplit(data.dataset.formatted_ds["train"], data.encoder, str, max_length=data.layout.max_length,
                           overlength=data.cfg.data.overlength, skip_without_loss=False)
-    rows, G, seed = data.dataset.formatted_ds["train"], data.layout.global_batch, int(data.cfg.sft.seed)
+    rows, G, seed = data.dataset.formatted_ds["train"], data.layout.global_batch, data.plan.seed
     dealt = np.random.default_rng(seed).permutation(len(rows))  # the lazy shards (data.shuffle)
     members = [[dealt[j::G] for j in shards] for shards in data._train_shards]
     assemble = _AssembleStep(split, members, data._train_shards, data.layout, len(rows) // G, seed)

@@ -8,14 +8,14 @@ alpha 128, every linear layer incl. lm_head), bf16 compute. Full fine-tuning: fp
 weights, fp32 gradient accumulator, AdamW moments in fp32, a bf16 copy of the weights per step.
 LoRA: a bf16 frozen base (policy.jax_cfg.param_dtype=bfloat16), fp32 adapters with their
 gradients and AdamW moments. FSDP shards everything over the GPUs. Activations (which depend on
-batch, sequence length and remat) are not included: `jax_sft.memory.state_bytes_per_device`.
+batch, sequence length and remat) are not included: `jax_sft.models.counts.state_bytes_per_device`.
 """
 
 from __future__ import annotations
 
-from jax_sft.memory import base_param_count, lora_param_count, state_bytes_per_device
+from jax_sft.models.counts import lora_param_count, state_bytes_per_device
 from jax_sft.models import ModelConfig
-from jax_sft.models.lora import LoraConfig
+from jax_sft.models.options import LoraConfig
 
 LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -27,7 +27,7 @@ def main() -> None:
     m = ModelConfig.from_hf_dict(LLAMA_31_8B)
     lora = LoraConfig(dim=128, alpha=128, match_all_linear=True)
     trainable, total = lora_param_count(m, lora)
-    print(f"Llama-3.1-8B: {base_param_count(m):,} parameters; LoRA rank 128 on every linear layer: "
+    print(f"Llama-3.1-8B: {m.param_count():,} parameters; LoRA rank 128 on every linear layer: "
           f"{trainable:,} trainable ({100 * trainable / total:.2f}% of {total:,})")
     print(f"{'setup':<34} {'GPUs':>4} {'weights':>8} {'grads':>8} {'AdamW':>8} {'bf16 copy':>9} {'total GiB':>9}")
     for name, adapters, param_dtype in (("full fine-tune (fp32 master)", None, "float32"),

@@ -32,7 +32,7 @@ attention), autocast bf16, fused AdamW, eagerly and under `torch.compile`. Each 
 its own process (peak memory is per case; XLA and PyTorch never share the GPU), `warmup` steps
 then `steps` timed steps (median). Cases run in order of importance until --time-budget is spent.
 
-MFU = analytic training FLOPs (`jax_sft.metrics.training_flops`: 6 x matmul params per token
+MFU = analytic training FLOPs (`ModelConfig.training_flops`: 6 x matmul params per token
 plus causal attention over each sequence's own n(n+1)/2 pairs) / step time / dense bf16 peak;
 packed tokens/s and MFU count real tokens only. Compile time (jax) is lower + compile of the
 micro-step and the apply, through a persistent compilation cache (a fresh folder per benchmark
@@ -155,7 +155,7 @@ def model_shape(args) -> tuple[str, dict]:
 
 
 def flops_config(shape: dict, architecture: str = "LlamaForCausalLM"):
-    """The ModelConfig of a benchmark shape (what `jax_sft.metrics.training_flops` takes)."""
+    """The ModelConfig of a benchmark shape (what `ModelConfig.training_flops` takes)."""
     from jax_sft.models import ModelConfig
 
     return ModelConfig.from_hf_dict({"architectures": [architecture], **shape})
@@ -172,10 +172,11 @@ def jax_worker(case: Case, args) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from flax import nnx
 
-    from jax_sft.metrics import peak_flops_per_device, peak_memory_bytes, training_flops
+    from jax_sft.metrics import peak_flops_per_device, peak_memory_bytes
     from jax_sft.models import CausalLM, sharding
     from jax_sft.models import attention as attention_lib
-    from jax_sft.models.lora import LoraConfig, LoRAParam
+    from jax_sft.models.lora import LoRAParam
+    from jax_sft.models.options import LoraConfig
     from jax_sft.optim import make_optimizer
     from jax_sft.step import make_step_fns, opt_state_shardings
 
@@ -234,7 +235,7 @@ def jax_worker(case: Case, args) -> dict:
         loss = float(metrics["train/loss"])  # waits for the step
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-            flops.append(training_flops(cfg, lengths))
+            flops.append(cfg.training_flops(lengths))
             tokens.append(int(lengths.sum()))
             rows.append(len(micro) * case.micro_rows)
     if not np.isfinite(loss):
@@ -259,7 +260,6 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
     import torch
     import transformers
 
-    from jax_sft.metrics import training_flops
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -307,7 +307,7 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
 
         name = torch.cuda.get_device_name()
         peak = next((p["bfloat16"] * 1e12 for k, p in PEAK_TFLOPS if k in name), None)
-    flops = training_flops(flops_config(shape, arch), np.full(case.global_rows, case.seq))
+    flops = flops_config(shape, arch).training_flops(np.full(case.global_rows, case.seq))
     return dict(
         framework="torch.compile" if compiled else "torch eager", case=case.name, variant="",
         device=torch.cuda.get_device_name() if cuda else "cpu", kernel="sdpa", seq=case.seq,

@@ -17,6 +17,12 @@ leaves a half-deleted step_N. Only complete checkpoints (`incomplete_reason` is 
 or exported; at start-up a training run renames any other step_N to incomplete_step_N (kept for
 inspection, out of the way of a new save of that step), with an `IncompleteCheckpointWarning`.
 
+This module owns the layout: `step_dir` / `parse_step` name and read `step_N` folders,
+`complete_steps` lists the committed ones, `set_aside` renames a folder out of the way (kept, never
+resumed), `restore_params` reads one step's parameters read-only, and `extra/`'s files (the model's
+HF config: `model_files` / `saved_model_config`, a LoRA run's base: `lora_reference`) are written
+and read here. Callers pass explicit arguments, never the run config.
+
 A save that fails for lack of space (ENOSPC / EDQUOT, however Orbax or TensorStore wrap it)
 raises `CheckpointDiskFull` with a one-line message: the partial step is removed, the earlier
 checkpoints are kept.
@@ -45,10 +51,14 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from jax_sft.errors import InputError, RunFailure
 
+STEP_PREFIX = "step"  # step_N
 TRASH = ".deleted"  # Orbax renames the checkpoints retention retires into this subfolder
 COMMIT_FILE = "commit_success.txt"  # Orbax writes it last into each item and into step_N
 ARRAY_HANDLER = "StandardCheckpointHandler"
 REQUIRED_ITEMS = ("params", "train_info", "data", "extra")
+MODEL_CONFIG = "model/config.json"  # extra/: the model's HF config (export and generate read it)
+GENERATION_CONFIG = "model/generation_config.json"
+LORA_FILE = "lora.json"  # extra/ of a LoRA run: its settings and base (`models.options.base_reference`)
 
 
 class CheckpointDiskFull(RunFailure):
@@ -96,6 +106,99 @@ def incomplete_reason(step_dir: Path) -> str | None:
         if str(handler).endswith(ARRAY_HANDLER) and not any(item.glob("ocdbt.process_*/d/*")):
             return f"{name}/ holds no array data (ocdbt.process_*/d/ is empty)"
     return None
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+def step_dir(directory: str | Path, step: int) -> Path:
+    """directory/step_N."""
+    return Path(directory) / f"{STEP_PREFIX}_{step}"
+
+
+def parse_step(path: str | Path) -> int | None:
+    """N of a `step_N` folder name, None for any other name."""
+    name = Path(path).name
+    number = name.removeprefix(f"{STEP_PREFIX}_")
+    return int(number) if number != name and number.isdigit() else None
+
+
+def step_folders(directory: str | Path) -> dict[int, Path]:
+    """{N: directory/step_N} of the step_N folders under `directory`, complete or not, by step."""
+    found = {parse_step(p): p for p in Path(directory).glob(f"{STEP_PREFIX}_*") if p.is_dir()}
+    return {k: found[k] for k in sorted(k for k in found if k is not None)}
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """The steps under `directory` whose folders are complete, committed checkpoints."""
+    return [k for k, path in step_folders(directory).items() if incomplete_reason(path) is None]
+
+
+def set_aside(path: Path, prefix: str, *, rename: bool = True) -> Path:
+    """Renames `path` to `<prefix>_<name>` beside it (".1", ".2", ... when taken): kept, but never
+    resumed or exported. Returns the new path; `rename` False only names it (the processes that
+    are not process 0)."""
+    aside = next(a for i in range(1000) if not (a := path.with_name(f"{prefix}_{path.name}{f'.{i}' if i else ''}")).exists())
+    if rename:
+        path.rename(aside)
+    return aside
+
+
+def complete_step_dir(path: str | Path) -> Path:
+    """The absolute step_N folder `path`; IncompleteCheckpoint when it is none or incomplete."""
+    path = Path(path).absolute()
+    if parse_step(path) is None or not path.is_dir():
+        raise IncompleteCheckpoint(f"{path}: not a jax_sft checkpoint; pass a step_N folder under "
+                                   "checkpointing.checkpoint_dir")
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise IncompleteCheckpoint(f"{path}: incomplete checkpoint ({reason}); export a complete step_N of "
+                                   f"{path.parent} instead")
+    return path
+
+
+def model_files(config: Any) -> dict[str, bytes]:
+    """The extra files that give a checkpoint its model (a `ModelConfig`): its HF config.json and
+    generation_config.json, stored beside config.yaml and the tokenizer."""
+    files = {MODEL_CONFIG: json.dumps(config.to_hf_dict(), indent=2).encode()}
+    if config.generation_config_json is not None:
+        files[GENERATION_CONFIG] = config.generation_config_json.encode()
+    return files
+
+
+def saved_model_config(path: Path) -> tuple[dict[str, Any], str, str | None]:
+    """(the model's HF config dict, the file it was read from, generation_config.json's text or
+    None) of a complete step_N folder."""
+    extra = path / "extra"
+    config_path = extra / MODEL_CONFIG
+    if not config_path.is_file():
+        raise IncompleteCheckpoint(f"{config_path}: missing; {path} is not a complete jax_sft checkpoint")
+    generation = extra / GENERATION_CONFIG
+    return (json.loads(config_path.read_text()), str(config_path),
+            generation.read_text() if generation.is_file() else None)
+
+
+def lora_reference(path: Path) -> dict[str, Any] | None:
+    """extra/lora.json of a LoRA checkpoint (settings and base), None for a full fine-tune."""
+    file = path / "extra" / LORA_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def saved_scan_layers(path: Path) -> bool:
+    """Whether the checkpoint's params were saved scan-stacked (`layers.<name>`, not
+    `layers.<i>.<name>`), read from the tree structure Orbax stored."""
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.metadata(path / "params").item_metadata.tree
+    layers = tree.get("layers", {})
+    return bool(layers) and not any(str(k).isdigit() for k in layers)
+
+
+def restore_params(path: Path, target: Any) -> Any:
+    """The `params` item of the complete step_N folder `path`, read-only, in the structure, dtypes
+    and shardings of `target` (a pytree of jax.ShapeDtypeStruct): each process reads only the
+    shards its devices hold; nothing under the checkpoint folder is created or deleted."""
+    with ocp.StandardCheckpointer() as reader:
+        return reader.restore(path / "params", target)
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -247,23 +350,19 @@ class KeepLatestAndTopK(policies.PreservationPolicy):
 class Checkpointer:
     """Saves and restores training state under `checkpoint_dir` (see module docstring)."""
 
-    def __init__(self, cfg: Any, *, enable_async: bool = True, read_only: bool = False):
-        """read_only: only restore (export): no folder is created and nothing is deleted."""
-        self.dir = Path(cfg.checkpoint_dir).absolute()
-        self.save_optimizer = bool(cfg.save_optimizer)
-        self.metric_name = _metric_key(cfg.metric_name)
-        self._read_only = read_only
-        if not read_only:
-            self._set_aside_incomplete()
+    def __init__(self, directory: str | Path, *, save_optimizer: bool = True, metric_name: str | None = None,
+                 higher_is_better: bool = False, keep_top_k: int | None = None, enable_async: bool = True):
+        """`directory`: checkpoint_dir; `metric_name` ("val:<name>" / "train:<name>"),
+        `higher_is_better`, `keep_top_k`: retention (see the module docstring)."""
+        self.dir = Path(directory).absolute()
+        self.save_optimizer = bool(save_optimizer)
+        self.metric_name = metric_name
+        self._set_aside_incomplete()
         options = ocp.CheckpointManagerOptions(
-            step_prefix="step",
+            step_prefix=STEP_PREFIX,
             enable_async_checkpointing=enable_async,
-            preservation_policy=KeepLatestAndTopK(
-                self.metric_name, bool(cfg.higher_is_better), cfg.keep_top_k
-            ),
-            create=not read_only,
-            read_only=read_only,
-            todelete_subdir=None if read_only else TRASH,
+            preservation_policy=KeepLatestAndTopK(metric_name, bool(higher_is_better), keep_top_k),
+            todelete_subdir=TRASH,
         )
         self._manager = ocp.CheckpointManager(
             epath.Path(self.dir),
@@ -287,13 +386,11 @@ class Checkpointer:
         from jax_sft import distributed
 
         if jax.process_index() == 0 and self.dir.is_dir():
-            for path in sorted(self.dir.glob("step_*")):
-                reason = path.name[5:].isdigit() and path.is_dir() and incomplete_reason(path)
-                if not reason:
+            for path in step_folders(self.dir).values():
+                reason = incomplete_reason(path)
+                if reason is None:
                     continue
-                aside = next(a for i in range(1000)
-                             if not (a := self.dir / f"incomplete_{path.name}{f'.{i}' if i else ''}").exists())
-                path.rename(aside)
+                aside = set_aside(path, "incomplete")
                 warnings.warn(f"skipping {path}: incomplete checkpoint ({reason}); it is never resumed or "
                               f"exported, and was renamed {aside.name}. Delete it once you no longer need "
                               "its files", IncompleteCheckpointWarning, stacklevel=3)
@@ -320,7 +417,7 @@ class Checkpointer:
         return steps
 
     def step_dir(self, step: int) -> Path:
-        return self.dir / f"step_{step}"
+        return step_dir(self.dir, step)
 
     def save(
         self,
@@ -440,7 +537,7 @@ class Checkpointer:
     def _empty_trash(self) -> None:
         """Deletes the checkpoints retention retired (renamed into .deleted/); process 0 only."""
         trash = self.dir / TRASH
-        if jax.process_index() == 0 and not self._read_only and trash.is_dir():
+        if jax.process_index() == 0 and trash.is_dir():
             shutil.rmtree(trash)
 
 
@@ -454,10 +551,3 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
     raise AssertionError("unreachable")
-
-
-def _metric_key(metric_name: str | None) -> str | None:
-    """NeMo RL's "val:val_loss" (or older "val_loss") -> the key the trainer records."""
-    if not metric_name:
-        return None
-    return metric_name if ":" in metric_name else f"val:{metric_name}"

@@ -10,11 +10,11 @@ callers that catch those keep working.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["InputError", "DataError", "MissingFileError", "UsageError", "SettingError", "RunFailure",
-           "RUN_FAILURE_EXIT_CODE", "USAGE_EXIT_CODE", "exit_on_input_error"]
+__all__ = ["InputError", "ConfigError", "DataError", "MissingFileError", "UsageError", "SettingError",
+           "RunFailure", "RUN_FAILURE_EXIT_CODE", "USAGE_EXIT_CODE", "exit_on_input_error"]
 
 USAGE_EXIT_CODE = 2  # as argparse and the shells use for bad usage
 
@@ -23,6 +23,20 @@ T = TypeVar("T")
 
 class InputError(Exception):
     """Marker base: the user's input is wrong; the message says what and where."""
+
+
+class ConfigError(InputError, ValueError):
+    """A bad config. `problems`: one line each, "<dotted.key>=<value>: expected ...[; fix]"; all the
+    problems of a stage come in one error."""
+
+    def __init__(self, problems: Sequence[str], source: str = "config"):
+        self.problems, self.source = list(problems), source
+        n = len(self.problems)
+        if n == 1:  # one line
+            super().__init__(f"{source}: {self.problems[0]}")
+            return
+        lines = "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {n} config problems:{lines}")
 
 
 class DataError(InputError, ValueError):

@@ -28,116 +28,60 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jax_sft.checkpoint import Checkpointer, IncompleteCheckpoint, incomplete_reason
+from jax_sft.checkpoint import (
+    LORA_FILE,
+    complete_step_dir,
+    lora_reference,
+    restore_params,
+    saved_model_config,
+    saved_scan_layers,
+)
 from jax_sft.errors import InputError, UsageError, exit_on_input_error
-from jax_sft.models import CausalLM, ModelConfig, from_pretrained, save_pretrained
-from jax_sft.models import lora as lora_lib
-from jax_sft.models.hf_io import check_export_target
-from jax_sft.models.lora import LoraConfig, LoRAParam
+from jax_sft.models import CausalLM, ModelConfig, ModelOptions, from_pretrained, save_pretrained
+from jax_sft.models.hf_write import check_export_target
+from jax_sft.models.lora import LoRAParam
+from jax_sft.models.options import LoraConfig, base_problem
 from jax_sft.models.peft_io import save_peft_adapter
-
-MODEL_CONFIG = "model/config.json"
-GENERATION_CONFIG = "model/generation_config.json"
-LORA_REFERENCE = lora_lib.LORA_FILE  # extra/lora.json of a LoRA checkpoint
-
 
 class BaseMismatch(InputError, ValueError):
     """A LoRA checkpoint's adapters would be merged into a base other than the one trained on."""
 
 
-def model_files(config: ModelConfig) -> dict[str, bytes]:
-    """The extra files a checkpoint needs for export (stored beside config.yaml and tokenizer)."""
-    files = {MODEL_CONFIG: json.dumps(config.to_hf_dict(), indent=2).encode()}
-    if config.generation_config_json is not None:
-        files[GENERATION_CONFIG] = config.generation_config_json.encode()
-    return files
+_F32 = ModelOptions(dtype="float32", param_dtype="float32")
 
 
-def checked_step_dir(step_dir: str | Path) -> Path:
-    """The absolute step_N folder; IncompleteCheckpoint when it is none or incomplete."""
-    step_dir = Path(step_dir).absolute()
-    if not step_dir.name.startswith("step_") or not step_dir.name[5:].isdigit() or not step_dir.is_dir():
-        raise IncompleteCheckpoint(
-            f"{step_dir}: not a jax_sft checkpoint; pass a step_N folder under checkpointing.checkpoint_dir"
-        )
-    reason = incomplete_reason(step_dir)
-    if reason is not None:
-        raise IncompleteCheckpoint(
-            f"{step_dir}: incomplete checkpoint ({reason}); export a complete step_N of "
-            f"{step_dir.parent} instead"
-        )
-    return step_dir
-
-
-def lora_reference(step_dir: Path) -> dict[str, Any] | None:
-    """extra/lora.json of a LoRA checkpoint, None for a full fine-tune."""
-    path = step_dir / "extra" / LORA_REFERENCE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def saved_scan_layers(step_dir: Path) -> bool:
-    """Whether the checkpoint's params were saved scan-stacked (`layers.<name>`, not `layers.<i>.<name>`),
-    read from the tree structure Orbax stored."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as reader:
-        tree = reader.metadata(step_dir / "params").item_metadata.tree
-    layers = tree.get("layers", {})
-    return bool(layers) and not any(str(k).isdigit() for k in layers)
-
-
-def restore_params(step_dir: Path, abstract_params: Any) -> Any:
-    """The `params` item of step_dir, restored onto this host's first device in the structure
-    of `abstract_params` (an nnx.State of abstract variables)."""
-    from ml_collections import ConfigDict
-
+def _on_first_device(abstract: Any) -> Any:
+    """The abstract state restored onto this host's first device."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
-    ckpt_cfg = ConfigDict(
-        dict(checkpoint_dir=str(step_dir.parent), save_optimizer=False, metric_name=None,
-             higher_is_better=False, keep_top_k=None)
-    )
-    ckpt = Checkpointer(ckpt_cfg, enable_async=False, read_only=True)
-    try:
-        params, _, _, _ = ckpt.restore(int(step_dir.name[5:]), abstract_params=target,
-                                       abstract_opt_state=None, with_data=False)
-    finally:
-        ckpt.close()
-    return params
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
 
 
 def saved_config(step_dir: Path) -> ModelConfig:
     """The model config stored in the checkpoint's extra files."""
-    extra = step_dir / "extra"
-    config = ModelConfig.from_hf_dict(json.loads((extra / MODEL_CONFIG).read_text()), source=str(extra / MODEL_CONFIG))
-    if (extra / GENERATION_CONFIG).is_file():
-        config = dataclasses.replace(config, generation_config_json=(extra / GENERATION_CONFIG).read_text())
-    return config
+    hf_config, source, generation = saved_model_config(step_dir)
+    config = ModelConfig.from_hf_dict(hf_config, source=source)
+    return dataclasses.replace(config, generation_config_json=generation) if generation is not None else config
 
 
 def full_model(step_dir: Path) -> CausalLM:
     """A full fine-tune's model, every parameter restored from the checkpoint."""
-    config, scan = saved_config(step_dir), saved_scan_layers(step_dir)
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32,
-                                               scan_layers=scan, rngs=nnx.Rngs(0)))
+    options = dataclasses.replace(_F32, scan_layers=saved_scan_layers(step_dir))
+    abstract = nnx.eval_shape(lambda: CausalLM(saved_config(step_dir), options, rngs=nnx.Rngs(0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-    return nnx.merge(graphdef, restore_params(step_dir, abs_params), rest)
+    return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_params)), rest)
 
 
 def _lora_graph(base: CausalLM, lora: LoraConfig) -> tuple[Any, Any]:
     """(graphdef, abstract adapters) of `base` with `lora` adapters (nothing is computed)."""
-    abstract = nnx.eval_shape(lambda: CausalLM(
-        base.config, dtype=base.dtype, param_dtype=base.param_dtype, attention=base.attention, remat=base.remat,
-        scan_layers=base.scan_layers, max_segments=base.max_segments, rngs=nnx.Rngs(0), lora=lora))
+    options = dataclasses.replace(base.options, lora=lora)
+    abstract = nnx.eval_shape(lambda: CausalLM(base.config, options, rngs=nnx.Rngs(0)))
     graphdef, abs_adapters, _ = nnx.split(abstract, LoRAParam, ...)
     return graphdef, abs_adapters
 
@@ -159,23 +103,23 @@ def lora_model(step_dir: Path, reference: dict[str, Any], base: str | None) -> C
     the checkpoint's adapters; BaseMismatch when its config is not the one trained on."""
     lora = LoraConfig.from_dict(reference["lora"])
     name = base or reference["base"]["model_name"]
-    model = from_pretrained(name, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=saved_scan_layers(step_dir),
+    model = from_pretrained(name, dataclasses.replace(_F32, scan_layers=saved_scan_layers(step_dir)),
                             hf_config_overrides=reference["base"]["hf_config_overrides"] or None)
-    problem = lora_lib.base_problem(reference, name, model.config.to_hf_dict())
+    problem = base_problem(reference, name, model.config.to_hf_dict())
     if problem:
         raise BaseMismatch(f"{step_dir}: {problem}; pass --base with the base model it was trained on")
-    return attach_lora(model, lora, restore_params(step_dir, abstract_adapters(model, lora)))
+    adapters = restore_params(step_dir, _on_first_device(abstract_adapters(model, lora)))
+    return attach_lora(model, lora, adapters)
 
 
 def adapters_only(step_dir: Path, reference: dict[str, Any]) -> CausalLM:
     """A model whose adapters are restored from the checkpoint and whose base weights are
     abstract (never read): enough to write a PEFT adapter."""
-    lora = LoraConfig.from_dict(reference["lora"])
-    config, scan = saved_config(step_dir), saved_scan_layers(step_dir)
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jnp.float32, param_dtype=jnp.float32,
-                                               scan_layers=scan, rngs=nnx.Rngs(0), lora=lora))
+    options = dataclasses.replace(_F32, scan_layers=saved_scan_layers(step_dir),
+                                  lora=LoraConfig.from_dict(reference["lora"]))
+    abstract = nnx.eval_shape(lambda: CausalLM(saved_config(step_dir), options, rngs=nnx.Rngs(0)))
     graphdef, abs_adapters, rest = nnx.split(abstract, LoRAParam, ...)
-    return nnx.merge(graphdef, restore_params(step_dir, abs_adapters), rest)
+    return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_adapters)), rest)
 
 
 def export_checkpoint(step_dir: str | Path, out_dir: str | Path | None = None, *,
@@ -189,10 +133,10 @@ def export_checkpoint(step_dir: str | Path, out_dir: str | Path | None = None, *
 
     if out_dir is None and peft_out is None:
         raise UsageError("nothing to export: pass --out (the merged HF model) and/or --peft_out (a PEFT adapter)")
-    step_dir = checked_step_dir(step_dir)
+    step_dir = complete_step_dir(step_dir)
     reference = lora_reference(step_dir)
     if reference is None and peft_out is not None:
-        raise UsageError(f"{step_dir}: a full fine-tune checkpoint (no extra/{LORA_REFERENCE}) has no LoRA "
+        raise UsageError(f"{step_dir}: a full fine-tune checkpoint (no extra/{LORA_FILE}) has no LoRA "
                          "adapters to write as a PEFT adapter; export it with --out only")
     if reference is None and base is not None:
         raise UsageError(f"{step_dir}: --base applies to LoRA checkpoints; this full fine-tune holds every weight")
@@ -217,7 +161,8 @@ def export_checkpoint(step_dir: str | Path, out_dir: str | Path | None = None, *
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jax_sft.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a step_N folder of a jax_sft run")
     parser.add_argument("--out", default=None, help="the Hugging Face model folder to write (LoRA: merged)")
     parser.add_argument("--peft_out", default=None, help="LoRA checkpoints: the PEFT adapter folder to write")

@@ -45,7 +45,6 @@ from flax import nnx
 from jax_sft.errors import DataError, MissingFileError, UsageError, exit_on_input_error
 
 MIN_BUCKET = 16  # > 1: a prefill is never taken for a one-token decode step (kv_cache.py)
-PRECISIONS = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +156,9 @@ class Generator:
         from jax_sft.models import sharding as sharding_lib
 
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
-        model.remat = "none"  # no gradients here; the caches are written in the plain layer call
-        dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        if model.remat != "none":  # no gradients here; the caches are written in the plain layer call
+            model.options = dataclasses.replace(model.options, remat="none")
+        dp = 1 if mesh is None else sharding_lib.dp_size(mesh)
         self.batch_size = -(-max(batch_size, 1) // dp) * dp
         self.batch_sharding = None if mesh is None else sharding_lib.batch_sharding(mesh)
         self.stop_ids = sorted(set(stop_token_ids(tokenizer, model.config) if stop_ids is None else stop_ids))
@@ -315,9 +315,10 @@ def load_for_generation(source: str, overrides: Sequence[str]):
     """-> (model, tokenizer, mesh, cfg): a step_N checkpoint or an HF folder / hub id, sharded over
     a mesh of all local devices (or of `cluster.*` when the overrides set it). `cfg`: the defaults,
     the checkpoint's precision, attention and scan_layers (its parameter layout), then `overrides`."""
-    from jax_sft import config as config_lib
-    from jax_sft import distributed
-    from jax_sft.models import sharding as sharding_lib
+    from jax_sft import config as config_lib  # noqa: PLC0415
+    from jax_sft import distributed  # noqa: PLC0415
+    from jax_sft.config import plan as plan_lib  # noqa: PLC0415
+    from jax_sft.models import sharding as sharding_lib  # noqa: PLC0415
 
     step_dir = Path(source)
     is_checkpoint = (step_dir / "params").is_dir() and (step_dir / "extra").is_dir()
@@ -331,64 +332,47 @@ def load_for_generation(source: str, overrides: Sequence[str]):
                      f"policy.jax_cfg.attention={trained.policy.jax_cfg.attention}",
                      f"policy.jax_cfg.scan_layers={str(bool(trained.policy.jax_cfg.scan_layers)).lower()}"]
     cfg = config_lib.load_config(None, [*inherited, *overrides])
-    jc = cfg.policy.jax_cfg
     cluster_set = any(o.lstrip("+~").startswith("cluster.") for o in overrides)
     devices = distributed.select_devices(cfg.cluster) if cluster_set else jax.devices()
-    mesh = sharding_lib.make_mesh(jc.mesh.data, jc.mesh.fsdp, jc.mesh.tensor, devices=devices)
-    dtype = PRECISIONS[cfg.policy.precision]
-    kwargs = dict(dtype=dtype, param_dtype=dtype, attention=jc.attention, scan_layers=bool(jc.scan_layers))
+    m = plan_lib.mesh_plan(cfg, len(devices))
+    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, expert=m.expert)
+    # Inference: the weights in the compute dtype, no LoRA of the trained run (an export merges it).
+    options = plan_lib.model_options(cfg)
+    options = dataclasses.replace(options, param_dtype=options.dtype, remat="none", lora=None)
     if is_checkpoint:
-        model = _restore_checkpoint(step_dir, mesh, **kwargs)
+        model = _restore_checkpoint(step_dir, mesh, options)
         tokenizer_dir = step_dir / "extra" / "tokenizer"
     else:
-        from jax_sft.models import from_pretrained
-        from jax_sft.models.hf_io import resolve_model_dir
+        from jax_sft.models import from_pretrained  # noqa: PLC0415
+        from jax_sft.models.hf_read import resolve_model_dir  # noqa: PLC0415
 
         try:
             model_dir = resolve_model_dir(source)
         except FileNotFoundError as e:
             raise MissingFileError(f"--model {e}; expected a step_N checkpoint folder, an HF model folder or a "
                                    "hub id") from None
-        model = from_pretrained(model_dir, mesh=mesh, **kwargs)
+        model = from_pretrained(model_dir, options, mesh=mesh)
         tokenizer_dir = model_dir
     tokenizer = _tokenizer(tokenizer_dir, cfg, overrides)
     return model, tokenizer, mesh, cfg
 
 
-def _restore_checkpoint(step_dir: Path, mesh, **kwargs):
+def _restore_checkpoint(step_dir: Path, mesh, options):
     """The CausalLM of a step_N folder, parameters restored straight into their shardings."""
-    from ml_collections import ConfigDict
+    from jax_sft.checkpoint import complete_step_dir, restore_params, saved_model_config  # noqa: PLC0415
+    from jax_sft.models import CausalLM, ModelConfig  # noqa: PLC0415
+    from jax_sft.models import sharding as sharding_lib  # noqa: PLC0415
 
-    from jax_sft.checkpoint import Checkpointer, IncompleteCheckpoint, incomplete_reason
-    from jax_sft.export import GENERATION_CONFIG, MODEL_CONFIG
-    from jax_sft.models import CausalLM, ModelConfig
-    from jax_sft.models import sharding as sharding_lib
-
-    step_dir = step_dir.absolute()
-    extra = step_dir / "extra"
-    reason = incomplete_reason(step_dir)
-    if reason is not None or not step_dir.name.removeprefix("step_").isdigit():
-        raise IncompleteCheckpoint(f"{step_dir}: not a complete jax_sft checkpoint ({reason or 'not named step_N'}); "
-                                   f"pass a complete step_N folder of {step_dir.parent}")
-    config_path = extra / MODEL_CONFIG
-    if not config_path.is_file():
-        raise MissingFileError(f"{config_path}: missing; {step_dir} is not a complete jax_sft checkpoint")
-    config = ModelConfig.from_hf_dict(json.loads(config_path.read_text()), source=str(config_path))
-    if (extra / GENERATION_CONFIG).is_file():
-        config = dataclasses.replace(config, generation_config_json=(extra / GENERATION_CONFIG).read_text())
-    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), **kwargs))
+    step_dir = complete_step_dir(step_dir)
+    hf_config, source, generation = saved_model_config(step_dir)
+    config = ModelConfig.from_hf_dict(hf_config, source=source)
+    if generation is not None:
+        config = dataclasses.replace(config, generation_config_json=generation)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = sharding_lib.param_shardings(abs_params, mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_params, shardings)
-    ckpt_cfg = ConfigDict(dict(checkpoint_dir=str(step_dir.parent), save_optimizer=False, metric_name=None,
-                               higher_is_better=False, keep_top_k=None))
-    ckpt = Checkpointer(ckpt_cfg, enable_async=False, read_only=True)  # the run's folder is left as is
-    try:
-        step = int(step_dir.name.rsplit("_", 1)[-1])
-        params, _, _, _ = ckpt.restore(step, abstract_params=target, abstract_opt_state=None, with_data=False)
-    finally:
-        ckpt.close()
-    return nnx.merge(graphdef, params, rest)
+    return nnx.merge(graphdef, restore_params(step_dir, target), rest)
 
 
 def _tokenizer(path: Path, cfg, overrides: Sequence[str]):

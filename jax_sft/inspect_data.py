@@ -29,11 +29,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jax_sft.config import load_config, parse_args
+from jax_sft.config import load_config, make_plan, parse_args
+from jax_sft.config.plan import RunPlan
 from jax_sft.data.chat import ConversationEncoder, load_tokenizer
-from jax_sft.data.layout import build_dataset
-from jax_sft.data.datasets import Place
-from jax_sft.data.pipeline import LazySplit, apply_overlength, dataset_place
+from jax_sft.data.readers import Place
+from jax_sft.data.sections import build_dataset
+from jax_sft.data.tokens import LazySplit, apply_overlength, dataset_place
 from jax_sft.errors import USAGE_EXIT_CODE, DataError, exit_on_input_error
 
 _OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto", "validate_data": "false"}
@@ -71,15 +72,14 @@ def _options(extra: dict) -> dict[str, str]:
     return opts
 
 
-def validate(cfg, dataset, encoder) -> int:
+def validate(plan: RunPlan, dataset, encoder) -> int:
     """Encodes every row of both splits as training does (data.overlength, the no-loss rule) and
     prints an `error:` line for each that fails; returns how many failed."""
-    max_length = cfg.data.get("max_input_seq_length") or cfg.policy.max_total_sequence_length
     failed = 0
     for split in ("train", "validation"):
         rows = dataset.formatted_ds[split]
-        lazy = LazySplit(rows, encoder, dataset_place(dataset, split), max_length=max_length,
-                         overlength=cfg.data.overlength, skip_without_loss=bool(cfg.data.skip_examples_without_loss))
+        lazy = LazySplit(rows, encoder, dataset_place(dataset, split), max_length=plan.batch.max_input_length,
+                         overlength=plan.data.overlength, skip_without_loss=plan.data.skip_without_loss)
         for i in range(len(rows)):
             try:
                 lazy.examples([i])
@@ -101,18 +101,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if opts["split"] == "train" and cfg.data.get("train_data_path") and cfg.data.get("val_data_path") is None:
         # Datasets that read local files want both paths; only the train split is looked at here.
         cfg = load_config(config_path, [*overrides, f"data.val_data_path={cfg.data.train_data_path}"])
+    plan = make_plan(cfg, devices=cfg.cluster.num_nodes * cfg.cluster.gpus_per_node)
     tokenizer = load_tokenizer(cfg)
     dataset = build_dataset(cfg)
     encoder = ConversationEncoder.from_config(cfg, tokenizer, dataset.task_spec)
     if opts["validate_data"] == "true":
-        failed = validate(cfg, dataset, encoder)
+        failed = validate(plan, dataset, encoder)
         if failed:
             print(f"error: {failed} rows failed", file=sys.stderr)
             raise SystemExit(USAGE_EXIT_CODE)
         return
     rows = dataset.formatted_ds[opts["split"]]
     indices = list(range(min(int(opts["num"]), len(rows))))
-    max_length = cfg.data.get("max_input_seq_length") or cfg.policy.max_total_sequence_length
+    max_length = plan.batch.max_input_length
     place = dataset_place(dataset, opts["split"])
     color = opts["color"] == "always" or (opts["color"] == "auto" and sys.stdout.isatty())
     failed = 0
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"error: {opts['split']} example {i}: {error}", file=sys.stderr)
             failed += 1
             continue
-        ids, loss, status = apply_overlength(e.ids, e.loss, max_length, cfg.data.overlength)
+        ids, loss, status = apply_overlength(e.ids, e.loss, max_length, plan.data.overlength)
         if ids is None:
             print(f"{opts['split']} example {i}: {len(e.ids)} tokens > {max_length}: dropped (data.overlength=drop)",
                   file=sys.stderr)

@@ -1,17 +1,13 @@
-"""Metrics: analytic FLOPs / MFU, and one logger that writes every sink users look at.
-
-Names follow NeMo RL (train/loss, train/grad_norm, validation/val_loss, timing/train/...).
-Sinks: a tqdm progress bar on a terminal (elsewhere: whole lines, at most one every
-`PROGRESS_LINE_INTERVAL_S` and at the last step), `metrics.jsonl` in the run folder (one JSON object per line with
-"step" and the metric names: the contract scripts read), TensorBoard event files, W&B and
-MLflow. Only process 0 writes; other processes get a logger that drops everything.
+"""Metrics: peak FLOP/s for the MFU, device memory, and the run's logger: a tqdm progress bar on a
+terminal (elsewhere: whole lines, at most one every `PROGRESS_LINE_INTERVAL_S` and at the last
+step) in front of the sinks of `jax_sft.sinks` (metrics.jsonl, TensorBoard, W&B, MLflow). Only
+process 0 writes; other processes get a logger that drops everything. The analytic FLOPs of a step
+are the model family's (`ModelConfig.training_flops`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -19,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
+
+from jax_sft.sinks import Sink, open_sinks
 
 # Dense peak TFLOP/s per device by matmul dtype (bf16 tensor cores; fp32 = TF32 tensor cores,
 # which XLA uses for fp32 matmuls on these GPUs at default precision). Matched by substring of
@@ -42,32 +39,6 @@ def peak_flops_per_device(device: jax.Device, precision: str) -> float | None:
         if name in device.device_kind:
             return peaks[precision] * 1e12
     return None
-
-
-def training_flops(model_cfg: Any, sequence_lengths: np.ndarray) -> float:
-    """Analytic FLOPs of forward + backward (3x forward) for sequences of the given lengths.
-
-    `model_cfg` is a `jax_sft.models.ModelConfig`. Matmul FLOPs are 2 per multiply-add per token
-    over every projection and the LM head; causal attention counts QK^T and AV over the n(n+1)/2
-    query-key pairs of a sequence (half of full attention), or fewer in a layer whose sliding
-    window W caps the keys per query. Mixture-of-experts layers count their active parameters:
-    the router and the top-k experts a token goes through.
-    """
-    d, hd = model_cfg.hidden_size, model_cfg.head_dim
-    q, kv = model_cfg.num_heads * hd, model_cfg.num_kv_heads * hd
-    attn = d * q + 2 * d * kv + q * d
-    moe_layers = sum(model_cfg.moe_layers) if model_cfg.num_experts else 0
-    dense_mlp = 3 * d * model_cfg.intermediate_size
-    moe_mlp = d * model_cfg.num_experts + model_cfg.experts_per_token * 3 * d * model_cfg.moe_intermediate_size
-    matmul_params = (model_cfg.num_layers * attn + (model_cfg.num_layers - moe_layers) * dense_mlp
-                     + moe_layers * moe_mlp + d * model_cfg.vocab_size)
-    n = np.asarray(sequence_lengths, np.float64)
-    pairs = 0.0
-    for window in model_cfg.sliding_windows:
-        w = n if window is None else np.minimum(n, window)
-        pairs += (n * w - w * (w - 1) / 2).sum()  # = n(n+1)/2 when w = n
-    forward = 2 * matmul_params * n.sum() + 2 * 2 * q * pairs
-    return 3.0 * forward
 
 
 def peak_memory_bytes() -> int | None:
@@ -97,55 +68,28 @@ class MetricsLogger:
     def __init__(self, cfg: Any, run_dir: Path, *, total_steps: int, initial_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.run_dir = Path(run_dir)
-        self._bar = self._tb = self._wandb = self._mlflow = None
-        self._jsonl = None
+        self._bar = None
+        self.sinks: list[Sink] = []
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.sinks = open_sinks(cfg, self.run_dir)
         self._bar_range = (initial_step, total_steps)  # the bar starts with the first step
         self._terminal = sys.stderr.isatty()
         self._last_line = time.monotonic()  # off a terminal: when the last progress line went out
-        if cfg.tensorboard_enabled:
-            from tensorboardX import SummaryWriter
-
-            tb_dir = cfg.tensorboard.get("log_dir") or str(self.run_dir / "tensorboard")
-            self._tb = SummaryWriter(tb_dir)
-        if cfg.wandb_enabled:
-            self._wandb = _start_wandb(cfg.wandb, self.run_dir)
-        if cfg.mlflow_enabled:
-            self._mlflow = _start_mlflow(cfg.mlflow, self.run_dir)
 
     def log_config(self, config_dict: Mapping[str, Any]) -> None:
-        if self._wandb is not None:
-            self._wandb.config.update(dict(config_dict), allow_val_change=True)
-        if self._mlflow is not None:
-            flat = _flatten(config_dict)
-            self._mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        for sink in self.sinks:
+            sink.config(config_dict)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.enabled:
-            return
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        if self._tb is not None:
-            for k, v in clean.items():
-                self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:
-            self._wandb.log(clean, step=step)
-        if self._mlflow is not None:
-            self._mlflow.log_metrics({k.replace(":", "_"): v for k, v in clean.items()}, step=step)
+        for sink in self.sinks:
+            sink.scalars(clean, step)
 
     def log_text(self, name: str, text: str, step: int) -> None:
-        """A block of text (e.g. validation samples) to TensorBoard, W&B and MLflow."""
-        if not self.enabled:
-            return
-        if self._tb is not None:
-            self._tb.add_text(name, text, step)
-        if self._wandb is not None:
-            self._wandb.log({name: self._wandb.Html(f"<pre>{_html_escape(text)}</pre>")}, step=step)
-        if self._mlflow is not None:
-            self._mlflow.log_text(text, f"{name.replace('/', '_')}_step_{step}.txt")
+        """A block of text (e.g. validation samples) to the sinks that take text."""
+        for sink in self.sinks:
+            sink.text(name, text, step)
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         """Advance the console bar to `step` and show loss, lr and throughput; off a terminal,
@@ -186,60 +130,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        if self._mlflow is not None:
-            self._mlflow.end_run()
-
-
-def _start_wandb(cfg: Any, run_dir: Path):
-    try:
-        import wandb
-    except ImportError:
-        raise RuntimeError(
-            "logger.wandb_enabled is true but wandb is not installed: "
-            "pip install 'jax_sft[wandb]' or set logger.wandb_enabled=false"
-        ) from None
-    wandb.init(project=cfg.project, name=cfg.name, dir=str(run_dir))
-    return wandb
-
-
-def _start_mlflow(cfg: Any, run_dir: Path):
-    try:
-        import mlflow
-    except ImportError:
-        raise RuntimeError(
-            "logger.mlflow_enabled is true but mlflow is not installed: "
-            "pip install 'jax_sft[mlflow]' or set logger.mlflow_enabled=false"
-        ) from None
-    if cfg.get("tracking_uri"):
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-    else:  # a store in the run folder, its artifacts too (MLflow's default: ./mlruns in the cwd)
-        mlflow.set_tracking_uri(f"sqlite:///{os.path.abspath(run_dir / 'mlflow.db')}")
-        if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
-            mlflow.create_experiment(cfg.experiment_name,
-                                     artifact_location=(run_dir / "mlflow_artifacts").resolve().as_uri())
-    mlflow.set_experiment(cfg.experiment_name)
-    mlflow.start_run(run_name=cfg.run_name)
-    return mlflow
-
-
-def _html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+        for sink in self.sinks:
+            sink.close()

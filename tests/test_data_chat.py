@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from jax_sft.data.chat import PASSTHROUGH_TEMPLATE, ConversationEncoder, _boundary, check_conversation, \
     load_tokenizer, resolve_chat_template
-from jax_sft.data.datasets import TaskDataSpec
-from jax_sft.defaults import SQUAD_TEMPLATE  # NeMo RL's default template
+from jax_sft.data.formats import TaskDataSpec
+from jax_sft.config.defaults import SQUAD_TEMPLATE  # NeMo RL's default template
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",

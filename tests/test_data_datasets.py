@@ -9,8 +9,9 @@ import pytest
 
 from jax_sft.config import ConfigError
 from jax_sft.data import DATASETS, build_dataset
-from jax_sft.data.datasets import OASST_SYSTEM_PROMPT, NoneFilledToolsWarning, PreservingDataset, TaskDataSpec
-from jax_sft.defaults import get_config
+from jax_sft.data.formats import OASST_SYSTEM_PROMPT, NoneFilledToolsWarning, TaskDataSpec
+from jax_sft.data.readers import PreservingDataset
+from jax_sft.config.defaults import get_config
 from jax_sft.errors import DataError
 
 

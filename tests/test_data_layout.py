@@ -10,7 +10,7 @@ import pytest
 
 from jax_sft.config import ConfigError, load_config, validate
 from jax_sft.data import RawDataset, TaskDataSpec, build_dataset, describe_data
-from jax_sft.data.layout import IgnoredDatasetKeyWarning
+from jax_sft.data.sections import IgnoredDatasetKeyWarning
 
 
 def write_jsonl(path, rows):

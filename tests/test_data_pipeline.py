@@ -11,7 +11,8 @@ import pytest
 
 from jax_sft.config import load_config
 from jax_sft.data import ARRAY_KEYS, SFTData, load_tokenizer, pad_micro_batches
-from jax_sft.data.pipeline import pack, process_dp_ranks
+from jax_sft.config import make_plan
+from jax_sft.data.batches import pack, process_dp_ranks
 from jax_sft.errors import DataError
 
 
@@ -44,7 +45,7 @@ def overrides(qwen_path, train, val, **kw):
 
 def build(fixture_tokenizer_path, files, dp_size=1, process_index=0, process_count=1, **kw):
     cfg = load_config(None, overrides(fixture_tokenizer_path("qwen3"), *files, **kw))
-    return SFTData(cfg, load_tokenizer(cfg), dp_size=dp_size,
+    return SFTData(make_plan(cfg, devices=dp_size).data, load_tokenizer(cfg),
                    dp_ranks=process_dp_ranks(dp_size, process_index, process_count))
 
 
@@ -250,7 +251,7 @@ def test_validation_batches(fixture_tokenizer_path, files):
 
 
 def test_layout_errors(fixture_tokenizer_path, files):
-    with pytest.raises(ValueError, match="train_global_batch_size=8 must be a multiple of train_micro_batch_size"):
+    with pytest.raises(ValueError, match="train_global_batch_size=8 is not divisible by micro batch 2 x data-parallel size 3"):
         build(fixture_tokenizer_path, files, dp_size=3)
     # Rows are max_total_sequence_length rounded up to make_sequence_length_divisible_by: 64 -> 96.
     data = build(fixture_tokenizer_path, files, **{"policy.make_sequence_length_divisible_by": 48})
@@ -286,11 +287,11 @@ def test_workers_give_the_same_cache_and_name_bad_examples(fixture_tokenizer_pat
 _RESUME = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from jax_sft.config import load_config
+    from jax_sft.config import load_config, make_plan
     from jax_sft.data import SFTData, load_tokenizer
     overrides, state, n, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     cfg = load_config(None, overrides)
-    it = SFTData(cfg, load_tokenizer(cfg), dp_size=1, dp_ranks=[0]).train_iterator()
+    it = SFTData(make_plan(cfg, devices=1).data, load_tokenizer(cfg), dp_ranks=[0]).train_iterator()
     it.set_state(state)
     arrays = {}
     for s in range(n):

@@ -11,7 +11,8 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from jax_sft.config import load_config
 from jax_sft.data import build_dataset
 from jax_sft.data.chat import ConversationEncoder
-from jax_sft.data.datasets import OpenAIFormatDataset, read_json_records
+from jax_sft.data.formats import OpenAIFormatRows as OpenAIFormatDataset
+from jax_sft.data.readers import read_json_records
 from jax_sft.errors import DataError
 from jax_sft.inspect_data import main as inspect_main
 
@@ -209,7 +210,7 @@ def test_inspect_data_prints_good_rows_and_reports_bad_ones(tmp_path, fixture_to
 
 
 def test_a_conversation_of_exactly_the_limit_is_kept_and_trained(fixture_tokenizer_path):
-    from jax_sft.data.pipeline import apply_overlength
+    from jax_sft.data.tokens import apply_overlength
 
     tok = tokenizer(fixture_tokenizer_path, "qwen3")
     e = encoder(tok).encode([PLAIN], ["row"])[0]

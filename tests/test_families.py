@@ -25,8 +25,10 @@ from safetensors.numpy import load_file, save_file
 
 from hf_models import hf_logits, hf_val_loss, jax_logits, make_gemma3_multimodal, make_hf_model
 from jax_sft.loss import masked_nll_sum
+from jax_sft.config import make_plan
 from jax_sft.models import CausalLM, CheckpointError, ModelConfig, from_pretrained, save_pretrained, sharding
-from jax_sft.models.decoder import ACTIVATIONS, dense_experts, grouped_experts
+from jax_sft.models.layers import ACTIVATIONS
+from jax_sft.models.moe import dense_experts, grouped_experts
 
 VOCAB = 256
 NEW = ("gemma2", "gemma3", "qwen3_moe", "mixtral")
@@ -329,7 +331,7 @@ def test_training_run_val_loss_falls_and_export_reproduces_it(family, tmp_path):
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
                                                            attn_implementation="eager").eval()
-    loss = hf_val_loss(hf, data_lib.SFTData(cfg, data_lib.load_tokenizer(cfg), dp_size=1).val_batches())
+    loss = hf_val_loss(hf, data_lib.SFTData(make_plan(cfg, devices=1).data, data_lib.load_tokenizer(cfg)).val_batches())
     print(f"\n{family}: val_loss step 0 {vals[0]:.4f} -> step 8 {vals[1]:.4f}; exported, in transformers: "
           f"{loss:.6f} (jax_sft {result.val_losses[8]:.6f})")
     np.testing.assert_allclose(loss, result.val_losses[8], rtol=1e-5)
@@ -369,7 +371,7 @@ def test_moe_training_with_expert_parallelism_matches_one_device(tmp_path):
 
 
 def test_mfu_counts_active_expert_parameters():
-    from jax_sft.metrics import training_flops
+    from jax_sft.models.counts import training_flops
 
     moe = ModelConfig.from_hf_dict(dict(BASE, architectures=["MixtralForCausalLM"], num_local_experts=8,
                                         num_experts_per_tok=2, intermediate_size=32))
@@ -382,17 +384,19 @@ def test_mfu_counts_active_expert_parameters():
 
 def test_dry_run_names_the_family_and_the_experts(hf_models):
     from jax_sft import config as config_lib
-    from jax_sft.dry_run import _mesh_and_batches, _model
+    from jax_sft.models import read_config
 
     for family, expected in (("gemma2", "Gemma2ForCausalLM (gemma2 family)"),
                              ("qwen3_moe", "Qwen3MoeForCausalLM (qwen3moe family)")):
         cfg = config_lib.load_config(None, [f"policy.model_name={hf_models[family][1]}",
                                             "policy.dtensor_cfg.expert_parallel_size=2"])
-        lines, _ = _model(cfg)
+        path = hf_models[family][1]
+        plan = make_plan(cfg, devices=2, model_dir=path, model_config=read_config(path))
+        lines = [line for line in plan.describe(1, 2) if line.startswith("model: ")]
         assert lines[0].startswith(f"model: {expected} from "), lines
     assert lines[1] == ("model: mixture of experts: 4 experts, top 2, 1 of 2 layers sparse; router aux "
                         "loss coef 0.01; experts over mesh expert=2"), lines
     cfg = config_lib.load_config(None, ["policy.dtensor_cfg.expert_parallel_size=2", "cluster.gpus_per_node=8",
                                         "policy.train_global_batch_size=16", "sft.val_global_batch_size=16"])
-    mesh_line = _mesh_and_batches(cfg, None)[0]
+    mesh_line = make_plan(cfg, devices=8).describe(1, 8)[0]
     assert mesh_line.startswith("mesh: data=1 x fsdp=4 x expert=2 x tensor=1 over 8 devices"), mesh_line

@@ -20,8 +20,9 @@ from safetensors.numpy import load_file, save_file
 
 from hf_models import FAMILIES, hf_logits, jax_logits, make_hf_model
 from jax_sft.models import CheckpointError, from_pretrained, save_pretrained, sharding
-from jax_sft.models.hf_io import EXPORT_MARKER, ExportTargetError
-from jax_sft.models.hf_io import HEADS, IN_HEADS, LINEAR, OUT_HEADS, SAME, parse_size, resolve_model_dir
+from jax_sft.models.hf_read import resolve_model_dir
+from jax_sft.models.hf_write import EXPORT_MARKER, ExportTargetError, parse_size
+from jax_sft.models.weights import HEADS, IN_HEADS, LINEAR, OUT_HEADS, SAME
 
 VOCAB = 256
 

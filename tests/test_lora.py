@@ -31,7 +31,8 @@ peft = pytest.importorskip("peft")
 from hf_models import make_hf_model  # noqa: E402
 from jax_sft.export import abstract_adapters, attach_lora  # noqa: E402
 from jax_sft.models import from_pretrained, save_pretrained  # noqa: E402
-from jax_sft.models.lora import LoraConfig, LoRAParam, base_reference  # noqa: E402
+from jax_sft.models.lora import LoRAParam  # noqa: E402
+from jax_sft.models.options import LoraConfig, base_reference  # noqa: E402
 from jax_sft.models.peft_io import (  # noqa: E402
     ADAPTER_CONFIG, matches, peft_tensors, save_peft_adapter, target_modules,
 )
@@ -200,7 +201,7 @@ def save_lora_checkpoint(model, ckpt_dir: Path, step: int, base: Path) -> Path:
     """A LoRA checkpoint as train.py writes one: params = the adapters only (float32), extra files
     = the model config and lora.json (the base reference). Replace with a real run once train.py
     writes them."""
-    from jax_sft.export import model_files
+    from jax_sft.checkpoint import model_files
 
     adapters = nnx.split(model, LoRAParam, nnx.Param, ...)[1]
     reference = base_reference(model.lora, str(base), model.config.to_hf_dict())
@@ -209,13 +210,9 @@ def save_lora_checkpoint(model, ckpt_dir: Path, step: int, base: Path) -> Path:
 
 
 def _save_checkpoint(ckpt_dir: Path, step: int, params, extra_files) -> Path:
-    from ml_collections import ConfigDict
-
     from jax_sft.checkpoint import Checkpointer
 
-    cfg = ConfigDict(dict(checkpoint_dir=str(ckpt_dir), save_optimizer=False, metric_name=None,
-                          higher_is_better=False, keep_top_k=None))
-    ckpt = Checkpointer(cfg, enable_async=False)
+    ckpt = Checkpointer(ckpt_dir, save_optimizer=False, enable_async=False)
     ckpt.save(step, params=params, opt_state=None, train_info={"step": step}, data_state={},
               extra_files=extra_files)
     ckpt.close()
@@ -241,7 +238,7 @@ def test_export_refuses_another_base(bases, tmp_path, capsys):
 
 def test_export_full_checkpoint_refuses_peft_out(bases, tmp_path, capsys):
     from jax_sft.export import main as export_main
-    from jax_sft.export import model_files
+    from jax_sft.checkpoint import model_files
 
     model = from_pretrained(bases["qwen3"], dtype=jnp.float32, param_dtype=jnp.float32)
     step_dir = _save_checkpoint(tmp_path / "ckpt", 1, nnx.state(model, nnx.Param), model_files(model.config))

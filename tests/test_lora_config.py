@@ -1,6 +1,6 @@
 """NeMo RL's LoRA keys (policy.dtensor_cfg.lora_cfg, policy.megatron_cfg.peft): defaults, mapping
 onto LoraConfig, one-line errors naming the key, command-line lists, and the parameter counts the
-dry run reports (jax_sft.memory) against HF models and the model built with adapters."""
+dry run reports (jax_sft.models.counts) against HF models and the model built with adapters."""
 
 import subprocess
 import sys
@@ -175,7 +175,7 @@ def test_dry_run_with_a_bad_lora_value_exits_2_with_one_error_line():
     assert "Traceback" not in proc.stderr
 
 
-# ------------------------------------------------------------------ parameter counts (jax_sft.memory)
+# ------------------------------------------------------------------ parameter counts (jax_sft.models.counts)
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "qwen3_moe", "mixtral"])
 def test_parameter_counts_match_hf_and_the_model_built_with_adapters(family):
@@ -187,9 +187,10 @@ def test_parameter_counts_match_hf_and_the_model_built_with_adapters(family):
     from flax import nnx
 
     from hf_models import COMMON, FAMILIES
-    from jax_sft.memory import base_param_count, lora_param_count
+    from jax_sft.models.counts import base_param_count, lora_param_count
     from jax_sft.models import CausalLM, ModelConfig
-    from jax_sft.models.lora import LoraConfig, LoRAParam
+    from jax_sft.models.lora import LoRAParam
+    from jax_sft.models.options import LoraConfig
 
     config_cls, model_cls, extra = FAMILIES[family]
     hf_config = config_cls(**{**COMMON, **extra})

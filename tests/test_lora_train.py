@@ -12,6 +12,7 @@ import pytest
 
 from jax_sft import train
 from jax_sft.checkpoint import CheckpointMismatch
+from jax_sft.config import make_plan
 from test_train import killed_and_resumed, load
 from tiny_run import make_tiny_run_assets
 
@@ -48,7 +49,7 @@ def test_lora_run_learns_resumes_after_kill_9_and_saves_small_checkpoints(assets
     assert reference["base"]["model_name"] == str(assets / "model") and reference["lora"]["dim"] == 8
 
     # A full fine-tune's checkpoint holds every parameter and its two AdamW moments in fp32.
-    from jax_sft.memory import base_param_count
+    from jax_sft.models.counts import base_param_count
     from jax_sft.models import read_config
 
     full_arrays = 3 * 4 * base_param_count(read_config(assets / "model"))
@@ -111,7 +112,7 @@ def test_lora_run_exports_merged_and_peft_with_the_runs_val_loss(assets, tmp_pat
     step_dir = tmp_path / "ckpt" / "step_4"
     export_main(["--checkpoint", str(step_dir), "--out", str(tmp_path / "hf_cli"),
                  "--peft_out", str(tmp_path / "adapter")])
-    batches = list(data_lib.SFTData(cfg, data_lib.load_tokenizer(cfg), dp_size=1).val_batches())
+    batches = list(data_lib.SFTData(make_plan(cfg, devices=1).data, data_lib.load_tokenizer(cfg)).val_batches())
 
     load_hf = lambda path: AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()  # noqa: E731
     losses = {folder: val_loss(load_hf(tmp_path / folder), batches) for folder in ("hf_end", "hf_cli")}

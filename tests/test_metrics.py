@@ -12,7 +12,8 @@ from ml_collections import ConfigDict
 
 from jax_sft.config import default_config
 from jax_sft.models import ModelConfig
-from jax_sft.metrics import MetricsLogger, PEAK_TFLOPS, peak_flops_per_device, training_flops
+from jax_sft.metrics import PEAK_TFLOPS, MetricsLogger, peak_flops_per_device
+from jax_sft.models.counts import training_flops
 
 
 def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):

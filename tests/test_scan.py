@@ -13,7 +13,7 @@ from flax import nnx
 
 from hf_models import hf_logits, make_hf_model
 from jax_sft.models import CausalLM, ModelConfig, from_pretrained, save_pretrained, sharding
-from jax_sft.models.hf_io import is_stacked
+from jax_sft.models.hf_names import is_stacked
 
 VOCAB = 256
 

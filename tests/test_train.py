@@ -16,6 +16,7 @@ import pytest
 
 from jax_sft import config as config_lib
 from jax_sft import train
+from jax_sft.config import make_plan
 from tiny_run import make_tiny_run_assets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_step0_val_loss_equals_hf_torch_masked_nll(assets, tmp_path):
     cfg = load(assets, tmp_path, sft__max_num_steps=0, checkpointing__enabled=False)
     result = train.run(cfg)
     hf = AutoModelForCausalLM.from_pretrained(assets / "model", torch_dtype=torch.float32).eval()
-    batches = data_lib.SFTData(cfg, data_lib.load_tokenizer(cfg), dp_size=1).val_batches()
+    batches = data_lib.SFTData(make_plan(cfg, devices=1).data, data_lib.load_tokenizer(cfg)).val_batches()
     np.testing.assert_allclose(result.val_losses[0], hf_val_loss(hf, batches), rtol=2e-6)
 
 
@@ -175,7 +176,7 @@ def test_export_loads_in_transformers_with_the_same_val_loss(assets, tmp_path):
     result = train.run(cfg)
     export_main(["--checkpoint", str(tmp_path / "ckpt" / "step_4"), "--out", str(tmp_path / "hf_cli")])
     tokenizer = data_lib.load_tokenizer(cfg)
-    batches = list(data_lib.SFTData(cfg, tokenizer, dp_size=1).val_batches())
+    batches = list(data_lib.SFTData(make_plan(cfg, devices=1).data, tokenizer).val_batches())
     for folder in ("hf_end", "hf_cli"):
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / folder, torch_dtype=torch.float32).eval()
         np.testing.assert_allclose(hf_val_loss(hf, batches), result.val_losses[4], rtol=2e-6, err_msg=folder)

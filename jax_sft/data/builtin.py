@@ -18,182 +18,35 @@ split (jax_sft's addition, for machines without the hub). A saved `DatasetDict` 
 split named by `split`.
 
 Constructor keyword arguments are the keys a section may hold (besides `dataset_name`,
-`prompt_file`, `system_prompt_file` and `processor`); `jax_sft.data.layout` checks them.
+`prompt_file`, `system_prompt_file` and `processor`); `jax_sft.data.sections` checks them.
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import datasets as hf_datasets
 
-from jax_sft.data.datasets import (
-    OASST_SYSTEM_PROMPT,
-    OpenAIFormatDataset as _OpenAIFormatRows,
-    Place,
-    PreservingDataset,
-    TaskDataSpec,
-    _column,
-    _format,
-    load_file,
+from jax_sft.data.formats import (
+    PROCESSORS,
+    OpenAIFormatRows,
+    RawDataset,
+    last_is_assistant,
+    load_split,
+    map_rows,
     oasst_conversations,
-    read_json_records,
-    record_place,
+    oasst_tree_conversations,
+    sample,
+    task_name_from_path,
+    user_assistant,
 )
+from jax_sft.data.readers import load_source, local_copy, read_json_records, require_column
 from jax_sft.errors import DataError
 
-__all__ = [
-    "RawDataset", "REGISTRY", "ALIASES", "VISION_LANGUAGE", "NOT_SFT", "PROCESSORS", "FILE_TYPES",
-    "load_source", "carve", "sample", "task_name_from_path",
-]
-
-PROCESSORS = ("sft_processor",)
-FILE_TYPES = {".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-              ".txt": "text"}
-
-
-# ----------------------------------------------------------------------------- loading and splitting
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json",
-                                                                "state.json"))
-
-
-def load_source(path: str, subset: str | None = None, split: str | None = "train", *, key: str):
-    """Rows of `path` as NeMo RL's `load_dataset_from_path` reads them: a local file by its suffix
-    (FILE_TYPES), a `save_to_disk` folder, or a hub id (`load_dataset(path[, subset])`); then the
-    split `split` (null: "train" when there is one). `key` names the config key in errors."""
-    p = Path(path)
-    suffix = p.suffix
-    if suffix in FILE_TYPES:
-        if subset is not None:
-            raise ValueError(f"{key}={path!r}: a subset applies to hub datasets, not to a local file; remove it")
-        if not p.is_file():
-            raise FileNotFoundError(f"{key}={path!r}: no such file")
-        raw = load_file(FILE_TYPES[suffix], p, None)
-    elif _is_saved_dataset(p):
-        raw = hf_datasets.load_from_disk(str(p))
-    else:
-        raw = hf_datasets.load_dataset(path, subset) if subset else hf_datasets.load_dataset(path)
-    if not isinstance(raw, hf_datasets.DatasetDict):
-        return raw
-    if split:
-        if split not in raw:
-            raise KeyError(f"{key}={path!r}: no split {split!r}; the splits are {sorted(raw)}")
-        return raw[split]
-    return raw["train"] if "train" in raw else raw
-
-
-def _local(path: str, split: str | None, key: str):
-    """A local `data_path` in place of a hub split: a file is the split; a saved DatasetDict gives `split`."""
-    p = Path(path)
-    if p.suffix not in FILE_TYPES and not _is_saved_dataset(p):
-        raise FileNotFoundError(f"{key}={path!r}: not a local {'/'.join(sorted(FILE_TYPES))} file or a "
-                                "save_to_disk folder (this dataset's hub id is fixed; data_path is a local copy)")
-    return load_source(path, None, split if p.is_dir() else None, key=key)
-
-
-def carve(rows, test_size: float, seed: int):
-    """(train, validation) as NeMo RL's `split_train_validation`: `train_test_split(test_size, seed)`,
-    test_size >= 1 a row count. Rows that are not an Arrow dataset are split by the same indices."""
-    if test_size >= 1:
-        test_size = int(test_size)
-    if isinstance(rows, hf_datasets.Dataset):
-        parts = rows.train_test_split(test_size=test_size, seed=seed)
-        return parts["train"], parts["test"]
-    index = hf_datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
-        test_size=test_size, seed=seed)
-    if isinstance(rows, PreservingDataset):
-        return tuple(rows.take(index[part]["i"]) for part in ("train", "test"))
-    return tuple(PreservingDataset([rows[i] for i in index[part]["i"]]) for part in ("train", "test"))
-
-
-def sample(rows: hf_datasets.Dataset, max_samples: int | None, seed: int) -> hf_datasets.Dataset:
-    """NeMo RL's max_samples: a seeded shuffle, then the first max_samples rows (null or <= 0: all)."""
-    if max_samples is None or max_samples <= 0:
-        return rows
-    return rows.shuffle(seed=seed).select(range(min(max_samples, len(rows))))
-
-
-def task_name_from_path(path: str) -> str:
-    """NeMo RL's task name of a file dataset: the last two path parts joined by "-", up to the first "."."""
-    name = "-".join(path.split("/")[-2:]).split(".")[0]
-    return name[1:] if name.startswith("-") else name
-
-
-# ----------------------------------------------------------------------------- the protocol
-
-
-class RawDataset:
-    """Base of jax_sft's built-ins and of user classes written for NeMo RL's current protocol."""
-
-    task_name: str
-    dataset: Any
-    val_dataset: Any = None
-    task_spec: TaskDataSpec | None = None
-    data_config: dict | None = None
-    HUB_ID: str | None = None  # for describe_data
-    rows_are_records = True  # row n of `dataset` is record n of its source (for error places)
-
-    def split_train_validation(self, test_size: float | None, seed: int | None) -> None:
-        if test_size and test_size > 0:
-            try:
-                self.dataset, self.val_dataset = carve(self.dataset, test_size, 42 if seed is None else seed)
-            except ValueError as e:  # datasets' message on sizes that leave a split empty
-                raise ValueError(f"{self.task_name}: split_validation_size={test_size} of {len(self.dataset)} rows: "
-                                 f"{e}") from None
-
-    def set_task_spec(self, data_config: dict) -> None:
-        self.data_config = data_config
-        self.task_spec = TaskDataSpec(self.task_name, data_config.get("prompt_file"),
-                                      data_config.get("system_prompt_file"))
-
-    def set_processor(self) -> None:
-        name = (self.data_config or {}).get("processor") or "sft_processor"
-        if name not in PROCESSORS:
-            raise ValueError(f"processor={name!r}: jax_sft's SFT takes {PROCESSORS[0]!r}")
-
-
-def _load(cls: type[RawDataset], data_path: str | None, split: str | None, hub_loader):
-    if data_path is not None:
-        return _local(data_path, split, f"{cls.__name__} data_path")
-    return hub_loader()
-
-
-def _user_assistant(user: Any, assistant: Any) -> dict:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
-
-
-def _map(ds, fn, where: str, columns: tuple[str, ...], path: str | None = None):
-    """`ds` formatted by fn(row, place); `path`: the local file row i is record i of (None: rows
-    are named "<where> row i"), so that errors name its 1-based line."""
-    for col in columns:
-        _column(ds, col, where)
-    place = functools.partial(_format_place, where, path)
-    return _format(ds, lambda row, i: fn(row, Place(place, i)), where)
-
-
-def _format_place(where: str, path: str | None, i: int) -> str:
-    if path is None or not Path(path).is_file():
-        return f"{where} row {i}"
-    name = where.removesuffix(str(path)).strip()
-    return record_place(path, i) + (f" ({name})" if name else "")
-
-
-def _last_is_assistant(messages: list, where: str) -> list:
-    if not messages or messages[-1]["role"] != "assistant":
-        role = messages[-1]["role"] if messages else None
-        raise DataError(f"{where}: the last message must be the assistant's, got role {role!r}")
-    return messages
-
-
-# ----------------------------------------------------------------------------- the datasets
+__all__ = ["REGISTRY", "ALIASES", "VISION_LANGUAGE", "NOT_SFT", "PROCESSORS"]
 
 
 class SquadDataset(RawDataset):
@@ -204,8 +57,8 @@ class SquadDataset(RawDataset):
     def __init__(self, split: str = "train", data_path: str | None = None):
         self.task_name = "squad"
         split = split or "train"
-        raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID)[split])
-        self.dataset = _map(raw, self.format_data, f"squad {data_path or split}", ("context", "question", "answers"),
+        raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID)[split])
+        self.dataset = map_rows(raw, self.format_data, f"squad {data_path or split}", ("context", "question", "answers"),
                             path=data_path)
 
     @staticmethod
@@ -219,38 +72,6 @@ class SquadDataset(RawDataset):
 
 
 OASST_TREES = "2023-04-12_oasst_all.trees.jsonl.gz"
-_OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
-
-
-def _threads(node: dict, where: str) -> list[list[dict]]:
-    """Every root-to-leaf path below `node` of an oasst message tree, replies in order."""
-    message = node["prompt"] if "prompt" in node else node if {"text", "role"} <= set(node) else None
-    if message is None:
-        return [[]]
-    role = _OASST_ROLES.get(message["role"])
-    if role is None:
-        raise DataError(f"{where}: unknown role {message['role']!r}; expected one of {sorted(_OASST_ROLES)}")
-    turn = {"role": role, "content": message["text"]}
-    below = [thread for reply in message.get("replies") or [] for thread in _threads(reply, where)]
-    return [[turn, *thread] for thread in below] if below else [[turn]]
-
-
-def oasst_tree_conversations(trees: list[tuple[int, dict]], where: str) -> list[dict]:
-    """NeMo RL's oasst conversations: every path of every tree, opened by its system prompt; paths
-    of one message are dropped."""
-    out = []
-    for lineno, tree in trees:
-        for thread in _threads(tree, f"{where}:{lineno}"):
-            if len(thread) >= 2:
-                out.append({"messages": [{"role": "system", "content": OASST_SYSTEM_PROMPT}, *thread]})
-    return out
-
-
-def _read_trees(path: str) -> list[tuple[int, dict]]:
-    if path.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return [(i, json.loads(line)) for i, line in enumerate(f, start=1) if line.strip()]
-    return read_json_records(path)
 
 
 class OasstDataset(RawDataset):
@@ -270,17 +91,17 @@ class OasstDataset(RawDataset):
 
             data_path = hf_hub_download(repo_id=self.HUB_ID, filename=OASST_TREES, repo_type="dataset")
         if data_path.endswith((".jsonl", ".jsonl.gz")) and _first_record_is_tree(data_path):
-            rows = oasst_tree_conversations(_read_trees(data_path), data_path)
+            rows = oasst_tree_conversations(read_json_records(data_path), data_path)
         else:
-            rows = oasst_conversations(_local(data_path, "train", "open_assistant data_path"), data_path)
+            rows = oasst_conversations(local_copy(data_path, "train", "open_assistant data_path"), data_path)
         self.dataset = hf_datasets.Dataset.from_list(rows)
         self.split_train_validation(split_validation_size, seed)
 
 
 def _first_record_is_tree(path: str) -> bool:
-    opener = gzip.open if path.endswith(".gz") else open
     if not Path(path).is_file():
         raise FileNotFoundError(f"open_assistant data_path={path!r}: no such file")
+    opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         line = next((line for line in f if line.strip()), "{}")
     try:
@@ -303,8 +124,8 @@ class OpenMathInstruct2Dataset(RawDataset):
         self.output_key, split = output_key or "expected_answer", split or "train_1M"
         if data_path is None and split not in _OMI2_SPLITS:
             raise ValueError(f"OpenMathInstruct-2: split={split!r}; expected one of {_OMI2_SPLITS}")
-        raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, split=split))
-        self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r[self.output_key]),
+        raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, split=split))
+        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r[self.output_key]),
                             f"OpenMathInstruct-2 {data_path or split}", ("problem", self.output_key), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
@@ -319,12 +140,12 @@ class NuminaMath15Dataset(RawDataset):
                  split_validation_size: float = 0.0, seed: int = 42, data_path: str | None = None):
         self.task_name = "NuminaMath-1.5"
         split = split or "train"
-        raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, split=split))
+        raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, split=split))
         if verifiable_only:
             raw = raw.filter(_numina_verifiable)
         if require_valid:
             raw = raw.filter(lambda r: r.get("problem_is_valid") == "Yes" and r.get("solution_is_valid") == "Yes")
-        self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r["answer"]),
+        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r["answer"]),
                             f"NuminaMath-1.5 {data_path or split}", ("problem", "answer"), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
@@ -345,9 +166,9 @@ class OpenR1Math220KDataset(RawDataset):
                  seed: int = 42, data_path: str | None = None):
         self.task_name = "OpenR1-Math-220k"
         split = split or "train"
-        raw = _load(type(self), data_path, split,
+        raw = load_split(type(self), data_path, split,
                     lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "default", split=split))
-        self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r["answer"]),
+        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r["answer"]),
                             f"OpenR1-Math-220k {data_path or split}", ("problem", "answer"), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
@@ -362,10 +183,10 @@ class Tulu3SftMixtureDataset(RawDataset):
                  data_path: str | None = None):
         self.task_name = "tulu3_sft_mixture"
         seed = 42 if seed is None else seed
-        raw = _load(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID)["train"])
+        raw = load_split(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID)["train"])
         raw = sample(raw, max_samples, seed)
         self.rows_are_records = not (max_samples and max_samples > 0)
-        self.dataset = _map(raw, lambda r, w: {"messages": _last_is_assistant(r["messages"], w)},
+        self.dataset = map_rows(raw, lambda r, w: {"messages": last_is_assistant(r["messages"], w)},
                             f"tulu3_sft_mixture {data_path or 'train'}", ("messages",), 
                             path=data_path if self.rows_are_records else None)
         self.split_train_validation(split_validation_size, seed)
@@ -381,10 +202,10 @@ class NemotronCascade2SFTMathDataset(RawDataset):
                  max_samples: int | None = None, data_path: str | None = None):
         self.task_name = "Nemotron-Cascade-2-SFT-Math"
         split, seed = split or "train", 42 if seed is None else seed
-        raw = _load(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, "math", split=split))
+        raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, "math", split=split))
         raw = sample(raw, max_samples, seed)
         self.rows_are_records = not (max_samples and max_samples > 0)
-        self.dataset = _map(raw, lambda r, w: {"messages": _last_is_assistant(r["messages"], w)},
+        self.dataset = map_rows(raw, lambda r, w: {"messages": last_is_assistant(r["messages"], w)},
                             f"Nemotron-Cascade-2-SFT-Math {data_path or split}", ("messages",), 
                             path=data_path if self.rows_are_records else None)
         self.split_train_validation(split_validation_size, seed)
@@ -406,10 +227,10 @@ class GSM8KDataset(RawDataset):
                  data_path: str | None = None):
         self.task_name = "gsm8k"
         split = split or "train"
-        raw = _load(type(self), data_path, split,
+        raw = load_split(type(self), data_path, split,
                     lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "main")[split])
         answer = (lambda r, w: _hash_answer(r["answer"], w)) if extract_answer else (lambda r, w: r["answer"])
-        self.dataset = _map(raw, lambda r, w: _user_assistant(r["question"], answer(r, w)),
+        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["question"], answer(r, w)),
                             f"gsm8k {data_path or split}", ("question", "answer"), path=data_path)
 
 
@@ -420,8 +241,8 @@ class DeepScalerDataset(RawDataset):
 
     def __init__(self, data_path: str | None = None):
         self.task_name = "DeepScaler"
-        raw = _load(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
-        self.dataset = _map(raw, lambda r, w: _user_assistant(r["problem"], r["answer"]),
+        raw = load_split(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
+        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r["answer"]),
                             f"DeepScaler {data_path or 'train'}", ("problem", "answer"), path=data_path)
 
 
@@ -433,8 +254,8 @@ class _AIMEDataset(RawDataset):
 
     def __init__(self, repeat: int = 1, data_path: str | None = None):
         self.task_name = f"AIME{self.VARIANT}"
-        raw = _load(type(self), data_path, "train", self._hub)
-        self.dataset = _map(raw, lambda r, w: _user_assistant(r[self.INPUT_KEY], str(r["answer"])),
+        raw = load_split(type(self), data_path, "train", self._hub)
+        self.dataset = map_rows(raw, lambda r, w: user_assistant(r[self.INPUT_KEY], str(r["answer"])),
                             f"{self.task_name} {data_path or 'hub'}", (self.INPUT_KEY, "answer"), path=data_path)
         if repeat and repeat > 1:
             self.dataset = self.dataset.repeat(repeat)
@@ -467,8 +288,8 @@ class DAPOMath17KDataset(RawDataset):
 
     def __init__(self, data_path: str | None = None):
         self.task_name = self.TASK
-        raw = _load(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
-        self.dataset = _map(raw, lambda r, w: _user_assistant(r["prompt"][0]["content"],
+        raw = load_split(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
+        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["prompt"][0]["content"],
                                                               r["reward_model"]["ground_truth"]),
                             f"{self.TASK} {data_path or 'train'}", ("prompt", "reward_model"), path=data_path)
 
@@ -490,18 +311,18 @@ class ResponseDataset(RawDataset):
         if "messages" in raw.column_names:
             self.dataset = raw.select_columns(["messages"] + (["tools"] if "tools" in raw.column_names else []))
         else:
-            self.dataset = _map(raw, self.format_data, data_path, (self.input_key, self.output_key), path=data_path)
+            self.dataset = map_rows(raw, self.format_data, data_path, (self.input_key, self.output_key), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
     def format_data(self, row: dict, where: str) -> dict:
         for key in (self.input_key, self.output_key):
             if row[key] is None:  # Arrow gives a row without the key None
                 raise DataError(f"{where}: missing key {key!r}")
-        return _user_assistant(row[self.input_key], row[self.output_key])
+        return user_assistant(row[self.input_key], row[self.output_key])
 
 
 class OpenAIFormatDataset(RawDataset):
-    """OpenAI chat rows with tools (see jax_sft.data.datasets.OpenAIFormatDataset for the keys)."""
+    """OpenAI chat rows with tools (see jax_sft.data.formats.OpenAIFormatRows for the keys)."""
 
     def __init__(self, data_path: str, chat_key: str = "messages", system_key: str | None = None,
                  system_prompt: str | None = None, tool_key: str | None = "tools",
@@ -509,7 +330,7 @@ class OpenAIFormatDataset(RawDataset):
         self.task_name = task_name_from_path(data_path)
         keys = dict(chat_key=chat_key, system_key=system_key, system_prompt=system_prompt, tool_key=tool_key,
                     use_preserving_dataset=use_preserving_dataset)
-        self.dataset = _OpenAIFormatRows.load(data_path, keys, "data_path")
+        self.dataset = OpenAIFormatRows.load(data_path, keys, "data_path")
 
 
 MEDIA_TAG = re.compile(r"<(image|video|audio|video-audio|speech|speeches|sound|audios|images|videos)>")
@@ -525,7 +346,7 @@ class GeneralConversationsJsonlDataset(RawDataset):
     def __init__(self, data_path: str, media_data_dir: str | None = None, split_validation_size: float = 0,
                  seed: int = 42):
         raw = load_source(data_path, None, None, key="general-conversation-jsonl data_path")
-        self.dataset = _map(raw, self.format_data, data_path, (), path=data_path)
+        self.dataset = map_rows(raw, self.format_data, data_path, (), path=data_path)
         self.split_train_validation(split_validation_size, seed)
 
     @staticmethod
@@ -556,7 +377,7 @@ class ArrowTextDataset(RawDataset):
                  characters_per_sample: int | None = None, split_validation_size: float = 0.0, seed: int = 42):
         self.task_name = "x_token"
         raw = load_source(data_files, subset, split or "train", key="arrow_text data_files")
-        _column(raw, text_key, f"arrow_text {data_files}")
+        require_column(raw, text_key, f"arrow_text {data_files}")
         texts = [t for t in raw[text_key] if isinstance(t, str) and t]
         if characters_per_sample and characters_per_sample > 0:
             texts = _pack_texts(texts, characters_per_sample)

@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+from jax_sft.choices import ATTENTION as IMPLEMENTATIONS
+
 DEFAULT_MAX_SEGMENTS = 64  # runs of segment ids per packed row for the cuDNN packed layout
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 

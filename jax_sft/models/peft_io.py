@@ -20,7 +20,7 @@ exactly the adapted modules' names (peft applies `re.fullmatch` to a string).
 
 lora_dropout is the training setting; peft applies dropout to the adapter's input (NeMo RL's
 dropout_position "pre"); at inference neither applies it. Writing follows save_pretrained's rules
-(`hf_io.export_target_problem`, atomic replacement, the `.jax_sft_export` marker; process 0
+(`hf_write.export_target_problem`, atomic replacement, the `.jax_sft_export` marker; process 0
 writes, every process takes part in gathering).
 """
 
@@ -40,8 +40,10 @@ from safetensors.numpy import save_file
 
 from jax_sft.errors import SettingError
 from jax_sft.models.decoder import CausalLM
-from jax_sft.models.hf_io import EXPORT_MARKER, _atomic_dir, _to_host, check_export_target, is_stacked
-from jax_sft.models.lora import ATTENTION, LM_HEAD, MLP, LoRAParam, hf_module_name, site_of
+from jax_sft.models.hf_names import fused_projections, is_stacked
+from jax_sft.models.hf_write import EXPORT_MARKER, atomic_dir, check_export_target, to_host
+from jax_sft.models.lora import LoRAParam, site_of
+from jax_sft.models.options import ATTENTION, LM_HEAD, MLP, hf_module_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -131,7 +133,7 @@ def peft_tensors(adapters: nnx.State) -> dict[str, np.ndarray]:
     tensors = {}
     for path, var in nnx.to_flat_state(adapters):
         layer, proj = site_of(path)
-        value = _to_host(var[...]).astype(np.float32)
+        value = to_host(var[...]).astype(np.float32)
         if is_stacked(path) and proj != LM_HEAD:
             per_layer = [(i, value[i]) for i in range(value.shape[0])]
         else:
@@ -152,11 +154,16 @@ def save_peft_adapter(model: CausalLM, out_dir: str | os.PathLike, *, base_model
         raise SettingError("a PEFT adapter of a Gemma3ForConditionalGeneration base is not supported "
                            "(peft names its modules model.language_model.*); export the merged "
                            "text-only model with save_pretrained / --out instead")
+    fused = sorted(fused_projections(model.config) & {proj for _, proj in adapter_sites(model)})
+    if fused:
+        raise SettingError(f"a PEFT adapter of a {model.config.architecture} with adapters on {fused} is not "
+                           "supported (its checkpoint fuses them into one module, whose adapters peft would share); "
+                           "export the merged model with save_pretrained / --out instead")
     check_export_target(out_dir, overwrite=overwrite, protected=protected)
     config = adapter_config(model, base_model_name_or_path)
     tensors = peft_tensors(nnx.state(model, LoRAParam))  # every process gathers
     writer = jax.process_index() == 0
-    with (_atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext()) as tmp:
+    with (atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext()) as tmp:
         if not writer:
             return
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

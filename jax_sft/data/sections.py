@@ -38,29 +38,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jax_sft.data.builtin import (
-    ALIASES,
-    FILE_TYPES,
-    NOT_SFT,
-    PROCESSORS,
-    REGISTRY,
-    VISION_LANGUAGE,
-    RawDataset,
-)
+from jax_sft.data.builtin import ALIASES, NOT_SFT, REGISTRY, VISION_LANGUAGE
 from jax_sft.data.chat import apply_task_spec
-from jax_sft.data.datasets import PreservingDataset, TaskDataSpec, _import_class, record_place, source_row
+from jax_sft.data.formats import PROCESSORS, RawDataset, TaskDataSpec, import_class
+from jax_sft.data.readers import FILE_TYPES, PreservingDataset, record_place, source_row
+from jax_sft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IgnoredDatasetKeyWarning", "Section", "MixedRows", "MixedDataset", "data_sections", "check_data", "build_dataset",
-           "describe_data"]
+__all__ = ["IgnoredDatasetKeyWarning", "Section", "MixedRows", "MixedDataset", "data_sections", "check_data",
+           "build_dataset", "describe_data", "NO_VALIDATION", "FLAT_KEYS", "today_name"]
 
+NO_VALIDATION = ("sft.val_period={}: expected 0 when there is no validation data (data.validation is null and no "
+                 "train dataset carves a split with split_validation_size), as NeMo RL requires; or give validation "
+                 "data")
 # Keys every section may hold besides its dataset's constructor arguments.
 COMMON = ("dataset_name", "prompt_file", "system_prompt_file", "processor")
 # Flat keys handed to a dataset that takes them (the guide's keys of the formats).
 _FLAT_BAG = ("input_key", "output_key", "chat_key", "system_key", "system_prompt", "tool_key",
              "use_preserving_dataset", "seed")
-_FLAT_ONLY = ("dataset_name", "train_data_path", "val_data_path", "train_split", "val_split", "split",
+FLAT_KEYS = ("dataset_name", "train_data_path", "val_data_path", "train_split", "val_split", "split",
               "test_size", "prompt_file", "system_prompt_file", *_FLAT_BAG)
 _LOCAL_ONLY = ("data_path",)  # built-ins' data_path: a local copy of the hub dataset
 
@@ -110,7 +107,7 @@ def resolve_class(name: Any, where: str) -> type:
     if name in NOT_SFT:
         raise ValueError(f"{where}={name!r} is {NOT_SFT[name]}, not SFT data (supported: {_supported()})")
     try:
-        cls = _import_class(name)
+        cls = import_class(name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"{where}={name!r} is neither a registered dataset nor an importable class "
                          f"'pkg.module.Class' ({e}) (supported: {_supported()})") from None
@@ -156,13 +153,6 @@ def _mapping_list(value: Any, where: str, problems: list[str]) -> list[tuple[str
 
 
 def _today_sections(data, problems: list[str]) -> tuple[list[Section], list[Section]]:
-    from jax_sft.defaults import get_config  # noqa: PLC0415
-
-    flat_defaults = get_config().data
-    for key in _FLAT_ONLY:
-        if data.get(key) != flat_defaults.get(key):
-            problems.append(f"data.{key}={data.get(key)!r:.60}: a key of the flat layout; with data.train set, "
-                            f"give it in the dataset section (e.g. data.train.{_today_name(key)}) or data.default")
     default = data.get("default")
     if default is not None and not isinstance(default, Mapping):
         problems.append(f"data.default={default!r:.60}: expected a mapping of keys for every dataset section, or null")
@@ -183,7 +173,7 @@ def _today_sections(data, problems: list[str]) -> tuple[list[Section], list[Sect
     return out[0], out[1]
 
 
-def _today_name(flat_key: str) -> str:
+def today_name(flat_key: str) -> str:
     return {"train_data_path": "data_path", "val_data_path": "data_path", "train_split": "split",
             "val_split": "split", "test_size": "split_validation_size"}.get(flat_key, flat_key)
 
@@ -322,8 +312,6 @@ def check_data(data) -> list[str]:
 
 def _raise(problems: list[str]) -> None:
     if problems:
-        from jax_sft.config import ConfigError  # noqa: PLC0415  (config imports this module lazily)
-
         raise ConfigError(problems, "data")
 
 
@@ -369,7 +357,7 @@ def _mix(parts: list[tuple[Any, TaskDataSpec | None]]):
 
 @dataclasses.dataclass
 class MixedDataset:
-    """What the pipeline consumes (see jax_sft.data.datasets): formatted_ds with the task specs applied
+    """What the pipeline consumes (see jax_sft.data.formats): formatted_ds with the task specs applied
     by the rows (task_spec None), and the datasets it was built from, train then validation."""
 
     formatted_ds: dict[str, Any]
@@ -570,8 +558,6 @@ def describe_data(cfg) -> list[str]:
     carves = any(s.keys.get("split_validation_size", _default(s, "split_validation_size")) for s in train)
     if not validation and not carves:
         if cfg.sft.val_period > 0:
-            from jax_sft.data.pipeline import NO_VALIDATION  # noqa: PLC0415
-
             _raise([NO_VALIDATION.format(cfg.sft.val_period)])
         lines.append("validation: none (data.validation is null and no train dataset carves a split; "
                      "validation is skipped)")

@@ -1,4 +1,7 @@
-"""The dataset contract shared by both config layouts, and the pieces the datasets are built from.
+"""The dataset protocol and the row formats shared by the built-in datasets: `TaskDataSpec` (prompt
+files), `RawDataset` (NeMo RL's current dataset protocol, with its validation carve-out and
+sampling), OpenAI chat rows with tools (`OpenAIFormatRows`), OpenAssistant conversations, and the
+row mappers that name each row's file and line in errors.
 
 What the pipeline consumes is an object with
 
@@ -7,12 +10,7 @@ What the pipeline consumes is an object with
     `{"messages": [{"role": ..., "content": ...}, ...]}`, optionally with `"tools"` (a list of
     JSON schemas handed to the chat template);
   * `task_spec`: a `TaskDataSpec` applied to every row by the encoder, or None when the rows
-    carry their own prompts already (mixed datasets: `jax_sft.data.layout.MixedRows`).
-
-The datasets themselves are in `jax_sft.data.builtin` (NeMo RL's registered names) and the two
-config layouts are read by `jax_sft.data.layout` (`build_dataset`, `describe_data`). A user class
-in the guide's protocol, `Class(data_cfg)` giving `formatted_ds` and `task_spec`, is named by the
-flat `data.dataset_name` as a dotted path `"pkg.module:Class"` (or `"pkg.module.Class"`).
+    carry their own prompts already (mixed datasets: `jax_sft.data.sections.MixedRows`).
 """
 
 from __future__ import annotations
@@ -20,27 +18,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
-import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import datasets as hf_datasets
-import numpy as np
 
-from jax_sft.errors import DataError, MissingFileError
+from jax_sft.data.readers import (
+    Place,
+    PreservingDataset,
+    format_rows,
+    load_source,
+    local_copy,
+    read_json_records,
+    record_place,
+    require_column,
+)
+from jax_sft.errors import DataError
 
-log = logging.getLogger(__name__)
+__all__ = ["TaskDataSpec", "SFTDataset", "RawDataset", "OpenAIFormatRows", "NoneFilledToolsWarning",
+           "OASST_SYSTEM_PROMPT", "oasst_conversations", "oasst_tree_conversations", "carve", "sample",
+           "task_name_from_path", "import_class", "PROCESSORS"]
 
-__all__ = [
-    "TaskDataSpec", "SFTDataset", "PreservingDataset", "build_dataset", "load_rows", "read_json_records",
-    "oasst_conversations", "OpenAIFormatDataset", "NoneFilledToolsWarning", "OASST_SYSTEM_PROMPT",
-    "Place", "record_place", "source_row", "load_file",
-]
-
-_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+PROCESSORS = ("sft_processor",)
 
 
 @dataclasses.dataclass
@@ -83,178 +84,96 @@ class SFTDataset(Protocol):
     task_spec: TaskDataSpec | None
 
 
-class PreservingDataset(Sequence):
-    """Rows kept as plain Python dicts, each exactly as read (no shared schema, no None-filled keys).
-
-    NeMo RL's `PreservingDataset`: Arrow tables (Hugging Face `datasets`) give all rows one schema,
-    and a schema built by unifying dicts adds every key seen anywhere, as None, to every row. For
-    tool calls whose argument keys differ between tools, that changes the arguments the model is
-    trained to emit. This list keeps each row as it was.
-    """
-
-    def __init__(self, rows: list[dict[str, Any]], places: list[str] | None = None):
-        self.rows = rows
-        self.places = places  # where each row was read ("file:line"), for errors
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return PreservingDataset(self.rows[index], None if self.places is None else self.places[index])
-        return self.rows[index]
-
-    def take(self, indices: Sequence[int]) -> PreservingDataset:
-        """The rows at `indices`, with their places."""
-        return PreservingDataset([self.rows[i] for i in indices],
-                                 None if self.places is None else [self.places[i] for i in indices])
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.rows)
+def carve(rows, test_size: float, seed: int):
+    """(train, validation) as NeMo RL's `split_train_validation`: `train_test_split(test_size, seed)`,
+    test_size >= 1 a row count. Rows that are not an Arrow dataset are split by the same indices."""
+    if test_size >= 1:
+        test_size = int(test_size)
+    if isinstance(rows, hf_datasets.Dataset):
+        parts = rows.train_test_split(test_size=test_size, seed=seed)
+        return parts["train"], parts["test"]
+    index = hf_datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
+        test_size=test_size, seed=seed)
+    if isinstance(rows, PreservingDataset):
+        return tuple(rows.take(index[part]["i"]) for part in ("train", "test"))
+    return tuple(PreservingDataset([rows[i] for i in index[part]["i"]]) for part in ("train", "test"))
 
 
-# ----------------------------------------------------------------------------- loading files
+def sample(rows: hf_datasets.Dataset, max_samples: int | None, seed: int) -> hf_datasets.Dataset:
+    """NeMo RL's max_samples: a seeded shuffle, then the first max_samples rows (null or <= 0: all)."""
+    if max_samples is None or max_samples <= 0:
+        return rows
+    return rows.shuffle(seed=seed).select(range(min(max_samples, len(rows))))
 
 
-def read_json_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each record of a `.jsonl` file (one JSON object per line; blank
-    lines skipped) or a `.json` file holding a list of objects (line number of the list: 1).
-    A malformed line, bytes that are not UTF-8 or a file without records is a DataError naming the
-    file (and the 1-based line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such file")
-    if path.suffix == ".json":
-        text = _decode(path.read_bytes(), path, 1)
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from e
-        if isinstance(records, dict):
-            records = [records]
-        out = list(enumerate(records, start=1))
-    else:
-        out = []
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                line = _decode(raw, path, lineno)
-                if not line.strip():
-                    continue
-                try:
-                    out.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from e
-    if not out:
-        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
-    for lineno, record in out:
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    return out
+def task_name_from_path(path: str) -> str:
+    """NeMo RL's task name of a file dataset: the last two path parts joined by "-", up to the first "."."""
+    name = "-".join(path.split("/")[-2:]).split(".")[0]
+    return name[1:] if name.startswith("-") else name
 
 
-def _decode(raw: bytes, path: Path, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if path.suffix == ".json":  # the whole file: find the line of the bad byte
-            lineno += raw[:e.start].count(b"\n")
-        raise DataError(f"{path}:{lineno}: bytes that are not UTF-8 ({raw[e.start:e.end]!r} at byte {e.start}); "
-                        "JSON data must be UTF-8") from None
+class RawDataset:
+    """Base of jax_sft's built-ins and of user classes written for NeMo RL's current protocol."""
+
+    task_name: str
+    dataset: Any
+    val_dataset: Any = None
+    task_spec: TaskDataSpec | None = None
+    data_config: dict | None = None
+    HUB_ID: str | None = None  # for describe_data
+    rows_are_records = True  # row n of `dataset` is record n of its source (for error places)
+
+    def split_train_validation(self, test_size: float | None, seed: int | None) -> None:
+        if test_size and test_size > 0:
+            try:
+                self.dataset, self.val_dataset = carve(self.dataset, test_size, 42 if seed is None else seed)
+            except ValueError as e:  # datasets' message on sizes that leave a split empty
+                raise ValueError(f"{self.task_name}: split_validation_size={test_size} of {len(self.dataset)} rows: "
+                                 f"{e}") from None
+
+    def set_task_spec(self, data_config: dict) -> None:
+        self.data_config = data_config
+        self.task_spec = TaskDataSpec(self.task_name, data_config.get("prompt_file"),
+                                      data_config.get("system_prompt_file"))
+
+    def set_processor(self) -> None:
+        name = (self.data_config or {}).get("processor") or "sft_processor"
+        if name not in PROCESSORS:
+            raise ValueError(f"processor={name!r}: jax_sft's SFT takes {PROCESSORS[0]!r}")
 
 
-@functools.lru_cache(maxsize=8)
-def _record_lines(path: str, mtime_ns: int) -> np.ndarray:
-    """1-based line numbers of the non-blank lines of a JSON-lines file (record k is on line [k])."""
-    lines = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
-                lines.append(lineno)
-    return np.asarray(lines, np.int64)
+def load_split(cls: type[RawDataset], data_path: str | None, split: str | None, hub_loader):
+    """A built-in's rows: the local copy `data_path` when given, else the hub's (`hub_loader()`)."""
+    if data_path is not None:
+        return local_copy(data_path, split, f"{cls.__name__} data_path")
+    return hub_loader()
 
 
-def record_place(path: str | Path, n: int) -> str:
-    """Where record n (0-based, as loaded) of a local file is: "file:line" for JSON lines (blank
-    lines are skipped by the loaders), "file, record n+1" for a JSON list, "file row n" otherwise."""
-    path = Path(path)
-    if path.suffix == ".jsonl" and path.is_file():
-        lines = _record_lines(str(path), path.stat().st_mtime_ns)
-        if 0 <= n < len(lines):
-            return f"{path}:{lines[n]}"
-    if path.suffix == ".json":
-        return f"{path}, record {n + 1}"
-    return f"{path} row {n}"
+def user_assistant(user: Any, assistant: Any) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-class Place:
-    """The place of a row in error messages, computed only when the message is formatted
-    (`fn(index)`), so that naming millions of rows costs nothing until one is wrong."""
-
-    __slots__ = ("fn", "index")
-
-    def __init__(self, fn: Callable[[int], str], index: int):
-        self.fn, self.index = fn, index
-
-    def __str__(self) -> str:
-        return self.fn(self.index)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
-    def __repr__(self) -> str:
-        return str(self)
+def map_rows(ds, fn, where: str, columns: tuple[str, ...], path: str | None = None):
+    """`ds` formatted by fn(row, place); `path`: the local file row i is record i of (None: rows
+    are named "<where> row i"), so that errors name its 1-based line."""
+    for col in columns:
+        require_column(ds, col, where)
+    place = functools.partial(_format_place, where, path)
+    return format_rows(ds, lambda row, i: fn(row, Place(place, i)), where)
 
 
-def source_row(rows: Any, j: int) -> int:
-    """The row of the dataset `rows` was selected from (carving, shuffling) that row j of `rows` is:
-    an Arrow dataset that is a selection keeps the indices of the rows it selected."""
-    indices = getattr(rows, "_indices", None) if isinstance(rows, hf_datasets.Dataset) else None
-    return int(indices.column(0)[j].as_py()) if indices is not None else j
+def _format_place(where: str, path: str | None, i: int) -> str:
+    if path is None or not Path(path).is_file():
+        return f"{where} row {i}"
+    name = where.removesuffix(str(path)).strip()
+    return record_place(path, i) + (f" ({name})" if name else "")
 
 
-def _raise_json_error(path: Path, error: Exception) -> None:
-    """Re-raises a failed Arrow JSON load with the file and line of the first malformed line."""
-    if path.suffix in (".json", ".jsonl"):
-        read_json_records(path)  # raises a DataError naming the line when one is malformed
-    raise DataError(f"{path}: cannot be read as a {path.suffix} dataset: {error}") from error
-
-
-def load_file(fmt: str, path: Path, split: str | None = "train"):
-    """`load_dataset(fmt, data_files=path, split=split)`; bad bytes, malformed lines and an empty
-    file (on which `datasets` raises a bare StopIteration) are DataErrors naming the file and line."""
-    try:
-        return hf_datasets.load_dataset(fmt, data_files=str(path), split=split)
-    except (ValueError, StopIteration, hf_datasets.exceptions.DatasetGenerationError) as e:
-        _raise_json_error(path, e)
-
-
-def load_rows(path_or_id: str, split: str | None = None, *, key: str = "data path") -> hf_datasets.Dataset:
-    """An Arrow dataset from a local file (`.jsonl`/`.json` -> `load_dataset("json")`, `.parquet` ->
-    `load_dataset("parquet")`), a local dataset folder, or a hub id (`load_dataset(id, split=...)`,
-    split default "train"). `key` names the config key in errors."""
-    path = Path(path_or_id)
-    if path.is_file():
-        fmt = _FILE_FORMATS.get(path.suffix)
-        if fmt is None:
-            raise ValueError(f"{key}={path_or_id!r}: unsupported file type {path.suffix!r}; expected one of "
-                             f"{sorted(_FILE_FORMATS)}")
-        return load_file(fmt, path)
-    if path.suffix in _FILE_FORMATS:
-        raise FileNotFoundError(f"{key}={path_or_id!r}: no such file")
-    return hf_datasets.load_dataset(path_or_id, split=split or "train")
-
-
-def _column(ds, name: str, where: str) -> None:
-    cols = getattr(ds, "column_names", None)
-    if cols is not None and name not in cols:
-        raise KeyError(f"{where}: no column {name!r}; the columns are {cols}")
-
-
-def _format(ds: hf_datasets.Dataset, fn: Callable[[dict, int], dict], where: str) -> hf_datasets.Dataset:
-    return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"formatting {where}")
-
-
-# ----------------------------------------------------------------------------- built-in datasets
+def last_is_assistant(messages: list, where: str) -> list:
+    if not messages or messages[-1]["role"] != "assistant":
+        role = messages[-1]["role"] if messages else None
+        raise DataError(f"{where}: the last message must be the assistant's, got role {role!r}")
+    return messages
 
 
 OASST_SYSTEM_PROMPT = (
@@ -268,7 +187,7 @@ def oasst_conversations(ds, where: str) -> list[dict]:
     """Root-to-leaf conversations of the oasst message rows in `ds` (columns message_id,
     parent_id, role, text)."""
     for col in ("message_id", "parent_id", "role", "text"):
-        _column(ds, col, where)
+        require_column(ds, col, where)
     ids, parents, roles, texts = ds["message_id"], ds["parent_id"], ds["role"], ds["text"]
     children: dict[str, list[int]] = {}
     known = set(ids)
@@ -296,12 +215,36 @@ def oasst_conversations(ds, where: str) -> list[dict]:
     return out
 
 
+def _threads(node: dict, where: str) -> list[list[dict]]:
+    """Every root-to-leaf path below `node` of an oasst message tree, replies in order."""
+    message = node["prompt"] if "prompt" in node else node if {"text", "role"} <= set(node) else None
+    if message is None:
+        return [[]]
+    role = _OASST_ROLES.get(message["role"])
+    if role is None:
+        raise DataError(f"{where}: unknown role {message['role']!r}; expected one of {sorted(_OASST_ROLES)}")
+    turn = {"role": role, "content": message["text"]}
+    below = [thread for reply in message.get("replies") or [] for thread in _threads(reply, where)]
+    return [[turn, *thread] for thread in below] if below else [[turn]]
+
+
+def oasst_tree_conversations(trees: list[tuple[int, dict]], where: str) -> list[dict]:
+    """NeMo RL's oasst conversations: every path of every tree, opened by its system prompt; paths
+    of one message are dropped."""
+    out = []
+    for lineno, tree in trees:
+        for thread in _threads(tree, f"{where}:{lineno}"):
+            if len(thread) >= 2:
+                out.append({"messages": [{"role": "system", "content": OASST_SYSTEM_PROMPT}, *thread]})
+    return out
+
+
 class NoneFilledToolsWarning(UserWarning):
     """Tool schemas or tool-call arguments with null values: likely keys added by Arrow schema
     unification; `data.use_preserving_dataset=true` keeps each row's own keys."""
 
 
-class OpenAIFormatDataset:
+class OpenAIFormatRows:
     """Rows of conversations in OpenAI chat format, with tool calling (NeMo RL's `openai_format`).
 
     Each record: `{chat_key: [messages...], tool_key: [tool schemas...]?, system_key: "..."?}`. A
@@ -336,7 +279,7 @@ class OpenAIFormatDataset:
             records = read_json_records(path)
             return PreservingDataset([self.format(rec, f"{path}:{lineno}") for lineno, rec in records],
                                      [f"{path}:{lineno}" for lineno, _ in records])
-        ds = load_rows(path, key=key)
+        ds = load_source(path, None, None, key=key)
         # Every row gets a "tools" value (None without): `map` takes its columns from the first rows
         # it writes, so an optional key would be dropped from all rows, or missing from some.
         ds = ds.map(lambda rec, i: self.format(rec, Place(functools.partial(record_place, path), i),
@@ -392,10 +335,7 @@ def _warn_if_none_filled(ds: hf_datasets.Dataset, path: str) -> None:
                   stacklevel=3)
 
 
-# ----------------------------------------------------------------------------- building
-
-
-def _import_class(name: str):
+def import_class(name: str):
     """The object at dotted path "pkg.module:Class" or "pkg.module.Class"."""
     module, sep, attr = name.partition(":")
     if not sep:
@@ -406,10 +346,3 @@ def _import_class(name: str):
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def build_dataset(cfg):
-    """`jax_sft.data.layout.build_dataset` (kept here for imports of the earlier layout)."""
-    from jax_sft.data.layout import build_dataset as build  # noqa: PLC0415  (layout imports this module)
-
-    return build(cfg)

@@ -1,9 +1,11 @@
-"""Parameter counts of a model from its `ModelConfig` alone (no arrays): what the dry run reports
-and what memory estimates build on.
+"""Parameter and FLOP counts of a model from its `ModelConfig` alone (no arrays): what the dry run
+reports, what memory estimates build on, and the MFU's numerator. The family registry uses these
+for every family whose layers they describe (`jax_sft.models.registry.Family.param_count`,
+`.training_flops`). No runtime import of the models package: a leaf module.
 
 The counts follow the decoder of `jax_sft.models.decoder` parameter for parameter (tests compare
 them with an abstract `CausalLM`): embeddings [vocab, hidden]; per layer the RMSNorm weights,
-q/k/v/o kernels (and biases), q/k norms, a dense MLP (gate, up, down) or a mixture of experts
+q/k/v/o kernels (and biases), q/k norms (over head_dim, or over the whole projection), a dense MLP (gate, up, down) or a mixture of experts
 (router [hidden, experts], experts' gate/up/down); the final norm; an untied lm_head [hidden, vocab].
 A LoRA adapter on a projection whose kernel maps input dims I to output dims O has
 dim * (prod(I) + prod(O)) parameters (A [*I, dim], B [dim, *O]).
@@ -13,11 +15,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from jax_sft.models.config import ModelConfig
-    from jax_sft.models.lora import LoraConfig
+    from jax_sft.models.options import LoraConfig
 
-__all__ = ["base_param_count", "lora_param_count", "lora_sites", "projection_shapes", "state_bytes_per_device"]
+__all__ = ["base_param_count", "lora_param_count", "lora_sites", "projection_shapes", "state_bytes_per_device",
+           "training_flops", "dense_mlp_layers"]
+
+# RMSNorm weights [hidden] per layer by norm placement (models/decoder.py DecoderLayer).
+NORMS_PER_LAYER = {"pre": 2, "sandwich": 4, "post": 2}
 
 
 def projection_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -29,8 +37,17 @@ def projection_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (e, mlp), "up_proj": (e, mlp), "down_proj": (mlp, e), "lm_head": (e, m.vocab_size)}
 
 
-def _dense_mlp(m: ModelConfig) -> tuple[bool, ...]:
+def dense_mlp_layers(m: ModelConfig) -> tuple[bool, ...]:
+    """Per layer: whether its MLP is dense (not mixture-of-experts)."""
     return tuple(not (m.num_experts > 0 and m.moe_layers[i]) for i in range(m.num_layers))
+
+
+def _qk_norm_params(m: ModelConfig) -> int:
+    if m.qk_norm == "head":
+        return 2 * m.head_dim
+    if m.qk_norm == "projection":
+        return (m.num_heads + m.num_kv_heads) * m.head_dim
+    return 0
 
 
 def base_param_count(m: ModelConfig) -> int:
@@ -38,18 +55,18 @@ def base_param_count(m: ModelConfig) -> int:
     e, d = m.hidden_size, m.head_dim
     shapes = projection_shapes(m)
     attention = sum(i * o for i, o in (shapes[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj")))
-    attention += (m.num_heads + 2 * m.num_kv_heads) * d * m.qkv_bias + e * m.o_bias + 2 * d * m.qk_norm
+    attention += (m.num_heads + 2 * m.num_kv_heads) * d * m.qkv_bias + e * m.o_bias + _qk_norm_params(m)
     dense = 3 * e * m.intermediate_size + (2 * m.intermediate_size + e) * m.mlp_bias
     sparse = e * m.num_experts + 3 * m.num_experts * e * m.moe_intermediate_size
-    norms = (4 if m.sandwich_norm else 2) * e
-    layers = sum(attention + norms + (dense if is_dense else sparse) for is_dense in _dense_mlp(m))
+    norms = NORMS_PER_LAYER[m.norm_placement] * e
+    layers = sum(attention + norms + (dense if is_dense else sparse) for is_dense in dense_mlp_layers(m))
     lm_head = 0 if m.tie_word_embeddings else e * m.vocab_size
     return m.vocab_size * e + layers + e + lm_head
 
 
 def lora_sites(m: ModelConfig, lora: LoraConfig) -> frozenset[tuple[int | None, str]]:
     """The (layer, projection) sites of `m` that get adapters ((None, "lm_head") for the head)."""
-    return lora.adapted(m.num_layers, _dense_mlp(m), True)
+    return lora.adapted(m.num_layers, dense_mlp_layers(m), True)
 
 
 def lora_param_count(m: ModelConfig, lora: LoraConfig) -> tuple[int, int]:
@@ -57,7 +74,7 @@ def lora_param_count(m: ModelConfig, lora: LoraConfig) -> tuple[int, int]:
     `m` with `lora`'s adapters."""
     shapes = projection_shapes(m)
     trainable = sum(lora.dim * sum(shapes[proj]) for _, proj in lora_sites(m, lora))
-    return trainable, base_param_count(m) + trainable
+    return trainable, m.param_count() + trainable
 
 
 def state_bytes_per_device(m: ModelConfig, lora: LoraConfig | None, *, param_dtype: str, precision: str,
@@ -67,7 +84,7 @@ def state_bytes_per_device(m: ModelConfig, lora: LoraConfig | None, *, param_dty
     accumulator of the trainable parameters), AdamW's two moments (in the trainable parameters'
     dtype) and the per-step compute-dtype copy of the weights that are not in it already."""
     size = {"float32": 4, "bfloat16": 2}
-    base = base_param_count(m)
+    base = m.param_count()
     trainable = lora_param_count(m, lora)[0] if lora is not None else base
     master = 4 if lora is not None else size[param_dtype]  # the trainable parameters' dtype
     weights = base * size[param_dtype] + (trainable * 4 if lora is not None else 0)
@@ -76,3 +93,29 @@ def state_bytes_per_device(m: ModelConfig, lora: LoraConfig | None, *, param_dty
     parts = {"weights": weights, "gradients": 4 * trainable, "optimizer": 2 * master * trainable,
              "compute copy": copy}
     return {k: v / devices for k, v in parts.items()}
+
+
+def training_flops(m: ModelConfig, sequence_lengths: np.ndarray) -> float:
+    """Analytic FLOPs of forward + backward (3x forward) for sequences of the given lengths.
+
+    Matmul FLOPs are 2 per multiply-add per token over every projection and the LM head; causal
+    attention counts QK^T and AV over the n(n+1)/2 query-key pairs of a sequence (half of full
+    attention), or fewer in a layer whose sliding window W caps the keys per query.
+    Mixture-of-experts layers count their active parameters: the router and the top-k experts a
+    token goes through.
+    """
+    d, hd = m.hidden_size, m.head_dim
+    q, kv = m.num_heads * hd, m.num_kv_heads * hd
+    attn = d * q + 2 * d * kv + q * d
+    moe_layers = sum(m.moe_layers) if m.num_experts else 0
+    dense_mlp = 3 * d * m.intermediate_size
+    moe_mlp = d * m.num_experts + m.experts_per_token * 3 * d * m.moe_intermediate_size
+    matmul_params = (m.num_layers * attn + (m.num_layers - moe_layers) * dense_mlp
+                     + moe_layers * moe_mlp + d * m.vocab_size)
+    n = np.asarray(sequence_lengths, np.float64)
+    pairs = 0.0
+    for window in m.sliding_windows:
+        w = n if window is None else np.minimum(n, window)
+        pairs += (n * w - w * (w - 1) / 2).sum()  # = n(n+1)/2 when w = n
+    forward = 2 * matmul_params * n.sum() + 2 * 2 * q * pairs
+    return 3.0 * forward

@@ -1,0 +1,310 @@
+"""The run plan: the validated config (and the model's config.json when it is local) turned once
+into frozen, typed sections, every derived value computed and every cross-key check made here.
+
+    plan = make_plan(cfg, devices=8, model_config=models.read_config(model_dir, overrides))
+    plan.mesh.fsdp, plan.batch.seq_len, plan.batch.micro_batches, plan.model.options.remat
+    plan.describe()        # the dry run's lines (mesh, batches, model, LoRA, steps, outputs)
+
+`make_plan` raises one ConfigError listing every problem with the devices, batch sizes and model
+(`output_problems` adds the folders and export target a training run writes). The trainer, the
+data pipeline, `--dry_run`, `inspect_data` and `generate` read these sections instead of
+re-deriving values from the config; `plan.config` is the validated ConfigDict itself (for logs,
+checkpoints and the sections that pass keys through to their readers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from jax_sft.config.keys import plain
+from jax_sft.config.lora import DTENSOR_LORA, MEGATRON_LORA, lora_config
+from jax_sft.data.batches import BatchPlan
+from jax_sft.data.pipeline import DataPlan
+from jax_sft.errors import ConfigError, InputError
+from jax_sft.models import counts
+from jax_sft.models.config import ModelConfig
+from jax_sft.models.hf_write import export_target_problem
+from jax_sft.models.options import LoraConfig, ModelOptions
+from jax_sft.models.sharding import mesh_shape
+
+__all__ = ["RunPlan", "MeshPlan", "ModelPlan", "StepsPlan", "CheckpointSpec", "make_plan",
+           "mesh_plan", "model_options", "output_problems", "deadline_seconds", "protected_folders"]
+
+CHECKS = "checks against the devices and model"  # the source of make_plan's ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+    """The device mesh: data (replicas) x fsdp x expert x tensor over `devices` devices."""
+
+    data: int
+    fsdp: int
+    expert: int
+    tensor: int
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.expert * self.tensor
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: how many different row blocks a batch is split into."""
+        return self.data * self.fsdp * self.expert
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """The model: its name (folder or hub id), the config.json overrides, how it is built and,
+    when its config.json was read, its `ModelConfig`."""
+
+    name: str
+    directory: Path | None  # the local folder holding its config.json, when known
+    hf_config_overrides: dict[str, Any] | None
+    options: ModelOptions
+    config: ModelConfig | None
+    lora_key: str | None  # the config section LoRA comes from, None without LoRA
+
+
+@dataclasses.dataclass(frozen=True)
+class StepsPlan:
+    max_steps: int
+    max_epochs: int
+    val_period: int
+    val_batches: int
+    val_at_start: bool
+    val_at_end: bool
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """What the checkpoints of the run are: where, how often, what is kept (`jax_sft.checkpoint`)."""
+
+    enabled: bool
+    directory: Path
+    save_period: int
+    keep_top_k: int | None
+    metric_name: str | None  # "val:<name>" / "train:<name>" (NeMo RL's older "<name>" means "val:<name>")
+    higher_is_better: bool
+    save_optimizer: bool
+    deadline_s: float | None  # checkpoint_must_save_by, in seconds after the start
+    export_dir: Path | None  # checkpointing.hf_export_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    config: ConfigDict  # the validated config
+    precision: str
+    mesh: MeshPlan
+    batch: BatchPlan
+    model: ModelPlan
+    steps: StepsPlan
+    checkpoint: CheckpointSpec
+    data: DataPlan
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        return self.model.options.lora
+
+    def describe(self, nodes: int, gpus_per_node: int) -> list[str]:
+        """The dry run's lines of this plan (mesh, batches, model, LoRA, steps, checkpoints, logs)."""
+        return _describe(self, nodes, gpus_per_node)
+
+
+def deadline_seconds(value: str | None) -> float | None:
+    """NeMo RL's checkpoint_must_save_by "DD:HH:MM:SS" -> seconds after the start of the run."""
+    if not value:
+        return None
+    days, hours, minutes, seconds = (int(x) for x in value.split(":"))
+    return datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+
+
+def mesh_plan(cfg: ConfigDict, devices: int) -> MeshPlan:
+    """The mesh of `policy.jax_cfg.mesh` over `devices` devices (UsageError when it does not fit)."""
+    m = cfg.policy.jax_cfg.mesh
+    data, fsdp, tensor = mesh_shape(m.data, m.fsdp, m.tensor, devices, m.expert)
+    return MeshPlan(data, fsdp, m.expert, tensor)
+
+
+def model_options(cfg: ConfigDict) -> ModelOptions:
+    """How the run builds its model: policy.precision, policy.jax_cfg.*, LoRA."""
+    jc = cfg.policy.jax_cfg
+    return ModelOptions(dtype=cfg.policy.precision, param_dtype=jc.param_dtype, attention=jc.attention,
+                        remat=jc.remat, scan_layers=bool(jc.scan_layers), max_segments=jc.max_segments_per_row,
+                        lora=lora_config(cfg))
+
+
+def _batch_plan(cfg: ConfigDict, dp: int, problems: list[str]) -> BatchPlan:
+    p, s = cfg.policy, cfg.sft
+    divisible = p.make_sequence_length_divisible_by or 1
+    seq_len = -(-p.max_total_sequence_length // divisible) * divisible
+    max_input = cfg.data.max_input_seq_length
+    if max_input > seq_len:
+        problems.append(f"data.max_input_seq_length={max_input} exceeds the row length {seq_len} "
+                        "(policy.max_total_sequence_length rounded up to make_sequence_length_divisible_by)")
+    for name, gbs, mbs in (("policy.train_global_batch_size", p.train_global_batch_size, p.train_micro_batch_size),
+                           ("sft.val_global_batch_size", s.val_global_batch_size, s.val_micro_batch_size)):
+        if gbs % (mbs * dp):
+            problems.append(f"{name}={gbs} is not divisible by micro batch {mbs} x data-parallel size {dp} "
+                            f"(mesh data*fsdp*expert); choose a multiple of {mbs * dp}")
+    packing = bool(p.sequence_packing.enabled)
+    rank_rows = p.train_micro_batch_size
+    if packing:
+        mb_tokens = p.sequence_packing.train_mb_tokens
+        rank_rows = mb_tokens // seq_len
+        if rank_rows < 1:
+            problems.append(f"policy.sequence_packing.train_mb_tokens={mb_tokens} is less than one row of "
+                            f"{seq_len} tokens")
+    return BatchPlan(seq_len, p.max_total_sequence_length, max_input, p.train_global_batch_size,
+                     p.train_micro_batch_size, dp, packing, p.sequence_packing.algorithm, rank_rows,
+                     s.val_global_batch_size, s.val_micro_batch_size)
+
+
+def _checkpoint_spec(c: ConfigDict) -> CheckpointSpec:
+    metric = c.metric_name
+    return CheckpointSpec(
+        enabled=bool(c.enabled), directory=Path(c.checkpoint_dir), save_period=c.save_period, keep_top_k=c.keep_top_k,
+        metric_name=None if not metric else metric if ":" in metric else f"val:{metric}",
+        higher_is_better=bool(c.higher_is_better), save_optimizer=bool(c.save_optimizer),
+        deadline_s=deadline_seconds(c.checkpoint_must_save_by),
+        export_dir=Path(c.hf_export_dir) if c.hf_export_dir else None)
+
+
+def make_plan(cfg: ConfigDict, *, devices: int, model_dir: Path | None = None,
+              model_config: ModelConfig | None = None) -> RunPlan:
+    """The plan of the validated config `cfg` over `devices` devices, with the model's folder and
+    config when they were read (None: not local; its checks are left to the run). ConfigError
+    (source `CHECKS`) listing every problem with the mesh, the batch sizes and the model."""
+    problems: list[str] = []
+    try:
+        mesh = mesh_plan(cfg, devices)
+    except InputError as e:
+        problems.append(str(e))
+        mesh = MeshPlan(1, devices, 1, 1)  # to check the rest against
+    batch = _batch_plan(cfg, mesh.dp, problems)
+    p = cfg.policy
+    options = model_options(cfg)
+    if model_config is not None:
+        problems += _model_problems(cfg, model_config, options)
+    if problems:
+        raise ConfigError(problems, CHECKS)
+    lora_key = None if options.lora is None else MEGATRON_LORA if options.lora.naming == "megatron" else DTENSOR_LORA
+    s, d = cfg.sft, cfg.data
+    return RunPlan(
+        config=cfg, precision=p.precision, mesh=mesh, batch=batch,
+        model=ModelPlan(p.model_name, model_dir, plain(p.hf_config_overrides), options, model_config, lora_key),
+        steps=StepsPlan(s.max_num_steps, s.max_num_epochs, s.val_period, s.val_batches, bool(s.val_at_start),
+                        bool(s.val_at_end), s.seed),
+        checkpoint=_checkpoint_spec(cfg.checkpointing),
+        data=DataPlan(config=cfg, batch=batch, tokenize=d.tokenize, overlength=d.overlength, num_workers=d.num_workers,
+                      shuffle=bool(d.shuffle), skip_without_loss=bool(d.skip_examples_without_loss), seed=s.seed,
+                      val_period=s.val_period, val_batches=s.val_batches),
+    )
+
+
+def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions) -> list[str]:
+    """The model against the run: sequence length, LoRA targets."""
+    problems = []
+    length = cfg.policy.max_total_sequence_length
+    if length > m.context_length:
+        problems.append(f"policy.max_total_sequence_length={length} exceeds the model's "
+                        f"max_position_embeddings={m.context_length}; lower it")
+    if options.lora is not None:
+        try:
+            options.lora.by_layer(m, options.scan_layers)
+        except InputError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _writable(key: str, path: Path) -> list[str]:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return [f"{key}={path} is not writable ({existing} is not a writable folder)"]
+    return []
+
+
+def output_problems(plan: RunPlan) -> list[str]:
+    """What keeps a training run from writing its outputs: checkpoint and log folders that are not
+    writable, an export target that the final export may not replace."""
+    ck = plan.checkpoint
+    problems = _writable("checkpointing.checkpoint_dir", ck.directory) if ck.enabled else []
+    problems += _writable("logger.log_dir", Path(plan.config.logger.log_dir))
+    if ck.export_dir is not None:
+        problem = export_target_problem(ck.export_dir, protected=protected_folders(plan))
+        if problem:
+            problems.append(f"checkpointing.hf_export_dir: {problem}")
+    return problems
+
+
+def protected_folders(plan: RunPlan) -> tuple[Path, ...]:
+    """Folders the final export must never replace (besides /, home and the working directory)."""
+    return (plan.checkpoint.directory,) if plan.checkpoint.enabled else ()
+
+
+# ----------------------------------------------------------------------------- the dry run's lines
+
+
+def _describe(plan: RunPlan, nodes: int, gpus_per_node: int) -> list[str]:
+    m, b = plan.mesh, plan.batch
+    micro = b.global_batch // b.dp // b.micro_batch
+    lines = [
+        f"mesh: data={m.data} x fsdp={m.fsdp} x expert={m.expert} x tensor={m.tensor} over {m.devices} devices "
+        f"({nodes} node(s) x {gpus_per_node}; one process per node)",
+        f"batches: {b.global_batch} sequences per step = {b.dp} data-parallel ranks x {micro} micro-batch(es) of "
+        f"{b.micro_batch}, rows of {b.max_total_length} tokens" + (" (packed)" if b.packing else ""),
+    ]
+    return lines + _model_lines(plan)
+
+
+def _model_lines(plan: RunPlan) -> list[str]:
+    m, name = plan.model.config, plan.model.name
+    if m is None:
+        lines = [f"model: {name} is a hub id not in the local Hugging Face cache; its config.json is read (and its "
+                 "architecture checked) when the run downloads it"]
+        return lines + _lora_lines(plan)
+    lines = [f"model: {m.architecture} ({m.family} family) from {plan.model.directory}: {m.num_layers} layers, "
+             f"hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
+             f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"]
+    if m.num_experts:
+        lines.append(f"model: mixture of experts: {m.num_experts} experts, top {m.experts_per_token}, "
+                     f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
+                     f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}")
+    return lines + _lora_lines(plan)
+
+
+def _lora_lines(plan: RunPlan) -> list[str]:
+    """The LoRA line (none for full fine-tuning); with the model's config, the adapted projections
+    and parameter counts."""
+    lora, m = plan.lora, plan.model.config
+    if lora is None:
+        return []
+    if lora.match_all_linear:
+        which = "every linear layer (match_all_linear)"
+    elif lora.target_modules:
+        which = f"targets {list(lora.target_modules)}"
+    elif lora.naming == "megatron":
+        which = "targets linear_qkv, linear_proj, linear_fc1, linear_fc2 (no target_modules)"
+    elif lora.exclude_modules:
+        which = "every linear layer, lm_head included (exclude_modules without target_modules)"
+    else:
+        which = "every *_proj (no target_modules)"
+    which += f" minus {list(lora.exclude_modules)}" if lora.exclude_modules else ""
+    line = (f"LoRA ({plan.model.lora_key}, {lora.naming} module names): rank {lora.dim}, alpha {lora.alpha:g}, "
+            f"scale {lora.scale:g}, {which}; dropout {lora.dropout:g} ({lora.dropout_position}); "
+            "float32 adapters, frozen base")
+    if m is None:
+        return [line + "; adapted projections are counted when the model's config.json is local"]
+    sites = counts.lora_sites(m, lora)
+    trainable, total = counts.lora_param_count(m, lora)
+    head = " (lm_head included)" if (None, "lm_head") in sites else ""
+    return [f"{line}; {len(sites)} adapted projections{head}, {trainable:,} trainable parameters of "
+            f"{total:,} ({100 * trainable / total:.3g}%)"]

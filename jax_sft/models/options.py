@@ -1,0 +1,248 @@
+"""What a model is built with, apart from its `ModelConfig` (no JAX): `ModelOptions` (dtypes, attention
+kernel, rematerialisation, layer scan, LoRA) and `LoraConfig` with NeMo RL's module matching.
+
+    options = ModelOptions(dtype="bfloat16", param_dtype="float32", remat="full", lora=LoraConfig(dim=8, alpha=16))
+    model = CausalLM(config, options, rngs=nnx.Rngs(0))       # or CausalLM(config, dtype=jnp.float32, ...)
+    model = from_pretrained(path, options, mesh=mesh)           # or from_pretrained(path, dtype=jnp.bfloat16)
+
+The run plan (`jax_sft.config.plan`) makes one `ModelOptions` from the config; model constructors,
+`from_pretrained`, export and generation take it whole. The keyword form (`dtype=...`) builds one.
+
+Which projections get LoRA adapters (`LoraConfig.adapted`), as NeMo RL matches module names:
+
+- NeMo RL's DTensor `policy.dtensor_cfg.lora_cfg` (`naming="hf"`), names as in the HF model
+  (`q_proj`, ..., full names `model.layers.3.self_attn.q_proj`, `lm_head`): `match_all_linear`
+  adapts every linear layer, lm_head included (Automodel's rule); else a module matches a
+  `target_modules` entry equal to its name or a wildcard pattern of its full name
+  (`*.layers.0.*.q_proj`; `*` matches any characters); `exclude_modules` removes modules the same
+  way. Neither given: `*_proj` (every projection, not lm_head), as Automodel defaults.
+- Megatron's `policy.megatron_cfg.peft` (`naming="megatron"`): `linear_qkv` (q, k, v), `linear_proj`
+  (o), `linear_fc1` (gate, up), `linear_fc2` (down), `output_layer` (lm_head); full names
+  `decoder.layers.3.self_attention.linear_qkv`, `decoder.layers.3.mlp.linear_fc1`. No targets: the
+  four layer projections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from jax_sft import choices
+from jax_sft.errors import SettingError
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+LM_HEAD = "lm_head"
+# Megatron's module name of each projection, and its parent module under decoder.layers.<i>.
+_MEGATRON = {
+    **{p: ("linear_qkv", "self_attention") for p in ("q_proj", "k_proj", "v_proj")},
+    "o_proj": ("linear_proj", "self_attention"),
+    "gate_proj": ("linear_fc1", "mlp"),
+    "up_proj": ("linear_fc1", "mlp"),
+    "down_proj": ("linear_fc2", "mlp"),
+}
+_MEGATRON_DEFAULT = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+
+Site = tuple[int | None, str]  # (layer index, projection name); (None, "lm_head")
+
+
+def dtype_name(dtype: Any) -> str:
+    """"bfloat16" for "bfloat16", jnp.bfloat16 or np.dtype(...): the name options store."""
+    if isinstance(dtype, str):
+        return dtype
+    return np.dtype(dtype).name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How a `CausalLM` is built and run, apart from its architecture (hashable).
+
+    dtype: the compute dtype ("bfloat16" or "float32"); param_dtype: how parameters are stored;
+    attention: the kernel (`choices.ATTENTION`, see models/attention.py); remat: activation
+    checkpointing per layer (`choices.REMAT`); scan_layers: the layers stacked and run by one
+    `lax.scan`; max_segments: packed rows with cuDNN, the most segments per row; lora: adapters
+    (None: none). dtypes may be given as jnp / numpy dtypes; they are stored by name.
+    """
+
+    dtype: Any = "bfloat16"
+    param_dtype: Any = "float32"
+    attention: str = "auto"
+    remat: str = "none"
+    scan_layers: bool = False
+    max_segments: int = 64
+    lora: LoraConfig | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        object.__setattr__(self, "param_dtype", dtype_name(self.param_dtype))
+        if self.remat not in choices.REMAT:
+            raise ValueError(f"remat={self.remat!r}; choose one of {choices.REMAT}")
+        if self.attention not in choices.ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; choose one of {choices.ATTENTION}")
+        if not (isinstance(self.max_segments, int) and self.max_segments >= 1):
+            raise ValueError(f"max_segments={self.max_segments!r} must be a positive integer")
+
+    @classmethod
+    def of(cls, options: ModelOptions | None = None, **changes: Any) -> ModelOptions:
+        """`options` (default: the defaults) with the keyword `changes` (the keyword form of the
+        model constructors: dtype=..., remat=...; None values are left out)."""
+        base = options if options is not None else cls()
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(base, **changes) if changes else base
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters: what to adapt (see the module docstring) and how; built by jax_sft.config.lora from NeMo RL's
+    `lora_cfg` / `megatron_cfg.peft`."""
+
+    dim: int
+    alpha: float
+    dropout: float = 0.0
+    dropout_position: str = "post"
+    a_init: str = "xavier"
+    target_modules: tuple[str, ...] = ()
+    exclude_modules: tuple[str, ...] = ()
+    match_all_linear: bool = False
+    naming: str = "hf"
+    seed: int = 0  # adapters' initial values: the same for every mesh and layer layout
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.dim
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, one line each (keys as NeMo RL's lora_cfg names them)."""
+        out = []
+        if not (isinstance(self.dim, int) and self.dim >= 1):
+            out.append(f"dim={self.dim!r}: expected a positive integer (the LoRA rank)")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            out.append(f"alpha={self.alpha!r}: expected a positive number (scale = alpha / dim)")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            out.append(f"dropout={self.dropout!r}: expected a probability in [0, 1)")
+        if self.dropout_position not in choices.LORA_DROPOUT_POSITIONS:
+            out.append(f"dropout_position={self.dropout_position!r}: expected one of {list(choices.LORA_DROPOUT_POSITIONS)}")
+        if self.a_init not in choices.LORA_A_INITS:
+            out.append(f"lora_A_init={self.a_init!r}: expected one of {list(choices.LORA_A_INITS)}")
+        if self.naming not in choices.LORA_NAMINGS:
+            out.append(f"naming={self.naming!r}: expected one of {list(choices.LORA_NAMINGS)}")
+        if self.match_all_linear and (self.target_modules or self.exclude_modules):
+            out.append("match_all_linear=true adapts every linear layer, so target_modules and "
+                       "exclude_modules must be empty; set match_all_linear=false to use them")
+        return out
+
+    def adapted(self, num_layers: int, dense_mlp: tuple[bool, ...], has_lm_head: bool = True) -> frozenset[Site]:
+        """The (layer, projection) sites that get adapters. `dense_mlp[i]`: layer i has a dense
+        MLP (MoE layers have none to adapt)."""
+        sites = [(i, p) for i in range(num_layers) for p in ATTENTION + (MLP if dense_mlp[i] else ())]
+        if has_lm_head:
+            sites.append((None, LM_HEAD))
+        return frozenset(s for s in sites if self._matches(*s))
+
+    def by_layer(self, config: Any, scan_layers: bool) -> dict[int | None, frozenset[str]]:
+        """{layer index: its adapted projections, None: {"lm_head"} or {}} on the model of
+        `config` (a ModelConfig); SettingError when nothing matches, when scan_layers needs the
+        same adapters on every layer, or for dropout with an adapter on lm_head."""
+        dense = tuple(not (config.num_experts > 0 and config.moe_layers[i]) for i in range(config.num_layers))
+        sites = self.adapted(config.num_layers, dense)
+        if not sites:
+            raise SettingError(f"LoRA target_modules={list(self.target_modules)}, exclude_modules="
+                               f"{list(self.exclude_modules)} match no linear layer of this {config.architecture}")
+        by_layer = {i: frozenset(p for j, p in sites if j == i) for i in [None, *range(config.num_layers)]}
+        if scan_layers and len({by_layer[i] for i in range(config.num_layers)}) > 1:
+            raise SettingError("LoRA adapters differ between layers (target_modules / exclude_modules name "
+                               "layers), but scan_layers=true needs the same on every layer; set "
+                               "policy.jax_cfg.scan_layers=false")
+        if self.dropout > 0 and by_layer[None]:
+            raise SettingError(f"LoRA dropout={self.dropout} with an adapter on lm_head (match_all_linear "
+                               "adapts it) is not supported; exclude lm_head (target_modules: ['*_proj']) or "
+                               "set dropout to 0")
+        return by_layer
+
+    def _matches(self, layer: int | None, proj: str) -> bool:
+        name, full = self.module_name(layer, proj)
+        if name is None:
+            return False
+        if self.match_all_linear:
+            return True
+        hit = lambda patterns: any(name == p or wildcard_match(p, full) for p in patterns)  # noqa: E731
+        if self.target_modules:
+            selected = hit(self.target_modules)
+        elif self.naming == "megatron":
+            selected = name in _MEGATRON_DEFAULT
+        else:
+            selected = self.exclude_modules != () or wildcard_match("*_proj", full)
+        return selected and not hit(self.exclude_modules)
+
+    def module_name(self, layer: int | None, proj: str) -> tuple[str | None, str]:
+        """(module name, full module name) of a site in this config's naming (HF or Megatron)."""
+        if self.naming == "megatron":
+            if proj == LM_HEAD:
+                return "output_layer", "output_layer"
+            name, parent = _MEGATRON[proj]
+            return name, f"decoder.layers.{layer}.{parent}.{name}"
+        return proj, hf_module_name(layer, proj)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {**d, "target_modules": list(self.target_modules), "exclude_modules": list(self.exclude_modules)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        return cls(**{**d, "target_modules": tuple(d["target_modules"]), "exclude_modules": tuple(d["exclude_modules"])})
+
+
+# A LoRA checkpoint's reference to its frozen base (extra file LORA_FILE, see `base_reference`).
+LORA_FILE = "lora.json"
+
+
+def base_reference(lora: LoraConfig, model_name: str, hf_config: dict[str, Any],
+                   hf_config_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a LoRA checkpoint records about its base (extra file LORA_FILE): the adapters'
+    config, the base's name or path (policy.model_name), the hf_config_overrides it was built with
+    and the SHA-256 of its config as loaded (`CausalLM.config.to_hf_dict()`), so that resuming or
+    exporting onto another base is refused (`base_problem`)."""
+    return {"lora": lora.to_dict(), "base": {"model_name": str(model_name),
+                                             "hf_config_overrides": hf_config_overrides or {},
+                                             "config_sha256": config_hash(hf_config)}}
+
+
+def base_problem(reference: dict[str, Any], model_name: str, hf_config: dict[str, Any]) -> str | None:
+    """None when `hf_config` (of the base at `model_name`) is the one `reference` was trained on;
+    else one sentence saying what differs."""
+    if config_hash(hf_config) == reference["base"]["config_sha256"]:
+        return None
+    return (f"the base model {model_name} is not the one these LoRA adapters were trained on "
+            f"({reference['base']['model_name']}): its config.json differs (SHA-256 of the loaded config "
+            f"{config_hash(hf_config)[:12]}... != {reference['base']['config_sha256'][:12]}...)")
+
+
+def config_hash(hf_config: dict[str, Any]) -> str:
+    """The SHA-256 of a config dict (keys sorted)."""
+    return hashlib.sha256(json.dumps(hf_config, sort_keys=True).encode()).hexdigest()
+
+
+def hf_module_name(layer: int | None, proj: str) -> str:
+    """The projection's module name in a transformers causal LM (PEFT's key names build on it)."""
+    if proj == LM_HEAD:
+        return LM_HEAD
+    parent = "self_attn" if proj in ATTENTION else "mlp"
+    return f"model.layers.{layer}.{parent}.{proj}"
+
+
+@lru_cache(maxsize=256)
+def _wildcard_regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$")
+
+
+def wildcard_match(pattern: str, full_name: str) -> bool:
+    """Whether `pattern` ("*" = any characters, everything else literal) matches the whole name."""
+    return _wildcard_regex(pattern).match(full_name) is not None
