@@ -51,7 +51,7 @@ class Synthetic:
         n = max(1, int(tokens))
         w = self.rng.choice(self.words, size=n, p=self.p)
         out, sentence = [], []
-        for i, word in enumerate(w):
+        for word in w:
             sentence.append(word)
             if len(sentence) > 8 and self.rng.random() < 0.12:
                 out.append(" ".join(sentence).capitalize() + ("." if self.rng.random() < 0.9 else "?"))
@@ -66,8 +66,7 @@ class Synthetic:
         messages = [{"role": "system", "content": self.text(self.rng.lognormal(3.5, 0.5))}]
         for _ in range(int(self.rng.integers(1, 4))):  # 2-6 turns: 1-3 user/assistant exchanges
             messages.append({"role": "user", "content": self.text(self.rng.lognormal(4.3, 0.9))})
-            answer = {"role": "assistant",
-                      "content": self.text(np.clip(self.rng.lognormal(5.9, 0.7), 100, 1500))}
+            answer = {"role": "assistant", "content": self.text(np.clip(self.rng.lognormal(5.9, 0.7), 100, 1500))}
             if self.rng.random() < 0.3:
                 answer["reasoning_content"] = self.text(self.rng.lognormal(5.0, 0.6))
             messages.append(answer)
@@ -109,11 +108,20 @@ def main() -> None:
     from jax_sft.data import SFTData, load_tokenizer
 
     def cfg(packing: bool, batch: int = args.batch):
-        return load_config(None, [
-            f"policy.tokenizer.name={args.tokenizer}", "policy.tokenizer.chat_template=default",
-            f"policy.max_total_sequence_length={args.seq}", f"policy.train_global_batch_size={batch}",
-            "policy.train_micro_batch_size=1", f"policy.sequence_packing.enabled={str(packing).lower()}",
-            "data.overlength=truncate", "data.add_generation_prompt=true", "sft.val_global_batch_size=1"])
+        return load_config(
+            None,
+            [
+                f"policy.tokenizer.name={args.tokenizer}",
+                "policy.tokenizer.chat_template=default",
+                f"policy.max_total_sequence_length={args.seq}",
+                f"policy.train_global_batch_size={batch}",
+                "policy.train_micro_batch_size=1",
+                f"policy.sequence_packing.enabled={str(packing).lower()}",
+                "data.overlength=truncate",
+                "data.add_generation_prompt=true",
+                "sft.val_global_batch_size=1",
+            ],
+        )
 
     tokenizer = load_tokenizer(cfg(False))
     synth = Synthetic(english_words(tokenizer), args.seed)
@@ -140,15 +148,21 @@ def main() -> None:
     by_batch = {}
     for g in (32, 64, 128):  # the last row of a step is partly empty: ~seq / 2 of G * mean length tokens
         c = cfg(True) if g == args.batch else cfg(True, batch=g)
-        data = packed if g == args.batch else SFTData(make_plan(c, devices=1).data, tokenizer, dp_ranks=[0],
-                                                      dataset=dataset)
+        data = (
+            packed
+            if g == args.batch
+            else SFTData(make_plan(c, devices=1).data, tokenizer, dp_ranks=[0], dataset=dataset)
+        )
         by_batch[g] = round(padding_fraction(data, data.steps_per_epoch)[0], 4)
     lengths = padded.train_split.lengths
     report = {
         "conversations": args.conversations,
         "tokens": tokens,
-        "tokens_per_conversation": {"mean": round(float(lengths.mean())), "p50": int(np.median(lengths)),
-                                    "max": int(lengths.max())},
+        "tokens_per_conversation": {
+            "mean": round(float(lengths.mean())),
+            "p50": int(np.median(lengths)),
+            "max": int(lengths.max()),
+        },
         "truncated_to_seq": padded.stats["data/train_truncated"],
         "reference_render_only_tokens_per_s": round(n_tokens / t_render),
         "reference_render_and_encode_tokens_per_s": round(n_tokens / (t_render + t_encode)),
@@ -163,8 +177,10 @@ def main() -> None:
         "global_batch": args.batch,
     }
     print(json.dumps(report, indent=2))
-    print(f"whole pipeline (template, tokenise, mask, pack, batch), 1 core: "
-          f"{report['whole_pipeline_packed_tokens_per_s']:,} tokens/s (target >= 250,000)")
+    print(
+        f"whole pipeline (template, tokenise, mask, pack, batch), 1 core: "
+        f"{report['whole_pipeline_packed_tokens_per_s']:,} tokens/s (target >= 250,000)"
+    )
     print(f"padding: {pad_padded:.1%} padded rows, {pad_packed:.1%} packed (target < 5%)")
 
 

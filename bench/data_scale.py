@@ -1,6 +1,7 @@
 """Start-up, memory and throughput of the data pipeline as the dataset grows: up-front vs lazy tokenisation.
 
-    python bench/data_scale.py [--sizes 20000 1000000] [--upfront-max 20000] [--steps 20] [--dir /tmp/jax_sft_data_scale]
+    python bench/data_scale.py [--sizes 20000 1000000] [--upfront-max 20000] [--steps 20] \
+        [--dir /tmp/jax_sft_data_scale]
 
 Synthetic conversations with a realistic length mix for SFT on math and chat data (1-3 exchanges;
 user turns lognormal around ~75 tokens, assistant turns lognormal around ~330 tokens, clipped to
@@ -92,6 +93,7 @@ class ArrowConversations:
 
     def __init__(self, path: str):
         import datasets
+
         from jax_sft.data import TaskDataSpec
 
         train = datasets.Dataset.from_file(path)
@@ -104,11 +106,19 @@ def child(args) -> None:
     from jax_sft.config import load_config, make_plan
     from jax_sft.data import SFTData, load_tokenizer
 
-    cfg = load_config(None, [
-        f"policy.tokenizer.name={args.tokenizer}", "policy.tokenizer.chat_template=default",
-        "policy.max_total_sequence_length=4096", "policy.train_global_batch_size=64",
-        "policy.train_micro_batch_size=1", "policy.sequence_packing.enabled=true",
-        "sft.val_global_batch_size=1", f"data.tokenize={args.child}"])
+    cfg = load_config(
+        None,
+        [
+            f"policy.tokenizer.name={args.tokenizer}",
+            "policy.tokenizer.chat_template=default",
+            "policy.max_total_sequence_length=4096",
+            "policy.train_global_batch_size=64",
+            "policy.train_micro_batch_size=1",
+            "policy.sequence_packing.enabled=true",
+            "sft.val_global_batch_size=1",
+            f"data.tokenize={args.child}",
+        ],
+    )
     tokenizer = load_tokenizer(cfg)
     baseline, baseline_anon = _status_mb("VmRSS"), _status_mb("RssAnon")
     t0 = time.perf_counter()
@@ -125,9 +135,17 @@ def child(args) -> None:
     it.close()
     peak, anon, file_backed = _status_mb("VmHWM"), _status_mb("RssAnon"), _status_mb("RssFile")
     ratio = interleaved_ratio(data, tokenizer, first.step + args.steps + 1, args.steps)
-    out = dict(first_batch_at=first_at, setup_to_first_s=t_first, steady_tok_s=tokens / t_steps,
-               peak_rss_mb=peak, rss_growth_mb=peak - baseline, anon_growth_mb=anon - baseline_anon,
-               file_rss_mb=file_backed, cache_tokens=int(data.stats.get("data/train_tokens", 0)), **ratio)
+    out = dict(
+        first_batch_at=first_at,
+        setup_to_first_s=t_first,
+        steady_tok_s=tokens / t_steps,
+        peak_rss_mb=peak,
+        rss_growth_mb=peak - baseline,
+        anon_growth_mb=anon - baseline_anon,
+        file_rss_mb=file_backed,
+        cache_tokens=int(data.stats.get("data/train_tokens", 0)),
+        **ratio,
+    )
     print("RESULT " + json.dumps(out))
 
 
@@ -143,8 +161,14 @@ def interleaved_ratio(data, tokenizer, start: int, steps: int) -> dict:
 
     split = data.train_split
     if not isinstance(split, LazySplit):
-        split = LazySplit(data.dataset.formatted_ds["train"], data.encoder, str, max_length=data.layout.max_length,
-                          overlength=data.cfg.data.overlength, skip_without_loss=False)
+        split = LazySplit(
+            data.dataset.formatted_ds["train"],
+            data.encoder,
+            str,
+            max_length=data.layout.max_length,
+            overlength=data.cfg.data.overlength,
+            skip_without_loss=False,
+        )
     rows, G, seed = data.dataset.formatted_ds["train"], data.layout.global_batch, data.plan.seed
     dealt = np.random.default_rng(seed).permutation(len(rows))  # the lazy shards (data.shuffle)
     members = [[dealt[j::G] for j in shards] for shards in data._train_shards]
@@ -164,16 +188,34 @@ def interleaved_ratio(data, tokenizer, start: int, steps: int) -> dict:
 
 
 def run(mode: str, path: Path, args, resume: int = 0) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--data", str(path), "--steps", str(args.steps),
-           "--tokenizer", args.tokenizer, "--resume", str(resume)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
-           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--data",
+        str(path),
+        "--steps",
+        str(args.steps),
+        "--tokenizer",
+        args.tokenizer,
+        "--resume",
+        str(resume),
+    ]
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAYON_NUM_THREADS": "1",
+        "JAX_PLATFORMS": "cpu",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     spawned = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     r["first_batch_s"] = r.pop("first_batch_at") - spawned
     return r
 
@@ -198,8 +240,10 @@ def main() -> None:
         if not path.exists():
             t0 = time.perf_counter()
             write_data(path, n, args.tokenizer)
-            print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr)
+            print(
+                f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+            )
         lazy = run("lazy", path, args)
         restart = run("lazy", path, args, resume=1000)
         rows.append(dict(n=n, mode="lazy", **lazy, restart_s=restart["first_batch_s"]))
@@ -211,28 +255,40 @@ def main() -> None:
         elif measured_upfront:
             m = max(measured_upfront)
             up, k = measured_upfront[m], n / m
-            rows.append(dict(n=n, mode=f"upfront (extrapolated x{k:.0f} from {m})",
-                             setup_to_first_s=up["setup_to_first_s"] * k,
-                             first_batch_s=up["first_batch_s"] + up["setup_to_first_s"] * (k - 1),
-                             restart_s=up["first_batch_s"] + up["setup_to_first_s"] * (k - 1),
-                             peak_rss_mb=up["peak_rss_mb"] + up["rss_growth_mb"] * (k - 1),
-                             rss_growth_mb=up["rss_growth_mb"] * k, anon_growth_mb=up["anon_growth_mb"] * k,
-                             file_rss_mb=up["file_rss_mb"], steady_tok_s=up["steady_tok_s"],
-                             whole_tok_s=up["whole_tok_s"], assembly_tok_s=up["assembly_tok_s"],
-                             reference_tok_s=up["reference_tok_s"]))
+            rows.append(
+                dict(
+                    n=n,
+                    mode=f"upfront (extrapolated x{k:.0f} from {m})",
+                    setup_to_first_s=up["setup_to_first_s"] * k,
+                    first_batch_s=up["first_batch_s"] + up["setup_to_first_s"] * (k - 1),
+                    restart_s=up["first_batch_s"] + up["setup_to_first_s"] * (k - 1),
+                    peak_rss_mb=up["peak_rss_mb"] + up["rss_growth_mb"] * (k - 1),
+                    rss_growth_mb=up["rss_growth_mb"] * k,
+                    anon_growth_mb=up["anon_growth_mb"] * k,
+                    file_rss_mb=up["file_rss_mb"],
+                    steady_tok_s=up["steady_tok_s"],
+                    whole_tok_s=up["whole_tok_s"],
+                    assembly_tok_s=up["assembly_tok_s"],
+                    reference_tok_s=up["reference_tok_s"],
+                )
+            )
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores; one core per run")
-    print("| examples | tokenisation | first batch (s) | of which data (s) | restart (s) | peak RSS (MB) "
-          "| RSS growth (MB) | anonymous growth (MB) | file-backed RSS (MB) | steady tok/s | pipeline tok/s "
-          "| render+encode tok/s | ratio |")
+    print(
+        "| examples | tokenisation | first batch (s) | of which data (s) | restart (s) | peak RSS (MB) "
+        "| RSS growth (MB) | anonymous growth (MB) | file-backed RSS (MB) | steady tok/s | pipeline tok/s "
+        "| render+encode tok/s | ratio |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         lazy = r["mode"] == "lazy"
         pipe = r["assembly_tok_s"] if lazy else r["whole_tok_s"]
-        print(f"| {r['n']:,} | {r['mode']} | {r['first_batch_s']:.1f} | {r['setup_to_first_s']:.1f} "
-              f"| {r['restart_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r['anon_growth_mb']:.0f} "
-              f"| {r['file_rss_mb']:.0f} | {r['steady_tok_s']:,.0f} | {pipe:,.0f} | {r['reference_tok_s']:,.0f} "
-              f"| {pipe / r['reference_tok_s']:.2f} |")
+        print(
+            f"| {r['n']:,} | {r['mode']} | {r['first_batch_s']:.1f} | {r['setup_to_first_s']:.1f} "
+            f"| {r['restart_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r['anon_growth_mb']:.0f} "
+            f"| {r['file_rss_mb']:.0f} | {r['steady_tok_s']:,.0f} | {pipe:,.0f} | {r['reference_tok_s']:,.0f} "
+            f"| {pipe / r['reference_tok_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

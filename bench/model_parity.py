@@ -35,7 +35,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 256, (2, 16)).astype(np.int32)
     pos = np.sort(rng.choice(20000, (2, 16), replace=False), axis=1).astype(np.int32)
-    print(f"{'family':9} {'f32 vs HF':>10} {'f32 vs HF, pos<=20000':>22} {'bf16 vs f32':>12} {'sharded vs unsharded':>21}")
+    print(
+        f"{'family':9} {'f32 vs HF':>10} {'f32 vs HF, pos<=20000':>22} {'bf16 vs f32':>12} {'sharded vs unsharded':>21}"
+    )
     for family in FAMILIES:
         hf = make_hf_model(family, root / family)
         f32 = from_pretrained(root / family, dtype=jnp.float32)
@@ -54,8 +56,10 @@ def main() -> None:
             rel(jax_logits(from_pretrained(root / family, dtype=jnp.bfloat16), ids), jax_logits(f32, ids)),
             rel(jax_logits(sharded, ids), jax_logits(f32, ids)),
         )
-        print(f"{family:9} {errors[0]:10.2e} {errors[1]:22.2e} {errors[2]:12.2e} {errors[3]:14.2e} "
-              f"mesh{tuple(mesh.shape.values())}")
+        print(
+            f"{family:9} {errors[0]:10.2e} {errors[1]:22.2e} {errors[2]:12.2e} {errors[3]:14.2e} "
+            f"mesh{tuple(mesh.shape.values())}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,17 +20,30 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jax_sft.models import CausalLM, ModelConfig  # noqa: E402
-from jax_sft.models import decoder  # noqa: E402
+from jax_sft.models import (  # noqa: E402
+    CausalLM,
+    ModelConfig,
+    decoder,  # noqa: E402
+)
 
 
 def model(experts: int, top_k: int) -> CausalLM:
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 1024, "hidden_size": 256,
-        "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "num_experts": experts,
-        "num_experts_per_tok": top_k, "norm_topk_prob": True,
-    })
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "vocab_size": 1024,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "moe_intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "num_experts": experts,
+            "num_experts_per_tok": top_k,
+            "norm_topk_prob": True,
+        }
+    )
     return CausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 

@@ -21,9 +21,19 @@ import time
 
 import numpy as np
 
-SHAPE = dict(architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=512, intermediate_size=1376,
-             num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False,
-             max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5)
+SHAPE = dict(
+    architectures=["LlamaForCausalLM"],
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
 
 
 def packed_micro_batches(n: int, tokens: int, vocab: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -35,8 +45,11 @@ def packed_micro_batches(n: int, tokens: int, vocab: int, seed: int) -> list[dic
         seg = np.where(np.arange(tokens) < cut, 1, 2).astype(np.int32)[None]
         pos = np.where(seg == 1, np.arange(tokens), np.arange(tokens) - cut).astype(np.int32)
         ids = rng.integers(0, vocab, (1, tokens)).astype(np.int32)
-        out.append(dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=np.ones_like(ids),
-                        segment_ids=seg, positions=pos))
+        out.append(
+            dict(
+                input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=np.ones_like(ids), segment_ids=seg, positions=pos
+            )
+        )
     return out
 
 
@@ -59,9 +72,19 @@ def measure(cast_once: bool, args) -> tuple[float, float]:
     tx, schedule = make_optimizer({"name": "torch.optim.AdamW", "kwargs": {"lr": 1e-5}}, None, 1.0)
     opt_shardings = opt_state_shardings(tx, params, shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    fns = make_step_fns(graphdef, rest, tx, schedule, mesh=mesh, param_shardings=shardings,
-                        opt_shardings=opt_shardings, chunk_size=args.tokens, packed=True,
-                        compute_dtype=jnp.bfloat16, cast_once=cast_once)
+    fns = make_step_fns(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        mesh=mesh,
+        param_shardings=shardings,
+        opt_shardings=opt_shardings,
+        chunk_size=args.tokens,
+        packed=True,
+        compute_dtype=jnp.bfloat16,
+        cast_once=cast_once,
+    )
     put = lambda mb: {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in mb.items()}  # noqa: E731
     times, loss = [], None
     for step in range(args.warmup + args.steps):
@@ -92,8 +115,10 @@ def main() -> None:
     rows = {}
     for cast_once in (False, True):
         rows[cast_once] = measure(cast_once, args)
-    print(f"device: {jax.devices()[0].device_kind}; {args.micro_batches} micro-batches x {args.tokens} tokens per step; "
-          "Llama-shaped 45M parameters, bf16 compute, fp32 master weights")
+    print(
+        f"device: {jax.devices()[0].device_kind}; {args.micro_batches} micro-batches x {args.tokens} tokens per step; "
+        "Llama-shaped 45M parameters, bf16 compute, fp32 master weights"
+    )
     print(f"{'weights cast':<28} {'step s':>8} {'per micro-batch ms':>19} {'loss':>10}")
     for cast_once, name in ((False, "every micro-step (before)"), (True, "once per step (now)")):
         t, loss = rows[cast_once]

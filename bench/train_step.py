@@ -49,8 +49,8 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,15 +61,43 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
-                max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-            max_position_embeddings=1024, rope_theta=500000.0, rms_norm_eps=1e-5)
-QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    max_position_embeddings=1024,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
+QWEN3_4B = dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
 # --model: (HF architecture, config.json shape).
 MODELS = {"llama-1b": ("LlamaForCausalLM", LLAMA_1B), "qwen3-4b": ("Qwen3ForCausalLM", QWEN3_4B)}
 ADAMW = dict(lr=5e-6, betas=(0.9, 0.98), eps=1e-5, weight_decay=0.1)
@@ -90,20 +118,26 @@ class Case:
 
 def cases(tiny: bool) -> list[Case]:
     if tiny:
-        return [Case("padded-1024", 64, 8, 4), Case("padded-4096", 128, 4, 2),
-                Case("packed-4096", 128, 56, 1, packed=True), Case("padded-4096-lora", 128, 4, 2, lora=8)]
-    return [Case("padded-1024", 1024, 32, 8), Case("padded-4096", 4096, 8, 2),
-            Case("packed-4096", 4096, 56, 1, packed=True),
-            Case("padded-1024-mb16", 1024, 32, 16, loss_chunk=512),
-            Case("packed-4096-mb2", 4096, 56, 2, packed=True),
-            Case("padded-4096-lora", 4096, 8, 2, lora=16)]
+        return [
+            Case("padded-1024", 64, 8, 4),
+            Case("padded-4096", 128, 4, 2),
+            Case("packed-4096", 128, 56, 1, packed=True),
+            Case("padded-4096-lora", 128, 4, 2, lora=8),
+        ]
+    return [
+        Case("padded-1024", 1024, 32, 8),
+        Case("padded-4096", 4096, 8, 2),
+        Case("packed-4096", 4096, 56, 1, packed=True),
+        Case("padded-1024-mb16", 1024, 32, 16, loss_chunk=512),
+        Case("packed-4096-mb2", 4096, 56, 2, packed=True),
+        Case("padded-4096-lora", 4096, 8, 2, lora=16),
+    ]
 
 
 # ----------------------------------------------------------------------------- batches
 
 
-def packed_steps(seq: int, sequences: int, num_steps: int, micro_rows: int, vocab: int,
-                 seed: int = 0):
+def packed_steps(seq: int, sequences: int, num_steps: int, micro_rows: int, vocab: int, seed: int = 0):
     """Per step, a list of micro-batches of packed rows (numpy int32 [micro_rows, seq] arrays)
     and the lengths of its `sequences` sequences: lognormal, mean ~600 (scaled by seq / 4096),
     clipped to [16, seq], packed per step (NeMo RL packs each global batch)."""
@@ -127,12 +161,17 @@ def packed_steps(seq: int, sequences: int, num_steps: int, micro_rows: int, voca
         for r, row in enumerate(bins):
             o = 0
             for k, n in enumerate(row, start=1):
-                seg[r, o:o + n], pos[r, o:o + n] = k, np.arange(n)
+                seg[r, o : o + n], pos[r, o : o + n] = k, np.arange(n)
                 o += n
         ids = rng.integers(0, vocab, (rows, seq)).astype(np.int32)
-        batch = dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=(seg > 0).astype(np.int32),
-                     segment_ids=seg, positions=pos)
-        micro = [{k: v[i:i + micro_rows] for k, v in batch.items()} for i in range(0, rows, micro_rows)]
+        batch = dict(
+            input_ids=ids,
+            targets=np.roll(ids, -1, 1),
+            loss_mask=(seg > 0).astype(np.int32),
+            segment_ids=seg,
+            positions=pos,
+        )
+        micro = [{k: v[i : i + micro_rows] for k, v in batch.items()} for i in range(0, rows, micro_rows)]
         steps.append((micro, np.asarray(lengths)))
     return steps
 
@@ -142,9 +181,14 @@ def padded_steps(seq: int, global_rows: int, micro_rows: int, num_steps: int, vo
     steps = []
     for _ in range(num_steps):
         ids = rng.integers(0, vocab, (global_rows, seq)).astype(np.int32)
-        batch = dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=np.ones_like(ids),
-                     segment_ids=np.ones_like(ids), positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy())
-        micro = [{k: v[i:i + micro_rows] for k, v in batch.items()} for i in range(0, global_rows, micro_rows)]
+        batch = dict(
+            input_ids=ids,
+            targets=np.roll(ids, -1, 1),
+            loss_mask=np.ones_like(ids),
+            segment_ids=np.ones_like(ids),
+            positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+        )
+        micro = [{k: v[i : i + micro_rows] for k, v in batch.items()} for i in range(0, global_rows, micro_rows)]
         steps.append((micro, np.full(global_rows, seq)))
     return steps
 
@@ -185,9 +229,17 @@ def jax_worker(case: Case, args) -> dict:
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     lora = LoraConfig(dim=case.lora, alpha=2 * case.lora, match_all_linear=True) if case.lora else None
-    model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16 if lora else jnp.float32,
-                     attention=args.attention, remat=args.remat, scan_layers=case.scan,
-                     max_segments=MAX_SEGMENTS, rngs=nnx.Rngs(0), lora=lora)
+    model = CausalLM(
+        cfg,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16 if lora else jnp.float32,
+        attention=args.attention,
+        remat=args.remat,
+        scan_layers=case.scan,
+        max_segments=MAX_SEGMENTS,
+        rngs=nnx.Rngs(0),
+        lora=lora,
+    )
     kernel = model.describe_attention(case.packed)
     graphdef, params, frozen, rest = nnx.split(model, LoRAParam if lora else nnx.Param, nnx.Param, ...)
     del model
@@ -198,9 +250,18 @@ def jax_worker(case: Case, args) -> dict:
     tx, schedule = make_optimizer(opt, None, 1.0)
     opt_shardings = opt_state_shardings(tx, params, shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    fns = make_step_fns(graphdef, rest, tx, schedule, mesh=mesh, param_shardings=shardings,
-                        opt_shardings=opt_shardings, chunk_size=case.loss_chunk or args.loss_chunk,
-                        packed=case.packed, compute_dtype=jnp.bfloat16)
+    fns = make_step_fns(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        mesh=mesh,
+        param_shardings=shardings,
+        opt_shardings=opt_shardings,
+        chunk_size=case.loss_chunk or args.loss_chunk,
+        packed=case.packed,
+        compute_dtype=jnp.bfloat16,
+    )
     batch_sharding = sharding.batch_sharding(mesh)
     jax.block_until_ready(opt_state)
     init_s = time.perf_counter() - t0
@@ -243,13 +304,22 @@ def jax_worker(case: Case, args) -> dict:
     step_s = statistics.median(times)
     peak = peak_flops_per_device(jax.devices()[0], "bfloat16")
     return dict(
-        framework="jax_sft", case=case.name, variant="scan" if case.scan else "unrolled",
-        device=jax.devices()[0].device_kind, kernel=kernel, seq=case.seq,
-        tokens_per_step=float(np.mean(tokens)), fill=float(np.sum(tokens) / (np.sum(rows) * case.seq)),
-        step_s=step_s, tokens_per_s=float(np.sum(tokens) / np.sum(times)),
+        framework="jax_sft",
+        case=case.name,
+        variant="scan" if case.scan else "unrolled",
+        device=jax.devices()[0].device_kind,
+        kernel=kernel,
+        seq=case.seq,
+        tokens_per_step=float(np.mean(tokens)),
+        fill=float(np.sum(tokens) / (np.sum(rows) * case.seq)),
+        step_s=step_s,
+        tokens_per_s=float(np.sum(tokens) / np.sum(times)),
         mfu=None if peak is None else float(np.sum(flops) / np.sum(times) / peak),
-        peak_gib=(peak_memory_bytes() or 0) / 2**30, compile_s=compile_s, init_s=init_s,
-        loss=loss, versions=f"jax {jax.__version__}",
+        peak_gib=(peak_memory_bytes() or 0) / 2**30,
+        compile_s=compile_s,
+        init_s=init_s,
+        loss=loss,
+        versions=f"jax {jax.__version__}",
     )
 
 
@@ -259,7 +329,6 @@ def jax_worker(case: Case, args) -> dict:
 def torch_worker(case: Case, compiled: bool, args) -> dict:
     import torch
     import transformers
-
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -272,8 +341,7 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), **ADAMW, fused=cuda)
     forward = torch.compile(model, dynamic=False) if compiled else model
     init_s = time.perf_counter() - t0
-    steps = padded_steps(case.seq, case.global_rows, case.micro_rows, args.warmup + args.steps,
-                         shape["vocab_size"])
+    steps = padded_steps(case.seq, case.global_rows, case.micro_rows, args.warmup + args.steps, shape["vocab_size"])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
@@ -282,7 +350,7 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
             torch.cuda.synchronize()
 
     times, first = [], None
-    for i, (micro, lengths) in enumerate(steps):
+    for i, (micro, _lengths) in enumerate(steps):
         sync()
         t0 = time.perf_counter()
         for mb in micro:
@@ -309,12 +377,21 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
         peak = next((p["bfloat16"] * 1e12 for k, p in PEAK_TFLOPS if k in name), None)
     flops = flops_config(shape, arch).training_flops(np.full(case.global_rows, case.seq))
     return dict(
-        framework="torch.compile" if compiled else "torch eager", case=case.name, variant="",
-        device=torch.cuda.get_device_name() if cuda else "cpu", kernel="sdpa", seq=case.seq,
-        tokens_per_step=float(tokens), fill=1.0, step_s=step_s, tokens_per_s=tokens / step_s,
+        framework="torch.compile" if compiled else "torch eager",
+        case=case.name,
+        variant="",
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        kernel="sdpa",
+        seq=case.seq,
+        tokens_per_step=float(tokens),
+        fill=1.0,
+        step_s=step_s,
+        tokens_per_s=tokens / step_s,
         mfu=None if peak is None else flops / step_s / peak,
         peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        compile_s=(first - step_s) if compiled else None, init_s=init_s, loss=value * len(steps[0][0]),
+        compile_s=(first - step_s) if compiled else None,
+        init_s=init_s,
+        loss=value * len(steps[0][0]),
         versions=f"torch {torch.__version__}, transformers {transformers.__version__}",
     )
 
@@ -324,11 +401,28 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
 
 def run_worker(spec: list[str], args, timeout: float) -> dict | None:
     """Runs this script as `--worker ...` in a fresh process; its last stdout line is JSON."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *spec, "--out", args.out,
-           "--cache-dir", args.cache_dir,
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--attention", args.attention,
-           "--remat", args.remat, "--loss-chunk", str(args.loss_chunk), "--model", args.model] + (
-               ["--cpu-tiny"] if args.cpu_tiny else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        *spec,
+        "--out",
+        args.out,
+        "--cache-dir",
+        args.cache_dir,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--attention",
+        args.attention,
+        "--remat",
+        args.remat,
+        "--loss-chunk",
+        str(args.loss_chunk),
+        "--model",
+        args.model,
+    ] + (["--cpu-tiny"] if args.cpu_tiny else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if "flags" in spec:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags_variant).strip()
@@ -343,8 +437,9 @@ def run_worker(spec: list[str], args, timeout: float) -> dict | None:
     with open(log, "a") as f:
         f.write(f"===== {' '.join(spec)} (exit {proc.returncode})\n{proc.stdout}\n--- stderr ---\n{proc.stderr}\n")
     if proc.returncode != 0:
-        print(f"[bench] {' '.join(spec)}: failed (exit {proc.returncode}); see {log}\n{proc.stderr[-3000:]}",
-              flush=True)
+        print(
+            f"[bench] {' '.join(spec)}: failed (exit {proc.returncode}); see {log}\n{proc.stderr[-3000:]}", flush=True
+        )
         return None
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     with open(Path(args.out) / "bench.jsonl", "a") as f:
@@ -358,15 +453,19 @@ def fmt(x, spec):
 
 
 def fmt_row(r: dict) -> str:
-    return (f"{r['framework'] + (' ' + r['variant'] if r['variant'] else ''):<22} {r['case']:<17} "
-            f"{fmt(r['step_s'], '.3f'):>7} {fmt(r['tokens_per_s'], ',.0f'):>10} "
-            f"{fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f'):>5} {fmt(r['peak_gib'], '.1f'):>6} "
-            f"{fmt(r['compile_s'], '.1f'):>8} {fmt(r['fill'], '.2f'):>5}")
+    return (
+        f"{r['framework'] + (' ' + r['variant'] if r['variant'] else ''):<22} {r['case']:<17} "
+        f"{fmt(r['step_s'], '.3f'):>7} {fmt(r['tokens_per_s'], ',.0f'):>10} "
+        f"{fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f'):>5} {fmt(r['peak_gib'], '.1f'):>6} "
+        f"{fmt(r['compile_s'], '.1f'):>8} {fmt(r['fill'], '.2f'):>5}"
+    )
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'framework':<22} {'case':<17} {'step s':>7} {'tokens/s':>10} {'MFU%':>5} {'peakGiB':>6} "
-            f"{'compile s':>8} {'fill':>5}")
+    head = (
+        f"{'framework':<22} {'case':<17} {'step s':>7} {'tokens/s':>10} {'MFU%':>5} {'peakGiB':>6} "
+        f"{'compile s':>8} {'fill':>5}"
+    )
     lines = [head, "-" * len(head)] + [fmt_row(r) for r in results]
     by = {(r["framework"], r["case"], r["variant"]): r for r in results}
     lines.append("")
@@ -395,9 +494,11 @@ def table(results: list[dict]) -> str:
     target(">= 45% MFU at seq 4096 (1B)", fmt(mfu4 and 100 * mfu4, ".1f") + "%", None if not mfu4 else mfu4 >= 0.45)
     nemo = [r for r in (j1, by.get(("jax_sft", "padded-1024-mb16", "unrolled"))) if r]
     best = min(nemo, key=lambda r: r["step_s"]) if nemo else None
-    target("NeMo RL default step (32 x 1024) < 0.6 s on one GPU",
-           fmt(best and best["step_s"], ".3f") + f" s ({best['case'] if best else '-'})",
-           None if not best else best["step_s"] < 0.6)
+    target(
+        "NeMo RL default step (32 x 1024) < 0.6 s on one GPU",
+        fmt(best and best["step_s"], ".3f") + f" s ({best['case'] if best else '-'})",
+        None if not best else best["step_s"] < 0.6,
+    )
     for name, j, e, c in (("1024", j1, e1, c1), ("4096", j4, e4, c4)):
         r = j and e and j["tokens_per_s"] / e["tokens_per_s"]
         target(f">= 1.3x torch eager tokens/s (seq {name})", fmt(r, ".2f") + "x", None if not r else r >= 1.3)
@@ -408,16 +509,24 @@ def table(results: list[dict]) -> str:
     devices = sorted({r["device"] for r in results})
     versions = sorted({r["versions"] for r in results})
     kernels = sorted({f"{r['case']}: {r['kernel']}" for r in results if r["framework"] == "jax_sft"})
-    lines += ["", f"device: {', '.join(devices)}", f"versions: {'; '.join(versions)}",
-              "jax attention: " + "; ".join(kernels)]
+    lines += [
+        "",
+        f"device: {', '.join(devices)}",
+        f"versions: {'; '.join(versions)}",
+        "jax attention: " + "; ".join(kernels),
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu-tiny", action="store_true", help="tiny model on the CPU (CI)")
-    p.add_argument("--model", choices=sorted(MODELS), default="llama-1b",
-                   help="the benchmarked shape (random weights): Llama-3.2-1B or Qwen3-4B")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="llama-1b",
+        help="the benchmarked shape (random weights): Llama-3.2-1B or Qwen3-4B",
+    )
     p.add_argument("--out", default="bench_out")
     p.add_argument("--cache-dir", help="persistent XLA compilation cache (default: a fresh temp folder)")
     p.add_argument("--time-budget", type=float, default=420.0, help="seconds for all cases")
@@ -429,10 +538,17 @@ def main(argv=None) -> None:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-torch-compile", action="store_true")
     p.add_argument("--scan", action="store_true", help="also time padded-4096 with scan_layers=True")
-    p.add_argument("--xla-flags-variant", default="",
-                   help="also time padded-4096 with these XLA_FLAGS (e.g. --xla_gpu_enable_triton_gemm=false)")
-    p.add_argument("--only", nargs="+", metavar="KIND:CASE[:VARIANT]",
-                   help="run just these, e.g. jax:padded-4096:scan torch-eager:padded-1024")
+    p.add_argument(
+        "--xla-flags-variant",
+        default="",
+        help="also time padded-4096 with these XLA_FLAGS (e.g. --xla_gpu_enable_triton_gemm=false)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="KIND:CASE[:VARIANT]",
+        help="run just these, e.g. jax:padded-4096:scan torch-eager:padded-1024",
+    )
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -478,8 +594,7 @@ def main(argv=None) -> None:
     plan.append((["jax", "padded-1024-warm"], 30))
     if compile_ok:
         plan.append((["torch-compile", "padded-4096"], 110))
-    plan += [(["jax", c], 40) for c in ("padded-1024-mb16", "packed-4096-mb2", "padded-4096-lora")
-             if c in all_cases]
+    plan += [(["jax", c], 40) for c in ("padded-1024-mb16", "packed-4096-mb2", "padded-4096-lora") if c in all_cases]
     if args.xla_flags_variant:
         plan.append((["jax", "padded-4096", "flags"], 60))
     if args.scan:

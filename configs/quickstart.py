@@ -30,8 +30,10 @@ def get_config():
     c.policy.optimizer.kwargs.lr = 3e-3
     c.policy.optimizer.kwargs.weight_decay = 0.0
     c.policy.scheduler = [
-        {"name": "torch.optim.lr_scheduler.LinearLR",
-         "kwargs": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 20}},
+        {
+            "name": "torch.optim.lr_scheduler.LinearLR",
+            "kwargs": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 20},
+        },
         {"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 380, "eta_min": 3e-4}},
         {"milestones": [20]},
     ]

@@ -38,6 +38,7 @@ import logging
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,8 @@ REQUIRED_ITEMS = ("params", "train_info", "data", "extra")
 MODEL_CONFIG = "model/config.json"  # extra/: the model's HF config (export and generate read it)
 GENERATION_CONFIG = "model/generation_config.json"
 LORA_FILE = "lora.json"  # extra/ of a LoRA run: its settings and base (`models.options.base_reference`)
+CONFIG_FILE = "config.yaml"  # extra/: the run's config
+TOKENIZER_DIR = "tokenizer"  # extra/: the tokenizer's files
 
 
 class CheckpointDiskFull(RunFailure):
@@ -138,7 +141,9 @@ def set_aside(path: Path, prefix: str, *, rename: bool = True) -> Path:
     """Renames `path` to `<prefix>_<name>` beside it (".1", ".2", ... when taken): kept, but never
     resumed or exported. Returns the new path; `rename` False only names it (the processes that
     are not process 0)."""
-    aside = next(a for i in range(1000) if not (a := path.with_name(f"{prefix}_{path.name}{f'.{i}' if i else ''}")).exists())
+    aside = next(
+        a for i in range(1000) if not (a := path.with_name(f"{prefix}_{path.name}{f'.{i}' if i else ''}")).exists()
+    )
     if rename:
         path.rename(aside)
     return aside
@@ -148,13 +153,35 @@ def complete_step_dir(path: str | Path) -> Path:
     """The absolute step_N folder `path`; IncompleteCheckpoint when it is none or incomplete."""
     path = Path(path).absolute()
     if parse_step(path) is None or not path.is_dir():
-        raise IncompleteCheckpoint(f"{path}: not a jax_sft checkpoint; pass a step_N folder under "
-                                   "checkpointing.checkpoint_dir")
+        raise IncompleteCheckpoint(
+            f"{path}: not a jax_sft checkpoint; pass a step_N folder under checkpointing.checkpoint_dir"
+        )
     reason = incomplete_reason(path)
     if reason is not None:
-        raise IncompleteCheckpoint(f"{path}: incomplete checkpoint ({reason}); export a complete step_N of "
-                                   f"{path.parent} instead")
+        raise IncompleteCheckpoint(
+            f"{path}: incomplete checkpoint ({reason}); export a complete step_N of {path.parent} instead"
+        )
     return path
+
+
+def extra_path(path: Path, name: str) -> Path:
+    """A file or folder of step_N/extra: `CONFIG_FILE`, `TOKENIZER_DIR`, `LORA_FILE`, `MODEL_CONFIG`."""
+    return Path(path) / "extra" / name
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    """Whether `path` has a checkpoint's folders (params/, extra/); `complete_step_dir` says more."""
+    return (Path(path) / "params").is_dir() and (Path(path) / "extra").is_dir()
+
+
+def run_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
+    """The run's config and the tokenizer's files, as extra/ stores them."""
+    files = {CONFIG_FILE: config_yaml.encode()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for file in Path(tmp).iterdir():
+            files[f"{TOKENIZER_DIR}/{file.name}"] = file.read_bytes()
+    return files
 
 
 def model_files(config: Any) -> dict[str, bytes]:
@@ -169,18 +196,20 @@ def model_files(config: Any) -> dict[str, bytes]:
 def saved_model_config(path: Path) -> tuple[dict[str, Any], str, str | None]:
     """(the model's HF config dict, the file it was read from, generation_config.json's text or
     None) of a complete step_N folder."""
-    extra = path / "extra"
-    config_path = extra / MODEL_CONFIG
+    config_path = extra_path(path, MODEL_CONFIG)
     if not config_path.is_file():
         raise IncompleteCheckpoint(f"{config_path}: missing; {path} is not a complete jax_sft checkpoint")
-    generation = extra / GENERATION_CONFIG
-    return (json.loads(config_path.read_text()), str(config_path),
-            generation.read_text() if generation.is_file() else None)
+    generation = extra_path(path, GENERATION_CONFIG)
+    return (
+        json.loads(config_path.read_text()),
+        str(config_path),
+        generation.read_text() if generation.is_file() else None,
+    )
 
 
 def lora_reference(path: Path) -> dict[str, Any] | None:
     """extra/lora.json of a LoRA checkpoint (settings and base), None for a full fine-tune."""
-    file = path / "extra" / LORA_FILE
+    file = extra_path(path, LORA_FILE)
     return json.loads(file.read_text()) if file.is_file() else None
 
 
@@ -350,8 +379,16 @@ class KeepLatestAndTopK(policies.PreservationPolicy):
 class Checkpointer:
     """Saves and restores training state under `checkpoint_dir` (see module docstring)."""
 
-    def __init__(self, directory: str | Path, *, save_optimizer: bool = True, metric_name: str | None = None,
-                 higher_is_better: bool = False, keep_top_k: int | None = None, enable_async: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        save_optimizer: bool = True,
+        metric_name: str | None = None,
+        higher_is_better: bool = False,
+        keep_top_k: int | None = None,
+        enable_async: bool = True,
+    ):
         """`directory`: checkpoint_dir; `metric_name` ("val:<name>" / "train:<name>"),
         `higher_is_better`, `keep_top_k`: retention (see the module docstring)."""
         self.dir = Path(directory).absolute()
@@ -391,9 +428,13 @@ class Checkpointer:
                 if reason is None:
                     continue
                 aside = set_aside(path, "incomplete")
-                warnings.warn(f"skipping {path}: incomplete checkpoint ({reason}); it is never resumed or "
-                              f"exported, and was renamed {aside.name}. Delete it once you no longer need "
-                              "its files", IncompleteCheckpointWarning, stacklevel=3)
+                warnings.warn(
+                    f"skipping {path}: incomplete checkpoint ({reason}); it is never resumed or "
+                    f"exported, and was renamed {aside.name}. Delete it once you no longer need "
+                    "its files",
+                    IncompleteCheckpointWarning,
+                    stacklevel=3,
+                )
         distributed.allgather_ints([0])  # the others wait until the folder is tidy
 
     def latest_step(self) -> int | None:
@@ -412,7 +453,8 @@ class Checkpointer:
                 warnings.warn(
                     f"skipping {self.step_dir(step)}: incomplete checkpoint ({reason}); it is never "
                     "resumed or exported. Delete it once you no longer need its files",
-                    IncompleteCheckpointWarning, stacklevel=2,
+                    IncompleteCheckpointWarning,
+                    stacklevel=2,
                 )
         return steps
 
@@ -443,9 +485,7 @@ class Checkpointer:
         needed = sum(x.nbytes for x in jax.tree.leaves(items_state(params, opt_state, self.save_optimizer)))
         self._pending = (step, needed)
         with self._disk_full_guard():
-            self._manager.save(
-                step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True
-            )
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True)
 
     def restore(
         self, step: int, *, abstract_params: Any, abstract_opt_state: Any | None, with_data: bool = True

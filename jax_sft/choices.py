@@ -42,5 +42,5 @@ LORA_NAMINGS = ("hf", "megatron")
 
 
 def one_of(choices: tuple[str, ...]) -> str:
-    """"one of a, b, c": the wording every check uses."""
+    """ "one of a, b, c": the wording every check uses."""
     return "one of " + ", ".join(choices)

@@ -195,15 +195,21 @@ class StopSignals:
             self.signum = signum
             name = signal.Signals(signum).name
             # os.write: print() is not safe inside a signal handler.
-            os.write(2, f"\n[jax_sft] {name} received: finishing the current step, then saving "
-                        f"a checkpoint and exiting with code {PREEMPTED_EXIT_CODE}\n".encode())
+            os.write(
+                2,
+                f"\n[jax_sft] {name} received: finishing the current step, then saving "
+                f"a checkpoint and exiting with code {PREEMPTED_EXIT_CODE}\n".encode(),
+            )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
         else:
-            warnings.warn("jax_sft.train runs outside the main thread: SIGTERM/SIGUSR1 will end it "
-                          "without a checkpoint", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "jax_sft.train runs outside the main thread: SIGTERM/SIGUSR1 will end it without a checkpoint",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return self
 
     def reinstall(self) -> None:
@@ -236,4 +242,4 @@ def agree_to_stop(signum: int, *flags: bool, values: Sequence[int] = ()) -> tupl
         said = f"{signal.Signals(int(gathered[by[0], 0])).name} received"
         if len(gathered) > 1:
             said += f" by process{'es' if len(by) > 1 else ''} {', '.join(map(str, by))} of {len(gathered)}"
-    return said, [bool(gathered[:, i + 1].any()) for i in range(len(flags))], gathered[:, 1 + len(flags):]
+    return said, [bool(gathered[:, i + 1].any()) for i in range(len(flags))], gathered[:, 1 + len(flags) :]

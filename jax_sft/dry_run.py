@@ -88,8 +88,10 @@ def _optimizer(cfg: Any) -> list[str]:
 
 def _steps_and_outputs(cfg: Any) -> list[str]:
     s, ck = cfg.sft, cfg.checkpointing
-    lines = [f"steps: at most {s.max_num_steps} (sft.max_num_steps), or {s.max_num_epochs} "
-             f"epoch(s) of the train split if fewer; validation every {s.val_period} steps"]
+    lines = [
+        f"steps: at most {s.max_num_steps} (sft.max_num_steps), or {s.max_num_epochs} "
+        f"epoch(s) of the train split if fewer; validation every {s.val_period} steps"
+    ]
     if ck.enabled:
         steps = complete_steps(ck.checkpoint_dir)
         resume = f"; resumes from step_{steps[-1]}" if steps else ""

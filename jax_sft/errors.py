@@ -13,8 +13,18 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["InputError", "ConfigError", "DataError", "MissingFileError", "UsageError", "SettingError",
-           "RunFailure", "RUN_FAILURE_EXIT_CODE", "USAGE_EXIT_CODE", "exit_on_input_error"]
+__all__ = [
+    "InputError",
+    "ConfigError",
+    "DataError",
+    "MissingFileError",
+    "UsageError",
+    "SettingError",
+    "RunFailure",
+    "RUN_FAILURE_EXIT_CODE",
+    "USAGE_EXIT_CODE",
+    "exit_on_input_error",
+]
 
 USAGE_EXIT_CODE = 2  # as argparse and the shells use for bad usage
 

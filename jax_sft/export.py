@@ -37,7 +37,9 @@ from flax import nnx
 
 from jax_sft.checkpoint import (
     LORA_FILE,
+    TOKENIZER_DIR,
     complete_step_dir,
+    extra_path,
     lora_reference,
     restore_params,
     saved_model_config,
@@ -49,6 +51,7 @@ from jax_sft.models.hf_write import check_export_target
 from jax_sft.models.lora import LoRAParam
 from jax_sft.models.options import LoraConfig, base_problem
 from jax_sft.models.peft_io import save_peft_adapter
+
 
 class BaseMismatch(InputError, ValueError):
     """A LoRA checkpoint's adapters would be merged into a base other than the one trained on."""
@@ -103,8 +106,11 @@ def lora_model(step_dir: Path, reference: dict[str, Any], base: str | None) -> C
     the checkpoint's adapters; BaseMismatch when its config is not the one trained on."""
     lora = LoraConfig.from_dict(reference["lora"])
     name = base or reference["base"]["model_name"]
-    model = from_pretrained(name, dataclasses.replace(_F32, scan_layers=saved_scan_layers(step_dir)),
-                            hf_config_overrides=reference["base"]["hf_config_overrides"] or None)
+    model = from_pretrained(
+        name,
+        dataclasses.replace(_F32, scan_layers=saved_scan_layers(step_dir)),
+        hf_config_overrides=reference["base"]["hf_config_overrides"] or None,
+    )
     problem = base_problem(reference, name, model.config.to_hf_dict())
     if problem:
         raise BaseMismatch(f"{step_dir}: {problem}; pass --base with the base model it was trained on")
@@ -115,16 +121,23 @@ def lora_model(step_dir: Path, reference: dict[str, Any], base: str | None) -> C
 def adapters_only(step_dir: Path, reference: dict[str, Any]) -> CausalLM:
     """A model whose adapters are restored from the checkpoint and whose base weights are
     abstract (never read): enough to write a PEFT adapter."""
-    options = dataclasses.replace(_F32, scan_layers=saved_scan_layers(step_dir),
-                                  lora=LoraConfig.from_dict(reference["lora"]))
+    options = dataclasses.replace(
+        _F32, scan_layers=saved_scan_layers(step_dir), lora=LoraConfig.from_dict(reference["lora"])
+    )
     abstract = nnx.eval_shape(lambda: CausalLM(saved_config(step_dir), options, rngs=nnx.Rngs(0)))
     graphdef, abs_adapters, rest = nnx.split(abstract, LoRAParam, ...)
     return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_adapters)), rest)
 
 
-def export_checkpoint(step_dir: str | Path, out_dir: str | Path | None = None, *,
-                      peft_out: str | Path | None = None, base: str | None = None,
-                      dtype: str | None = None, overwrite: bool = False) -> list[Path]:
+def export_checkpoint(
+    step_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    peft_out: str | Path | None = None,
+    base: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
     """Writes step_dir as an HF model folder at out_dir and/or (LoRA checkpoints) its adapters as
     a PEFT adapter folder at peft_out; returns the folders written. `base`: the LoRA base to load
     instead of the recorded one. overwrite: replace a non-empty output folder that is not an
@@ -136,8 +149,10 @@ def export_checkpoint(step_dir: str | Path, out_dir: str | Path | None = None, *
     step_dir = complete_step_dir(step_dir)
     reference = lora_reference(step_dir)
     if reference is None and peft_out is not None:
-        raise UsageError(f"{step_dir}: a full fine-tune checkpoint (no extra/{LORA_FILE}) has no LoRA "
-                         "adapters to write as a PEFT adapter; export it with --out only")
+        raise UsageError(
+            f"{step_dir}: a full fine-tune checkpoint (no extra/{LORA_FILE}) has no LoRA "
+            "adapters to write as a PEFT adapter; export it with --out only"
+        )
     if reference is None and base is not None:
         raise UsageError(f"{step_dir}: --base applies to LoRA checkpoints; this full fine-tune holds every weight")
     protected = (step_dir.parent,)
@@ -147,37 +162,59 @@ def export_checkpoint(step_dir: str | Path, out_dir: str | Path | None = None, *
     written = []
     if peft_out is not None:
         model = adapters_only(step_dir, reference)
-        save_peft_adapter(model, peft_out, base_model_name_or_path=base or reference["base"]["model_name"],
-                          overwrite=overwrite, protected=protected)
+        save_peft_adapter(
+            model,
+            peft_out,
+            base_model_name_or_path=base or reference["base"]["model_name"],
+            overwrite=overwrite,
+            protected=protected,
+        )
         written.append(Path(peft_out))
     if out_dir is not None:
         model = full_model(step_dir) if reference is None else lora_model(step_dir, reference, base)
         tokenizer = None
-        if (step_dir / "extra" / "tokenizer").is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(str(step_dir / "extra" / "tokenizer"))
+        if extra_path(step_dir, TOKENIZER_DIR).is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(str(extra_path(step_dir, TOKENIZER_DIR)))
         save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, protected=protected)
         written.append(Path(out_dir))
     return written
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jax_sft.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_sft.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="a step_N folder of a jax_sft run")
     parser.add_argument("--out", default=None, help="the Hugging Face model folder to write (LoRA: merged)")
     parser.add_argument("--peft_out", default=None, help="LoRA checkpoints: the PEFT adapter folder to write")
-    parser.add_argument("--base", default=None,
-                        help="LoRA checkpoints: the base model (folder or hub id) instead of the recorded "
-                             "policy.model_name; it must have the same config")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="dtype of the tensors --out writes (default: the source model's)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty output folder that no earlier export wrote (never the "
-                             "checkpoint folder, the working or home directory, their parents or /)")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="LoRA checkpoints: the base model (folder or hub id) instead of the recorded "
+        "policy.model_name; it must have the same config",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="dtype of the tensors --out writes (default: the source model's)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output folder that no earlier export wrote (never the "
+        "checkpoint folder, the working or home directory, their parents or /)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     written = exit_on_input_error(
-        lambda: export_checkpoint(args.checkpoint, args.out, peft_out=args.peft_out, base=args.base,
-                                  dtype=args.dtype, overwrite=args.overwrite)
+        lambda: export_checkpoint(
+            args.checkpoint,
+            args.out,
+            peft_out=args.peft_out,
+            base=args.base,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
     )
     for out in written:
         print(f"exported {args.checkpoint} -> {out}")

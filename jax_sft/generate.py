@@ -14,12 +14,12 @@ the tokenizer's chat template with add_generation_prompt. Decoding: greedy by de
 (`--temperature 0`), else sampling with `--temperature`, `--top_k` (0: off) and `--top_p`;
 `--max_new_tokens`; a row stops at the template's end-of-turn token or an eos id.
 
-Overrides in the trainer's syntax (`--config.a.b=v` or `a.b=v`) set policy.precision (compute
-dtype; a checkpoint's own by default, else bfloat16), policy.jax_cfg.mesh.* / attention,
-cluster.gpus_per_node (default: all local devices) and policy.tokenizer.chat_template. The model
-is sharded as in training (fsdp over the devices by default); prompts are batched (`--batch_size` rows, a multiple of the data-parallel size), each
-batch right-padded to a power of two (>= 16) so that a few shapes compile: one jitted function
-runs the prefill and the whole decode loop.
+Overrides in the trainer's syntax (`--config.a.b=v` or `a.b=v`) set policy.precision (compute dtype;
+a checkpoint's own by default, else bfloat16), policy.jax_cfg.mesh.* / attention,
+cluster.gpus_per_node (default: all local devices) and policy.tokenizer.chat_template. The model is
+sharded as in training (fsdp over the devices by default); prompts are batched (`--batch_size` rows,
+a multiple of the data-parallel size), each batch right-padded to a power of two (>= 16) so that a
+few shapes compile: one jitted function runs the prefill and the whole decode loop.
 
 Output: the prompts and completions on the console, or with `--output` a jsonl of
 {"prompt": [messages], "reference": text or null, "completion": text}.
@@ -150,9 +150,17 @@ class Generator:
     Rows per batch: `batch_size` rounded up to a multiple of the mesh's data-parallel size.
     """
 
-    def __init__(self, model, tokenizer, *, mesh: jax.sharding.Mesh | None = None, batch_size: int = 8,
-                 stop_ids: Sequence[int] | None = None, add_bos: bool = True,
-                 template_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        batch_size: int = 8,
+        stop_ids: Sequence[int] | None = None,
+        add_bos: bool = True,
+        template_kwargs: dict | None = None,
+    ):
         from jax_sft.models import sharding as sharding_lib
 
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
@@ -169,16 +177,18 @@ class Generator:
     def prompt_ids(self, messages: list[dict], tools: Any = None) -> list[int]:
         """The chat template's prompt with add_generation_prompt, tokenised as training does
         (no special tokens added by the tokenizer; bos put first when missing, as data.add_bos)."""
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                                  **self.template_kwargs)
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+        )
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token is not None else None
         if self.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return ids
 
-    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, seed: int = 0,
-                 tools: Sequence[Any] | None = None) -> list[str]:
+    def complete(
+        self, conversations: Sequence[list[dict]], sampling: Sampling, seed: int = 0, tools: Sequence[Any] | None = None
+    ) -> list[str]:
         tools = tools or [None] * len(conversations)
         ids = self.generate([self.prompt_ids(m, t) for m, t in zip(conversations, tools)], sampling, seed)
         stops = set(self.stop_ids)
@@ -199,7 +209,7 @@ class Generator:
         results: list[list[int]] = [[] for _ in prompts]
         key = jax.random.key(seed)
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             key, sub = jax.random.split(key)
             for i, row in zip(chunk, self._batch([prompts[i] for i in chunk], sampling, sub)):
                 results[i] = row
@@ -212,7 +222,7 @@ class Generator:
         ids = np.full((b, p), self.pad_id, np.int32)
         lengths = np.ones((b,), np.int32)  # filler rows: one pad token, inactive
         for r, x in enumerate(prompts):
-            ids[r, :len(x)], lengths[r] = x, len(x)
+            ids[r, : len(x)], lengths[r] = x, len(x)
         active = np.arange(b) < len(prompts)
         if self.mesh is None:
             put = put_vector = jnp.asarray
@@ -226,11 +236,19 @@ class Generator:
         finally:
             kv_cache.detach(self.model)
         out, count = generate_ids(
-            graphdef, params, cache, rest, put(ids), put_vector(lengths), put_vector(active),
-            jnp.asarray(self.stop_ids or [-1], jnp.int32), key, sampling=sampling,
+            graphdef,
+            params,
+            cache,
+            rest,
+            put(ids),
+            put_vector(lengths),
+            put_vector(active),
+            jnp.asarray(self.stop_ids or [-1], jnp.int32),
+            key,
+            sampling=sampling,
         )
         out, count = np.asarray(out), np.asarray(count)
-        return [out[r, :count[r]].tolist() for r in range(len(prompts))]
+        return [out[r, : count[r]].tolist() for r in range(len(prompts))]
 
 
 def stop_token_ids(tokenizer, model_config) -> list[int]:
@@ -254,25 +272,35 @@ def end_of_turn_id(tokenizer) -> int | None:
         return None
     marker = "XyZzY 42"
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
     cut = text.rfind(marker)
     if cut < 0:
         return None
-    rest = tokenizer(text[cut + len(marker):], add_special_tokens=False)["input_ids"]
+    rest = tokenizer(text[cut + len(marker) :], add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {
-        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
+    }
     return rest[0] if rest and rest[0] in special else None
 
 
-def sample_conversations(model, tokenizer, rows: Sequence[dict], *, mesh=None, max_new_tokens: int = 256,
-                         add_bos: bool = True, template_kwargs: dict | None = None) -> list[dict[str, Any]]:
+def sample_conversations(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    mesh=None,
+    max_new_tokens: int = 256,
+    add_bos: bool = True,
+    template_kwargs: dict | None = None,
+) -> list[dict[str, Any]]:
     """Greedy completions of dataset rows ({"messages": [...], "tools"?: ...}; a final assistant
     message is the reference): [{"prompt": messages, "reference": ..., "completion": ...}]."""
     prompts = [split_reference(list(r["messages"])) for r in rows]
-    gen = Generator(model, tokenizer, mesh=mesh, batch_size=len(rows), add_bos=add_bos,
-                    template_kwargs=template_kwargs)
-    completions = gen.complete([m for m, _ in prompts], Sampling(max_new_tokens=max_new_tokens),
-                               tools=[r.get("tools") for r in rows])
+    gen = Generator(model, tokenizer, mesh=mesh, batch_size=len(rows), add_bos=add_bos, template_kwargs=template_kwargs)
+    completions = gen.complete(
+        [m for m, _ in prompts], Sampling(max_new_tokens=max_new_tokens), tools=[r.get("tools") for r in rows]
+    )
     return [{"prompt": m, "reference": ref, "completion": c} for (m, ref), c in zip(prompts, completions)]
 
 
@@ -294,9 +322,12 @@ def read_conversations(path: str | Path) -> list[tuple[list[dict], str | None]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise DataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+        ):
+            raise DataError(f'{path}:{n}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
         out.append(split_reference(messages))
     return out
 
@@ -315,22 +346,24 @@ def load_for_generation(source: str, overrides: Sequence[str]):
     """-> (model, tokenizer, mesh, cfg): a step_N checkpoint or an HF folder / hub id, sharded over
     a mesh of all local devices (or of `cluster.*` when the overrides set it). `cfg`: the defaults,
     the checkpoint's precision, attention and scan_layers (its parameter layout), then `overrides`."""
+    from jax_sft import checkpoint, distributed  # noqa: PLC0415
     from jax_sft import config as config_lib  # noqa: PLC0415
-    from jax_sft import distributed  # noqa: PLC0415
     from jax_sft.config import plan as plan_lib  # noqa: PLC0415
     from jax_sft.models import sharding as sharding_lib  # noqa: PLC0415
 
     step_dir = Path(source)
-    is_checkpoint = (step_dir / "params").is_dir() and (step_dir / "extra").is_dir()
+    is_checkpoint = checkpoint.looks_like_checkpoint(step_dir)
     inherited = []
     if is_checkpoint:
-        saved = step_dir / "extra" / "config.yaml"
+        saved = checkpoint.extra_path(step_dir, checkpoint.CONFIG_FILE)
         if not saved.is_file():
             raise MissingFileError(f"{saved}: missing; {step_dir} is not a complete jax_sft checkpoint")
         trained = config_lib.load_config(str(saved))
-        inherited = [f"policy.precision={trained.policy.precision}",
-                     f"policy.jax_cfg.attention={trained.policy.jax_cfg.attention}",
-                     f"policy.jax_cfg.scan_layers={str(bool(trained.policy.jax_cfg.scan_layers)).lower()}"]
+        inherited = [
+            f"policy.precision={trained.policy.precision}",
+            f"policy.jax_cfg.attention={trained.policy.jax_cfg.attention}",
+            f"policy.jax_cfg.scan_layers={str(bool(trained.policy.jax_cfg.scan_layers)).lower()}",
+        ]
     cfg = config_lib.load_config(None, [*inherited, *overrides])
     cluster_set = any(o.lstrip("+~").startswith("cluster.") for o in overrides)
     devices = distributed.select_devices(cfg.cluster) if cluster_set else jax.devices()
@@ -341,7 +374,7 @@ def load_for_generation(source: str, overrides: Sequence[str]):
     options = dataclasses.replace(options, param_dtype=options.dtype, remat="none", lora=None)
     if is_checkpoint:
         model = _restore_checkpoint(step_dir, mesh, options)
-        tokenizer_dir = step_dir / "extra" / "tokenizer"
+        tokenizer_dir = checkpoint.extra_path(step_dir, checkpoint.TOKENIZER_DIR)
     else:
         from jax_sft.models import from_pretrained  # noqa: PLC0415
         from jax_sft.models.hf_read import resolve_model_dir  # noqa: PLC0415
@@ -349,8 +382,9 @@ def load_for_generation(source: str, overrides: Sequence[str]):
         try:
             model_dir = resolve_model_dir(source)
         except FileNotFoundError as e:
-            raise MissingFileError(f"--model {e}; expected a step_N checkpoint folder, an HF model folder or a "
-                                   "hub id") from None
+            raise MissingFileError(
+                f"--model {e}; expected a step_N checkpoint folder, an HF model folder or a hub id"
+            ) from None
         model = from_pretrained(model_dir, options, mesh=mesh)
         tokenizer_dir = model_dir
     tokenizer = _tokenizer(tokenizer_dir, cfg, overrides)
@@ -383,12 +417,16 @@ def _tokenizer(path: Path, cfg, overrides: Sequence[str]):
     from jax_sft.data.chat import resolve_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if any(o.lstrip("+~").startswith(("policy.tokenizer.chat_template", "policy.tokenizer.custom_template"))
-           for o in overrides):
+    if any(
+        o.lstrip("+~").startswith(("policy.tokenizer.chat_template", "policy.tokenizer.custom_template"))
+        for o in overrides
+    ):
         tokenizer.chat_template = resolve_chat_template(cfg.policy.tokenizer, tokenizer, str(path))
     if not tokenizer.chat_template:
-        raise UsageError(f"the tokenizer in {path} has no chat template; set "
-                         "--config.policy.tokenizer.chat_template to a Jinja template or a .jinja file")
+        raise UsageError(
+            f"the tokenizer in {path} has no chat template; set "
+            "--config.policy.tokenizer.chat_template to a Jinja template or a .jinja file"
+        )
     return tokenizer
 
 
@@ -396,11 +434,12 @@ def _tokenizer(path: Path, cfg, overrides: Sequence[str]):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m jax_sft.generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m jax_sft.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True, help="step_N checkpoint folder, HF model folder or hub id")
     ap.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
-    ap.add_argument("--input", help="jsonl of {\"messages\": [...]} conversations")
+    ap.add_argument("--input", help='jsonl of {"messages": [...]} conversations')
     ap.add_argument("--num", type=int, default=None, help="only the first N conversations of --input")
     ap.add_argument("--system", help="a system message before each --prompt / stdin prompt")
     ap.add_argument("--output", help="write a jsonl of prompt, reference, completion here")
@@ -417,7 +456,7 @@ def _prompts(args) -> list[tuple[list[dict], str | None]]:
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.input:
         rows = read_conversations(args.input)
-        return rows[:args.num] if args.num is not None else rows
+        return rows[: args.num] if args.num is not None else rows
     texts = args.prompt or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:
         raise UsageError("no prompts: give --prompt TEXT, --input FILE.jsonl, or lines on stdin")
@@ -445,8 +484,12 @@ def _main(argv: list[str]) -> None:
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             for (messages, reference), completion in zip(prompts, completions):
-                f.write(json.dumps({"prompt": messages, "reference": reference, "completion": completion},
-                                   ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {"prompt": messages, "reference": reference, "completion": completion}, ensure_ascii=False
+                    )
+                    + "\n"
+                )
         print(f"wrote {len(completions)} completions to {args.output}")
         return
     print(format_samples(prompts, completions))

@@ -31,15 +31,19 @@ import numpy as np
 
 from jax_sft.config import load_config, make_plan, parse_args
 from jax_sft.config.plan import RunPlan
+from jax_sft.data.build import build_dataset
 from jax_sft.data.chat import ConversationEncoder, load_tokenizer
 from jax_sft.data.readers import Place
-from jax_sft.data.sections import build_dataset
 from jax_sft.data.tokens import LazySplit, apply_overlength, dataset_place
 from jax_sft.errors import USAGE_EXIT_CODE, DataError, exit_on_input_error
 
 _OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto", "validate_data": "false"}
-_CHOICES = {"format": ("text", "jsonl"), "split": ("train", "validation"), "color": ("auto", "always", "never"),
-            "validate_data": ("false", "true")}
+_CHOICES = {
+    "format": ("text", "jsonl"),
+    "split": ("train", "validation"),
+    "color": ("auto", "always", "never"),
+    "validate_data": ("false", "true"),
+}
 _ON, _OFF = "\x1b[1;42;30m", "\x1b[0m"  # bold black on green
 
 
@@ -48,8 +52,9 @@ def highlight(tokenizer, ids: np.ndarray, loss: np.ndarray, color: bool) -> str:
     out, start = [], 0
     for end in range(1, len(ids) + 1):
         if end == len(ids) or loss[end] != loss[start]:
-            text = tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False,
-                                    clean_up_tokenization_spaces=False)
+            text = tokenizer.decode(
+                ids[start:end].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
             if loss[start]:
                 text = f"{_ON}{text}{_OFF}" if color else f"[[{text}]]"
             out.append(text)
@@ -60,8 +65,10 @@ def highlight(tokenizer, ids: np.ndarray, loss: np.ndarray, color: bool) -> str:
 def _options(extra: dict) -> dict[str, str]:
     unknown = set(extra) - set(_OPTIONS)
     if unknown:
-        raise SystemExit(f"inspect_data: unknown option(s) {sorted('--' + k for k in unknown)}; "
-                         f"expected {sorted('--' + k for k in _OPTIONS)}")
+        raise SystemExit(
+            f"inspect_data: unknown option(s) {sorted('--' + k for k in unknown)}; "
+            f"expected {sorted('--' + k for k in _OPTIONS)}"
+        )
     opts = {**_OPTIONS, **{k: str(v) for k, v in extra.items()}}
     opts["validate_data"] = opts["validate_data"].lower()
     for key, choices in _CHOICES.items():
@@ -78,8 +85,14 @@ def validate(plan: RunPlan, dataset, encoder) -> int:
     failed = 0
     for split in ("train", "validation"):
         rows = dataset.formatted_ds[split]
-        lazy = LazySplit(rows, encoder, dataset_place(dataset, split), max_length=plan.batch.max_input_length,
-                         overlength=plan.data.overlength, skip_without_loss=plan.data.skip_without_loss)
+        lazy = LazySplit(
+            rows,
+            encoder,
+            dataset_place(dataset, split),
+            max_length=plan.batch.max_input_length,
+            overlength=plan.data.overlength,
+            skip_without_loss=plan.data.skip_without_loss,
+        )
         for i in range(len(rows)):
             try:
                 lazy.examples([i])
@@ -126,13 +139,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         ids, loss, status = apply_overlength(e.ids, e.loss, max_length, plan.data.overlength)
         if ids is None:
-            print(f"{opts['split']} example {i}: {len(e.ids)} tokens > {max_length}: dropped (data.overlength=drop)",
-                  file=sys.stderr)
+            print(
+                f"{opts['split']} example {i}: {len(e.ids)} tokens > {max_length}: dropped (data.overlength=drop)",
+                file=sys.stderr,
+            )
             continue
         if opts["format"] == "jsonl":
             text = tokenizer.decode(ids.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            print(json.dumps({"input_ids": ids.tolist(), "loss_mask": loss.tolist(), "text": text},
-                             ensure_ascii=False))
+            print(json.dumps({"input_ids": ids.tolist(), "loss_mask": loss.tolist(), "text": text}, ensure_ascii=False))
         else:
             note = "" if status == "ok" else f", {status} to {max_length} (data.overlength)"
             print(f"=== {opts['split']} example {i}: {len(ids)} tokens, {int(loss.sum())} loss tokens{note} ===")

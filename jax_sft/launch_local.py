@@ -51,6 +51,19 @@ def process_env(index: int, devices: int, platform: str, base: dict[str, str]) -
     return env
 
 
+def _wait(procs: list[subprocess.Popen], note) -> int:
+    """Waits for every process; -> the highest exit code (128 + N for a process killed by signal N)."""
+    codes: dict[int, int] = {}
+    while len(codes) < len(procs):
+        for i, p in enumerate(procs):
+            if i not in codes and p.poll() is not None:
+                codes[i] = p.returncode if p.returncode >= 0 else 128 - p.returncode
+                how = f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0 else ""
+                note(f"process {i} exited with code {codes[i]} {how}".rstrip())
+        time.sleep(0.05)
+    return max(codes.values())
+
+
 def launch(
     num_processes: int,
     devices_per_process: int,
@@ -81,24 +94,22 @@ def launch(
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         for i in range(num_processes):
-            cmd = [sys.executable, "-m", module, f"--coordinator_address=127.0.0.1:{port}",
-                   f"--num_processes={num_processes}", f"--process_id={i}", *train_args]
+            args = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}", f"--process_id={i}"]
             out = None
             if log_dir is not None:
-                out = open(log_dir / f"process_{i}.log", "w")
+                out = open(log_dir / f"process_{i}.log", "w")  # noqa: SIM115  (closed when the processes end)
                 logs.append(out)
-            procs.append(subprocess.Popen(cmd, env=process_env(i, devices_per_process, platform, dict(os.environ)),
-                                          stdout=out, stderr=subprocess.STDOUT if out else None))
+            env = process_env(i, devices_per_process, platform, dict(os.environ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", module, *args, *train_args],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT if out else None,
+                )
+            )
             note(f"process {i} started, pid {procs[-1].pid}")
-        codes: dict[int, int] = {}
-        while len(codes) < len(procs):
-            for i, p in enumerate(procs):
-                if i not in codes and p.poll() is not None:
-                    codes[i] = p.returncode if p.returncode >= 0 else 128 - p.returncode
-                    how = f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0 else ""
-                    note(f"process {i} exited with code {codes[i]} {how}".rstrip())
-            time.sleep(0.05)
-        return max(codes.values())
+        return _wait(procs, note)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -112,12 +123,14 @@ def launch(
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(argv[:argv.index("--")] if "--" in argv else argv):
+    if {"-h", "--help"} & set(argv[: argv.index("--")] if "--" in argv else argv):
         print(__doc__)
         return
     if "--" not in argv:
-        raise SystemExit("usage: python -m jax_sft.launch_local --num_processes N --devices_per_process D "
-                         "[--platform cpu|gpu] [--port P] [--log_dir DIR] -- TRAINER ARGS")
+        raise SystemExit(
+            "usage: python -m jax_sft.launch_local --num_processes N --devices_per_process D "
+            "[--platform cpu|gpu] [--port P] [--log_dir DIR] -- TRAINER ARGS"
+        )
     split = argv.index("--")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_processes", type=int, required=True)
@@ -129,8 +142,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv[:split])
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be >= 1")
-    sys.exit(launch(args.num_processes, args.devices_per_process, argv[split + 1:], platform=args.platform,
-                    port=args.port, log_dir=args.log_dir, module=args.module))
+    sys.exit(
+        launch(
+            args.num_processes,
+            args.devices_per_process,
+            argv[split + 1 :],
+            platform=args.platform,
+            port=args.port,
+            log_dir=args.log_dir,
+            module=args.module,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | 
     if n_chunks == 1:
         nll, d_hidden, d_kernel = chunk(hidden, targets, mask)
     else:
+
         def body(carry, xs):
             total, dk = carry
             nll, dh, dk_chunk = chunk(*xs)

@@ -80,8 +80,7 @@ def make_schedule(base_lr: float, scheduler: Sequence[Mapping[str, Any]] | None)
     milestones = milestones[0] if milestones else []
     if len(entries) > 1 and len(milestones) != len(entries) - 1:
         raise SettingError(
-            f"policy.scheduler: {len(entries)} schedulers need {len(entries) - 1} milestones, "
-            f"got {milestones}"
+            f"policy.scheduler: {len(entries)} schedulers need {len(entries) - 1} milestones, got {milestones}"
         )
     factors = []
     for i, entry in enumerate(entries):
@@ -114,9 +113,7 @@ def make_optimizer(
     """AdamW (+ global-norm clipping) from NeMo RL's `policy.optimizer`; returns (tx, schedule)."""
     name = optimizer_cfg.get("name", "torch.optim.AdamW")
     if name not in _ADAMW_NAMES:
-        raise SettingError(
-            f"policy.optimizer.name: {name!r} is not supported; use torch.optim.AdamW"
-        )
+        raise SettingError(f"policy.optimizer.name: {name!r} is not supported; use torch.optim.AdamW")
     kwargs = dict(optimizer_cfg.get("kwargs") or {})
     if kwargs.get("amsgrad") or kwargs.get("maximize"):
         raise SettingError("policy.optimizer.kwargs: amsgrad / maximize are not supported")
@@ -161,8 +158,9 @@ def _ramp(style: str, ratio):
     }[style](ratio)
 
 
-def megatron_lr_schedule(opt: Mapping[str, Any], sched: Mapping[str, Any], *, total_steps: int,
-                         global_batch_size: int) -> optax.Schedule:
+def megatron_lr_schedule(
+    opt: Mapping[str, Any], sched: Mapping[str, Any], *, total_steps: int, global_batch_size: int
+) -> optax.Schedule:
     """Megatron's OptimizerParamScheduler.get_lr at optimizer step `count` (see above)."""
     gbs = int(global_batch_size)
     decay_iters = sched.get("lr_decay_iters") or max(int(total_steps), 1)
@@ -199,8 +197,7 @@ def megatron_lr_schedule(opt: Mapping[str, Any], sched: Mapping[str, Any], *, to
     return schedule
 
 
-def megatron_wd_schedule(sched: Mapping[str, Any], *, total_steps: int,
-                         global_batch_size: int) -> optax.Schedule:
+def megatron_wd_schedule(sched: Mapping[str, Any], *, total_steps: int, global_batch_size: int) -> optax.Schedule:
     """Megatron's OptimizerParamScheduler.get_wd at optimizer step `count`."""
     start, end = float(sched["start_weight_decay"]), float(sched["end_weight_decay"])
     style = sched["weight_decay_incr_style"]
@@ -224,8 +221,7 @@ def _leaf_name(path: tuple) -> str:
 
 def megatron_decay_mask(params: Any) -> Any:
     """True for the parameters Megatron decays: kernels and embeddings, not biases or norm weights."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: _leaf_name(path) in ("kernel", "embedding"), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in ("kernel", "embedding"), params)
 
 
 def clip_by_global_norm_megatron(max_norm: float) -> optax.GradientTransformation:
@@ -249,23 +245,29 @@ def make_megatron_optimizer(
     lr = megatron_lr_schedule(opt, sched, **steps)
     wd = megatron_wd_schedule(sched, **steps)
     if opt["optimizer"] == "adam":
-        tx = optax.adamw(lr, b1=float(opt["adam_beta1"]), b2=float(opt["adam_beta2"]),
-                         eps=float(opt["adam_eps"]), weight_decay=wd, mask=megatron_decay_mask)
+        tx = optax.adamw(
+            lr,
+            b1=float(opt["adam_beta1"]),
+            b2=float(opt["adam_beta2"]),
+            eps=float(opt["adam_eps"]),
+            weight_decay=wd,
+            mask=megatron_decay_mask,
+        )
     elif opt["optimizer"] == "sgd":  # torch SGD: L2 decay into the gradient, then momentum
-        tx = optax.chain(optax.add_decayed_weights(wd, mask=megatron_decay_mask),
-                         optax.trace(decay=float(opt["sgd_momentum"])),
-                         optax.scale_by_learning_rate(lr))
+        tx = optax.chain(
+            optax.add_decayed_weights(wd, mask=megatron_decay_mask),
+            optax.trace(decay=float(opt["sgd_momentum"])),
+            optax.scale_by_learning_rate(lr),
+        )
     else:
-        raise SettingError(f"policy.megatron_cfg.optimizer.optimizer={opt['optimizer']!r}: "
-                         "expected adam or sgd")
+        raise SettingError(f"policy.megatron_cfg.optimizer.optimizer={opt['optimizer']!r}: expected adam or sgd")
     clip = opt.get("clip_grad")
     if not clip:  # null or 0: Megatron clips only when clip_grad > 0
         return tx, lr
     return optax.chain(clip_by_global_norm_megatron(float(clip)), tx), lr
 
 
-def optimizer_from_config(cfg: Any, total_steps: int
-                          ) -> tuple[optax.GradientTransformation, optax.Schedule, str]:
+def optimizer_from_config(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule, str]:
     """(tx, lr schedule, one-line description) of the run config `cfg` over `total_steps`
     optimizer steps: policy.megatron_cfg's when the Megatron backend is enabled (NeMo RL's
     Megatron recipes), else policy.optimizer / policy.scheduler's. What the trainer runs and
@@ -273,20 +275,23 @@ def optimizer_from_config(cfg: Any, total_steps: int
     p = cfg.policy
     if p.megatron_cfg.enabled:
         m = p.megatron_cfg.to_dict()
-        tx, schedule = make_megatron_optimizer(m, total_steps=total_steps,
-                                               global_batch_size=p.train_global_batch_size)
+        tx, schedule = make_megatron_optimizer(m, total_steps=total_steps, global_batch_size=p.train_global_batch_size)
         o, s = m["optimizer"], m["scheduler"]
-        description = (f"Megatron {o['optimizer']} lr={o['lr']} min_lr={o['min_lr']} "
-                       f"weight_decay={o['weight_decay']} (not biases/norms), clip_grad "
-                       f"{o.get('clip_grad')}, {s['lr_decay_style']} decay after "
-                       f"{s['lr_warmup_iters']} warmup steps from {s['lr_warmup_init']}")
+        description = (
+            f"Megatron {o['optimizer']} lr={o['lr']} min_lr={o['min_lr']} "
+            f"weight_decay={o['weight_decay']} (not biases/norms), clip_grad "
+            f"{o.get('clip_grad')}, {s['lr_decay_style']} decay after "
+            f"{s['lr_warmup_iters']} warmup steps from {s['lr_warmup_init']}"
+        )
         return tx, schedule, description
     opt = p.optimizer.to_dict()
     scheduler = [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in p.scheduler or []]
     tx, schedule = make_optimizer(opt, scheduler or None, p.max_grad_norm)
     k = opt.get("kwargs") or {}
     names = [str(e.get("name", "")).rsplit(".", 1)[-1] for e in scheduler if "name" in e]
-    description = (f"AdamW lr={k.get('lr')} betas={list(k.get('betas', ()))} eps={k.get('eps')} "
-                   f"weight_decay={k.get('weight_decay')}, clip grad norm {p.max_grad_norm}, "
-                   f"schedule {' then '.join(names) or 'constant'}")
+    description = (
+        f"AdamW lr={k.get('lr')} betas={list(k.get('betas', ()))} eps={k.get('eps')} "
+        f"weight_decay={k.get('weight_decay')}, clip grad norm {p.max_grad_norm}, "
+        f"schedule {' then '.join(names) or 'constant'}"
+    )
     return tx, schedule, description

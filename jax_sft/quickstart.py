@@ -31,8 +31,14 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 MAX_OPERAND = 9  # single digits: 3 ops x 10 x 10 = 300 facts, learnt in a few hundred steps
-MODEL_SIZE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32)
+MODEL_SIZE = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+)
 
 
 def _example(rng: random.Random, max_operand: int = MAX_OPERAND) -> dict:
@@ -47,8 +53,9 @@ def _example(rng: random.Random, max_operand: int = MAX_OPERAND) -> dict:
     }
 
 
-def make_dataset(out: Path, *, train: int = 8000, val: int = 256, seed: int = 0,
-                 max_operand: int = MAX_OPERAND) -> None:
+def make_dataset(
+    out: Path, *, train: int = 8000, val: int = 256, seed: int = 0, max_operand: int = MAX_OPERAND
+) -> None:
     rng = random.Random(seed)
     for name, n in (("train.jsonl", train), ("val.jsonl", val)):
         with open(out / name, "w") as f:
@@ -62,8 +69,12 @@ def make_tokenizer(texts: list[str], vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([  # one token per digit: arithmetic is learnable
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [  # one token per digit: arithmetic is learnable
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -117,7 +128,7 @@ def make_assets(out: Path) -> Path:
         data.mkdir(exist_ok=True)
         make_dataset(data)
     if not (model_dir / "config.json").exists():
-        rows = [json.loads(line) for line in open(data / "train.jsonl")]
+        rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
         texts = [m["content"] for r in rows for m in r["messages"]] + ["user", "assistant", "system"] * 100
         tokenizer = make_tokenizer(texts)
         make_model(model_dir, tokenizer)
@@ -132,10 +143,10 @@ def show_samples(export_dir: Path, val_path: Path, *, shown: int = 3) -> float:
     model, tokenizer, mesh, _ = load_for_generation(str(export_dir), ["policy.precision=float32"])
     rows = read_conversations(val_path)
     answers = Generator(model, tokenizer, mesh=mesh, batch_size=64).complete(
-        [messages for messages, _ in rows], Sampling(max_new_tokens=16))
+        [messages for messages, _ in rows], Sampling(max_new_tokens=16)
+    )
     right = sum(a.strip() == ref.strip() for (_, ref), a in zip(rows, answers))
-    print(f"\nvalidation: {right} of {len(rows)} answers exactly right ({100 * right / len(rows):.1f}%), "
-          "greedy, e.g.:")
+    print(f"\nvalidation: {right} of {len(rows)} answers exactly right ({100 * right / len(rows):.1f}%), greedy, e.g.:")
     print(format_samples(rows[:shown], answers[:shown]))
     print(f"more: python -m jax_sft.generate --model {export_dir} --input {val_path} --num 10")
     return right / len(rows)
@@ -144,9 +155,12 @@ def show_samples(export_dir: Path, val_path: Path, *, shown: int = 3) -> float:
 def main(argv: list[str] | None = None) -> None:
     start = time.time()
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m jax_sft.quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Trainer options: see python -m jax_sft.train --help")
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_sft.quickstart",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Trainer options: see python -m jax_sft.train --help",
+    )
     parser.add_argument("--out", default=".quickstart", help="folder for the made assets and the run")
     args, overrides = parser.parse_known_args(argv)
     out = make_assets(Path(args.out))

@@ -28,6 +28,7 @@ LOCK_NAME = ".jax_sft.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
 
+
 class RunLocked(InputError, RuntimeError):
     """Another live run holds the checkpoint_dir's lock."""
 
@@ -98,8 +99,9 @@ class RunLock:
                     f"end, or use another checkpoint_dir. If that run is dead, delete {self.path}"
                 )
             if self._take_over(info):
-                warnings.warn(f"took over the lock {self.path} of {_describe(info)}: {reason}",
-                              StaleLockWarning, stacklevel=2)
+                warnings.warn(
+                    f"took over the lock {self.path} of {_describe(info)}: {reason}", StaleLockWarning, stacklevel=2
+                )
                 break
         else:
             raise RunLocked(f"{self.path}: could not take the lock (other runs keep taking it); retry")

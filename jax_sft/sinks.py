@@ -82,8 +82,10 @@ class WandbSink:
         try:
             import wandb  # noqa: PLC0415  (an optional dependency)
         except ImportError:
-            raise RuntimeError("logger.wandb_enabled is true but wandb is not installed: "
-                               "pip install 'jax_sft[wandb]' or set logger.wandb_enabled=false") from None
+            raise RuntimeError(
+                "logger.wandb_enabled is true but wandb is not installed: "
+                "pip install 'jax_sft[wandb]' or set logger.wandb_enabled=false"
+            ) from None
         wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, dir=str(run_dir))
         self._wandb = wandb
 
@@ -108,16 +110,19 @@ class MlflowSink:
         try:
             import mlflow  # noqa: PLC0415  (an optional dependency)
         except ImportError:
-            raise RuntimeError("logger.mlflow_enabled is true but mlflow is not installed: "
-                               "pip install 'jax_sft[mlflow]' or set logger.mlflow_enabled=false") from None
+            raise RuntimeError(
+                "logger.mlflow_enabled is true but mlflow is not installed: "
+                "pip install 'jax_sft[mlflow]' or set logger.mlflow_enabled=false"
+            ) from None
         m = cfg.mlflow
         if m.get("tracking_uri"):
             mlflow.set_tracking_uri(m.tracking_uri)
         else:
             mlflow.set_tracking_uri(f"sqlite:///{os.path.abspath(run_dir / 'mlflow.db')}")
             if mlflow.get_experiment_by_name(m.experiment_name) is None:
-                mlflow.create_experiment(m.experiment_name,
-                                         artifact_location=(run_dir / "mlflow_artifacts").resolve().as_uri())
+                mlflow.create_experiment(
+                    m.experiment_name, artifact_location=(run_dir / "mlflow_artifacts").resolve().as_uri()
+                )
         mlflow.set_experiment(m.experiment_name)
         mlflow.start_run(run_name=m.run_name)
         self._mlflow = mlflow

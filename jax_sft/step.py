@@ -115,7 +115,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
             dropout_key=dropout_key,
         )
         nll = masked_nll_sum(
-            hidden, model.lm_head_kernel(), batch["targets"], batch["loss_mask"], chunk_size,
+            hidden,
+            model.lm_head_kernel(),
+            batch["targets"],
+            batch["loss_mask"],
+            chunk_size,
             softcap=model.config.final_softcap,
         )
         coef = model.config.router_aux_loss_coef
@@ -123,6 +127,55 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
         return objective, (nll, aux)
 
     return loss_sum
+
+
+def _micro_step(grad_fn, dropout_seed: int | None):
+    """(compute, acc, batch, counter) -> acc + this micro-batch's gradient of the summed NLL."""
+
+    def micro_step(compute, acc: Accumulator, batch: Batch, counter: jax.Array) -> Accumulator:
+        params, frozen = compute
+        key = None
+        if dropout_seed is not None:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), counter[0]), counter[1])
+        (_, (loss, aux)), grads = grad_fn(params, frozen, batch, key)
+        tokens = batch["loss_mask"].sum(dtype=jnp.float32)
+        return Accumulator(
+            jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc.grads, grads),
+            acc.loss_sum + loss,
+            acc.num_tokens + tokens,
+            acc.aux_sum + aux * tokens,
+        )
+
+    return micro_step
+
+
+def _apply(tx: optax.GradientTransformation, schedule: optax.Schedule, moe: bool):
+    """(params, opt_state, acc, step) -> the update of the accumulated step (NeMo RL's
+    normalisation by the step's loss tokens), unchanged state when it is not finite, and metrics."""
+
+    def apply(params, opt_state, acc: Accumulator, step: jax.Array):
+        denom = jnp.maximum(acc.num_tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, acc.grads)
+        grad_norm = optax.tree.norm(grads)  # before clipping, as NeMo RL reports it
+        loss = acc.loss_sum / denom
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step keeps the old state (element-wise select: no host round trip).
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": grad_norm,
+            "train/lr": schedule(step),
+            "train/num_unmasked_tokens": acc.num_tokens,
+        }
+        if moe:
+            metrics["train/router_aux_loss"] = acc.aux_sum / denom
+        return params, opt_state, metrics
+
+    return apply
 
 
 def make_step_fns(
@@ -160,53 +213,15 @@ def make_step_fns(
         zero = jnp.zeros((), jnp.float32)
         return Accumulator(zeros, zero, zero, zero)
 
-    def micro_step(compute, acc: Accumulator, batch: Batch, counter: jax.Array) -> Accumulator:
-        params, frozen = compute
-        key = None
-        if dropout_seed is not None:
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), counter[0]), counter[1])
-        (_, (loss, aux)), grads = grad_fn(params, frozen, batch, key)
-        tokens = batch["loss_mask"].sum(dtype=jnp.float32)
-        return Accumulator(
-            jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc.grads, grads),
-            acc.loss_sum + loss,
-            acc.num_tokens + tokens,
-            acc.aux_sum + aux * tokens,
-        )
-
-    def apply(params, opt_state, acc: Accumulator, step: jax.Array):
-        denom = jnp.maximum(acc.num_tokens, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, acc.grads)
-        grad_norm = optax.tree.norm(grads)  # before clipping, as NeMo RL reports it
-        loss = acc.loss_sum / denom
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # A non-finite step keeps the old state (element-wise select: no host round trip).
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        metrics = {
-            "train/loss": loss,
-            "train/grad_norm": grad_norm,
-            "train/lr": schedule(step),
-            "train/num_unmasked_tokens": acc.num_tokens,
-        }
-        if moe:
-            metrics["train/router_aux_loss"] = acc.aux_sum / denom
-        return params, opt_state, metrics
-
     def eval_step(params, frozen, batch: Batch):
         return loss_sum(params, frozen, batch)[1][0], batch["loss_mask"].sum(dtype=jnp.float32)
 
     return StepFns(
         cast=cast,
         init_accumulator=jax.jit(init_accumulator, out_shardings=acc_shardings),
-        micro_step=jax.jit(micro_step, donate_argnums=(1,), out_shardings=acc_shardings),
+        micro_step=jax.jit(_micro_step(grad_fn, dropout_seed), donate_argnums=(1,), out_shardings=acc_shardings),
         apply=jax.jit(
-            apply,
-            donate_argnums=(0, 1),
-            out_shardings=(param_shardings, opt_shardings, replicated),
+            _apply(tx, schedule, moe), donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, replicated)
         ),
         eval_step=jax.jit(eval_step),
     )

@@ -52,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> RunResult | None:
             raise SystemExit(RUN_FAILURE_EXIT_CODE) from None
 
 
-HELP = __doc__ + """
+HELP = (
+    __doc__
+    + """
 Main keys (all of NeMo RL's SFT keys apply; defaults in jax_sft/config/defaults.py):
   policy.model_name            HF model folder or hub id
   data.dataset_name            squad, openai_format, ... (with data.train_data_path, data.val_data_path)
@@ -69,12 +71,16 @@ Example:
   python -m jax_sft.train --config configs/sft.py \\
       --config.policy.model_name=meta-llama/Llama-3.2-1B --config.sft.max_num_steps=100
 """
+)
 
 
 def _stop_if_signalled(stop_signals: distributed.StopSignals, when: str) -> None:
     if stop_signals.signum:
-        print(f"stopped:     {signal.Signals(stop_signals.signum).name} received {when}; nothing to save; "
-              f"exit code {distributed.PREEMPTED_EXIT_CODE} (rerun to resume)", file=sys.stderr)
+        print(
+            f"stopped:     {signal.Signals(stop_signals.signum).name} received {when}; nothing to save; "
+            f"exit code {distributed.PREEMPTED_EXIT_CODE} (rerun to resume)",
+            file=sys.stderr,
+        )
         raise SystemExit(distributed.PREEMPTED_EXIT_CODE)
 
 

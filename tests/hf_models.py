@@ -6,9 +6,13 @@ q/k/v biases and a sliding window on the layers from max_window_layers on; Qwen3
 head_dim != hidden/heads and attention biases; Mistral with MQA and a window shorter than the
 test sequences; Gemma 2 with soft-capping small enough to bite, query_pre_attn_scalar != head_dim
 and alternating sliding/full layers; Gemma 3 with q/k norms and linear-scaled global RoPE beside a
-plain local one; Qwen3-MoE with a dense layer (mlp_only_layers) and top-k without
-renormalisation; Mixtral (renormalised top-2) with a window. Biases and norm weights are randomised (HF initialises them to 0 and 1), so that
-a wrong mapping of any tensor shows in the logits.
+plain local one; OLMo 2 with its norms after attention and MLP and q/k norms over the whole
+projections, with biases; Phi-3 with its fused qkv_proj / gate_up_proj tensors and a window;
+Qwen3-MoE with a dense layer (mlp_only_layers) and top-k without renormalisation; Mixtral
+(renormalised top-2) with a window. This is the one table of families: the parity, packing, bf16,
+round-trip, sharding, generation and training tests run every row. Biases and norm weights are
+randomised (HF initialises them to 0 and 1), so that a wrong mapping of any tensor shows in the
+logits.
 """
 
 from __future__ import annotations
@@ -68,31 +72,68 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
     "gemma2": (
         transformers.Gemma2Config,
         transformers.Gemma2ForCausalLM,
-        dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=5, final_logit_softcapping=2.0,
-             attn_logit_softcapping=3.0, rope_theta=10000.0, pad_token_id=0),
+        dict(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            final_logit_softcapping=2.0,
+            attn_logit_softcapping=3.0,
+            rope_theta=10000.0,
+            pad_token_id=0,
+        ),
     ),
     "gemma3": (
         transformers.Gemma3TextConfig,
         transformers.Gemma3ForCausalLM,
-        dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=5, pad_token_id=0,
-             layer_types=["sliding_attention", "full_attention"],
-             rope_parameters=dict(
-                 full_attention=dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
-                 sliding_attention=dict(rope_type="default", rope_theta=10000.0),
-             )),
+        dict(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            pad_token_id=0,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters=dict(
+                full_attention=dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
+                sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+            ),
+        ),
+    ),
+    "olmo2": (
+        transformers.Olmo2Config,
+        transformers.Olmo2ForCausalLM,
+        dict(attention_bias=True, rope_theta=500000.0, tie_word_embeddings=False, pad_token_id=0),
+    ),
+    "phi3": (
+        transformers.Phi3Config,
+        transformers.Phi3ForCausalLM,
+        dict(sliding_window=5, rope_theta=10000.0, pad_token_id=0),
     ),
     "qwen3_moe": (
         transformers.Qwen3MoeConfig,
         transformers.Qwen3MoeForCausalLM,
-        dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-             mlp_only_layers=[1], norm_topk_prob=False, output_router_logits=True,
-             router_aux_loss_coef=0.01, rope_theta=1000000.0),
+        dict(
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            output_router_logits=True,
+            router_aux_loss_coef=0.01,
+            rope_theta=1000000.0,
+        ),
     ),
     "mixtral": (
         transformers.MixtralConfig,
         transformers.MixtralForCausalLM,
-        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=5,
-             output_router_logits=True, router_aux_loss_coef=0.02, rope_theta=1000000.0),
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+            sliding_window=5,
+            output_router_logits=True,
+            router_aux_loss_coef=0.02,
+            rope_theta=1000000.0,
+        ),
     ),
 }
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
@@ -122,11 +163,17 @@ def make_gemma3_multimodal(out_dir: Path, seed: int = 0) -> transformers.PreTrai
     """A tiny random Gemma3ForConditionalGeneration (SigLIP tower included) saved to `out_dir`:
     its text model is the "gemma3" family's."""
     text = FAMILIES["gemma3"][0](**{**COMMON, **FAMILIES["gemma3"][2]})
-    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=28, patch_size=14)
-    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                       mm_tokens_per_image=4, image_token_index=255, boi_token_index=253,
-                                       eoi_token_index=254)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = transformers.Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=255,
+        boi_token_index=253,
+        eoi_token_index=254,
+    )
     torch.manual_seed(seed)
     model = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32)
     with torch.no_grad():
@@ -149,7 +196,6 @@ def hf_logits(model, input_ids, position_ids=None):
     return out.logits.float().numpy()
 
 
-
 @nnx.jit
 def _jit_forward(model, input_ids, positions, segment_ids):
     return model(input_ids, positions, segment_ids)
@@ -167,8 +213,10 @@ def hf_val_loss(model, batches) -> float:
     nll, count = 0.0, 0.0
     for mb in batches:
         with torch.no_grad():
-            logits = model(torch.tensor(mb["input_ids"], dtype=torch.long),
-                           position_ids=torch.tensor(mb["positions"], dtype=torch.long)).logits
+            logits = model(
+                torch.tensor(mb["input_ids"], dtype=torch.long),
+                position_ids=torch.tensor(mb["positions"], dtype=torch.long),
+            ).logits
         logp = torch.log_softmax(logits.double(), -1)
         tok = logp.gather(-1, torch.tensor(mb["targets"], dtype=torch.long)[..., None])[..., 0]
         mask = torch.tensor(mb["loss_mask"], dtype=torch.float64)

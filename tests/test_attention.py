@@ -31,7 +31,7 @@ def random_segments(rng, rows: int, seq: int, max_len: int, pad_rows=True) -> np
         fill = seq if (r % 2 == 0 or not pad_rows) else int(rng.integers(seq // 2, seq))
         while o < fill:
             n = min(int(rng.integers(1, max_len + 1)), fill - o)
-            seg[r, o:o + n] = k
+            seg[r, o : o + n] = k
             o, k = o + n, k + 1
     return seg
 
@@ -109,11 +109,18 @@ def test_kernel_choice_and_errors():
 
 
 def test_model_reports_kernel():
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64,
-        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64,
-    })
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+        }
+    )
     model = CausalLM(cfg, dtype=jnp.bfloat16, attention="auto", rngs=nnx.Rngs(0))
     expected = "cudnn" if ON_GPU and HOPPER else "xla"
     assert model.attention_kernel(packed=True) == expected
@@ -205,13 +212,22 @@ def test_cudnn_packed_many_short_segments():
 def test_model_cudnn_matches_xla(packed, scan):
     if packed and not HOPPER:
         pytest.skip("cuDNN's packed layout needs Hopper")
-    cfg = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 256,
-        "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 4096,
-    })
-    models = {impl: CausalLM(cfg, dtype=jnp.bfloat16, attention=impl, scan_layers=scan, rngs=nnx.Rngs(0))
-              for impl in ("xla", "cudnn")}
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 512,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+        }
+    )
+    models = {
+        impl: CausalLM(cfg, dtype=jnp.bfloat16, attention=impl, scan_layers=scan, rngs=nnx.Rngs(0))
+        for impl in ("xla", "cudnn")
+    }
     rng = np.random.default_rng(3)
     ids = jnp.asarray(rng.integers(0, 512, (2, 256)))
     seg = jnp.asarray(random_segments(rng, 2, 256, 90)) if packed else None

@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_cpu_tiny_prints_table(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_step.py"), "--cpu-tiny", "--out", str(tmp_path),
-         "--scan"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(ROOT / "bench" / "train_step.py"), "--cpu-tiny", "--out", str(tmp_path), "--scan"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -28,10 +30,14 @@ def test_bench_cpu_tiny_prints_table(tmp_path):
     results = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     got = {(r["framework"], r["case"], r["variant"]) for r in results}
     assert got == {
-        ("jax_sft", "padded-1024", "unrolled"), ("jax_sft", "padded-4096", "unrolled"),
-        ("jax_sft", "packed-4096", "unrolled"), ("jax_sft", "padded-1024-warm", "unrolled"),
-        ("jax_sft", "padded-4096", "scan"), ("jax_sft", "padded-4096-lora", "unrolled"),
-        ("torch eager", "padded-1024", ""), ("torch eager", "padded-4096", ""),
+        ("jax_sft", "padded-1024", "unrolled"),
+        ("jax_sft", "padded-4096", "unrolled"),
+        ("jax_sft", "packed-4096", "unrolled"),
+        ("jax_sft", "padded-1024-warm", "unrolled"),
+        ("jax_sft", "padded-4096", "scan"),
+        ("jax_sft", "padded-4096-lora", "unrolled"),
+        ("torch eager", "padded-1024", ""),
+        ("torch eager", "padded-4096", ""),
     }, got
     for r in results:
         assert math.isfinite(r["loss"]) and r["step_s"] > 0 and r["tokens_per_s"] > 0, r

@@ -92,8 +92,7 @@ def test_python_config_with_overrides_including_null_default_keys():
 
 
 def test_yaml_inheritance_interpolations_and_overrides():
-    overrides = ["policy.model_name=/models/qwen", "++policy.train_micro_batch_size=4",
-                 "--config.sft.val_period=5"]
+    overrides = ["policy.model_name=/models/qwen", "++policy.train_micro_batch_size=4", "--config.sft.val_period=5"]
     cfg = load_quiet(DATA / "sft_child.yaml", overrides)
     p = cfg.policy
     assert p.model_name == "/models/qwen"
@@ -113,8 +112,7 @@ def test_yaml_inheritance_interpolations_and_overrides():
 def test_yaml_defaults_list_relative_paths_and_override_marker(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "a.yaml").write_text(
-        "policy:\n  model_name: a\n  optimizer:\n    kwargs: {lr: 1.0e-4, eps: 1.0e-6}\n"
-        "sft: {max_num_steps: 7}\n"
+        "policy:\n  model_name: a\n  optimizer:\n    kwargs: {lr: 1.0e-4, eps: 1.0e-6}\nsft: {max_num_steps: 7}\n"
     )
     (tmp_path / "base" / "b.yaml").write_text("defaults: a.yaml\npolicy:\n  model_name: b\n")
     (tmp_path / "c.yaml").write_text("sft: {seed: 3}\n")
@@ -128,8 +126,7 @@ def test_yaml_defaults_list_relative_paths_and_override_marker(tmp_path):
     kw = cfg.policy.optimizer.kwargs
     assert (kw.lr, kw.eps) == (2e-4, 1e-6)  # merged key by key
     sft = default_config().sft
-    assert (cfg.sft.max_num_epochs, cfg.sft.max_num_steps, cfg.sft.seed) == (
-        2, sft.max_num_steps, sft.seed)
+    assert (cfg.sft.max_num_epochs, cfg.sft.max_num_steps, cfg.sft.seed) == (2, sft.max_num_steps, sft.seed)
 
 
 def test_nemo_rl_sft_yaml_loads_with_exactly_one_warning_listing_ignored_keys():
@@ -140,9 +137,13 @@ def test_nemo_rl_sft_yaml_loads_with_exactly_one_warning_listing_ignored_keys():
     message = str(caught[0].message)
     assert message.startswith(str(NEMO_YAML))
     assert message.split("ignored: ")[1].split(", ") == [
-        "checkpointing.model_save_format", "checkpointing.save_consolidated", "logger.swanlab",
-        "logger.swanlab_enabled", "policy.dtensor_cfg._v2",
-        "policy.dtensor_cfg.clear_cache_every_n_steps", "policy.dtensor_cfg.env_vars",
+        "checkpointing.model_save_format",
+        "checkpointing.save_consolidated",
+        "logger.swanlab",
+        "logger.swanlab_enabled",
+        "policy.dtensor_cfg._v2",
+        "policy.dtensor_cfg.clear_cache_every_n_steps",
+        "policy.dtensor_cfg.env_vars",
         "policy.megatron_cfg",
         "policy.offload_optimizer_for_logprob",
     ]
@@ -158,41 +159,30 @@ def test_nemo_rl_sft_yaml_loads_with_exactly_one_warning_listing_ignored_keys():
 
 def test_unknown_key_suggests_the_nearest_valid_key(tmp_path):
     e = errors(None, ["policy.optimzer.kwargs.lr=1e-5"])
-    assert e.problems == [
-        "policy.optimzer.kwargs.lr='1e-5': unknown key; did you mean policy.optimizer.kwargs.lr?"
-    ]
+    assert e.problems == ["policy.optimzer.kwargs.lr='1e-5': unknown key; did you mean policy.optimizer.kwargs.lr?"]
     e = errors(None, ["cluster.foo=1"])  # nothing near: the keys of the section
     assert e.problems == ["cluster.foo=1: unknown key; keys here: gpus_per_node, num_nodes"]
     typo = tmp_path / "typo.yaml"
     typo.write_text(f"defaults: {NEMO_YAML}\npolicy:\n  max_total_seq_length: 8\n")
     e = errors(typo)
-    assert e.problems == [
-        "policy.max_total_seq_length=8: unknown key; did you mean policy.max_total_sequence_length?"
-    ]
+    assert e.problems == ["policy.max_total_seq_length=8: unknown key; did you mean policy.max_total_sequence_length?"]
     assert str(e) == f"{typo}: {e.problems[0]}"  # one problem, one line
     (tmp_path / "bad.py").write_text(
         "from jax_sft.config import default_config\n"
         "def get_config():\n    c = default_config()\n    c.sft.max_steps = 3\n    return c\n"
     )
-    assert errors(tmp_path / "bad.py").problems == [
-        "sft.max_steps=3: unknown key; did you mean sft.max_num_steps?"
-    ]
+    assert errors(tmp_path / "bad.py").problems == ["sft.max_steps=3: unknown key; did you mean sft.max_num_steps?"]
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("policy.train_micro_batch_size=two",
-         "policy.train_micro_batch_size='two': expected int, got str"),
-        ("policy.precision=null",
-         "policy.precision=None: expected str; null is not allowed for this key"),
-        ("policy.max_total_sequence_length=1.5",
-         "policy.max_total_sequence_length=1.5: expected int, got float"),
+        ("policy.train_micro_batch_size=two", "policy.train_micro_batch_size='two': expected int, got str"),
+        ("policy.precision=null", "policy.precision=None: expected str; null is not allowed for this key"),
+        ("policy.max_total_sequence_length=1.5", "policy.max_total_sequence_length=1.5: expected int, got float"),
         ("sft.val_at_start=1", "sft.val_at_start=1: expected bool, got int"),
-        ("policy.dtensor_cfg=3",
-         "policy.dtensor_cfg=3: expected a section with keys activation_checkpointing, "),
-        ("policy.optimizer.kwargs.lr=fast",
-         "policy.optimizer.kwargs.lr='fast': expected float"),
+        ("policy.dtensor_cfg=3", "policy.dtensor_cfg=3: expected a section with keys activation_checkpointing, "),
+        ("policy.optimizer.kwargs.lr=fast", "policy.optimizer.kwargs.lr='fast': expected float"),
         ("policy.scheduler=3", "policy.scheduler=3: expected list or null, got int"),
     ],
 )
@@ -206,33 +196,42 @@ def test_wrong_type_names_the_key_and_the_expected_type(override, message):
     [
         ("policy.precision=fp16", "policy.precision='fp16': expected one of bfloat16, float32"),
         ("data.overlength=skip", "data.overlength='skip': expected one of truncate, drop, mask"),
-        ("policy.jax_cfg.attention=flash",
-         "policy.jax_cfg.attention='flash': expected one of auto, xla, cudnn"),
-        ("policy.jax_cfg.remat=some",
-         "policy.jax_cfg.remat='some': expected one of none, full, dots_saveable, "),
-        ("policy.sequence_packing.algorithm=greedy",
-         "policy.sequence_packing.algorithm='greedy': expected one of modified_first_fit_"),
-        ("policy.jax_cfg.mesh.fsdp=0",
-         "policy.jax_cfg.mesh.fsdp=0: expected a positive number, or -1 for all devices left"),
+        ("policy.jax_cfg.attention=flash", "policy.jax_cfg.attention='flash': expected one of auto, xla, cudnn"),
+        ("policy.jax_cfg.remat=some", "policy.jax_cfg.remat='some': expected one of none, full, dots_saveable, "),
+        (
+            "policy.sequence_packing.algorithm=greedy",
+            "policy.sequence_packing.algorithm='greedy': expected one of modified_first_fit_",
+        ),
+        (
+            "policy.jax_cfg.mesh.fsdp=0",
+            "policy.jax_cfg.mesh.fsdp=0: expected a positive number, or -1 for all devices left",
+        ),
         ("policy.jax_cfg.mesh.data=-1", "policy.jax_cfg.mesh.data=-1: expected a positive number"),
         ("sft.max_num_steps=-1", "sft.max_num_steps=-1: expected a number >= 0 (0: only validate)"),
-        ("policy.max_total_sequence_length=-8",  # one problem, not one per derived key
-         "policy.max_total_sequence_length=-8: expected a positive number"),
-        ("policy.train_micro_batch_size=5",
-         "policy.train_global_batch_size=32: expected a multiple of "
-         "policy.train_micro_batch_size=5"),
-        ("sft.val_micro_batch_size=3",
-         "sft.val_global_batch_size=32: expected a multiple of sft.val_micro_batch_size=3"),
-        ("checkpointing.checkpoint_must_save_by=3h",
-         "checkpointing.checkpoint_must_save_by='3h': expected \"DD:HH:MM:SS\""),
-        ("checkpointing.checkpoint_must_save_by=00:24:00:00",
-         "checkpointing.checkpoint_must_save_by='00:24:00:00': expected"),
+        (
+            "policy.max_total_sequence_length=-8",  # one problem, not one per derived key
+            "policy.max_total_sequence_length=-8: expected a positive number",
+        ),
+        (
+            "policy.train_micro_batch_size=5",
+            "policy.train_global_batch_size=32: expected a multiple of policy.train_micro_batch_size=5",
+        ),
+        (
+            "sft.val_micro_batch_size=3",
+            "sft.val_global_batch_size=32: expected a multiple of sft.val_micro_batch_size=3",
+        ),
+        (
+            "checkpointing.checkpoint_must_save_by=3h",
+            "checkpointing.checkpoint_must_save_by='3h': expected \"DD:HH:MM:SS\"",
+        ),
+        (
+            "checkpointing.checkpoint_must_save_by=00:24:00:00",
+            "checkpointing.checkpoint_must_save_by='00:24:00:00': expected",
+        ),
         ("checkpointing.metric_name='val loss'", "checkpointing.metric_name='val loss': expected"),
-        ("policy.optimizer.kwargs.betas=[0.9]",
-         "policy.optimizer.kwargs.betas=[0.9]: expected two numbers in [0, 1)"),
+        ("policy.optimizer.kwargs.betas=[0.9]", "policy.optimizer.kwargs.betas=[0.9]: expected two numbers in [0, 1)"),
         ("policy.optimizer.kwargs.lr=0", "policy.optimizer.kwargs.lr=0.0: expected a positive"),
-        ("policy.max_grad_norm=0",
-         "policy.max_grad_norm=0.0: expected a positive number, or null for no clipping"),
+        ("policy.max_grad_norm=0", "policy.max_grad_norm=0.0: expected a positive number, or null for no clipping"),
         ("policy.scheduler=[1]", "policy.scheduler=[1]: expected null (constant LR), or a list"),
     ],
 )
@@ -242,27 +241,31 @@ def test_impossible_value_names_the_key_value_and_expectation(override, message)
 
 
 def test_accepted_forms_of_checked_values():
-    cfg = load_config(None, [
-        "checkpointing.checkpoint_must_save_by=00:03:45:00", "checkpointing.metric_name=val_loss",
-        "checkpointing.metric_name=null", "policy.jax_cfg.remat=dots_with_no_batch_dims_saveable",
-        "policy.sequence_packing.algorithm=first_fit_decreasing", "policy.precision=float32",
-        "policy.jax_cfg.mesh.fsdp=4",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "checkpointing.checkpoint_must_save_by=00:03:45:00",
+            "checkpointing.metric_name=val_loss",
+            "checkpointing.metric_name=null",
+            "policy.jax_cfg.remat=dots_with_no_batch_dims_saveable",
+            "policy.sequence_packing.algorithm=first_fit_decreasing",
+            "policy.precision=float32",
+            "policy.jax_cfg.mesh.fsdp=4",
+        ],
+    )
     assert cfg.checkpointing.checkpoint_must_save_by == "00:03:45:00"
     assert cfg.checkpointing.metric_name is None and cfg.policy.jax_cfg.mesh.fsdp == 4
 
 
 def test_sequence_packing_checks():
     assert load_config(None, ["policy.sequence_packing.train_mb_tokens=100"])  # off: unchecked
-    e = errors(None, ["policy.sequence_packing.enabled=true",
-                      "policy.sequence_packing.train_mb_tokens=100"])
+    e = errors(None, ["policy.sequence_packing.enabled=true", "policy.sequence_packing.train_mb_tokens=100"])
     assert e.problems == [
         "policy.sequence_packing.train_mb_tokens=100: expected >= "
         "policy.max_total_sequence_length=1024; "
         "a sequence of the longest length must fit in one packed micro-batch"
     ]
-    e = errors(None, ["policy.sequence_packing.enabled=true",
-                      "policy.dynamic_batching.enabled=true"])
+    e = errors(None, ["policy.sequence_packing.enabled=true", "policy.dynamic_batching.enabled=true"])
     assert e.problems == [
         "policy.sequence_packing.enabled=True: expected false when "
         "policy.dynamic_batching.enabled; enable one of the two"
@@ -270,16 +273,22 @@ def test_sequence_packing_checks():
 
 
 def test_several_problems_are_reported_in_one_error():
-    e = errors(None, ["policy.precision=fp16", "policy.train_global_batch_size=7",
-                      "policy.train_micro_batch_size=2", "policy.jax_cfg.remat=all"])
+    e = errors(
+        None,
+        [
+            "policy.precision=fp16",
+            "policy.train_global_batch_size=7",
+            "policy.train_micro_batch_size=2",
+            "policy.jax_cfg.remat=all",
+        ],
+    )
     assert len(e.problems) == 3
     for key in ("policy.precision", "policy.train_global_batch_size", "policy.jax_cfg.remat"):
         assert sum(p.startswith(key + "=") for p in e.problems) == 1
     assert str(e).startswith("defaults + overrides: 3 config problems:\n  - ")
     # Unknown keys and wrong types (found before the values are checked) come together too.
     e = errors(None, ["policy.modl_name=x", "sft.seed=abc", "cluster.num_nodes=null"])
-    assert [p.split("=")[0] for p in e.problems] == ["cluster.num_nodes", "policy.modl_name",
-                                                     "sft.seed"]
+    assert [p.split("=")[0] for p in e.problems] == ["cluster.num_nodes", "policy.modl_name", "sft.seed"]
 
 
 def test_lora_enabled_in_policy_lora_cfg_is_an_error():  # LoRA itself: test_lora_config.py
@@ -292,8 +301,14 @@ def test_lora_enabled_in_policy_lora_cfg_is_an_error():  # LoRA itself: test_lor
 
 
 def test_megatron_enabled_maps_onto_this_backend():  # details: test_megatron.py
-    cfg = load_quiet(NEMO_YAML, ["policy.megatron_cfg.enabled=true", "policy.optimizer=null",
-                                 "policy.megatron_cfg.tensor_model_parallel_size=2"])
+    cfg = load_quiet(
+        NEMO_YAML,
+        [
+            "policy.megatron_cfg.enabled=true",
+            "policy.optimizer=null",
+            "policy.megatron_cfg.tensor_model_parallel_size=2",
+        ],
+    )
     assert cfg.policy.megatron_cfg.enabled and cfg.policy.jax_cfg.mesh.tensor == 2
 
 
@@ -303,8 +318,7 @@ def test_yaml_round_trip(tmp_path):
         "def get_config():\n    c = default_config()\n"
         "    c.data.system_prompt = 'Prices in ${USD}: keep them'\n    return c\n"
     )
-    cfg = load_config(tmp_path / "literal.py",
-                      ["policy.tokenizer.chat_template_kwargs={enable_thinking: true}"])
+    cfg = load_config(tmp_path / "literal.py", ["policy.tokenizer.chat_template_kwargs={enable_thinking: true}"])
     assert cfg.data.system_prompt == "Prices in ${USD}: keep them"  # Python strings are literal
     out = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert out.read_text() == to_yaml(cfg)
@@ -315,19 +329,29 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_derived_keys_follow_their_source():
-    cfg = load_config(REPO / "configs" / "sft.py", [
-        "--config.policy.model_name=/m", "--config.policy.max_total_sequence_length=64",
-        "--config.policy.dtensor_cfg.tensor_parallel_size=2",
-        "--config.policy.dtensor_cfg.activation_checkpointing=true",
-    ])
+    cfg = load_config(
+        REPO / "configs" / "sft.py",
+        [
+            "--config.policy.model_name=/m",
+            "--config.policy.max_total_sequence_length=64",
+            "--config.policy.dtensor_cfg.tensor_parallel_size=2",
+            "--config.policy.dtensor_cfg.activation_checkpointing=true",
+        ],
+    )
     p = cfg.policy
     assert p.tokenizer.name == "/m"
     assert cfg.data.max_input_seq_length == p.sequence_packing.train_mb_tokens == 64
     assert (p.make_sequence_length_divisible_by, p.jax_cfg.mesh.tensor) == (2, 2)
     assert p.jax_cfg.remat == "full"
-    cfg = load_config(None, ["policy.model_name=/m", "policy.tokenizer.name=/tok",
-                             "policy.jax_cfg.remat=none",
-                             "policy.dtensor_cfg.activation_checkpointing=true"])
+    cfg = load_config(
+        None,
+        [
+            "policy.model_name=/m",
+            "policy.tokenizer.name=/tok",
+            "policy.jax_cfg.remat=none",
+            "policy.dtensor_cfg.activation_checkpointing=true",
+        ],
+    )
     assert (cfg.policy.tokenizer.name, cfg.policy.jax_cfg.remat) == ("/tok", "none")  # as set
     # apply_overrides, then validate: the derived key follows too.
     cfg = validate(apply_overrides(default_config(), ["policy.model_name=/n"]))
@@ -335,20 +359,30 @@ def test_derived_keys_follow_their_source():
 
 
 def test_parse_args():
-    argv = ["--config", "configs/sft.py", "--config.policy.model_name=/m", "--config.sft.seed",
-            "3", "--num_processes=2", "--process_id", "1", "--coordinator_address=host:1234",
-            "--dry_run"]
+    argv = [
+        "--config",
+        "configs/sft.py",
+        "--config.policy.model_name=/m",
+        "--config.sft.seed",
+        "3",
+        "--num_processes=2",
+        "--process_id",
+        "1",
+        "--coordinator_address=host:1234",
+        "--dry_run",
+    ]
     assert parse_args(argv) == (
         "configs/sft.py",
         ["policy.model_name=/m", "sft.seed=3"],
-        {"num_processes": "2", "process_id": "1", "coordinator_address": "host:1234",
-         "dry_run": True},
+        {"num_processes": "2", "process_id": "1", "coordinator_address": "host:1234", "dry_run": True},
     )
     assert parse_args(["--config=x.yaml", "a.b=1", "++c.d=[1, 2]", "+e=null", "~f.g"]) == (
-        "x.yaml", ["a.b=1", "+c.d=[1, 2]", "+e=null", "~f.g"], {})
+        "x.yaml",
+        ["a.b=1", "+c.d=[1, 2]", "+e=null", "~f.g"],
+        {},
+    )
     assert parse_args([]) == (None, [], {})
-    for bad in (["stray"], ["--config", "a.py", "--config", "b.py"], ["--config"], ["a..b=1"],
-                ["--config.sft.seed"]):
+    for bad in (["stray"], ["--config", "a.py", "--config", "b.py"], ["--config"], ["a..b=1"], ["--config.sft.seed"]):
         with pytest.raises(ConfigError):
             parse_args(bad)
 
@@ -375,13 +409,11 @@ def test_plus_adds_unknown_keys_with_the_warning_and_tilde_removes():
     one warning (with a near valid key when there is one), not an error; a known key is set.
     `~a.b` removes a key, so it falls back to the default."""
     with pytest.warns(IgnoredKeysWarning) as record:
-        cfg = load_config(None, ["+policy.new_thing.x=3", "+sft.max_num_steps=7",
-                                 "++policy.train_micro_batch_szie=2"])
+        cfg = load_config(None, ["+policy.new_thing.x=3", "+sft.max_num_steps=7", "++policy.train_micro_batch_szie=2"])
     assert cfg.sft.max_num_steps == 7 and "new_thing" not in cfg.policy
     (message,) = [str(w.message) for w in record]
     assert "policy.new_thing (added with +)" in message
-    assert ("policy.train_micro_batch_szie (added with +; did you mean "
-            "policy.train_micro_batch_size?)") in message
+    assert ("policy.train_micro_batch_szie (added with +; did you mean policy.train_micro_batch_size?)") in message
     with pytest.raises(ConfigError, match="policy.new_thing.x=3: unknown key"):
         load_config(None, ["policy.new_thing.x=3"])
     cfg = load_config(None, ["sft.max_num_steps=7", "~sft.max_num_steps"])
@@ -391,11 +423,16 @@ def test_plus_adds_unknown_keys_with_the_warning_and_tilde_removes():
 
 
 def test_todays_nemo_rl_keys_without_meaning_here_are_named_in_the_warning():
-    keys = ["cluster.segment_size=4", "policy.sequence_packing.microbatch_order=packer",
-            "policy.dtensor_cfg.sequence_parallel=true", "policy.dynamic_batching.enabled=true",
-            "policy.dtensor_cfg.context_parallel_size=2", "policy.dtensor_cfg.cpu_offload=true",
-            "policy.dequantize_base_checkpoint=true",
-            "policy.tokenizer.video.num_frames=16"]
+    keys = [
+        "cluster.segment_size=4",
+        "policy.sequence_packing.microbatch_order=packer",
+        "policy.dtensor_cfg.sequence_parallel=true",
+        "policy.dynamic_batching.enabled=true",
+        "policy.dtensor_cfg.context_parallel_size=2",
+        "policy.dtensor_cfg.cpu_offload=true",
+        "policy.dequantize_base_checkpoint=true",
+        "policy.tokenizer.video.num_frames=16",
+    ]
     with pytest.warns(IgnoredKeysWarning) as record:
         load_config(None, keys)
     (message,) = [str(w.message) for w in record]

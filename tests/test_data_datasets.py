@@ -8,10 +8,10 @@ import datasets as hf_datasets
 import pytest
 
 from jax_sft.config import ConfigError
+from jax_sft.config.defaults import get_config
 from jax_sft.data import DATASETS, build_dataset
 from jax_sft.data.formats import OASST_SYSTEM_PROMPT, NoneFilledToolsWarning, TaskDataSpec
 from jax_sft.data.readers import PreservingDataset
-from jax_sft.config.defaults import get_config
 from jax_sft.errors import DataError
 
 
@@ -28,16 +28,24 @@ def write_jsonl(path, rows):
 
 
 def test_squad_from_local_files(tmp_path):
-    row = {"id": "1", "title": "t", "context": "Paris is in France.", "question": "Where is Paris?",
-           "answers": {"text": ["France", "in France"], "answer_start": [12, 9]}}
+    row = {
+        "id": "1",
+        "title": "t",
+        "context": "Paris is in France.",
+        "question": "Where is Paris?",
+        "answers": {"text": ["France", "in France"], "answer_start": [12, 9]},
+    }
     train = write_jsonl(tmp_path / "train.jsonl", [row, row])
     val = write_jsonl(tmp_path / "val.jsonl", [row])
     ds = build_dataset(cfg_with(dataset_name="squad", train_data_path=train, val_data_path=val))
     assert len(ds.formatted_ds["train"]) == 2 and len(ds.formatted_ds["validation"]) == 1
-    assert ds.formatted_ds["train"][0] == {"messages": [
-        {"role": "system", "content": "Paris is in France."},
-        {"role": "user", "content": "Where is Paris?"},
-        {"role": "assistant", "content": "France"}]}
+    assert ds.formatted_ds["train"][0] == {
+        "messages": [
+            {"role": "system", "content": "Paris is in France."},
+            {"role": "user", "content": "Where is Paris?"},
+            {"role": "assistant", "content": "France"},
+        ]
+    }
     assert [d.task_spec for d in ds.datasets] == [TaskDataSpec("squad")] * 2
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**row, "answers": {"text": [], "answer_start": []}}])
     with pytest.raises(DataError, match=r"bad.jsonl:1 \(squad\): 'answers.text' is empty"):
@@ -47,6 +55,7 @@ def test_squad_from_local_files(tmp_path):
 def _oasst_rows():
     def m(mid, parent, role, text):
         return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": "en"}
+
     return [
         m("r1", None, "prompter", "Hi?"),
         m("a1", "r1", "assistant", "Hello."),
@@ -67,8 +76,10 @@ def test_open_assistant_threads(tmp_path):
         [system, ("user", "Hi?"), ("assistant", "Hey.")],
     ]
     assert len(ds.formatted_ds["validation"]) == 2
-    bad = write_jsonl(tmp_path / "bad.jsonl", _oasst_rows() + [
-        {"message_id": "x", "parent_id": "a3", "role": "moderator", "text": "?", "lang": "en"}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        _oasst_rows() + [{"message_id": "x", "parent_id": "a3", "role": "moderator", "text": "?", "lang": "en"}],
+    )
     with pytest.raises(ValueError, match="message x: unknown role 'moderator'"):
         build_dataset(cfg_with(dataset_name="open_assistant", train_data_path=bad, val_data_path=train))
 
@@ -80,19 +91,40 @@ def _tree(text, role="prompter", replies=()):
 def test_open_assistant_trees_file_and_default_carve(tmp_path):
     """NeMo RL's source: the trees file (`{"prompt": tree}` per line, gzipped); every root-to-leaf path,
     one-message paths dropped, then 5% carved with seed 42."""
-    trees = [{"message_tree_id": f"t{i}", "prompt": _tree(f"q{i}", replies=[
-        _tree(f"a{i}", "assistant", [_tree(f"q{i}b", replies=[_tree(f"a{i}b", "assistant")])]),
-        _tree(f"c{i}", "assistant")])} for i in range(20)]
+    trees = [
+        {
+            "message_tree_id": f"t{i}",
+            "prompt": _tree(
+                f"q{i}",
+                replies=[
+                    _tree(f"a{i}", "assistant", [_tree(f"q{i}b", replies=[_tree(f"a{i}b", "assistant")])]),
+                    _tree(f"c{i}", "assistant"),
+                ],
+            ),
+        }
+        for i in range(20)
+    ]
     trees.append({"message_tree_id": "lonely", "prompt": _tree("alone")})
     path = tmp_path / "oasst.trees.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(t) + "\n" for t in trees)
     ds = build_dataset(cfg_with(train={"dataset_name": "open_assistant", "data_path": str(path)}))
     sys = {"role": "system", "content": OASST_SYSTEM_PROMPT}
-    every = [[sys, {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
-              {"role": "user", "content": f"q{i}b"}, {"role": "assistant", "content": f"a{i}b"}] for i in range(20)]
-    every = [c for i in range(20) for c in (every[i], [sys, {"role": "user", "content": f"q{i}"},
-                                                        {"role": "assistant", "content": f"c{i}"}])]
+    every = [
+        [
+            sys,
+            {"role": "user", "content": f"q{i}"},
+            {"role": "assistant", "content": f"a{i}"},
+            {"role": "user", "content": f"q{i}b"},
+            {"role": "assistant", "content": f"a{i}b"},
+        ]
+        for i in range(20)
+    ]
+    every = [
+        c
+        for i in range(20)
+        for c in (every[i], [sys, {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"c{i}"}])
+    ]
     index = hf_datasets.Dataset.from_dict({"i": list(range(40))}).train_test_split(test_size=0.05, seed=42)
     assert [r["messages"] for r in ds.formatted_ds["train"]] == [every[i] for i in index["train"]["i"]]
     assert [r["messages"] for r in ds.formatted_ds["validation"]] == [every[i] for i in index["test"]["i"]]
@@ -106,7 +138,8 @@ def test_openmathinstruct2_carves_a_seeded_validation_split(tmp_path):
     c.data.test_size, c.data.seed = 0.25, 7
     ds = build_dataset(c)
     expected = hf_datasets.load_dataset("json", data_files=train, split="train").train_test_split(
-        test_size=0.25, seed=7)
+        test_size=0.25, seed=7
+    )
     assert [r["messages"][0]["content"] for r in ds.formatted_ds["validation"]] == expected["test"]["problem"]
     assert len(ds.formatted_ds["train"]) == 30
     first = ds.formatted_ds["train"][0]["messages"]
@@ -122,12 +155,18 @@ def test_response_dataset_keys_and_parquet(tmp_path):
     rows = [{"question": "2+2", "answer": "4"}, {"question": "3+3", "answer": "6"}]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     hf_datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "val.parquet"))
-    c = cfg_with(dataset_name="ResponseDataset", train_data_path=train, val_data_path=str(tmp_path / "val.parquet"),
-                 input_key="question", output_key="answer")
+    c = cfg_with(
+        dataset_name="ResponseDataset",
+        train_data_path=train,
+        val_data_path=str(tmp_path / "val.parquet"),
+        input_key="question",
+        output_key="answer",
+    )
     ds = build_dataset(c)
     for split in ("train", "validation"):
-        assert ds.formatted_ds[split][1] == {"messages": [{"role": "user", "content": "3+3"},
-                                                          {"role": "assistant", "content": "6"}]}
+        assert ds.formatted_ds[split][1] == {
+            "messages": [{"role": "user", "content": "3+3"}, {"role": "assistant", "content": "6"}]
+        }
     c.data.output_key = "output"
     with pytest.raises(KeyError, match=r"train.jsonl.*no column 'output'; the columns are \['question', 'answer'\]"):
         build_dataset(c)
@@ -143,35 +182,61 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"train.jsonl:3: malformed JSON line"):
         build_dataset(cfg_with(dataset_name="ResponseDataset", train_data_path=str(path), val_data_path=str(path)))
     with pytest.raises(ValueError, match=r"train.jsonl:3: malformed JSON line"):
-        build_dataset(cfg_with(dataset_name="openai_format", train_data_path=str(path), val_data_path=str(path),
-                               use_preserving_dataset=True))
+        build_dataset(
+            cfg_with(
+                dataset_name="openai_format",
+                train_data_path=str(path),
+                val_data_path=str(path),
+                use_preserving_dataset=True,
+            )
+        )
 
 
 def _tool_rows():
     """Two tools whose arguments have different keys."""
+
     def row(name, args, props):
-        return {"messages": [
-            {"role": "user", "content": f"use {name}"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": name, "arguments": args}}]},
-            {"role": "tool", "content": "ok"},
-            {"role": "assistant", "content": "done"}],
-            "tools": [{"type": "function", "function": {"name": name, "parameters": {
-                "type": "object", "properties": props}}}]}
-    return [row("search", {"query": "jax"}, {"query": {"type": "string"}}),
-            row("calc", {"expression": "2+2", "precision": 2},
-                {"expression": {"type": "string"}, "precision": {"type": "integer"}})]
+        return {
+            "messages": [
+                {"role": "user", "content": f"use {name}"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}],
+                },
+                {"role": "tool", "content": "ok"},
+                {"role": "assistant", "content": "done"},
+            ],
+            "tools": [
+                {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props}}}
+            ],
+        }
+
+    return [
+        row("search", {"query": "jax"}, {"query": {"type": "string"}}),
+        row(
+            "calc",
+            {"expression": "2+2", "precision": 2},
+            {"expression": {"type": "string"}, "precision": {"type": "integer"}},
+        ),
+    ]
 
 
 def _arguments(ds):
-    return [next(m for m in row["messages"] if m.get("tool_calls"))["tool_calls"][0]["function"]["arguments"]
-            for row in ds]
+    return [
+        next(m for m in row["messages"] if m.get("tool_calls"))["tool_calls"][0]["function"]["arguments"] for row in ds
+    ]
 
 
 def test_openai_format_preserving_keeps_each_tools_own_keys(tmp_path):
     path = write_jsonl(tmp_path / "tools.jsonl", _tool_rows())
-    c = cfg_with(dataset_name="openai_format", train_data_path=path, val_data_path=path, use_preserving_dataset=True,
-                 system_prompt="You use tools.")
+    c = cfg_with(
+        dataset_name="openai_format",
+        train_data_path=path,
+        val_data_path=path,
+        use_preserving_dataset=True,
+        system_prompt="You use tools.",
+    )
     ds = build_dataset(c)
     train = ds.formatted_ds["train"]
     assert isinstance(train, PreservingDataset)
@@ -190,8 +255,9 @@ def test_openai_format_arrow_path_vs_preserving(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         arrow_json = build_dataset(c).formatted_ds["train"]
-    filled = not all(a == r["messages"][1]["tool_calls"][0]["function"]["arguments"]
-                     for a, r in zip(_arguments(arrow_json), rows))
+    filled = not all(
+        a == r["messages"][1]["tool_calls"][0]["function"]["arguments"] for a, r in zip(_arguments(arrow_json), rows)
+    )
     assert filled == any(issubclass(w.category, NoneFilledToolsWarning) for w in caught)
     assert filled == (int(hf_datasets.__version__.split(".")[0]) < 5)
 
@@ -199,8 +265,10 @@ def test_openai_format_arrow_path_vs_preserving(tmp_path):
     c.data.train_data_path = c.data.val_data_path = str(tmp_path / "tools.parquet")
     with pytest.warns(NoneFilledToolsWarning, match="use_preserving_dataset=true"):
         arrow_parquet = build_dataset(c).formatted_ds["train"]
-    assert _arguments(arrow_parquet) == [{"query": "jax", "expression": None, "precision": None},
-                                        {"query": None, "expression": "2+2", "precision": 2}]
+    assert _arguments(arrow_parquet) == [
+        {"query": "jax", "expression": None, "precision": None},
+        {"query": None, "expression": "2+2", "precision": 2},
+    ]
 
 
 def test_openai_format_last_message_must_be_assistant(tmp_path):
@@ -209,8 +277,9 @@ def test_openai_format_last_message_must_be_assistant(tmp_path):
     path = write_jsonl(tmp_path / "tools.jsonl", rows)
     for preserving in (True, False):  # both name the 1-based line
         where = "tools.jsonl:2"
-        c = cfg_with(dataset_name="openai_format", train_data_path=path, val_data_path=path,
-                     use_preserving_dataset=preserving)
+        c = cfg_with(
+            dataset_name="openai_format", train_data_path=path, val_data_path=path, use_preserving_dataset=preserving
+        )
         with pytest.raises(ValueError, match=f"{where}: the last message must be the assistant's.*'tool'"):
             build_dataset(c)
 
@@ -218,8 +287,14 @@ def test_openai_format_last_message_must_be_assistant(tmp_path):
 def test_openai_format_system_key_and_missing_chat_key(tmp_path):
     rows = [{"conv": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "sys": "S"}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
-    c = cfg_with(dataset_name="openai_format", train_data_path=path, val_data_path=path, chat_key="conv",
-                 system_key="sys", use_preserving_dataset=True)
+    c = cfg_with(
+        dataset_name="openai_format",
+        train_data_path=path,
+        val_data_path=path,
+        chat_key="conv",
+        system_key="sys",
+        use_preserving_dataset=True,
+    )
     assert build_dataset(c).formatted_ds["train"][0]["messages"][0] == {"role": "system", "content": "S"}
     c.data.chat_key = "messages"
     with pytest.raises(DataError, match=r"c.jsonl:1: missing key 'messages' \(chat_key\)"):
@@ -227,14 +302,30 @@ def test_openai_format_system_key_and_missing_chat_key(tmp_path):
 
 
 def test_unknown_dataset_name_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match="'nope' is neither a registered dataset nor an importable class.*"
-                                          r"\(supported: squad, open_assistant, OpenMathInstruct-2, "):
+    with pytest.raises(
+        ConfigError,
+        match="'nope' is neither a registered dataset nor an importable class.*"
+        r"\(supported: squad, open_assistant, OpenMathInstruct-2, ",
+    ):
         build_dataset(cfg_with(dataset_name="nope"))
     with pytest.raises(ConfigError, match="neither a registered dataset"):
         build_dataset(cfg_with(train={"dataset_name": "no_such_module.Data"}))
-    assert set(DATASETS) >= {"squad", "open_assistant", "OpenMathInstruct-2", "NuminaMath-1.5", "OpenR1-Math-220k",
-                             "tulu3_sft_mixture", "Nemotron-Cascade-2-SFT-Math", "general-conversation-jsonl",
-                             "arrow_text", "GSM8K", "gsm8k", "DeepScaler", "openai_format", "ResponseDataset"}
+    assert set(DATASETS) >= {
+        "squad",
+        "open_assistant",
+        "OpenMathInstruct-2",
+        "NuminaMath-1.5",
+        "OpenR1-Math-220k",
+        "tulu3_sft_mixture",
+        "Nemotron-Cascade-2-SFT-Math",
+        "general-conversation-jsonl",
+        "arrow_text",
+        "GSM8K",
+        "gsm8k",
+        "DeepScaler",
+        "openai_format",
+        "ResponseDataset",
+    }
 
 
 def test_user_dataset_class_by_dotted_path(tmp_path, monkeypatch):
@@ -248,7 +339,8 @@ def test_user_dataset_class_by_dotted_path(tmp_path, monkeypatch):
         "        self.task_spec = TaskDataSpec('mine')\n"
         "class NoSpec:\n"
         "    def __init__(self, data_cfg):\n"
-        "        self.formatted_ds = {'train': []}\n")
+        "        self.formatted_ds = {'train': []}\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     c = cfg_with(dataset_name="my_data:Mine")
     c.data.greeting = "hello"
@@ -265,16 +357,21 @@ def test_none_filled_arguments_change_what_the_model_is_trained_to_emit(tmp_path
     from jax_sft.data.chat import ConversationEncoder
 
     tok = AutoTokenizer.from_pretrained(fixture_tokenizer_path("qwen3"))
-    encoder = ConversationEncoder(tok, add_bos=True, add_eos=True, add_generation_prompt=True,
-                                  only_unmask_final=False)
+    encoder = ConversationEncoder(tok, add_bos=True, add_eos=True, add_generation_prompt=True, only_unmask_final=False)
     rows = _tool_rows()
     path = write_jsonl(tmp_path / "tools.jsonl", rows)
     hf_datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "tools.parquet"))
-    preserved = build_dataset(cfg_with(dataset_name="openai_format", train_data_path=path, val_data_path=path,
-                                       use_preserving_dataset=True)).formatted_ds["train"]
+    preserved = build_dataset(
+        cfg_with(dataset_name="openai_format", train_data_path=path, val_data_path=path, use_preserving_dataset=True)
+    ).formatted_ds["train"]
     with pytest.warns(NoneFilledToolsWarning):
-        filled = build_dataset(cfg_with(dataset_name="openai_format", train_data_path=str(tmp_path / "tools.parquet"),
-                                        val_data_path=str(tmp_path / "tools.parquet"))).formatted_ds["train"]
+        filled = build_dataset(
+            cfg_with(
+                dataset_name="openai_format",
+                train_data_path=str(tmp_path / "tools.parquet"),
+                val_data_path=str(tmp_path / "tools.parquet"),
+            )
+        ).formatted_ds["train"]
     good, bad = (encoder.encode([ds[0]], ["row 0"])[0].text for ds in (preserved, filled))
     assert '"arguments": {"query": "jax"}}' in good
     assert '"arguments": {"query": "jax", "expression": null, "precision": null}}' in bad

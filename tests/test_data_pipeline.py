@@ -9,16 +9,19 @@ import textwrap
 import numpy as np
 import pytest
 
-from jax_sft.config import load_config
+from jax_sft.config import load_config, make_plan
 from jax_sft.data import ARRAY_KEYS, SFTData, load_tokenizer, pad_micro_batches
-from jax_sft.config import make_plan
 from jax_sft.data.batches import pack, process_dp_ranks
 from jax_sft.errors import DataError
 
 
 def conversation(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"question {i} " + "word " * (i % 9)},
-                         {"role": "assistant", "content": f"answer {i} " + "x " * (i * 3 % 17)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"question {i} " + "word " * (i % 9)},
+            {"role": "assistant", "content": f"answer {i} " + "x " * (i * 3 % 17)},
+        ]
+    }
 
 
 def write_jsonl(path, rows):
@@ -28,25 +31,38 @@ def write_jsonl(path, rows):
 
 @pytest.fixture
 def files(tmp_path):
-    return (write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(30)]),
-            write_jsonl(tmp_path / "val.jsonl", [conversation(100 + i) for i in range(7)]))
+    return (
+        write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(30)]),
+        write_jsonl(tmp_path / "val.jsonl", [conversation(100 + i) for i in range(7)]),
+    )
 
 
 def overrides(qwen_path, train, val, **kw):
-    base = {"policy.tokenizer.name": str(qwen_path), "policy.tokenizer.chat_template": "default",
-            "data.dataset_name": "openai_format", "data.use_preserving_dataset": True,
-            "data.train_data_path": train, "data.val_data_path": val,
-            "policy.max_total_sequence_length": 64, "policy.train_global_batch_size": 8,
-            "policy.train_micro_batch_size": 2, "sft.val_global_batch_size": 4, "sft.val_micro_batch_size": 2,
-            "data.overlength": "truncate"}
+    base = {
+        "policy.tokenizer.name": str(qwen_path),
+        "policy.tokenizer.chat_template": "default",
+        "data.dataset_name": "openai_format",
+        "data.use_preserving_dataset": True,
+        "data.train_data_path": train,
+        "data.val_data_path": val,
+        "policy.max_total_sequence_length": 64,
+        "policy.train_global_batch_size": 8,
+        "policy.train_micro_batch_size": 2,
+        "sft.val_global_batch_size": 4,
+        "sft.val_micro_batch_size": 2,
+        "data.overlength": "truncate",
+    }
     base.update(kw)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
 
 
 def build(fixture_tokenizer_path, files, dp_size=1, process_index=0, process_count=1, **kw):
     cfg = load_config(None, overrides(fixture_tokenizer_path("qwen3"), *files, **kw))
-    return SFTData(make_plan(cfg, devices=dp_size).data, load_tokenizer(cfg),
-                   dp_ranks=process_dp_ranks(dp_size, process_index, process_count))
+    return SFTData(
+        make_plan(cfg, devices=dp_size).data,
+        load_tokenizer(cfg),
+        dp_ranks=process_dp_ranks(dp_size, process_index, process_count),
+    )
 
 
 def segments(mb: dict, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -81,7 +97,7 @@ def test_padded_batches(fixture_tokenizer_path, files):
         assert all(a.shape == (2, 64) and a.dtype == np.int32 for a in mb.values())
         check_padding(mb, data.layout.pad_id)
         for r in range(2):
-            (ids, loss), = segments(mb, r)
+            ((ids, loss),) = segments(mb, r)
             seen.append((ids, loss))
     assert len(seen) == 8 and step.indices.shape == (8,)
     for (ids, loss), index in zip(seen, step.indices):
@@ -146,8 +162,11 @@ def test_batches_do_not_depend_on_the_number_of_processes(fixture_tokenizer_path
 
 
 def test_packing(fixture_tokenizer_path, files):
-    data = build(fixture_tokenizer_path, files, **{"policy.sequence_packing.enabled": True,
-                                                   "policy.sequence_packing.train_mb_tokens": 128})
+    data = build(
+        fixture_tokenizer_path,
+        files,
+        **{"policy.sequence_packing.enabled": True, "policy.sequence_packing.train_mb_tokens": 128},
+    )
     it = data.train_iterator()
     for _ in range(data.steps_per_epoch):
         step = next(it)
@@ -158,8 +177,9 @@ def test_packing(fixture_tokenizer_path, files):
             for r in range(2):
                 packed += segments(mb, r)
         assert len(packed) == 8
-        cached = {int(i): data.train_split.example(int(np.flatnonzero(data.train_split.source == i)[0]))
-                  for i in step.indices}
+        cached = {
+            int(i): data.train_split.example(int(np.flatnonzero(data.train_split.source == i)[0])) for i in step.indices
+        }
         assert sorted(len(p[0]) for p in packed) == sorted(len(c[0]) for c in cached.values())
         for ids, loss in packed:
             match = [c for c in cached.values() if np.array_equal(c[0], ids)]
@@ -251,15 +271,23 @@ def test_validation_batches(fixture_tokenizer_path, files):
 
 
 def test_layout_errors(fixture_tokenizer_path, files):
-    with pytest.raises(ValueError, match="train_global_batch_size=8 is not divisible by micro batch 2 x data-parallel size 3"):
+    with pytest.raises(
+        ValueError, match="train_global_batch_size=8 is not divisible by micro batch 2 x data-parallel size 3"
+    ):
         build(fixture_tokenizer_path, files, dp_size=3)
     # Rows are max_total_sequence_length rounded up to make_sequence_length_divisible_by: 64 -> 96.
     data = build(fixture_tokenizer_path, files, **{"policy.make_sequence_length_divisible_by": 48})
     assert next(data.train_iterator()).micro_batches[0]["input_ids"].shape == (2, 96)
     with pytest.raises(ValueError, match="train_mb_tokens=64 is less than one row of 96"):
-        build(fixture_tokenizer_path, files, **{"policy.sequence_packing.enabled": True,
-                                                "policy.sequence_packing.train_mb_tokens": 64,
-                                                "policy.make_sequence_length_divisible_by": 48})
+        build(
+            fixture_tokenizer_path,
+            files,
+            **{
+                "policy.sequence_packing.enabled": True,
+                "policy.sequence_packing.train_mb_tokens": 64,
+                "policy.make_sequence_length_divisible_by": 48,
+            },
+        )
 
 
 def test_pad_micro_batches(fixture_tokenizer_path, files):
@@ -280,8 +308,7 @@ def test_workers_give_the_same_cache_and_name_bad_examples(fixture_tokenizer_pat
     rows[21]["messages"][0]["role"] = "narrator"
     train = write_jsonl(tmp_path / "t.jsonl", rows)
     with pytest.raises(ValueError, match=r"t.jsonl:22 \(train\): message 0: unknown role 'narrator'"):
-        build(fixture_tokenizer_path, (train, files[1]), **{"data.num_workers": 1,
-                                                            "data.use_preserving_dataset": True})
+        build(fixture_tokenizer_path, (train, files[1]), **{"data.num_workers": 1, "data.use_preserving_dataset": True})
 
 
 _RESUME = textwrap.dedent("""
@@ -316,14 +343,23 @@ def test_resume_in_a_new_process_across_an_epoch_boundary(fixture_tokenizer_path
     expected = [next(it) for _ in range(n)]
     assert [s.epoch for s in expected] == [0, 1, 1, 1]
     out = tmp_path / "resumed.npz"
-    cmd = [sys.executable, "-c", _RESUME, json.dumps(overrides(fixture_tokenizer_path("qwen3"), *files, **kw)),
-           json.dumps(state), str(n), str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        _RESUME,
+        json.dumps(overrides(fixture_tokenizer_path("qwen3"), *files, **kw)),
+        json.dumps(state),
+        str(n),
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     got = np.load(out)
     for s, step in enumerate(expected):
         assert int(got[f"{s}/epoch"]) == step.epoch
-        assert len([key for key in got.files if key.startswith(f"{s}/") and key.endswith("/input_ids")]) == \
-            step.num_micro_batches
+        assert (
+            len([key for key in got.files if key.startswith(f"{s}/") and key.endswith("/input_ids")])
+            == step.num_micro_batches
+        )
         for m, mb in enumerate(step.micro_batches):
             for key, value in mb.items():
                 np.testing.assert_array_equal(got[f"{s}/{m}/{key}"], value)
@@ -333,8 +369,12 @@ def test_resume_in_a_new_process_across_an_epoch_boundary(fixture_tokenizer_path
         other.set_state(state)
 
 
-_NO_FLAT = {"data.dataset_name": "squad", "data.use_preserving_dataset": False, "data.train_data_path": None,
-            "data.val_data_path": None}
+_NO_FLAT = {
+    "data.dataset_name": "squad",
+    "data.use_preserving_dataset": False,
+    "data.train_data_path": None,
+    "data.val_data_path": None,
+}
 
 
 @pytest.mark.parametrize("case", ["openai_format", "openmathinstruct2"])
@@ -344,21 +384,43 @@ def test_flat_and_today_layouts_give_identical_batches(fixture_tokenizer_path, f
     train, val = files
     if case == "openai_format":
         flat = {}
-        today = {**_NO_FLAT, "data.train": {"dataset_name": "openai_format", "data_path": train},
-                 "data.validation": {"dataset_name": "openai_format", "data_path": val},
-                 "data.default": {"use_preserving_dataset": True}}
+        today = {
+            **_NO_FLAT,
+            "data.train": {"dataset_name": "openai_format", "data_path": train},
+            "data.validation": {"dataset_name": "openai_format", "data_path": val},
+            "data.default": {"use_preserving_dataset": True},
+        }
     else:  # a validation split carved from train, and a prompt file
-        rows = [{"problem": f"problem {i} " + "w " * (i % 7), "generated_solution": f"solution {i}",
-                 "expected_answer": str(i)} for i in range(40)]
+        rows = [
+            {
+                "problem": f"problem {i} " + "w " * (i % 7),
+                "generated_solution": f"solution {i}",
+                "expected_answer": str(i),
+            }
+            for i in range(40)
+        ]
         path = write_jsonl(tmp_path / "omi2.jsonl", rows)
         (tmp_path / "math.txt").write_text("Solve: {}")
-        flat = {**_NO_FLAT, "data.dataset_name": "openmathinstruct2", "data.train_data_path": path,
-                "data.test_size": 0.2, "data.seed": 3, "data.prompt_file": str(tmp_path / "math.txt")}
-        today = {**_NO_FLAT, "data.train": {"dataset_name": "OpenMathInstruct-2", "data_path": path,
-                                            "output_key": "generated_solution", "split_validation_size": 0.2,
-                                            "seed": 3},
-                 "data.validation": None,
-                 "data.default": {"prompt_file": str(tmp_path / "math.txt"), "processor": "sft_processor"}}
+        flat = {
+            **_NO_FLAT,
+            "data.dataset_name": "openmathinstruct2",
+            "data.train_data_path": path,
+            "data.test_size": 0.2,
+            "data.seed": 3,
+            "data.prompt_file": str(tmp_path / "math.txt"),
+        }
+        today = {
+            **_NO_FLAT,
+            "data.train": {
+                "dataset_name": "OpenMathInstruct-2",
+                "data_path": path,
+                "output_key": "generated_solution",
+                "split_validation_size": 0.2,
+                "seed": 3,
+            },
+            "data.validation": None,
+            "data.default": {"prompt_file": str(tmp_path / "math.txt"), "processor": "sft_processor"},
+        }
     a = build(fixture_tokenizer_path, files, **flat)
     b = build(fixture_tokenizer_path, files, **today)
     if case != "openai_format":
@@ -385,8 +447,12 @@ def test_flat_and_today_layouts_give_identical_batches(fixture_tokenizer_path, f
 
 def test_no_validation_data(fixture_tokenizer_path, files):
     """validation: null and nothing carved: no validation batches; NeMo RL requires sft.val_period <= 0 then."""
-    today = {**_NO_FLAT, "data.train": {"dataset_name": "openai_format", "data_path": files[0]},
-             "data.validation": None, "data.default": {"use_preserving_dataset": True}}
+    today = {
+        **_NO_FLAT,
+        "data.train": {"dataset_name": "openai_format", "data_path": files[0]},
+        "data.validation": None,
+        "data.default": {"use_preserving_dataset": True},
+    }
     data = build(fixture_tokenizer_path, files, **today, **{"sft.val_period": 0})
     assert (data.num_val_examples, data.num_val_batches, list(data.val_batches())) == (0, 0, [])
     assert data.steps_per_epoch == 30 // 8
@@ -412,8 +478,9 @@ def test_lazy_gives_the_same_batches_as_upfront(fixture_tokenizer_path, files, p
     kw = {"policy.sequence_packing.enabled": packing, "policy.sequence_packing.train_mb_tokens": 128}
     for dp_size, process_index, process_count in ((1, 0, 1), (2, 1, 2)):
         up = build(fixture_tokenizer_path, files, dp_size, process_index, process_count, **kw)
-        lazy = build(fixture_tokenizer_path, files, dp_size, process_index, process_count,
-                     **kw, **{"data.tokenize": "lazy"})
+        lazy = build(
+            fixture_tokenizer_path, files, dp_size, process_index, process_count, **kw, **{"data.tokenize": "lazy"}
+        )
         assert lazy.steps_per_epoch == up.steps_per_epoch == 3
         _assert_same_steps(up.train_iterator(), lazy.train_iterator(), 2 * up.steps_per_epoch + 1)
         for p, q in zip(up.val_batches(), lazy.val_batches(), strict=True):

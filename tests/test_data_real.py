@@ -16,25 +16,36 @@ from jax_sft.data.readers import read_json_records
 from jax_sft.errors import DataError
 from jax_sft.inspect_data import main as inspect_main
 
-TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 PLAIN = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
-TOOL_ROW = {"messages": [
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [CALL]},
-    {"role": "tool", "content": "22C, sunny"},
-    {"role": "assistant", "content": "It is 22C and sunny."}], "tools": [TOOL]}
+TOOL_ROW = {
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "content": "22C, sunny"},
+        {"role": "assistant", "content": "It is 22C and sunny."},
+    ],
+    "tools": [TOOL],
+}
 # DeepSeek-V3's rule, in a template of our own: tool calls are rendered only when content is none.
 CALLS_IF_NONE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<U>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' and m['content'] is none %}<A><calls>{% for t in m['tool_calls'] %}"
     "{{ t['function']['name'] }}({{ t['function']['arguments'] | tojson }}){% endfor %}</calls><|im_end|>"
     "{% elif m['role'] == 'assistant' %}<A>{{ m['content'] }}<|im_end|>"
-    "{% elif m['role'] == 'tool' %}<T>{{ m['content'] }}{% endif %}{% endfor %}")
-PARTS_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{{ p['text'] }}|{% endfor %}"
-                  "{% endfor %}")
+    "{% elif m['role'] == 'tool' %}<T>{{ m['content'] }}{% endif %}{% endfor %}"
+)
+PARTS_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{{ p['text'] }}|{% endfor %}{% endfor %}"
+)
 
 
 def tokenizer(fixture_tokenizer_path, name, template=None):
@@ -45,8 +56,9 @@ def tokenizer(fixture_tokenizer_path, name, template=None):
 
 
 def encoder(tok, **kw):
-    return ConversationEncoder(tok, add_bos=kw.get("bos", False), add_eos=False, add_generation_prompt=False,
-                               only_unmask_final=False)
+    return ConversationEncoder(
+        tok, add_bos=kw.get("bos", False), add_eos=False, add_generation_prompt=False, only_unmask_final=False
+    )
 
 
 def write_jsonl(path, rows, raw: bytes = b""):
@@ -92,12 +104,14 @@ def test_tool_call_with_null_content_renders_as_the_template_does(tmp_path, fixt
     assert enc.null_content
     row = OpenAIFormatDataset.load(write_jsonl(tmp_path / "c.jsonl", [TOOL_ROW]), {}, "data_path")[0]
     e = enc.encode([row], ["row"])[0]
-    expected = render_jinja_template(conversations=[TOOL_ROW["messages"]], chat_template=CALLS_IF_NONE,
-                                     **tok.special_tokens_map)[0][0]
+    expected = render_jinja_template(
+        conversations=[TOOL_ROW["messages"]], chat_template=CALLS_IF_NONE, **tok.special_tokens_map
+    )[0][0]
     assert e.text == expected and '<calls>get_weather({"city": "Paris"})</calls>' in e.text
     # Headers are trained (add_generation_prompt=false); "?<" is one token that overlaps the span.
-    assert loss_text(tok, e) == ('?<A><calls>get_weather({"city": "Paris"})</calls><|im_end|>'
-                                 '<A>It is 22C and sunny.<|im_end|>')
+    assert loss_text(tok, e) == (
+        '?<A><calls>get_weather({"city": "Paris"})</calls><|im_end|><A>It is 22C and sunny.<|im_end|>'
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3_1"])
@@ -119,15 +133,27 @@ def test_text_parts_are_joined(fixture_tokenizer_path, name):
     tok = tokenizer(fixture_tokenizer_path, name)
     enc = encoder(tok)
     assert not enc.content_parts
-    parts = {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+        ]
+    }
     joined = {"messages": [{"role": "user", "content": "Hello\nworld"}, {"role": "assistant", "content": "Hi\nthere"}]}
     a, b = enc.encode([parts, joined], ["a", "b"])
     assert a.ids.tolist() == b.ids.tolist() and a.loss.tolist() == b.loss.tolist() and a.loss.any()
-    bad = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]},
-        {"role": "assistant", "content": "A cat."}]}
+    bad = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "x.png"}},
+                ],
+            },
+            {"role": "assistant", "content": "A cat."},
+        ]
+    }
     with pytest.raises(DataError, match=r"row 7: message 0 \(user\): content part 1 is of type 'image_url'"):
         enc.encode([bad], ["row 7"])
 
@@ -136,8 +162,17 @@ def test_a_template_that_iterates_over_parts_gets_them(fixture_tokenizer_path):
     enc = encoder(tokenizer(fixture_tokenizer_path, "qwen3", PARTS_TEMPLATE))
     assert enc.content_parts
     user = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    e = enc.encode([{"messages": [{"role": "user", "content": user},
-                                  {"role": "assistant", "content": [{"type": "text", "text": "c"}]}]}], ["r"])[0]
+    e = enc.encode(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": [{"type": "text", "text": "c"}]},
+                ]
+            }
+        ],
+        ["r"],
+    )[0]
     assert e.text == "<user>a|b|<assistant>c|"
 
 
@@ -177,8 +212,12 @@ def test_places_of_carved_rows_are_their_lines(tmp_path):
             lines.append("")
     path = tmp_path / "conv.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    section = {"dataset_name": "general-conversation-jsonl", "data_path": str(path), "split_validation_size": 0.25,
-               "seed": 3}
+    section = {
+        "dataset_name": "general-conversation-jsonl",
+        "data_path": str(path),
+        "split_validation_size": 0.25,
+        "seed": 3,
+    }
     cfg = load_config(None, [f"data.train={json.dumps(section)}", "data.validation=null"])
     ds = build_dataset(cfg)
     text = path.read_text().split("\n")
@@ -194,9 +233,17 @@ def test_places_of_carved_rows_are_their_lines(tmp_path):
 def test_inspect_data_prints_good_rows_and_reports_bad_ones(tmp_path, fixture_tokenizer_path, capsys):
     bad = {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}
     path = write_jsonl(tmp_path / "chat.jsonl", [PLAIN, bad, TOOL_ROW])
-    args = [f"policy.tokenizer.name={fixture_tokenizer_path('qwen3')}", "policy.tokenizer.chat_template=default",
-            "data.dataset_name=openai_format", f"data.train_data_path={path}", f"data.val_data_path={path}",
-            "--num", "3", "--color", "never"]
+    args = [
+        f"policy.tokenizer.name={fixture_tokenizer_path('qwen3')}",
+        "policy.tokenizer.chat_template=default",
+        "data.dataset_name=openai_format",
+        f"data.train_data_path={path}",
+        f"data.val_data_path={path}",
+        "--num",
+        "3",
+        "--color",
+        "never",
+    ]
     with pytest.raises(SystemExit) as exit_:
         inspect_main(args)
     out, err = capsys.readouterr()
@@ -232,13 +279,22 @@ def test_the_newline_after_the_end_of_turn_token_is_not_trained(fixture_tokenize
 
 def test_validate_data_reports_every_bad_row_with_its_line(tmp_path, fixture_tokenizer_path, capsys):
     bad = {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}
-    parts = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
-                          {"role": "assistant", "content": "y"}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+            {"role": "assistant", "content": "y"},
+        ]
+    }
     train = write_jsonl(tmp_path / "train.jsonl", [PLAIN, bad, PLAIN, parts])
     val = write_jsonl(tmp_path / "val.jsonl", [PLAIN])
-    args = [f"policy.tokenizer.name={fixture_tokenizer_path('qwen3')}", "policy.tokenizer.chat_template=default",
-            "data.dataset_name=openai_format", f"data.train_data_path={train}", f"data.val_data_path={val}",
-            "--validate_data"]
+    args = [
+        f"policy.tokenizer.name={fixture_tokenizer_path('qwen3')}",
+        "policy.tokenizer.chat_template=default",
+        "data.dataset_name=openai_format",
+        f"data.train_data_path={train}",
+        f"data.val_data_path={val}",
+        "--validate_data",
+    ]
     with pytest.raises(SystemExit) as exit_:
         inspect_main(args)
     err = capsys.readouterr().err

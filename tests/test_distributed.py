@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from tiny_run import make_tiny_run_assets
 
 from jax_sft import config as config_lib
 from jax_sft import distributed, train
-from tiny_run import make_tiny_run_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -66,8 +66,11 @@ def overrides(assets: Path, run: Path, **extra) -> list[str]:
         "cluster.gpus_per_node": 2,
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
-    return ["--config", str(ROOT / "configs" / "quickstart.py"),
-            *(f"{k}={'null' if v is None else v}" for k, v in base.items())]
+    return [
+        "--config",
+        str(ROOT / "configs" / "quickstart.py"),
+        *(f"{k}={'null' if v is None else v}" for k, v in base.items()),
+    ]
 
 
 def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
@@ -82,14 +85,37 @@ class Launch:
     """`python -m jax_sft.launch_local` in the background; its `[launch_local]` lines are
     recorded with the time they arrived (pids, exit codes)."""
 
-    def __init__(self, args: list[str], log_dir: Path, *, processes: int = 2, devices: int = 2,
-                 module: str = "jax_sft.train", env: dict | None = None):
-        cmd = [sys.executable, "-m", "jax_sft.launch_local", f"--num_processes={processes}",
-               f"--devices_per_process={devices}", f"--log_dir={log_dir}", f"--module={module}", "--", *args]
+    def __init__(
+        self,
+        args: list[str],
+        log_dir: Path,
+        *,
+        processes: int = 2,
+        devices: int = 2,
+        module: str = "jax_sft.train",
+        env: dict | None = None,
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "jax_sft.launch_local",
+            f"--num_processes={processes}",
+            f"--devices_per_process={devices}",
+            f"--log_dir={log_dir}",
+            f"--module={module}",
+            "--",
+            *args,
+        ]
         self.log_dir = log_dir
         self.lines: list[tuple[float, str]] = []
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -125,8 +151,11 @@ class Launch:
         return (self.log_dir / f"process_{i}.log").read_text(errors="replace")
 
     def output(self) -> str:
-        tails = [f"--- process {i} ---\n{self.log(i)[-3000:]}" for i in range(2)
-                 if (self.log_dir / f"process_{i}.log").exists()]
+        tails = [
+            f"--- process {i} ---\n{self.log(i)[-3000:]}"
+            for i in range(2)
+            if (self.log_dir / f"process_{i}.log").exists()
+        ]
         return "\n".join([line for _, line in self.lines] + tails)
 
 
@@ -147,8 +176,7 @@ def saved_steps(ckpt: Path) -> list[int]:
 def reference(assets, tmp_path_factory) -> Path:
     """An uninterrupted 2 processes x 2 devices run (with validation and the HF export)."""
     run = tmp_path_factory.mktemp("two_by_two")
-    args = overrides(assets, run, sft__val_period=5, sft__val_at_start=True,
-                     checkpointing__hf_export_dir=run / "hf")
+    args = overrides(assets, run, sft__val_period=5, sft__val_at_start=True, checkpointing__hf_export_dir=run / "hf")
     launch = Launch(args, run / "processes")
     assert launch.wait() == 0, launch.output()
     return run
@@ -158,9 +186,18 @@ def reference(assets, tmp_path_factory) -> Path:
 
 
 def test_two_processes_match_one_process_with_four_devices(assets, reference, tmp_path):
-    cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), overrides(
-        assets, tmp_path, sft__val_period=5, sft__val_at_start=True, cluster__num_nodes=1,
-        cluster__gpus_per_node=4, checkpointing__hf_export_dir=tmp_path / "hf")[2:])
+    cfg = config_lib.load_config(
+        str(ROOT / "configs" / "quickstart.py"),
+        overrides(
+            assets,
+            tmp_path,
+            sft__val_period=5,
+            sft__val_at_start=True,
+            cluster__num_nodes=1,
+            cluster__gpus_per_node=4,
+            checkpointing__hf_export_dir=tmp_path / "hf",
+        )[2:],
+    )
     one = train.run(cfg)
     [two_dir] = run_dirs(reference)  # process 1 created no run folder of its own
     two = losses(two_dir)
@@ -172,8 +209,9 @@ def test_two_processes_match_one_process_with_four_devices(assets, reference, tm
     for s in sorted(two_val):
         print(f"val {s:>2}  {one.val_losses[s]:.7f}             {two_val[s]:.7f}")
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one.train_losses[s] for s in sorted(two)], rtol=1e-4)
-    np.testing.assert_allclose([two_val[s] for s in sorted(two_val)], [one.val_losses[s] for s in sorted(two_val)],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        [two_val[s] for s in sorted(two_val)], [one.val_losses[s] for s in sorted(two_val)], rtol=1e-4
+    )
     assert sorted(two_val) == [0, 5, 10]
     # Token counts are summed over processes, not extrapolated from process 0's share.
     one_toks = losses(one.run_dir, "train/global_valid_toks")
@@ -188,7 +226,9 @@ def test_two_processes_match_one_process_with_four_devices(assets, reference, tm
     # Each process stored its own data-iterator state in every checkpoint.
     assert saved_steps(reference / "ckpt")[-1] == STEPS
     assert sorted(p.name for p in (reference / "ckpt" / "step_10" / "data").glob("*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
 
 def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(assets, reference, tmp_path):
@@ -206,15 +246,19 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(assets, 
     assert max(losses(run_dirs(tmp_path)[0])) == stopped  # saved the step it stopped after
     assert f"SIGTERM received by process 1 of 2; saved step_{stopped}" in launch.log(0)
     assert sorted(p.name for p in (ckpt / f"step_{stopped}" / "data").glob("*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
     again = Launch(args, tmp_path / "second")
     assert again.wait() == 0, again.output()
     assert f"resumed from {ckpt / f'step_{stopped}'}" in again.log(0)
     resumed, straight = losses(run_dirs(tmp_path)[-1]), losses(run_dirs(reference)[0])
     assert sorted(resumed) == list(range(stopped + 1, STEPS + 1))
-    print(f"\nSIGTERM to process 1 after step_4 was saved: both stopped after step {stopped}, exit code "
-          f"{rc0}, {max(t0, t1) - sent:.1f} s after the signal\nstep  uninterrupted  resumed")
+    print(
+        f"\nSIGTERM to process 1 after step_4 was saved: both stopped after step {stopped}, exit code "
+        f"{rc0}, {max(t0, t1) - sent:.1f} s after the signal\nstep  uninterrupted  resumed"
+    )
     for s in sorted(resumed):
         print(f"{s:>4}  {straight[s]:.7f}      {resumed[s]:.7f}")
     np.testing.assert_allclose([resumed[s] for s in sorted(resumed)], [straight[s] for s in sorted(resumed)], rtol=1e-6)
@@ -233,8 +277,10 @@ def test_kill_9_of_one_process_ends_the_other_and_a_rerun_resumes(assets, refere
     assert rc0 != 0, launch.output()
     assert re.search(r"heartbeat timeout|detected fatal errors|another task died", survivor), survivor[-3000:]
     took = t0 - killed
-    print(f"\nkill -9 of process 1: process 0 exited with code {rc0} {took:.1f} s later "
-          f"(--heartbeat_timeout_seconds={HEARTBEAT_S})")
+    print(
+        f"\nkill -9 of process 1: process 0 exited with code {rc0} {took:.1f} s later "
+        f"(--heartbeat_timeout_seconds={HEARTBEAT_S})"
+    )
     assert took < HEARTBEAT_S + 60
     last = saved_steps(ckpt)[-1]
     assert 4 <= last < STEPS
@@ -248,9 +294,10 @@ def test_kill_9_of_one_process_ends_the_other_and_a_rerun_resumes(assets, refere
 
 
 def test_sigusr1_in_a_single_process_saves_and_returns_the_exit_code(assets, tmp_path):
-    cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py"),
-                                 overrides(assets, tmp_path, cluster__num_nodes=1, cluster__gpus_per_node=1,
-                                           sft__max_num_steps=100)[2:])  # 100: ample time for the signal
+    cfg = config_lib.load_config(
+        str(ROOT / "configs" / "quickstart.py"),
+        overrides(assets, tmp_path, cluster__num_nodes=1, cluster__gpus_per_node=1, sft__max_num_steps=100)[2:],
+    )  # 100: ample time for the signal
 
     def signal_after_step_4():
         while not (tmp_path / "ckpt" / "step_4").exists():
@@ -308,19 +355,40 @@ except ValueError as e:
     port = free_port()
     procs = []
     for i in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-               "SLURM_JOB_ID": "4242", "SLURM_PROCID": str(i), "SLURM_LOCALID": "0", "SLURM_NODEID": str(i),
-               "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
-               "SLURM_STEP_NUM_NODES": "2", "SLURM_NNODES": "2", "JAX_COORDINATOR_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_PROCID": str(i),
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": str(i),
+            "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_STEP_NUM_NODES": "2",
+            "SLURM_NNODES": "2",
+            "JAX_COORDINATOR_PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     outs = [p.communicate(timeout=120) for p in procs]
     for i, (out, err) in enumerate(outs):
         assert procs[i].returncode == 0, err[-3000:]
         # JAX's Slurm default would restrict each task to one GPU (cuda_visible 0).
         assert f"process {i} of 2 devices 4 local 2 cuda_visible 0,1" in out, out + err[-2000:]
-        assert ("error: cluster.num_nodes * cluster.gpus_per_node = 2 * 4 = 8, but the 2 processes have "
-                "4 devices (2 on this one)") in out
+        assert (
+            "error: cluster.num_nodes * cluster.gpus_per_node = 2 * 4 = 8, but the 2 processes have "
+            "4 devices (2 on this one)"
+        ) in out
 
 
 def test_slurm_detection_and_local_device_ids(monkeypatch):
@@ -342,17 +410,24 @@ def test_slurm_detection_and_local_device_ids(monkeypatch):
     assert distributed.slurm_local_device_ids(8) is None  # the user's choice wins
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"num_processes": "2"}, "missing --coordinator_address, --process_id"),
-    ({"coordinator_adress": "h:1"}, "unknown command-line flag(s) --coordinator_adress"),
-    ({"coordinator_address": "host"}, "--coordinator_address=host: expected HOST:PORT"),
-    ({"coordinator_address": "h:1", "num_processes": "two", "process_id": "0"},
-     "--num_processes=two: expected an integer"),
-    ({"coordinator_address": "h:1", "num_processes": "2", "process_id": "2"},
-     "--process_id=2 must be below --num_processes=2"),
-    ({"process_id": True}, "--process_id needs a value"),
-    ({"heartbeat_timeout_seconds": "10"}, "only apply to a multi-process run"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"num_processes": "2"}, "missing --coordinator_address, --process_id"),
+        ({"coordinator_adress": "h:1"}, "unknown command-line flag(s) --coordinator_adress"),
+        ({"coordinator_address": "host"}, "--coordinator_address=host: expected HOST:PORT"),
+        (
+            {"coordinator_address": "h:1", "num_processes": "two", "process_id": "0"},
+            "--num_processes=two: expected an integer",
+        ),
+        (
+            {"coordinator_address": "h:1", "num_processes": "2", "process_id": "2"},
+            "--process_id=2 must be below --num_processes=2",
+        ),
+        ({"process_id": True}, "--process_id needs a value"),
+        ({"heartbeat_timeout_seconds": "10"}, "only apply to a multi-process run"),
+    ],
+)
 def test_bad_distributed_flags_fail_with_the_flag(extra, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         distributed.initialize(extra)
@@ -369,8 +444,12 @@ def test_train_main_rejects_an_unknown_flag_before_reading_the_config(capsys):
 
 
 def test_launch_local_forwards_sigterm_and_exits_with_the_preempted_code(tmp_path):
-    launch = Launch(["--config", "unused.py"], tmp_path, module="signal_probe",
-                    env={"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
+    launch = Launch(
+        ["--config", "unused.py"],
+        tmp_path,
+        module="signal_probe",
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])},
+    )
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"process_{i}.log").exists() and "ready" in launch.log(i) for i in range(2)):
         assert launch.proc.poll() is None and time.monotonic() < deadline, launch.output()
@@ -390,34 +469,60 @@ def test_sbatch_parses_and_its_dry_run_prints_the_srun_command():
     assert subprocess.run(["bash", "-n", str(SBATCH)]).returncode == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(DRY_RUN="1", NODES="2", GPUS_PER_NODE="8", XLA_FLAGS="--xla_dump_to=/tmp/x")
-    out = subprocess.run(["bash", str(SBATCH), "--config", "configs/sft.py", "policy.model_name=org/My Model"],
-                         env=env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["bash", str(SBATCH), "--config", "configs/sft.py", "policy.model_name=org/My Model"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     srun = next(line for line in out.stdout.splitlines() if line.startswith("srun "))
     assert srun.split() == [
-        "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "python", "-m", "jax_sft.train",
-        "cluster.num_nodes=2", "cluster.gpus_per_node=8", "--config", "configs/sft.py",
-        "policy.model_name=org/My\\", "Model",  # printed shell-quoted
+        "srun",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "python",
+        "-m",
+        "jax_sft.train",
+        "cluster.num_nodes=2",
+        "cluster.gpus_per_node=8",
+        "--config",
+        "configs/sft.py",
+        "policy.model_name=org/My\\",
+        "Model",  # printed shell-quoted
     ]
     xla = next(line for line in out.stdout.splitlines() if line.startswith("XLA_FLAGS="))
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in xla and xla.endswith(" --xla_dump_to=/tmp/x")
     # Every flag of the tuned set exists in this jaxlib (an unknown flag aborts the backend).
     flags = xla.removeprefix("XLA_FLAGS=").replace("--xla_dump_to=/tmp/x", "")
-    check = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
-                           env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
-                           capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+        env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr[-2000:]
 
     # T tasks per node (sbatch --ntasks-per-node) share the node's CPUs.
-    out = subprocess.run(["bash", str(SBATCH)], env={**env, "TASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "96"},
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["bash", str(SBATCH)],
+        env={**env, "TASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "96"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "srun --nodes=2 --ntasks-per-node=2 --kill-on-bad-exit=1 --cpus-per-task=48 python " in out.stdout, out
 
     env.update(CONTAINER_IMAGE="nvcr.io/nvidia/jax:25.10-py3", CPUS_PER_TASK="64", PYTHON="python3")
     out = subprocess.run(["bash", str(SBATCH), "x.y=1"], env=env, capture_output=True, text=True, timeout=30)
     srun = next(line for line in out.stdout.splitlines() if line.startswith("srun "))
-    assert (f"--cpus-per-task=64 --container-image=nvcr.io/nvidia/jax:25.10-py3 --container-mounts={ROOT}:{ROOT} "
-            f"--container-workdir={ROOT} python3 -m jax_sft.train") in srun
+    assert (
+        f"--cpus-per-task=64 --container-image=nvcr.io/nvidia/jax:25.10-py3 --container-mounts={ROOT}:{ROOT} "
+        f"--container-workdir={ROOT} python3 -m jax_sft.train"
+    ) in srun
 
 
 FAKE_SRUN = """#!/bin/bash
@@ -438,11 +543,18 @@ def test_sbatch_forwards_usr1_to_srun_and_requeues(tmp_path, signalled):
     for name in ("srun", "scontrol"):
         (tmp_path / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{tmp_path}{os.pathsep}{env['PATH']}", FAKE=str(tmp_path), SLURM_JOB_ID="77",
-               SLURM_JOB_NUM_NODES="2", SLURM_GPUS_PER_NODE="h100:8", SLURM_SUBMIT_DIR=str(ROOT),
-               FAKE_TENTHS="300" if signalled else "5")
-    job = subprocess.Popen(["bash", str(SBATCH), "--config", "c.py"], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    env.update(
+        PATH=f"{tmp_path}{os.pathsep}{env['PATH']}",
+        FAKE=str(tmp_path),
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_GPUS_PER_NODE="h100:8",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        FAKE_TENTHS="300" if signalled else "5",
+    )
+    job = subprocess.Popen(
+        ["bash", str(SBATCH), "--config", "c.py"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 30
     while not (tmp_path / "started").exists():
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
@@ -468,8 +580,10 @@ def test_saved_on_two_processes_resumes_on_one_with_four_devices(assets, referen
     first = Launch(overrides(assets, tmp_path, sft__max_num_steps=4), tmp_path / "first")
     assert first.wait() == 0, first.output()
     assert saved_steps(tmp_path / "ckpt")[-1] == 4
-    cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), overrides(
-        assets, tmp_path, cluster__num_nodes=1, cluster__gpus_per_node=4)[2:])
+    cfg = config_lib.load_config(
+        str(ROOT / "configs" / "quickstart.py"),
+        overrides(assets, tmp_path, cluster__num_nodes=1, cluster__gpus_per_node=4)[2:],
+    )
     resumed = train.run(cfg).train_losses
     straight = losses(run_dirs(reference)[0])
     assert sorted(resumed) == list(range(5, STEPS + 1))
@@ -483,13 +597,19 @@ def test_lora_on_two_processes_matches_one_process_and_exports_peft(assets, tmp_
     """LoRA (every linear layer, packed rows) on 2 processes x 2 devices: the losses of 1 process
     x 4 devices, one lora.json in the checkpoint, and a PEFT export gathered from both processes
     equal to the single-process one."""
-    lora = dict(sft__max_num_steps=4, policy__sequence_packing__enabled=True,
-                policy__dtensor_cfg__lora_cfg__enabled=True, policy__dtensor_cfg__lora_cfg__dim=4,
-                policy__dtensor_cfg__lora_cfg__alpha=8)
+    lora = dict(
+        sft__max_num_steps=4,
+        policy__sequence_packing__enabled=True,
+        policy__dtensor_cfg__lora_cfg__enabled=True,
+        policy__dtensor_cfg__lora_cfg__dim=4,
+        policy__dtensor_cfg__lora_cfg__alpha=8,
+    )
     launch = Launch(overrides(assets, tmp_path / "two", **lora), tmp_path / "two" / "processes")
     assert launch.wait() == 0, launch.output()
-    cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), overrides(
-        assets, tmp_path / "one", cluster__num_nodes=1, cluster__gpus_per_node=4, **lora)[2:])
+    cfg = config_lib.load_config(
+        str(ROOT / "configs" / "quickstart.py"),
+        overrides(assets, tmp_path / "one", cluster__num_nodes=1, cluster__gpus_per_node=4, **lora)[2:],
+    )
     one = train.run(cfg)
     [two_dir] = run_dirs(tmp_path / "two")
     two = losses(two_dir)
@@ -500,8 +620,13 @@ def test_lora_on_two_processes_matches_one_process_and_exports_peft(assets, tmp_
     assert (tmp_path / "two" / "ckpt" / "step_4" / "extra" / "lora.json").is_file()
     export = [sys.executable, "-m", "jax_sft.export", "--checkpoint"]
     for run in ("one", "two"):
-        proc = subprocess.run([*export, str(tmp_path / run / "ckpt" / "step_4"), "--peft_out", str(tmp_path / run / "peft")],
-                              capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=300)
+        proc = subprocess.run(
+            [*export, str(tmp_path / run / "ckpt" / "step_4"), "--peft_out", str(tmp_path / run / "peft")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "XLA_FLAGS": ""},
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "peft" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "peft" / "adapter_model.safetensors"))

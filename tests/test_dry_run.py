@@ -8,10 +8,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+from tiny_run import write_model_config
 
 from jax_sft.config import IgnoredKeysWarning
 from jax_sft.train import main
-from tiny_run import write_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NEMO_CONFIGS = ROOT.parent / "shared" / "reference" / "nemo-rl-configs" / "examples" / "configs"
@@ -20,16 +20,20 @@ CONFIGS = sorted(NEMO_CONFIGS.glob("*.yaml")) + sorted(NEMO_CONFIGS.glob("recipe
 VISION = {"sft_vlm_3B.yaml": "vision-language", "sft_avlm.yaml": "vision-language"}
 # The LoRA recipes' plan line (their models are hub ids, so no parameter counts).
 LORA = {
-    "sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml":
+    "sft-llama3.1-8b-1n8g-fsdp2tp1-lora.yaml": (
         "LoRA (policy.dtensor_cfg.lora_cfg, hf module names): rank 128, alpha 128, scale 1, "
-        "every linear layer (match_all_linear)",
-    "sft-llama3.1-8b-1n8g-megatron-lora.yaml":
+        "every linear layer (match_all_linear)"
+    ),
+    "sft-llama3.1-8b-1n8g-megatron-lora.yaml": (
         "LoRA (policy.megatron_cfg.peft, megatron module names): rank 128, alpha 128, scale 1, "
-        "targets linear_qkv, linear_proj, linear_fc1, linear_fc2 (no target_modules);",
-    **dict.fromkeys(("sft-nanov3-30BA3B-2n4g-fsdp2-lora.yaml", "sft-nanov3-30BA3B-2n8g-fsdp2-lora.yaml"),
-                    "LoRA (policy.dtensor_cfg.lora_cfg, hf module names): rank 256, alpha 512, scale 2, "
-                    "every linear layer, lm_head included (exclude_modules without target_modules) minus "
-                    "['*out_proj*'];"),
+        "targets linear_qkv, linear_proj, linear_fc1, linear_fc2 (no target_modules);"
+    ),
+    **dict.fromkeys(
+        ("sft-nanov3-30BA3B-2n4g-fsdp2-lora.yaml", "sft-nanov3-30BA3B-2n8g-fsdp2-lora.yaml"),
+        "LoRA (policy.dtensor_cfg.lora_cfg, hf module names): rank 256, alpha 512, scale 2, "
+        "every linear layer, lm_head included (exclude_modules without target_modules) minus "
+        "['*out_proj*'];",
+    ),
 }
 
 
@@ -65,7 +69,7 @@ def test_dry_run_of_every_nemo_rl_sft_config(path, nemo_rl_checkout, capsys):
         return
     assert code == 0, err
     assert "dry run: the config is valid" in out
-    plan = out[out.index("\nplan:\n"):]
+    plan = out[out.index("\nplan:\n") :]
     for part in ("mesh: data=", "batches: ", "model: ", "data: ", "optimizer: ", "learning rate: "):
         assert f"\n  {part}" in plan, plan
     assert ("\n  LoRA " in plan) == (path.name in LORA), plan
@@ -82,14 +86,19 @@ def test_dry_run_names_a_missing_prompt_file(tmp_path, monkeypatch, capsys):
 
 def test_dry_run_checks_the_mesh_and_reads_a_local_model(tmp_path, capsys):
     sft = str(ROOT / "configs" / "sft.py")
-    code, out, err = dry_run(["--config", sft, "cluster.gpus_per_node=8",
-                              "policy.jax_cfg.mesh.tensor=3"], capsys)
+    code, out, err = dry_run(["--config", sft, "cluster.gpus_per_node=8", "policy.jax_cfg.mesh.tensor=3"], capsys)
     assert code == 2
     assert "policy.jax_cfg.mesh data=1 x tensor=3 = 3 does not divide the 8 devices" in err
     model = write_model_config(tmp_path / "model")
-    args = ["--config", sft, f"policy.model_name={model}", "cluster.gpus_per_node=8",
-            "policy.jax_cfg.mesh.tensor=2", f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
-            f"logger.log_dir={tmp_path}/logs"]
+    args = [
+        "--config",
+        sft,
+        f"policy.model_name={model}",
+        "cluster.gpus_per_node=8",
+        "policy.jax_cfg.mesh.tensor=2",
+        f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
+        f"logger.log_dir={tmp_path}/logs",
+    ]
     code, out, err = dry_run([*args, "policy.max_total_sequence_length=512"], capsys)
     assert code == 2 and "exceeds the model's max_position_embeddings=256" in err
     code, out, err = dry_run([*args, "policy.max_total_sequence_length=256"], capsys)
@@ -101,14 +110,17 @@ def test_dry_run_checks_the_mesh_and_reads_a_local_model(tmp_path, capsys):
 def test_input_errors_print_one_message_and_exit_2_without_traceback(tmp_path):
     """A real process: bad config key, missing config file, bad flag."""
     cases = [
-        (["--config", "configs/sft.py", "policy.train_micro_batch_szie=2"],
-         "did you mean policy.train_micro_batch_size?"),
+        (
+            ["--config", "configs/sft.py", "policy.train_micro_batch_szie=2"],
+            "did you mean policy.train_micro_batch_size?",
+        ),
         (["--config", str(tmp_path / "absent.yaml")], "no such file"),
         (["--config", "configs/sft.py", "--num_processes=zero"], "--num_processes=zero"),
     ]
     for args, expected in cases:
-        proc = subprocess.run([sys.executable, "-m", "jax_sft.train", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jax_sft.train", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -127,21 +139,29 @@ def test_bad_data_and_bad_weights_print_one_message_and_exit_2(tmp_path):
     shutil.copytree(assets / "model", bad_model)
     for weights in bad_model.glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
-    run = ["--config", "configs/sft.py", "data.dataset_name=openai_format",
-           "policy.tokenizer.chat_template=default", f"logger.log_dir={tmp_path}/logs",
-           f"checkpointing.checkpoint_dir={tmp_path}/ckpt", "policy.max_total_sequence_length=96",
-           "policy.train_global_batch_size=4", "sft.val_global_batch_size=4", "sft.max_num_steps=1",
-           f"data.val_data_path={assets / 'data' / 'val.jsonl'}"]
+    run = [
+        "--config",
+        "configs/sft.py",
+        "data.dataset_name=openai_format",
+        "policy.tokenizer.chat_template=default",
+        f"logger.log_dir={tmp_path}/logs",
+        f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
+        "policy.max_total_sequence_length=96",
+        "policy.train_global_batch_size=4",
+        "sft.val_global_batch_size=4",
+        "sft.max_num_steps=1",
+        f"data.val_data_path={assets / 'data' / 'val.jsonl'}",
+    ]
     train = f"data.train_data_path={assets / 'data' / 'train.jsonl'}"
     cases = [
-        ([f"policy.model_name={assets / 'model'}", f"data.train_data_path={bad_data}"],
-         f"{bad_data}:3"),
+        ([f"policy.model_name={assets / 'model'}", f"data.train_data_path={bad_data}"], f"{bad_data}:3"),
         ([f"policy.model_name={bad_model}", train], "model.safetensors"),
         ([f"policy.model_name={tmp_path / 'absent'}", train], str(tmp_path / "absent")),
     ]
     for extra, expected in cases:
-        proc = subprocess.run([sys.executable, "-m", "jax_sft.train", *run, *extra], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jax_sft.train", *run, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import make_tiny_run_assets
 
 from jax_sft import config as config_lib
 from jax_sft import train
-from tiny_run import make_tiny_run_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "generate", "export", "inspect_data", "quickstart", "launch_local")
@@ -33,8 +33,9 @@ for name in sys.argv[1:]:
 
 
 def test_every_command_prints_usage_with_an_example_and_exits_0():
-    out = subprocess.run([sys.executable, "-c", HELP_PROBE, *COMMANDS], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, *COMMANDS], capture_output=True, text=True, timeout=300, cwd=ROOT, check=True
+    ).stdout.splitlines()
     assert len(out) == 2 * len(COMMANDS), out
     for line in out:
         name, flag, code, example, chars = line.split()
@@ -49,14 +50,24 @@ def assets(tmp_path_factory) -> Path:
 
 def config(assets: Path, run: Path, **extra):
     base = {
-        "policy.model_name": assets / "model", "data.train_data_path": assets / "data" / "train.jsonl",
-        "data.val_data_path": assets / "data" / "val.jsonl", "checkpointing.checkpoint_dir": run / "ckpt",
-        "logger.log_dir": run / "logs", "logger.tensorboard_enabled": False, "sft.max_num_steps": 2,
-        "sft.val_period": 2, "sft.val_at_start": False, "sft.val_batches": 1,
-        "sft.val_global_batch_size": 16, "sft.val_micro_batch_size": 16,
-        "policy.train_global_batch_size": 8, "policy.train_micro_batch_size": 8,
-        "policy.max_total_sequence_length": 64, "policy.jax_cfg.loss_chunk_size": 64,
-        "checkpointing.hf_export_dir": None, "policy.scheduler": None,
+        "policy.model_name": assets / "model",
+        "data.train_data_path": assets / "data" / "train.jsonl",
+        "data.val_data_path": assets / "data" / "val.jsonl",
+        "checkpointing.checkpoint_dir": run / "ckpt",
+        "logger.log_dir": run / "logs",
+        "logger.tensorboard_enabled": False,
+        "sft.max_num_steps": 2,
+        "sft.val_period": 2,
+        "sft.val_at_start": False,
+        "sft.val_batches": 1,
+        "sft.val_global_batch_size": 16,
+        "sft.val_micro_batch_size": 16,
+        "policy.train_global_batch_size": 8,
+        "policy.train_micro_batch_size": 8,
+        "policy.max_total_sequence_length": 64,
+        "policy.jax_cfg.loss_chunk_size": 64,
+        "checkpointing.hf_export_dir": None,
+        "policy.scheduler": None,
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     overrides = [f"{k}={'null' if v is None else v}" for k, v in base.items()]
@@ -74,8 +85,15 @@ def test_rerun_of_a_finished_run_trains_nothing_and_makes_no_run_folder(assets, 
 
 
 def test_validation_prints_and_logs_samples(assets, tmp_path, capsys):
-    result = train.run(config(assets, tmp_path, logger__num_val_samples_to_print=2, logger__tensorboard_enabled=True,
-                              checkpointing__enabled=False))
+    result = train.run(
+        config(
+            assets,
+            tmp_path,
+            logger__num_val_samples_to_print=2,
+            logger__tensorboard_enabled=True,
+            checkpointing__enabled=False,
+        )
+    )
     out = capsys.readouterr().out
     assert "step 2: validation samples" in out
     assert out.count("=== sample ") == 2 and out.count("reference:  ") == 2

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_models import FAMILIES, make_hf_model
+
 from jax_sft.generate import Generator, Sampling, bucket, sample_next
 from jax_sft.models import from_pretrained, sharding
 
@@ -28,9 +28,10 @@ def prompts(seed=0):
 def hf_greedy(model, prompt, max_new):
     """transformers' greedy generate on one unpadded prompt: the new ids, up to and with eos."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new,
-                             eos_token_id=EOS, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new, eos_token_id=EOS, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -50,10 +51,12 @@ def test_sharded_and_scanned_greedy_equal_transformers(tmp_path):
     want = [hf_greedy(hf, p, 10) for p in prompts(1)]
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
     for scan in (False, True):
-        model = from_pretrained(tmp_path, dtype=jnp.float32, param_dtype=jnp.float32, attention="xla",
-                                mesh=mesh, scan_layers=scan)
+        model = from_pretrained(
+            tmp_path, dtype=jnp.float32, param_dtype=jnp.float32, attention="xla", mesh=mesh, scan_layers=scan
+        )
         got = Generator(model, None, mesh=mesh, batch_size=3, stop_ids=[EOS]).generate(
-            prompts(1), Sampling(max_new_tokens=10))
+            prompts(1), Sampling(max_new_tokens=10)
+        )
         assert got == want, scan
 
 
@@ -97,23 +100,35 @@ def trained(tmp_path_factory):
     """A 2-step run of the tiny Llama: its step_2 checkpoint, its HF export and the validation jsonl."""
     from pathlib import Path
 
+    from tiny_run import make_tiny_run_assets
+
     from jax_sft import config as config_lib
     from jax_sft import train
-    from tiny_run import make_tiny_run_assets
 
     root = tmp_path_factory.mktemp("run")
     assets = make_tiny_run_assets(root / "assets")
     overrides = {
-        "policy.model_name": assets / "model", "data.train_data_path": assets / "data" / "train.jsonl",
-        "data.val_data_path": assets / "data" / "val.jsonl", "checkpointing.checkpoint_dir": root / "ckpt",
-        "logger.log_dir": root / "logs", "logger.tensorboard_enabled": False, "sft.max_num_steps": 2,
-        "sft.val_period": 0, "sft.val_at_start": False, "sft.val_at_end": False,
-        "policy.train_global_batch_size": 8, "policy.train_micro_batch_size": 8,
-        "policy.max_total_sequence_length": 64, "policy.jax_cfg.loss_chunk_size": 64,
-        "checkpointing.hf_export_dir": root / "export", "policy.scheduler": "null",
+        "policy.model_name": assets / "model",
+        "data.train_data_path": assets / "data" / "train.jsonl",
+        "data.val_data_path": assets / "data" / "val.jsonl",
+        "checkpointing.checkpoint_dir": root / "ckpt",
+        "logger.log_dir": root / "logs",
+        "logger.tensorboard_enabled": False,
+        "sft.max_num_steps": 2,
+        "sft.val_period": 0,
+        "sft.val_at_start": False,
+        "sft.val_at_end": False,
+        "policy.train_global_batch_size": 8,
+        "policy.train_micro_batch_size": 8,
+        "policy.max_total_sequence_length": 64,
+        "policy.jax_cfg.loss_chunk_size": 64,
+        "checkpointing.hf_export_dir": root / "export",
+        "policy.scheduler": "null",
     }
-    cfg = config_lib.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"),
-                                 [f"{k}={v}" for k, v in overrides.items()])
+    cfg = config_lib.load_config(
+        str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"),
+        [f"{k}={v}" for k, v in overrides.items()],
+    )
     train.run(cfg)
     return root / "ckpt" / "step_2", root / "export", assets / "data" / "val.jsonl"
 
@@ -125,8 +140,23 @@ def test_cli_checkpoint_and_export_give_the_same_completions(trained, tmp_path, 
     outs = []
     for i, model in enumerate((step_dir, export)):
         out = tmp_path / f"{i}.jsonl"
-        main(["--model", str(model), "--input", str(val), "--num", "3", "--output", str(out),
-              "--max_new_tokens", "12", "--batch_size", "2", "--config.policy.precision=float32"])
+        main(
+            [
+                "--model",
+                str(model),
+                "--input",
+                str(val),
+                "--num",
+                "3",
+                "--output",
+                str(out),
+                "--max_new_tokens",
+                "12",
+                "--batch_size",
+                "2",
+                "--config.policy.precision=float32",
+            ]
+        )
         outs.append([json.loads(line) for line in out.read_text().splitlines()])
     assert outs[0] == outs[1] and len(outs[0]) == 3
     rows = [json.loads(line) for line in val.read_text().splitlines()[:3]]
@@ -138,10 +168,24 @@ def test_cli_checkpoint_and_export_give_the_same_completions(trained, tmp_path, 
 
 def test_cli_reads_stdin_and_reports_bad_input(trained, tmp_path):
     _, export, _ = trained
-    cmd = [sys.executable, "-m", "jax_sft.generate", "--model", str(export), "--max_new_tokens", "4",
-           "--temperature", "0.8", "--top_p", "0.9", "--top_k", "20"]
-    done = subprocess.run(cmd, input="What is 2 plus 3?\nCompute 4 * 5.\n", capture_output=True, text=True,
-                          timeout=300, check=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jax_sft.generate",
+        "--model",
+        str(export),
+        "--max_new_tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--top_p",
+        "0.9",
+        "--top_k",
+        "20",
+    ]
+    done = subprocess.run(
+        cmd, input="What is 2 plus 3?\nCompute 4 * 5.\n", capture_output=True, text=True, timeout=300, check=True
+    )
     assert done.stdout.count("=== sample ") == 2 and "prompt:     Compute 4 * 5." in done.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n')

@@ -29,18 +29,22 @@ from flax import nnx
 peft = pytest.importorskip("peft")
 
 from hf_models import make_hf_model  # noqa: E402
+
 from jax_sft.export import abstract_adapters, attach_lora  # noqa: E402
 from jax_sft.models import from_pretrained, save_pretrained  # noqa: E402
 from jax_sft.models.lora import LoRAParam  # noqa: E402
 from jax_sft.models.options import LoraConfig, base_reference  # noqa: E402
 from jax_sft.models.peft_io import (  # noqa: E402
-    ADAPTER_CONFIG, matches, peft_tensors, save_peft_adapter, target_modules,
+    ADAPTER_CONFIG,
+    matches,
+    peft_tensors,
+    save_peft_adapter,
+    target_modules,
 )
 
 TOL = 1e-4
 ALL_LINEAR = LoraConfig(dim=4, alpha=8.0, match_all_linear=True)
-SOME = LoraConfig(dim=4, alpha=8.0, target_modules=("*_proj",),
-                  exclude_modules=("*.layers.1.*.o_proj", "down_proj"))
+SOME = LoraConfig(dim=4, alpha=8.0, target_modules=("*_proj",), exclude_modules=("*.layers.1.*.o_proj", "down_proj"))
 IDS = np.random.default_rng(0).integers(3, 256, size=(2, 12))
 MASK = (np.random.default_rng(1).random((2, 12)) < 0.7) & (np.arange(12) >= 3)  # tokens in the loss
 
@@ -113,12 +117,18 @@ def load_hf(path: Path):
 
 
 # (family, adapters, scan_layers, exported through a LoRA checkpoint and the export CLI)
-CASES = [("llama", ALL_LINEAR, False, True), ("llama", SOME, False, False), ("qwen3", ALL_LINEAR, False, False),
-         ("qwen3", SOME, False, False), ("qwen3", ALL_LINEAR, True, True)]
+CASES = [
+    ("llama", ALL_LINEAR, False, True),
+    ("llama", SOME, False, False),
+    ("qwen3", ALL_LINEAR, False, False),
+    ("qwen3", SOME, False, False),
+    ("qwen3", ALL_LINEAR, True, True),
+]
 
 
-@pytest.mark.parametrize("family,lora,scan,cli", CASES, ids=["llama-all-cli", "llama-some", "qwen3-all",
-                                                             "qwen3-some", "qwen3-all-scan-cli"])
+@pytest.mark.parametrize(
+    "family,lora,scan,cli", CASES, ids=["llama-all-cli", "llama-some", "qwen3-all", "qwen3-some", "qwen3-all-scan-cli"]
+)
 def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     """Logits and adapter gradients as peft computes them; the merged and PEFT exports (written
     directly, or from a LoRA checkpoint by `python -m jax_sft.export`) reproduce the loss."""
@@ -128,8 +138,9 @@ def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     logits, loss, grads = jax_loss_and_grads(model)
     if cli:
         step_dir = save_lora_checkpoint(model, tmp_path / "ckpt", 5, bases[family])
-        export_main(["--checkpoint", str(step_dir), "--out", str(tmp_path / "merged"),
-                     "--peft_out", str(tmp_path / "adapter")])
+        export_main(
+            ["--checkpoint", str(step_dir), "--out", str(tmp_path / "merged"), "--peft_out", str(tmp_path / "adapter")]
+        )
         adapter_config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
         assert adapter_config["base_model_name_or_path"] == str(bases[family])
     else:
@@ -142,7 +153,8 @@ def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     hf = load_hf(bases[family])
     module_names = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)]
     assert {n for n in module_names if matches(pattern, n)} == {
-        n.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for n in grads if "lora_A" in n}
+        n.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for n in grads if "lora_A" in n
+    }
 
     base_nll = hf_loss(hf)[1].item()
     assert rel(loss, base_nll) > 100 * TOL  # the adapters matter far beyond the tolerance
@@ -150,8 +162,7 @@ def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     peft_model.eval()
     hf_logits, hf_nll = hf_loss(peft_model, grads=True)
     hf_nll.backward()
-    hf_grads = {n.replace(".default.", "."): p.grad.numpy() for n, p in peft_model.named_parameters()
-                if "lora_" in n}
+    hf_grads = {n.replace(".default.", "."): p.grad.numpy() for n, p in peft_model.named_parameters() if "lora_" in n}
     assert sorted(hf_grads) == sorted(grads)
     ours = peft_tensors(nnx.state(model, LoRAParam))
     for name, p in peft_model.named_parameters():  # the adapters peft loaded are ours, exactly
@@ -167,29 +178,39 @@ def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     merged_loss = hf_loss(load_hf(tmp_path / "merged"))[1].item()
     assert rel(loss, merged_loss) < TOL
     case = f"{family} {'all' if lora is ALL_LINEAR else 'some'}{' scan' if scan else ''}{' cli' if cli else ''}"
-    print(f"\n{case}: logits "
-          f"{rel(logits, hf_logits.detach().numpy()):.1e} grads {max(grad_errors.values()):.1e} "
-          f"peft loss {rel(loss, hf_nll.item()):.1e} merged loss {rel(loss, merged_loss):.1e} "
-          f"(loss {loss:.6f}, peft {hf_nll.item():.6f}, merged {merged_loss:.6f}, base {base_nll:.6f})")
+    print(
+        f"\n{case}: logits "
+        f"{rel(logits, hf_logits.detach().numpy()):.1e} grads {max(grad_errors.values()):.1e} "
+        f"peft loss {rel(loss, hf_nll.item()):.1e} merged loss {rel(loss, merged_loss):.1e} "
+        f"(loss {loss:.6f}, peft {hf_nll.item():.6f}, merged {merged_loss:.6f}, base {base_nll:.6f})"
+    )
 
 
 def test_target_modules_are_exact():
     """A list when the same projections are adapted on every (dense) layer, else a regex that
     full-matches exactly the adapted modules."""
-    from jax_sft.models.config import ModelConfig
     from hf_models import COMMON
 
-    config = ModelConfig.from_hf_dict({**COMMON, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                                       "num_hidden_layers": 3}, source="test")
+    from jax_sft.models.config import ModelConfig
+
+    config = ModelConfig.from_hf_dict(
+        {**COMMON, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 3}, source="test"
+    )
     every = frozenset((i, p) for i in range(3) for p in ("q_proj", "v_proj"))
     assert target_modules(config, every) == ["q_proj", "v_proj"]
     assert target_modules(config, every | {(None, "lm_head")}) == ["q_proj", "v_proj", "lm_head"]
     some = every - {(1, "v_proj")} | {(2, "down_proj"), (None, "lm_head")}
     pattern = target_modules(config, some)
     assert isinstance(pattern, str)
-    names = [f"model.layers.{i}.{parent}.{p}" for i in range(3) for parent, ps in
-             (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
-             for p in ps] + ["lm_head", "model.layers.10.self_attn.q_proj"]
+    names = [
+        f"model.layers.{i}.{parent}.{p}"
+        for i in range(3)
+        for parent, ps in (
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        )
+        for p in ps
+    ] + ["lm_head", "model.layers.10.self_attn.q_proj"]
     expected = {f"model.layers.{i}.{'mlp' if p == 'down_proj' else 'self_attn'}.{p}" for i, p in some if i is not None}
     assert {n for n in names if matches(pattern, n)} == expected | {"lm_head"}
 
@@ -205,16 +226,16 @@ def save_lora_checkpoint(model, ckpt_dir: Path, step: int, base: Path) -> Path:
 
     adapters = nnx.split(model, LoRAParam, nnx.Param, ...)[1]
     reference = base_reference(model.lora, str(base), model.config.to_hf_dict())
-    return _save_checkpoint(ckpt_dir, step, adapters, {**model_files(model.config),
-                                                       "lora.json": json.dumps(reference).encode()})
+    return _save_checkpoint(
+        ckpt_dir, step, adapters, {**model_files(model.config), "lora.json": json.dumps(reference).encode()}
+    )
 
 
 def _save_checkpoint(ckpt_dir: Path, step: int, params, extra_files) -> Path:
     from jax_sft.checkpoint import Checkpointer
 
     ckpt = Checkpointer(ckpt_dir, save_optimizer=False, enable_async=False)
-    ckpt.save(step, params=params, opt_state=None, train_info={"step": step}, data_state={},
-              extra_files=extra_files)
+    ckpt.save(step, params=params, opt_state=None, train_info={"step": step}, data_state={}, extra_files=extra_files)
     ckpt.close()
     return ckpt_dir / f"step_{step}"
 
@@ -237,8 +258,8 @@ def test_export_refuses_another_base(bases, tmp_path, capsys):
 
 
 def test_export_full_checkpoint_refuses_peft_out(bases, tmp_path, capsys):
-    from jax_sft.export import main as export_main
     from jax_sft.checkpoint import model_files
+    from jax_sft.export import main as export_main
 
     model = from_pretrained(bases["qwen3"], dtype=jnp.float32, param_dtype=jnp.float32)
     step_dir = _save_checkpoint(tmp_path / "ckpt", 1, nnx.state(model, nnx.Param), model_files(model.config))
@@ -248,8 +269,10 @@ def test_export_full_checkpoint_refuses_peft_out(bases, tmp_path, capsys):
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "full fine-tune checkpoint" in err and "no LoRA adapters" in err, err
     assert not (tmp_path / "adapter").exists()
-    for args, message in ((["--out", str(tmp_path / "hf"), "--base", str(bases["qwen3"])], "--base applies to LoRA"),
-                          ([], "nothing to export: pass --out")):
+    for args, message in (
+        (["--out", str(tmp_path / "hf"), "--base", str(bases["qwen3"])], "--base applies to LoRA"),
+        ([], "nothing to export: pass --out"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             export_main(["--checkpoint", str(step_dir), *args])
         err = capsys.readouterr().err

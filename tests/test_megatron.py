@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_run import make_tiny_run_assets
 
-from jax_sft import config as config_lib
 from jax_sft import train
 from jax_sft.config import ConfigError, IgnoredKeysWarning, load_config, save_config
 from jax_sft.optim import (
@@ -24,7 +24,6 @@ from jax_sft.optim import (
     megatron_lr_schedule,
     megatron_wd_schedule,
 )
-from tiny_run import make_tiny_run_assets
 
 torch = pytest.importorskip("torch")
 
@@ -42,8 +41,21 @@ NEMO_YAML = Path(__file__).parent / "data" / "nemo_rl_sft.yaml"
 # scheduler by gbs after each train() call.
 
 
-def reference_lr(k, *, lr, min_lr, init, style, warmup_iters, decay_iters, train_iters, gbs,
-                 wsd_style="exponential", wsd_iters=None, warmup_fraction=None):
+def reference_lr(
+    k,
+    *,
+    lr,
+    min_lr,
+    init,
+    style,
+    warmup_iters,
+    decay_iters,
+    train_iters,
+    gbs,
+    wsd_style="exponential",
+    wsd_iters=None,
+    warmup_fraction=None,
+):
     decay = (decay_iters or train_iters) * gbs
     warmup = warmup_fraction * decay if warmup_fraction is not None else warmup_iters * gbs
     if warmup >= decay:
@@ -69,8 +81,12 @@ def reference_lr(k, *, lr, min_lr, init, style, warmup_iters, decay_iters, train
             coeff = 1.0
         else:
             r = (num - anneal) / wsd
-            coeff = {"linear": 1 - r, "cosine": 0.5 * (math.cos(math.pi * r) + 1),
-                     "exponential": 2 * 0.5**r - 1, "minus_sqrt": 1 - r**0.5}[wsd_style]
+            coeff = {
+                "linear": 1 - r,
+                "cosine": 0.5 * (math.cos(math.pi * r) + 1),
+                "exponential": 2 * 0.5**r - 1,
+                "minus_sqrt": 1 - r**0.5,
+            }[wsd_style]
     return min_lr + coeff * (lr - min_lr)
 
 
@@ -84,13 +100,29 @@ def reference_wd(k, *, start, end, style, train_iters, gbs):
 
 
 def cfgs(*, style="linear", warmup=3, decay=12, init=1e-5, lr=1e-3, min_lr=1e-4, **sched):
-    opt = dict(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=0.1, adam_beta1=0.9,
-               adam_beta2=0.98, adam_eps=1e-8, sgd_momentum=0.9, clip_grad=1.0)
-    scheduler = dict(lr_decay_style=style, lr_decay_iters=decay, lr_warmup_iters=warmup,
-                     lr_warmup_fraction=None, lr_warmup_init=init,
-                     lr_wsd_decay_style="exponential", lr_wsd_decay_iters=None,
-                     start_weight_decay=0.1, end_weight_decay=0.1,
-                     weight_decay_incr_style="constant")
+    opt = dict(
+        optimizer="adam",
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_eps=1e-8,
+        sgd_momentum=0.9,
+        clip_grad=1.0,
+    )
+    scheduler = dict(
+        lr_decay_style=style,
+        lr_decay_iters=decay,
+        lr_warmup_iters=warmup,
+        lr_warmup_fraction=None,
+        lr_warmup_init=init,
+        lr_wsd_decay_style="exponential",
+        lr_wsd_decay_iters=None,
+        start_weight_decay=0.1,
+        end_weight_decay=0.1,
+        weight_decay_incr_style="constant",
+    )
     scheduler.update(sched)
     return opt, scheduler
 
@@ -127,12 +159,23 @@ def test_lr_schedule_matches_megatron(case, gbs):
     total = 10
     schedule = megatron_lr_schedule(opt, sched, total_steps=total, global_batch_size=gbs)
     steps = 20  # past lr_decay_iters: the min_lr floor
-    want = [reference_lr(k, lr=opt["lr"], min_lr=opt["min_lr"], init=sched["lr_warmup_init"],
-                         style=sched["lr_decay_style"], warmup_iters=sched["lr_warmup_iters"],
-                         decay_iters=sched["lr_decay_iters"], train_iters=total, gbs=gbs,
-                         wsd_style=sched["lr_wsd_decay_style"],
-                         wsd_iters=sched["lr_wsd_decay_iters"],
-                         warmup_fraction=sched["lr_warmup_fraction"]) for k in range(steps)]
+    want = [
+        reference_lr(
+            k,
+            lr=opt["lr"],
+            min_lr=opt["min_lr"],
+            init=sched["lr_warmup_init"],
+            style=sched["lr_decay_style"],
+            warmup_iters=sched["lr_warmup_iters"],
+            decay_iters=sched["lr_decay_iters"],
+            train_iters=total,
+            gbs=gbs,
+            wsd_style=sched["lr_wsd_decay_style"],
+            wsd_iters=sched["lr_wsd_decay_iters"],
+            warmup_fraction=sched["lr_warmup_fraction"],
+        )
+        for k in range(steps)
+    ]
     np.testing.assert_allclose(ours(schedule, steps), want, rtol=RTOL, atol=0)
     if sched["lr_warmup_iters"] and sched["lr_warmup_iters"] < 12:
         assert want[0] == sched["lr_warmup_init"]  # the first update runs at lr_warmup_init
@@ -145,8 +188,7 @@ def test_weight_decay_schedule_matches_megatron(style):
     start, end = (0.1, 0.1) if style == "constant" else (0.01, 0.2)
     _, sched = cfgs(start_weight_decay=start, end_weight_decay=end, weight_decay_incr_style=style)
     wd = megatron_wd_schedule(sched, total_steps=8, global_batch_size=3)
-    want = [reference_wd(k, start=start, end=end, style=style, train_iters=8, gbs=3)
-            for k in range(12)]
+    want = [reference_wd(k, start=start, end=end, style=style, train_iters=8, gbs=3) for k in range(12)]
     np.testing.assert_allclose(ours(wd, 12), want, rtol=RTOL, atol=0)
 
 
@@ -157,8 +199,10 @@ def tree():
     rng = np.random.default_rng(0)
     return {  # the leaf names of the decoder: kernel/embedding decay, bias/weight (norms) do not
         "embed": {"embedding": rng.normal(size=(6, 4)).astype(np.float32)},
-        "proj": {"kernel": rng.normal(size=(4, 2, 3)).astype(np.float32),
-                 "bias": rng.normal(size=(2, 3)).astype(np.float32)},
+        "proj": {
+            "kernel": rng.normal(size=(4, 2, 3)).astype(np.float32),
+            "bias": rng.normal(size=(2, 3)).astype(np.float32),
+        },
         "norm": {"weight": rng.normal(size=(4,)).astype(np.float32)},
         "stacked_norm": {"weight": rng.normal(size=(2, 4)).astype(np.float32)},  # scan_layers
     }
@@ -166,8 +210,12 @@ def tree():
 
 def test_decay_mask_is_megatrons_param_groups():
     mask = megatron_decay_mask(tree())
-    assert mask == {"embed": {"embedding": True}, "proj": {"kernel": True, "bias": False},
-                    "norm": {"weight": False}, "stacked_norm": {"weight": False}}
+    assert mask == {
+        "embed": {"embedding": True},
+        "proj": {"kernel": True, "bias": False},
+        "norm": {"weight": False},
+        "stacked_norm": {"weight": False},
+    }
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
@@ -175,19 +223,26 @@ def test_optimizer_matches_torch_with_megatron_param_groups(kind):
     """Megatron's FusedAdam (adam_w_mode) is torch's AdamW; its SGD is torch's SGD; both with
     weight decay only on the decay group, the LR and WD set by the scheduler before each step, and
     clip_grad scaling by clip / (norm + 1e-6) (Megatron's clip_grad_by_total_norm_fp32)."""
-    opt, sched = cfgs(style="cosine", warmup=2, decay=6, start_weight_decay=0.05,
-                      end_weight_decay=0.3, weight_decay_incr_style="linear")
+    opt, sched = cfgs(
+        style="cosine",
+        warmup=2,
+        decay=6,
+        start_weight_decay=0.05,
+        end_weight_decay=0.3,
+        weight_decay_incr_style="linear",
+    )
     opt.update(optimizer=kind, clip_grad=0.5)
     total, gbs, steps = 6, 2, 5
-    tx, lr = make_megatron_optimizer({"optimizer": opt, "scheduler": sched}, total_steps=total,
-                                     global_batch_size=gbs)
+    tx, lr = make_megatron_optimizer({"optimizer": opt, "scheduler": sched}, total_steps=total, global_batch_size=gbs)
     wd = megatron_wd_schedule(sched, total_steps=total, global_batch_size=gbs)
     params = jax.tree.map(jnp.asarray, tree())
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     decays = jax.tree.leaves(megatron_decay_mask(params))
     tparams = [torch.nn.Parameter(torch.tensor(np.asarray(x))) for x in jax.tree.leaves(params)]
-    groups = [{"params": [p for p, d in zip(tparams, decays) if d], "wd_mult": 1.0},
-              {"params": [p for p, d in zip(tparams, decays) if not d], "wd_mult": 0.0}]
+    groups = [
+        {"params": [p for p, d in zip(tparams, decays) if d], "wd_mult": 1.0},
+        {"params": [p for p, d in zip(tparams, decays) if not d], "wd_mult": 0.0},
+    ]
     if kind == "adam":
         topt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.98), eps=1e-8)
     else:
@@ -207,8 +262,7 @@ def test_optimizer_matches_torch_with_megatron_param_groups(kind):
         updates, state = tx.update(jgrads, state, params)
         params = jax.tree.map(lambda p, u: p + u, params, updates)
     for name, a, b in zip(names, jax.tree.leaves(params), tparams):
-        np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=2e-5, atol=2e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=2e-5, atol=2e-6, err_msg=name)
 
 
 def test_clip_grad_scales_by_clip_over_norm_plus_1e6():
@@ -229,12 +283,12 @@ def test_clip_grad_zero_or_null_does_not_clip():
     for clip in (0.0, None):
         opt, sched = cfgs()
         opt["clip_grad"] = clip
-        tx, _ = make_megatron_optimizer({"optimizer": opt, "scheduler": sched}, total_steps=4,
-                                        global_batch_size=1)
+        tx, _ = make_megatron_optimizer({"optimizer": opt, "scheduler": sched}, total_steps=4, global_batch_size=1)
         params = {"w": {"kernel": jnp.ones((2, 2))}}
         grads = {"w": {"kernel": jnp.full((2, 2), 100.0)}}
-        ref, _ = make_megatron_optimizer({"optimizer": {**opt, "clip_grad": 1e9},
-                                          "scheduler": sched}, total_steps=4, global_batch_size=1)
+        ref, _ = make_megatron_optimizer(
+            {"optimizer": {**opt, "clip_grad": 1e9}, "scheduler": sched}, total_steps=4, global_batch_size=1
+        )
         a, _ = tx.update(grads, tx.init(params), params)
         b, _ = ref.update(grads, ref.init(params), params)
         np.testing.assert_array_equal(a["w"]["kernel"], b["w"]["kernel"])
@@ -270,8 +324,9 @@ def load_warned(path, overrides):
 
 
 def test_megatron_recipe_maps_onto_mesh_remat_and_optimizer():
-    cfg, ignored = load_warned(ROOT / "configs" / "sft.py", megatron_overrides(
-        **{"policy.megatron_cfg.activation_checkpointing": True}))
+    cfg, ignored = load_warned(
+        ROOT / "configs" / "sft.py", megatron_overrides(**{"policy.megatron_cfg.activation_checkpointing": True})
+    )
     p = cfg.policy
     assert p.jax_cfg.mesh.tensor == 2 and p.make_sequence_length_divisible_by == 2
     assert p.jax_cfg.remat == "full"
@@ -292,8 +347,7 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
     import yaml
 
     megatron = yaml.safe_load(REFERENCE_SFT.read_text())["policy"]["megatron_cfg"]
-    recipe = {"defaults": str(NEMO_YAML),
-              "policy": {"optimizer": None, "megatron_cfg": {**megatron, "enabled": True}}}
+    recipe = {"defaults": str(NEMO_YAML), "policy": {"optimizer": None, "megatron_cfg": {**megatron, "enabled": True}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     cfg, ignored = load_warned(tmp_path / "recipe.yaml", [])
     m = cfg.policy.megatron_cfg
@@ -301,14 +355,31 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
     assert (m.optimizer.lr, m.optimizer.min_lr, m.optimizer.adam_beta2) == (5e-6, 4.9999e-6, 0.98)
     assert (m.scheduler.lr_decay_iters, m.scheduler.lr_warmup_iters) == (1000, 50)
     megatron_ignored = [k for k in ignored if k.startswith("policy.megatron_cfg")]
-    for key in ("pipeline_model_parallel_size", "context_parallel_size", "sequence_parallel",
-                "expert_model_parallel_size", "distributed_data_parallel_config",
-                "apply_rope_fusion", "cuda_graph_impl", "fp8_cfg",
-                "optimizer.use_distributed_optimizer", "optimizer.bf16", "optimizer.fp16",
-                "optimizer.params_dtype", "optimizer.optimizer_cpu_offload"):
+    for key in (
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "sequence_parallel",
+        "expert_model_parallel_size",
+        "distributed_data_parallel_config",
+        "apply_rope_fusion",
+        "cuda_graph_impl",
+        "fp8_cfg",
+        "optimizer.use_distributed_optimizer",
+        "optimizer.bf16",
+        "optimizer.fp16",
+        "optimizer.params_dtype",
+        "optimizer.optimizer_cpu_offload",
+    ):
         assert f"policy.megatron_cfg.{key}" in megatron_ignored, key
-    used = ("enabled", "tensor_model_parallel_size", "activation_checkpointing", "optimizer.lr",
-            "scheduler.lr_decay_style", "scheduler.lr_warmup_init", "peft")  # peft: LoRA
+    used = (
+        "enabled",
+        "tensor_model_parallel_size",
+        "activation_checkpointing",
+        "optimizer.lr",
+        "scheduler.lr_decay_style",
+        "scheduler.lr_warmup_init",
+        "peft",
+    )  # peft: LoRA
     assert not [k for k in megatron_ignored if k.removeprefix("policy.megatron_cfg.") in used]
     assert "policy.megatron_cfg" not in ignored
 
@@ -320,33 +391,55 @@ def test_disabled_megatron_cfg_stays_ignored_and_optimizer_null_needs_it():
     assert load_config(None, ["policy.megatron_cfg.optimizer.min_lr=1.0"]).policy.megatron_cfg.optimizer.min_lr == 1.0
     with pytest.raises(ConfigError) as info:
         load_config(ROOT / "configs" / "sft.py", ["policy.optimizer=null"])
-    assert info.value.problems == ["policy.optimizer=None: expected a section {name, kwargs}; "
-                                   "null only with policy.megatron_cfg.enabled=true"]
+    assert info.value.problems == [
+        "policy.optimizer=None: expected a section {name, kwargs}; null only with policy.megatron_cfg.enabled=true"
+    ]
 
 
-@pytest.mark.parametrize("override, problem", [
-    ("policy.megatron_cfg.peft={enabled: true, lora_B_init_method: uniform}",  # more: test_lora_config.py
-     "policy.megatron_cfg.peft.lora_B_init_method='uniform': expected \"zero\""),
-    ("policy.megatron_cfg.fp8_cfg.enabled=true",
-     "policy.megatron_cfg.fp8_cfg.enabled=True: expected false; FP8 training is not supported"),
-    ("policy.megatron_cfg.optimizer.fp16=true",
-     "policy.megatron_cfg.optimizer.fp16=True: expected false; fp16 is not supported"),
-    ("policy.megatron_cfg.optimizer.decoupled_lr=0.0001",
-     "policy.megatron_cfg.optimizer.decoupled_lr=0.0001: expected null; a separate LR"),
-    ("policy.megatron_cfg.scheduler.lr_decay_stlye=cosine",
-     "policy.megatron_cfg.scheduler.lr_decay_stlye='cosine': unknown key; did you mean "
-     "policy.megatron_cfg.scheduler.lr_decay_style?"),
-    ("policy.megatron_cfg.scheduler.lr_decay_style=step",
-     "policy.megatron_cfg.scheduler.lr_decay_style='step': expected one of constant, linear, "
-     "cosine, inverse-square-root, WSD"),
-    ("policy.megatron_cfg.optimizer.optimizer=lion",
-     "policy.megatron_cfg.optimizer.optimizer='lion': expected one of adam, sgd"),
-    ("policy.megatron_cfg.scheduler.lr_warmup_init=1.0",
-     "policy.megatron_cfg.scheduler.lr_warmup_init=1.0: expected in [0, optimizer.lr=2e-05]"),
-    ("policy.megatron_cfg.scheduler.start_weight_decay=0.5",
-     "policy.megatron_cfg.scheduler.start_weight_decay=0.5: expected 0 <= "
-     "scheduler.start_weight_decay <= scheduler.end_weight_decay"),
-])
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        (
+            "policy.megatron_cfg.peft={enabled: true, lora_B_init_method: uniform}",  # more: test_lora_config.py
+            "policy.megatron_cfg.peft.lora_B_init_method='uniform': expected \"zero\"",
+        ),
+        (
+            "policy.megatron_cfg.fp8_cfg.enabled=true",
+            "policy.megatron_cfg.fp8_cfg.enabled=True: expected false; FP8 training is not supported",
+        ),
+        (
+            "policy.megatron_cfg.optimizer.fp16=true",
+            "policy.megatron_cfg.optimizer.fp16=True: expected false; fp16 is not supported",
+        ),
+        (
+            "policy.megatron_cfg.optimizer.decoupled_lr=0.0001",
+            "policy.megatron_cfg.optimizer.decoupled_lr=0.0001: expected null; a separate LR",
+        ),
+        (
+            "policy.megatron_cfg.scheduler.lr_decay_stlye=cosine",
+            "policy.megatron_cfg.scheduler.lr_decay_stlye='cosine': unknown key; did you mean "
+            "policy.megatron_cfg.scheduler.lr_decay_style?",
+        ),
+        (
+            "policy.megatron_cfg.scheduler.lr_decay_style=step",
+            "policy.megatron_cfg.scheduler.lr_decay_style='step': expected one of constant, linear, "
+            "cosine, inverse-square-root, WSD",
+        ),
+        (
+            "policy.megatron_cfg.optimizer.optimizer=lion",
+            "policy.megatron_cfg.optimizer.optimizer='lion': expected one of adam, sgd",
+        ),
+        (
+            "policy.megatron_cfg.scheduler.lr_warmup_init=1.0",
+            "policy.megatron_cfg.scheduler.lr_warmup_init=1.0: expected in [0, optimizer.lr=2e-05]",
+        ),
+        (
+            "policy.megatron_cfg.scheduler.start_weight_decay=0.5",
+            "policy.megatron_cfg.scheduler.start_weight_decay=0.5: expected 0 <= "
+            "scheduler.start_weight_decay <= scheduler.end_weight_decay",
+        ),
+    ],
+)
 def test_megatron_values_that_cannot_be_honoured_are_errors(override, problem):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IgnoredKeysWarning)
@@ -409,16 +502,20 @@ def test_megatron_recipe_trains_with_megatrons_lr_series(assets, tmp_path, capsy
     """8 CPU devices: tensor 2 (megatron_cfg), fsdp 4; a cosine schedule with warmup from
     lr_warmup_init whose lr_decay_iters is null (the run's 6 steps), as NeMo RL would step it."""
     gbs, steps = 16, 6
-    run_overrides = tiny_run(assets, tmp_path, **{
-        "sft.max_num_steps": steps,
-        "policy.train_micro_batch_size": 4,
-        "policy.megatron_cfg.optimizer.lr": 1e-3,
-        "policy.megatron_cfg.optimizer.min_lr": 1e-4,
-        "policy.megatron_cfg.scheduler.lr_decay_style": "cosine",
-        "policy.megatron_cfg.scheduler.lr_warmup_iters": 2,
-        "policy.megatron_cfg.scheduler.lr_warmup_init": 1e-5,
-        "policy.megatron_cfg.scheduler.lr_decay_iters": None,
-    })
+    run_overrides = tiny_run(
+        assets,
+        tmp_path,
+        **{
+            "sft.max_num_steps": steps,
+            "policy.train_micro_batch_size": 4,
+            "policy.megatron_cfg.optimizer.lr": 1e-3,
+            "policy.megatron_cfg.optimizer.min_lr": 1e-4,
+            "policy.megatron_cfg.scheduler.lr_decay_style": "cosine",
+            "policy.megatron_cfg.scheduler.lr_warmup_iters": 2,
+            "policy.megatron_cfg.scheduler.lr_warmup_init": 1e-5,
+            "policy.megatron_cfg.scheduler.lr_decay_iters": None,
+        },
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IgnoredKeysWarning)
         cfg = load_config(ROOT / "configs" / "sft.py", megatron_overrides(**run_overrides))
@@ -426,8 +523,20 @@ def test_megatron_recipe_trains_with_megatrons_lr_series(assets, tmp_path, capsy
     assert "mesh: {'data': 1, 'fsdp': 4, 'tensor': 2} over 8 cpu devices" in capsys.readouterr().out
     rows = [json.loads(line) for line in open(result.run_dir / "metrics.jsonl")]
     lrs = [r["train/lr"] for r in rows if "train/lr" in r]
-    want = [reference_lr(k, lr=1e-3, min_lr=1e-4, init=1e-5, style="cosine", warmup_iters=2,
-                         decay_iters=None, train_iters=steps, gbs=gbs) for k in range(steps)]
+    want = [
+        reference_lr(
+            k,
+            lr=1e-3,
+            min_lr=1e-4,
+            init=1e-5,
+            style="cosine",
+            warmup_iters=2,
+            decay_iters=None,
+            train_iters=steps,
+            gbs=gbs,
+        )
+        for k in range(steps)
+    ]
     np.testing.assert_allclose(lrs, want, rtol=RTOL, atol=0)
     assert want[0] == 1e-5 and want[-1] < want[2]
     assert result.final_step == steps and all(np.isfinite(list(result.train_losses.values())))
@@ -439,14 +548,14 @@ def test_hsdp_run_matches_fsdp(assets, tmp_path, capsys):
     losses = {}
     for name, extra in (("hsdp", {"policy.dtensor_cfg.dp_replicate_size": 2}), ("fsdp", {})):
         overrides = tiny_run(assets, tmp_path / name, **{"sft.max_num_steps": 3, **extra})
-        cfg = load_config(ROOT / "configs" / "sft.py",
-                          [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
+        cfg = load_config(
+            ROOT / "configs" / "sft.py", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]
+        )
         losses[name] = train.run(cfg).train_losses
         data = 2 if name == "hsdp" else 1
         assert f"mesh: {{'data': {data}, 'fsdp': {8 // data}, 'tensor': 1}}" in capsys.readouterr().out
     # fp32 sums of a few thousand terms in another order: ~1e-6 relative.
-    np.testing.assert_allclose(list(losses["hsdp"].values()), list(losses["fsdp"].values()),
-                               rtol=1e-5)
+    np.testing.assert_allclose(list(losses["hsdp"].values()), list(losses["fsdp"].values()), rtol=1e-5)
 
 
 NEMO_RECIPES = ROOT.parent / "shared" / "reference" / "nemo-rl-configs" / "examples" / "configs"
@@ -458,22 +567,44 @@ def test_nemo_rl_megatron_recipe_yaml_trains_on_the_cpu(assets, tmp_path, capsys
     pipeline 2, its optimizer and scheduler, OpenMathInstruct-2 in today's data layout with 5%
     carved for validation, a prompt file), with only the model, the data file, the sizes and the
     output folders overridden: 4 steps on 8 CPU devices, the learning rates being Megatron's."""
-    rows = [{m["role"]: m["content"] for m in json.loads(line)["messages"]}
-            for line in open(assets / "data" / "train.jsonl")]
+    rows = [
+        {m["role"]: m["content"] for m in json.loads(line)["messages"]}
+        for line in open(assets / "data" / "train.jsonl")
+    ]
     omi2 = tmp_path / "omi2.jsonl"  # OpenMathInstruct-2's columns
-    omi2.write_text("".join(json.dumps({"problem": r["user"], "generated_solution": r["assistant"],
-                                        "expected_answer": "", "problem_source": "test"}) + "\n"
-                            for r in rows))
+    omi2.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "problem": r["user"],
+                    "generated_solution": r["assistant"],
+                    "expected_answer": "",
+                    "problem_source": "test",
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
     (tmp_path / "math.txt").write_text("Solve: {}")
     gbs, steps = 16, 4
-    overrides = [f"policy.model_name={assets / 'model'}", f"policy.tokenizer.name={assets / 'model'}",
-                 f"data.train.data_path={omi2}", f"data.default.prompt_file={tmp_path / 'math.txt'}",
-                 f"sft.max_num_steps={steps}", "sft.val_global_batch_size=8",
-                 f"policy.train_global_batch_size={gbs}", "policy.max_total_sequence_length=96",
-                 "policy.precision=float32", "policy.jax_cfg.loss_chunk_size=96",
-                 f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
-                 f"logger.log_dir={tmp_path / 'logs'}", "logger.wandb_enabled=false",
-                 "logger.tensorboard_enabled=false", "logger.monitor_gpus=false"]
+    overrides = [
+        f"policy.model_name={assets / 'model'}",
+        f"policy.tokenizer.name={assets / 'model'}",
+        f"data.train.data_path={omi2}",
+        f"data.default.prompt_file={tmp_path / 'math.txt'}",
+        f"sft.max_num_steps={steps}",
+        "sft.val_global_batch_size=8",
+        f"policy.train_global_batch_size={gbs}",
+        "policy.max_total_sequence_length=96",
+        "policy.precision=float32",
+        "policy.jax_cfg.loss_chunk_size=96",
+        f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"logger.log_dir={tmp_path / 'logs'}",
+        "logger.wandb_enabled=false",
+        "logger.tensorboard_enabled=false",
+        "logger.monitor_gpus=false",
+    ]
     recipe = NEMO_RECIPES / "recipes" / "llm" / "sft-llama3.1-8b-1n8g-megatron.yaml"
     with pytest.warns(IgnoredKeysWarning, match="pipeline_model_parallel_size"):
         cfg = load_config(recipe, overrides)
@@ -484,9 +615,20 @@ def test_nemo_rl_megatron_recipe_yaml_trains_on_the_cpu(assets, tmp_path, capsys
     lrs = [r["train/lr"] for r in metrics if "train/lr" in r]
     # The recipe's schedule: sft.yaml's constant style, 50 warmup iterations from 1.9999e-65,
     # lr 2e-5 (min_lr 1.99999e-5), lr_decay_iters 1000.
-    want = [reference_lr(k, lr=2e-5, min_lr=1.99999e-5, init=1.9999e-65, style="constant",
-                         warmup_iters=50, decay_iters=1000, train_iters=steps, gbs=gbs)
-            for k in range(steps)]
+    want = [
+        reference_lr(
+            k,
+            lr=2e-5,
+            min_lr=1.99999e-5,
+            init=1.9999e-65,
+            style="constant",
+            warmup_iters=50,
+            decay_iters=1000,
+            train_iters=steps,
+            gbs=gbs,
+        )
+        for k in range(steps)
+    ]
     # The LR is float32: 1.9999e-65 is 0 there (atol: the smallest normal float32).
     np.testing.assert_allclose(lrs, want, rtol=RTOL, atol=float(np.finfo(np.float32).tiny))
     assert result.final_step == steps and all(np.isfinite(list(result.train_losses.values())))

@@ -8,11 +8,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jax_sft.config import default_config
-from jax_sft.models import ModelConfig
 from jax_sft.metrics import PEAK_TFLOPS, MetricsLogger, peak_flops_per_device
+from jax_sft.models import ModelConfig
 from jax_sft.models.counts import training_flops
 
 
@@ -47,9 +46,20 @@ def test_every_sink_receives_the_metrics(tmp_path, monkeypatch):
 
 
 def test_training_flops_by_hand():
-    hf = {"architectures": ["MistralForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 2,
-          "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": None}
+    hf = {
+        "architectures": ["MistralForCausalLM"],
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "sliding_window": None,
+    }
     cfg = ModelConfig.from_hf_dict(hf)
     per_layer = 8 * 8 + 2 * 8 * 4 + 8 * 8 + 3 * 8 * 16  # q, k+v, o, gate/up/down
     matmul = 3 * per_layer + 8 * 10

@@ -11,8 +11,10 @@ from jax_sft.optim import make_optimizer, make_schedule
 
 torch = pytest.importorskip("torch")
 
-ADAMW = {"name": "torch.optim.AdamW",
-         "kwargs": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-5, "foreach": False}}
+ADAMW = {
+    "name": "torch.optim.AdamW",
+    "kwargs": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-5, "foreach": False},
+}
 
 
 def torch_lrs(scheduler_builder, steps: int, base_lr: float = 1.0) -> list[float]:
@@ -30,22 +32,41 @@ def torch_lrs(scheduler_builder, steps: int, base_lr: float = 1.0) -> list[float
 @pytest.mark.parametrize(
     "ours, theirs",
     [
-        ([{"name": "torch.optim.lr_scheduler.LinearLR",
-           "kwargs": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 7}}],
-         lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, end_factor=1.0, total_iters=7)),
-        ([{"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 20, "eta_min": 0.05}}],
-         lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.05)),
-        ([{"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {"factor": 0.5, "total_iters": 4}}],
-         lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=4)),
-        ([{"name": "torch.optim.lr_scheduler.LinearLR",
-           "kwargs": {"start_factor": 0.01, "end_factor": 1.0, "total_iters": 5}},
-          {"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 15, "eta_min": 0.0}},
-          {"milestones": [5]}],
-         lambda o: torch.optim.lr_scheduler.SequentialLR(
-             o,
-             [torch.optim.lr_scheduler.LinearLR(o, start_factor=0.01, end_factor=1.0, total_iters=5),
-              torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=15, eta_min=0.0)],
-             milestones=[5])),
+        (
+            [
+                {
+                    "name": "torch.optim.lr_scheduler.LinearLR",
+                    "kwargs": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 7},
+                }
+            ],
+            lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, end_factor=1.0, total_iters=7),
+        ),
+        (
+            [{"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 20, "eta_min": 0.05}}],
+            lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.05),
+        ),
+        (
+            [{"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {"factor": 0.5, "total_iters": 4}}],
+            lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=4),
+        ),
+        (
+            [
+                {
+                    "name": "torch.optim.lr_scheduler.LinearLR",
+                    "kwargs": {"start_factor": 0.01, "end_factor": 1.0, "total_iters": 5},
+                },
+                {"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 15, "eta_min": 0.0}},
+                {"milestones": [5]},
+            ],
+            lambda o: torch.optim.lr_scheduler.SequentialLR(
+                o,
+                [
+                    torch.optim.lr_scheduler.LinearLR(o, start_factor=0.01, end_factor=1.0, total_iters=5),
+                    torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=15, eta_min=0.0),
+                ],
+                milestones=[5],
+            ),
+        ),
     ],
     ids=["linear_warmup", "cosine", "constant_factor", "sequential_warmup_cosine"],
 )

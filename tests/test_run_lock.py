@@ -16,8 +16,13 @@ from jax_sft.run_lock import LOCK_NAME, RunLock, RunLocked, StaleLockWarning
 
 
 def write_lock(directory, **info):
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": None,
-              "started": "2026-01-01T00:00:00+0000", **info}
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": None,
+        "started": "2026-01-01T00:00:00+0000",
+        **info,
+    }
     (directory / LOCK_NAME).write_text(json.dumps(holder))
     return holder
 
@@ -31,8 +36,11 @@ def dead_pid() -> int:
 def test_a_live_holder_is_refused_with_its_description(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     write_lock(tmp_path, slurm_job_id="777")
-    with pytest.raises(RunLocked, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}, "
-                                        r"Slurm job 777, started 2026-01-01"):
+    with pytest.raises(
+        RunLocked,
+        match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}, "
+        r"Slurm job 777, started 2026-01-01",
+    ):
         RunLock(tmp_path).acquire()
     assert json.loads((tmp_path / LOCK_NAME).read_text())["slurm_job_id"] == "777"  # untouched
 
@@ -51,10 +59,9 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, monkeypatch, case):
     else:
         write_lock(tmp_path, host="another-host", slurm_job_id="42")
         reason = "this Slurm job 42"
-    with pytest.warns(StaleLockWarning, match=reason):
-        with RunLock(tmp_path) as lock:
-            assert json.loads((tmp_path / LOCK_NAME).read_text()) == lock.info
-            assert lock.info["pid"] == os.getpid() and lock.info["slurm_job_id"] == "42"
+    with pytest.warns(StaleLockWarning, match=reason), RunLock(tmp_path) as lock:
+        assert json.loads((tmp_path / LOCK_NAME).read_text()) == lock.info
+        assert lock.info["pid"] == os.getpid() and lock.info["slurm_job_id"] == "42"
     assert not (tmp_path / LOCK_NAME).exists()  # released
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the stale file moved aside is gone too
 
@@ -87,10 +94,19 @@ def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
 
 
 def test_two_starters_at_once_get_one_lock(tmp_path):
-    code = ("import sys, time; from jax_sft.run_lock import RunLock, RunLocked\n"
-            "try:\n    l = RunLock(sys.argv[1]); l.acquire(); print('got', flush=True); time.sleep(2); l.release()\n"
-            "except RunLocked as e:\n    print('refused', flush=True)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) for _ in range(4)]
+    code = (
+        "import sys, time; from jax_sft.run_lock import RunLock, RunLocked\n"
+        "try:\n    l = RunLock(sys.argv[1]); l.acquire(); print('got', flush=True); time.sleep(2); l.release()\n"
+        "except RunLocked as e:\n    print('refused', flush=True)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        for _ in range(4)
+    ]
     outputs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outputs == ["got", "refused", "refused", "refused"]

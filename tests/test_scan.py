@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_models import hf_logits, make_hf_model
+
 from jax_sft.models import CausalLM, ModelConfig, from_pretrained, save_pretrained, sharding
 from jax_sft.models.hf_names import is_stacked
 
@@ -94,19 +94,26 @@ def test_scan_remat_same_values_and_grads(llama_dir, remat):
         return jax.jit(jax.value_and_grad(loss))(state), jaxpr
 
     (v0, g0), jaxpr0 = value_and_grad(from_pretrained(path, dtype=jnp.float32, scan_layers=True))
-    (v1, g1), jaxpr1 = value_and_grad(from_pretrained(path, dtype=jnp.float32, scan_layers=True,
-                                                      remat=remat))
+    (v1, g1), jaxpr1 = value_and_grad(from_pretrained(path, dtype=jnp.float32, scan_layers=True, remat=remat))
     assert "remat" not in jaxpr0 and ("remat" in jaxpr1 or "checkpoint" in jaxpr1)
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), g1, g0)
 
 
 def _config(layers: int, **extra) -> ModelConfig:
-    return ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
-        "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, **extra,
-    })
+    return ModelConfig.from_hf_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            **extra,
+        }
+    )
 
 
 def test_scan_program_size_is_flat_in_depth():
@@ -140,5 +147,6 @@ def test_scan_params_shard_over_fsdp():
     abstract = nnx.eval_shape(lambda: CausalLM(_config(3), scan_layers=True, rngs=nnx.Rngs(0)))
     specs = {p: v.get_value().spec for p, v in nnx.to_flat_state(sharding.param_shardings(abstract, mesh))}
     assert specs[("layers", "self_attn", "q_proj", "kernel")] == jax.sharding.PartitionSpec(
-        None, "fsdp", "tensor", None)
+        None, "fsdp", "tensor", None
+    )
     assert specs[("layers", "mlp", "down_proj", "kernel")] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")

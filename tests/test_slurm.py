@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_run import make_tiny_run_assets
 
 from jax_sft import distributed
-from tiny_run import make_tiny_run_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launch" / "sft.sbatch"
@@ -44,8 +44,10 @@ EXIT = distributed.PREEMPTED_EXIT_CODE
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged")),
-                       reason="Slurm is not installed (apt-get install slurm-wlm munge; .ci/run does it as root)"),
+    pytest.mark.skipif(
+        not all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged")),
+        reason="Slurm is not installed (apt-get install slurm-wlm munge; .ci/run does it as root)",
+    ),
     pytest.mark.skipif(os.geteuid() != 0, reason="a local Slurm cluster needs root (slurmd)"),
 ]
 
@@ -58,17 +60,25 @@ def cluster(tmp_path_factory) -> dict[str, str]:
     up = subprocess.run([str(LOCAL_SLURM), "up", str(state)], capture_output=True, text=True, timeout=180)
     try:
         assert up.returncode == 0, f"local_slurm.sh up failed:\n{up.stdout}{up.stderr}\n" + "".join(
-            f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((state / "log").glob("*.log")))
+            f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((state / "log").glob("*.log"))
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not a job of another Slurm
-        env.update(SLURM_CONF=str(state / "slurm.conf"), PYTHON=sys.executable, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="", JAX_SFT_XLA_FLAGS="", HF_HUB_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+        env.update(
+            SLURM_CONF=str(state / "slurm.conf"),
+            PYTHON=sys.executable,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="",
+            JAX_SFT_XLA_FLAGS="",
+            HF_HUB_OFFLINE="1",
+            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+        )
         yield env
     finally:
         down = subprocess.run([str(LOCAL_SLURM), "down", str(state)], capture_output=True, text=True, timeout=300)
         status = subprocess.run([str(LOCAL_SLURM), "status", str(state)], capture_output=True, text=True, timeout=30)
         assert down.returncode == 0 and "running" not in status.stdout.replace("not running", ""), (
-            f"local_slurm.sh down:\n{down.stdout}{down.stderr}\n{status.stdout}")
+            f"local_slurm.sh down:\n{down.stdout}{down.stderr}\n{status.stdout}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +113,11 @@ def trainer_args(assets: Path, run: Path, **extra) -> list[str]:
         "cluster.gpus_per_node": 1,
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
-    return ["--config", str(ROOT / "configs" / "quickstart.py"),
-            *(f"{k}={'null' if v is None else v}" for k, v in base.items())]
+    return [
+        "--config",
+        str(ROOT / "configs" / "quickstart.py"),
+        *(f"{k}={'null' if v is None else v}" for k, v in base.items()),
+    ]
 
 
 def metrics(run: Path) -> dict[int, dict[str, float]]:
@@ -120,8 +133,14 @@ def metrics(run: Path) -> dict[int, dict[str, float]]:
 def reference(assets, cluster, tmp_path_factory) -> dict[int, dict[str, float]]:
     """An uninterrupted run: one process, as the time-limit job but without Slurm."""
     run = tmp_path_factory.mktemp("reference")
-    out = subprocess.run([sys.executable, "-m", "jax_sft.train", *trainer_args(assets, run)], cwd=ROOT,
-                         env=cluster, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "jax_sft.train", *trainer_args(assets, run)],
+        cwd=ROOT,
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return metrics(run)
 
@@ -137,8 +156,17 @@ def slurm(env: dict[str, str], *args: str) -> str:
 
 def submit(env: dict[str, str], log_dir: Path, options: list[str], args: list[str]) -> tuple[int, Path]:
     """sbatch launch/sft.sbatch (from the repository root, as the script expects); (job id, its log)."""
-    out = slurm(env, "sbatch", "--parsable", f"--output={log_dir}/job-%j.out", "--nodes=1", "--gpus-per-node=0",
-                *options, str(SBATCH), *args)
+    out = slurm(
+        env,
+        "sbatch",
+        "--parsable",
+        f"--output={log_dir}/job-%j.out",
+        "--nodes=1",
+        "--gpus-per-node=0",
+        *options,
+        str(SBATCH),
+        *args,
+    )
     job = int(out.strip().split(";")[0])
     log = log_dir / f"job-{job}.out"
     # The node is idle: a job that does not start at once never will (e.g. Reason=PartitionNodeLimit).
@@ -160,8 +188,9 @@ def wait_until(condition, timeout: float, what: str, env: dict[str, str], job: i
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s; job {job}: {job_info(env, job)}\n"
-                                 f"--- {log}\n{log_of(log)[-4000:]}")
+            raise AssertionError(
+                f"{what}: not within {timeout} s; job {job}: {job_info(env, job)}\n--- {log}\n{log_of(log)[-4000:]}"
+            )
         time.sleep(0.1)
 
 
@@ -202,8 +231,7 @@ def stopped(pid: int) -> bool:
     return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] in "Tt"
 
 
-def pause_until_signalled(env, job: int, pids: list[int], signum: int, log: Path, timeout: float,
-                          send=None) -> None:
+def pause_until_signalled(env, job: int, pids: list[int], signum: int, log: Path, timeout: float, send=None) -> None:
     """SIGSTOP the trainers, call `send` (what makes Slurm signal them, if anything), wait until
     Slurm's `signum` is pending in each of them (or Slurm continued it: it sends SIGCONT before
     some signals; or a trainer got it just before it stopped), then SIGCONT."""
@@ -214,11 +242,20 @@ def pause_until_signalled(env, job: int, pids: list[int], signum: int, log: Path
         wait_until(lambda: all(stopped(p) for p in pids), 10, f"SIGSTOP to stop {pids}", env, job, log)
         if send is not None:
             send()
-        wait_until(lambda: all(pending(p, signum) or not stopped(p) for p in pids)
-                   or f"[jax_sft] {name} received" in log_of(log), timeout,
-                   f"{name} pending in the trainer processes {pids}", env, job, log)
-        print(f"\n{name} reached {pids}: "
-              f"{['pending' if pending(p, signum) else 'running (continued by Slurm)' for p in pids]}")
+        wait_until(
+            lambda: (
+                all(pending(p, signum) or not stopped(p) for p in pids) or f"[jax_sft] {name} received" in log_of(log)
+            ),
+            timeout,
+            f"{name} pending in the trainer processes {pids}",
+            env,
+            job,
+            log,
+        )
+        print(
+            f"\n{name} reached {pids}: "
+            f"{['pending' if pending(p, signum) else 'running (continued by Slurm)' for p in pids]}"
+        )
     finally:
         for pid in pids:
             if Path(f"/proc/{pid}").exists():
@@ -240,18 +277,24 @@ def loss_table(title: str, ref: dict[int, dict[str, float]], got: dict[int, dict
 # ----------------------------------------------------------------------------- tests
 
 
-def test_time_limit_signal_saves_requeues_and_resumes_to_the_uninterrupted_losses(
-        cluster, assets, reference, tmp_path):
+def test_time_limit_signal_saves_requeues_and_resumes_to_the_uninterrupted_losses(cluster, assets, reference, tmp_path):
     """--time=2 --signal=B:USR1@30: Slurm signals the batch shell 30 s before the limit (up to 30 s
     earlier: slurmctld checks every 30 s), i.e. 60 to 90 s into the job. The script forwards it,
     the trainer saves and exits 75, the script runs `scontrol requeue`, and the job's restart 1
     resumes and completes (within 60 s, before its own warning)."""
     run = tmp_path / "run"
-    job, log = submit(cluster, tmp_path, ["--job-name=time-limit", "--time=2", "--signal=B:USR1@30"],
-                      trainer_args(assets, run))
+    job, log = submit(
+        cluster, tmp_path, ["--job-name=time-limit", "--time=2", "--signal=B:USR1@30"], trainer_args(assets, run)
+    )
     warned = "SIGUSR1: time limit near"  # the batch shell's line
-    wait_until(lambda: (run / "ckpt" / f"step_{SAVE_PERIOD}").is_dir() or warned in log_of(log), 100,
-               f"step_{SAVE_PERIOD} saved", cluster, job, log)
+    wait_until(
+        lambda: (run / "ckpt" / f"step_{SAVE_PERIOD}").is_dir() or warned in log_of(log),
+        100,
+        f"step_{SAVE_PERIOD} saved",
+        cluster,
+        job,
+        log,
+    )
     if warned not in log_of(log):  # else a slow machine: the signal came first, mid-run or not
         [pid] = task_pids(cluster, job, 1, log)
         pause_until_signalled(cluster, job, [pid], signal.SIGUSR1, log, timeout=100)
@@ -259,7 +302,8 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_uninterrupted_losse
     text = log_of(log)
 
     assert "SIGUSR1 received before the first step" not in text, (
-        f"the job had not started training 60-90 s after it started (an overloaded machine?):\n{text[-4000:]}")
+        f"the job had not started training 60-90 s after it started (an overloaded machine?):\n{text[-4000:]}"
+    )
     stopped = re.search(r"step (\d+): SIGUSR1 received; saved step_(\d+)", text)
     assert stopped and stopped[1] == stopped[2], text[-4000:]
     step = int(stopped[1])
@@ -271,8 +315,10 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_uninterrupted_losse
     assert f"resumed from {run / 'ckpt' / f'step_{step}'} (step {step}," in text
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
     print(f"\njob {job}: {info['JobState']}, Restarts={info['Restarts']}, ExitCode={info['ExitCode']}")
-    show(text, [r"^\[.*\] (job|SIGUSR1|srun exited|requeueing)", r"SIGUSR1 received", r"resumed from",
-                r"step \d+: val_loss"])
+    show(
+        text,
+        [r"^\[.*\] (job|SIGUSR1|srun exited|requeueing)", r"SIGUSR1 received", r"resumed from", r"step \d+: val_loss"],
+    )
 
     got = metrics(run)
     assert sorted(got) == list(range(1, STEPS + 1))  # every step once: run 1 to `step`, restart 1 after
@@ -280,14 +326,15 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_uninterrupted_losse
     # Same process layout, same arithmetic: resuming (weights, AdamW moments, data position) gives
     # the same losses; rtol 1e-6 as test_train's kill -9 test, since XLA's CPU reductions are not
     # guaranteed to be bitwise the same in a new process (seen there: 1e-7 relative).
-    np.testing.assert_allclose([got[s]["train/loss"] for s in range(1, STEPS + 1)],
-                               [reference[s]["train/loss"] for s in range(1, STEPS + 1)], rtol=1e-6)
-    np.testing.assert_allclose(got[STEPS]["validation/val_loss"],
-                               reference[STEPS]["validation/val_loss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        [got[s]["train/loss"] for s in range(1, STEPS + 1)],
+        [reference[s]["train/loss"] for s in range(1, STEPS + 1)],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(got[STEPS]["validation/val_loss"], reference[STEPS]["validation/val_loss"], rtol=1e-6)
 
 
-def test_scancel_of_two_tasks_on_one_node_leaves_a_checkpoint_a_new_job_resumes(
-        cluster, assets, reference, tmp_path):
+def test_scancel_of_two_tasks_on_one_node_leaves_a_checkpoint_a_new_job_resumes(cluster, assets, reference, tmp_path):
     """--ntasks-per-node=2: two trainer processes connected through JAX's Slurm detection (srun's
     environment: SLURM_PROCID, SLURM_STEP_NODELIST, ...), one CPU device each. scancel sends
     SIGTERM to both; they save the same step and exit 75; a scancel is not requeued."""
@@ -295,11 +342,13 @@ def test_scancel_of_two_tasks_on_one_node_leaves_a_checkpoint_a_new_job_resumes(
     args = trainer_args(assets, run, cluster__gpus_per_node=2)
     options = ["--job-name=two-tasks", "--ntasks-per-node=2", "--time=5"]
     job, log = submit(cluster, tmp_path, options, args)
-    wait_until(lambda: (run / "ckpt" / f"step_{SAVE_PERIOD}").is_dir(), 120, f"step_{SAVE_PERIOD} saved",
-               cluster, job, log)
+    wait_until(
+        lambda: (run / "ckpt" / f"step_{SAVE_PERIOD}").is_dir(), 120, f"step_{SAVE_PERIOD} saved", cluster, job, log
+    )
     pids = task_pids(cluster, job, 2, log)
-    pause_until_signalled(cluster, job, pids, signal.SIGTERM, log, timeout=30,
-                          send=lambda: slurm(cluster, "scancel", str(job)))
+    pause_until_signalled(
+        cluster, job, pids, signal.SIGTERM, log, timeout=30, send=lambda: slurm(cluster, "scancel", str(job))
+    )
     info = job_ended(cluster, job, "CANCELLED", 90, log)
     text = log_of(log)
     assert "over 2 cpu devices (2 processes)" in text, text[-4000:]
@@ -326,6 +375,9 @@ def test_scancel_of_two_tasks_on_one_node_leaves_a_checkpoint_a_new_job_resumes(
     # Two processes of one device each against one process: the same batches, summed in another
     # order (fp32 over ~1,000 tokens per step): agreement to a few ulps of the loss, compounded
     # over 20 AdamW steps, as in test_distributed.
-    np.testing.assert_allclose([got[s]["train/loss"] for s in range(1, STEPS + 1)],
-                               [reference[s]["train/loss"] for s in range(1, STEPS + 1)], rtol=1e-4)
+    np.testing.assert_allclose(
+        [got[s]["train/loss"] for s in range(1, STEPS + 1)],
+        [reference[s]["train/loss"] for s in range(1, STEPS + 1)],
+        rtol=1e-4,
+    )
     np.testing.assert_allclose(got[STEPS]["validation/val_loss"], reference[STEPS]["validation/val_loss"], rtol=1e-4)

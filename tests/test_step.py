@@ -15,9 +15,20 @@ from jax_sft.models import CausalLM, ModelConfig, sharding
 from jax_sft.optim import make_optimizer
 from jax_sft.step import make_step_fns, opt_state_shardings
 
-HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97, "hidden_size": 32,
-      "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-      "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
+HF = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
 OPT = {"name": "torch.optim.AdamW", "kwargs": {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-5}}
 
 
@@ -43,9 +54,19 @@ def setup(devices, dtype=jnp.float32, **step_kwargs):
     params = jax.device_put(params, shardings)
     tx, schedule = make_optimizer(OPT, None, 1.0)
     opt_shardings = opt_state_shardings(tx, params, shardings, mesh)
-    fns = make_step_fns(graphdef, rest, tx, schedule, mesh=mesh, param_shardings=shardings,
-                        opt_shardings=opt_shardings, chunk_size=8, packed=True, compute_dtype=dtype,
-                        **step_kwargs)
+    fns = make_step_fns(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        mesh=mesh,
+        param_shardings=shardings,
+        opt_shardings=opt_shardings,
+        chunk_size=8,
+        packed=True,
+        compute_dtype=dtype,
+        **step_kwargs,
+    )
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return fns, params, frozen, opt_state, sharding.batch_sharding(mesh)
 
@@ -71,7 +92,7 @@ def test_one_micro_batch_of_8_equals_four_of_2():
         fns, params, frozen, opt_state, bs = setup(jax.devices()[:1])
         p1, _, m1 = one_step(fns, params, frozen, opt_state, bs, [batch])
         fns, params, frozen, opt_state, bs = setup(jax.devices()[:1])
-        split = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+        split = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
         p4, _, m4 = one_step(fns, params, frozen, opt_state, bs, split)
     # The loss is the token mean over the whole global batch, not a mean of micro-batch means.
     mask = batch["loss_mask"]
@@ -95,8 +116,10 @@ def test_weights_are_cast_once_per_step_with_the_same_loss_and_gradients():
     micro = [rows(2, seed=i) for i in range(3)]
     fns, params, frozen, _, bs = setup(jax.devices()[:1], dtype=jnp.bfloat16)
     compute, _ = fns.cast(params, frozen)
-    dtypes = {jax.tree_util.keystr(p, simple=True, separator="."): x.dtype
-              for p, x in jax.tree_util.tree_leaves_with_path(compute)}
+    dtypes = {
+        jax.tree_util.keystr(p, simple=True, separator="."): x.dtype
+        for p, x in jax.tree_util.tree_leaves_with_path(compute)
+    }
     assert dtypes["embed_tokens.embedding.value"] == jnp.bfloat16
     assert dtypes["layers.0.self_attn.q_proj.kernel.value"] == jnp.bfloat16
     assert dtypes["layers.0.input_layernorm.weight.value"] == jnp.float32
@@ -147,11 +170,11 @@ def nll_reference_f64(h, w, targets, mask):
     d_g = (p * (2 * d_max + 8 * U32)) * m  # softmax of logits off by <= d_max, plus exp/log roundings
     n_tokens = h.shape[0] * h.shape[1]
     dh_tol = d_g @ np.abs(w).T + gamma(vocab) * (np.abs(g) @ np.abs(w).T)
-    dw_tol = (np.einsum("btd,btv->dv", np.abs(h), d_g)
-              + gamma(n_tokens) * np.einsum("btd,btv->dv", np.abs(h), np.abs(g)))
+    dw_tol = np.einsum("btd,btv->dv", np.abs(h), d_g) + gamma(n_tokens) * np.einsum("btd,btv->dv", np.abs(h), np.abs(g))
     nll = (log_z[..., None] - logits) * onehot * m
-    loss_tol = float((m[..., 0] * (2 * d_max[..., 0] + 8 * U32 * np.abs(log_z))).sum()
-                     + gamma(n_tokens) * np.abs(nll).sum())
+    loss_tol = float(
+        (m[..., 0] * (2 * d_max[..., 0] + 8 * U32 * np.abs(log_z))).sum() + gamma(n_tokens) * np.abs(nll).sum()
+    )
     return loss, (dh, dw), loss_tol, (dh_tol, dw_tol)
 
 
@@ -164,8 +187,9 @@ def test_chunked_loss_and_grads_equal_full_log_softmax(chunk):
     mask = (jax.random.uniform(k[3], (2, 32)) > 0.3).astype(jnp.int32)
 
     with jax.default_matmul_precision("highest"):
-        got, got_g = jax.value_and_grad(
-            lambda h, w: masked_nll_sum(h, w, targets, mask, chunk), argnums=(0, 1))(hidden, kernel)
+        got, got_g = jax.value_and_grad(lambda h, w: masked_nll_sum(h, w, targets, mask, chunk), argnums=(0, 1))(
+            hidden, kernel
+        )
     ref, ref_g, loss_tol, grad_tols = nll_reference_f64(hidden, kernel, targets, mask)
     assert abs(float(got) - ref) <= loss_tol, (float(got), ref, loss_tol)
     for name, a, b, tol in zip(("d_hidden", "d_kernel"), got_g, ref_g, grad_tols):
@@ -178,8 +202,14 @@ def test_chunked_loss_and_grads_equal_full_log_softmax(chunk):
 def test_chunked_loss_never_holds_whole_fp32_logits():
     """The compiled loss's largest fp32 buffer is one chunk of logits, not [batch, seq, vocab]."""
     batch, seq, dim, vocab, chunk = 2, 256, 16, 4096, 32
-    f = jax.jit(jax.grad(lambda h, w: masked_nll_sum(h, w, jnp.zeros((batch, seq), jnp.int32),
-                                                   jnp.ones((batch, seq), jnp.int32), chunk), argnums=(0, 1)))
+    f = jax.jit(
+        jax.grad(
+            lambda h, w: masked_nll_sum(
+                h, w, jnp.zeros((batch, seq), jnp.int32), jnp.ones((batch, seq), jnp.int32), chunk
+            ),
+            argnums=(0, 1),
+        )
+    )
     mem = f.lower(jnp.zeros((batch, seq, dim)), jnp.zeros((dim, vocab))).compile().memory_analysis()
     whole = batch * seq * vocab * 4
     assert mem.temp_size_in_bytes < whole / 2, (mem.temp_size_in_bytes, whole)
@@ -187,8 +217,7 @@ def test_chunked_loss_never_holds_whole_fp32_logits():
 
 def test_chunk_size_must_divide_sequence():
     with pytest.raises(ValueError, match="loss_chunk_size=24"):
-        masked_nll_sum(jnp.zeros((1, 64, 4)), jnp.zeros((4, 8)), jnp.zeros((1, 64), jnp.int32),
-                       jnp.ones((1, 64)), 24)
+        masked_nll_sum(jnp.zeros((1, 64, 4)), jnp.zeros((4, 8)), jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64)), 24)
 
 
 @pytest.mark.parametrize("poison", ["loss", "grad"])

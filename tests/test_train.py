@@ -10,19 +10,24 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from tiny_run import make_tiny_run_assets
 
 from jax_sft import config as config_lib
 from jax_sft import train
 from jax_sft.config import make_plan
-from tiny_run import make_tiny_run_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_NAMES = (
-    "train/loss", "train/mfu", "train/grad_norm", "train/lr", "train/num_unmasked_tokens",
-    "train/global_valid_toks", "timing/train/total_step_time", "timing/train/data_processing",
+    "train/loss",
+    "train/mfu",
+    "train/grad_norm",
+    "train/lr",
+    "train/num_unmasked_tokens",
+    "train/global_valid_toks",
+    "timing/train/total_step_time",
+    "timing/train/data_processing",
     "timing/train/valid_tokens_per_sec_per_gpu",
 )
 
@@ -69,8 +74,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def test_end_to_end_val_loss_falls_and_metrics_are_written(assets, tmp_path, monkeypatch):
     # A made-up peak for the CPU, so that the MFU path runs here as it does on a GPU.
     monkeypatch.setattr("jax_sft.metrics.peak_flops_per_device", lambda device, precision: 1e12)
-    result = train.run(load(assets, tmp_path, sft__max_num_steps=12, sft__val_period=6,
-                            logger__tensorboard_enabled=True))
+    result = train.run(
+        load(assets, tmp_path, sft__max_num_steps=12, sft__val_period=6, logger__tensorboard_enabled=True)
+    )
     vals = [result.val_losses[s] for s in sorted(result.val_losses)]
     assert sorted(result.val_losses) == [0, 6, 12]
     assert vals[-1] < 0.7 * vals[0], vals
@@ -88,9 +94,9 @@ def test_end_to_end_val_loss_falls_and_metrics_are_written(assets, tmp_path, mon
 
 def test_step0_val_loss_equals_hf_torch_masked_nll(assets, tmp_path):
     torch = pytest.importorskip("torch")
+    from hf_models import hf_val_loss
     from transformers import AutoModelForCausalLM
 
-    from hf_models import hf_val_loss
     from jax_sft import data as data_lib
 
     cfg = load(assets, tmp_path, sft__max_num_steps=0, checkpointing__enabled=False)
@@ -102,11 +108,19 @@ def test_step0_val_loss_equals_hf_torch_masked_nll(assets, tmp_path):
 
 def test_sharded_8_devices_matches_single_device(assets, tmp_path):
     single = train.run(load(assets, tmp_path / "one", sft__max_num_steps=5, checkpointing__enabled=False))
-    sharded = train.run(load(
-        assets, tmp_path / "eight", sft__max_num_steps=5, checkpointing__enabled=False,
-        cluster__gpus_per_node=8, policy__jax_cfg__mesh__fsdp=4, policy__jax_cfg__mesh__tensor=2,
-        policy__train_micro_batch_size=2, sft__val_micro_batch_size=8,
-    ))
+    sharded = train.run(
+        load(
+            assets,
+            tmp_path / "eight",
+            sft__max_num_steps=5,
+            checkpointing__enabled=False,
+            cluster__gpus_per_node=8,
+            policy__jax_cfg__mesh__fsdp=4,
+            policy__jax_cfg__mesh__tensor=2,
+            policy__train_micro_batch_size=2,
+            sft__val_micro_batch_size=8,
+        )
+    )
     one = [single.train_losses[s] for s in range(1, 6)]
     eight = [sharded.train_losses[s] for s in range(1, 6)]
     print("\nstep  1 device      8 devices (fsdp 4 x tensor 2)")
@@ -143,19 +157,29 @@ def killed_and_resumed(assets: Path, run: Path, **extra) -> tuple[int, dict[int,
 
 def test_resume_after_kill_9_reproduces_uninterrupted_losses(assets, tmp_path):
     killed_at, second = killed_and_resumed(assets, tmp_path / "killed")
-    straight = train.run(load(assets, tmp_path / "straight", sft__max_num_steps=10, sft__val_period=5,
-                              checkpointing__save_period=2))
+    straight = train.run(
+        load(assets, tmp_path / "straight", sft__max_num_steps=10, sft__val_period=5, checkpointing__save_period=2)
+    )
     print(f"\nkilled after step_{killed_at}; step  uninterrupted  resumed")
     for s in sorted(second):
         print(f"{s:>4}  {straight.train_losses[s]:.7f}   {second[s]:.7f}")
-    np.testing.assert_allclose([second[s] for s in sorted(second)],
-                               [straight.train_losses[s] for s in sorted(second)], rtol=1e-6)
+    np.testing.assert_allclose(
+        [second[s] for s in sorted(second)], [straight.train_losses[s] for s in sorted(second)], rtol=1e-6
+    )
 
 
 def test_top_k_retention_keeps_latest_and_best(assets, tmp_path):
-    result = train.run(load(assets, tmp_path, sft__max_num_steps=6, sft__val_period=1,
-                            checkpointing__save_period=1, checkpointing__keep_top_k=2,
-                            checkpointing__higher_is_better=True))
+    result = train.run(
+        load(
+            assets,
+            tmp_path,
+            sft__max_num_steps=6,
+            sft__val_period=1,
+            checkpointing__save_period=1,
+            checkpointing__keep_top_k=2,
+            checkpointing__higher_is_better=True,
+        )
+    )
     # higher_is_better=True on a falling val_loss: the best are the earliest saves.
     vals = {s: v for s, v in result.val_losses.items() if s > 0}
     best = sorted(vals, key=lambda s: vals[s], reverse=True)[:2]
@@ -165,14 +189,15 @@ def test_top_k_retention_keeps_latest_and_best(assets, tmp_path):
 
 def test_export_loads_in_transformers_with_the_same_val_loss(assets, tmp_path):
     torch = pytest.importorskip("torch")
+    from hf_models import hf_val_loss
     from transformers import AutoModelForCausalLM
 
-    from hf_models import hf_val_loss
     from jax_sft import data as data_lib
     from jax_sft.export import main as export_main
 
-    cfg = load(assets, tmp_path, sft__max_num_steps=4, sft__val_at_end=True,
-               checkpointing__hf_export_dir=tmp_path / "hf_end")
+    cfg = load(
+        assets, tmp_path, sft__max_num_steps=4, sft__val_at_end=True, checkpointing__hf_export_dir=tmp_path / "hf_end"
+    )
     result = train.run(cfg)
     export_main(["--checkpoint", str(tmp_path / "ckpt" / "step_4"), "--out", str(tmp_path / "hf_cli")])
     tokenizer = data_lib.load_tokenizer(cfg)
@@ -186,9 +211,16 @@ def test_export_loads_in_transformers_with_the_same_val_loss(assets, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (dict(cluster__gpus_per_node=8, policy__train_global_batch_size=12, policy__train_micro_batch_size=1,
-              sft__val_global_batch_size=8, sft__val_micro_batch_size=1),
-         "policy.train_global_batch_size=12 is not divisible by micro batch 1 x data-parallel size 8"),
+        (
+            dict(
+                cluster__gpus_per_node=8,
+                policy__train_global_batch_size=12,
+                policy__train_micro_batch_size=1,
+                sft__val_global_batch_size=8,
+                sft__val_micro_batch_size=1,
+            ),
+            "policy.train_global_batch_size=12 is not divisible by micro batch 1 x data-parallel size 8",
+        ),
         (dict(policy__max_total_sequence_length=512), "exceeds the model's max_position_embeddings=256"),
         (dict(cluster__gpus_per_node=8, policy__jax_cfg__mesh__tensor=3), "does not divide the 8 devices"),
     ],
@@ -208,9 +240,19 @@ def test_unwritable_checkpoint_dir_fails_before_compiling(assets, tmp_path):
 def test_non_finite_step_names_a_checkpoint_whose_weights_are_finite(assets, tmp_path):
     # lr 1e10 after a near-zero first step: step 2's update ruins the weights (finite, ~1e9),
     # and step 3's loss on them is NaN. step_2 holds those weights: the good one is step_1.
-    warm = "[{name: torch.optim.lr_scheduler.LinearLR, kwargs: {start_factor: 1.0e-12, end_factor: 1.0, total_iters: 2}}]"
-    cfg = load(assets, tmp_path, sft__max_num_steps=8, checkpointing__save_period=1, sft__val_period=0,
-               policy__optimizer__kwargs__lr=1e10, policy__max_grad_norm=None, policy__scheduler=warm)
+    warm = (
+        "[{name: torch.optim.lr_scheduler.LinearLR, kwargs: {start_factor: 1.0e-12, end_factor: 1.0, total_iters: 2}}]"
+    )
+    cfg = load(
+        assets,
+        tmp_path,
+        sft__max_num_steps=8,
+        checkpointing__save_period=1,
+        sft__val_period=0,
+        policy__optimizer__kwargs__lr=1e10,
+        policy__max_grad_norm=None,
+        policy__scheduler=warm,
+    )
     with pytest.raises(train.TrainingDiverged, match=r"diverged at step (\d+)") as err:
         train.run(cfg)
     message = str(err.value)
@@ -221,15 +263,32 @@ def test_non_finite_step_names_a_checkpoint_whose_weights_are_finite(assets, tmp
     assert f"diverged_step_{bad - 1}" in message
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"diverged_step_{bad - 1}", "step_1"]
     # A rerun with a sane learning rate resumes from the named checkpoint and trains normally.
-    result = train.run(load(assets, tmp_path, sft__max_num_steps=4, sft__val_period=0, checkpointing__save_period=1,
-                            policy__optimizer__kwargs__lr=1e-3, policy__max_grad_norm=None, policy__scheduler=warm))
+    result = train.run(
+        load(
+            assets,
+            tmp_path,
+            sft__max_num_steps=4,
+            sft__val_period=0,
+            checkpointing__save_period=1,
+            policy__optimizer__kwargs__lr=1e-3,
+            policy__max_grad_norm=None,
+            policy__scheduler=warm,
+        )
+    )
     assert sorted(result.train_losses) == [2, 3, 4]
     assert all(np.isfinite(v) and v < 10 for v in result.train_losses.values()), result.train_losses
 
 
 def test_checkpoint_must_save_by_saves_and_stops(assets, tmp_path):
-    result = train.run(load(assets, tmp_path, sft__max_num_steps=50, checkpointing__save_period=100,
-                            checkpointing__checkpoint_must_save_by="00:00:00:01"))
+    result = train.run(
+        load(
+            assets,
+            tmp_path,
+            sft__max_num_steps=50,
+            checkpointing__save_period=100,
+            checkpointing__checkpoint_must_save_by="00:00:00:01",
+        )
+    )
     assert result.stopped_early and "checkpoint_must_save_by" in result.stopped_early
     assert result.final_step < 50
     assert sorted(int(p.name[5:]) for p in (tmp_path / "ckpt").glob("step_*")) == [result.final_step]
@@ -246,9 +305,11 @@ def test_export_never_replaces_the_checkpoint_folder(assets, tmp_path, capsys):
     for out in (tmp_path / "ckpt", tmp_path / "logs"):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            export_main(["--checkpoint", str(tmp_path / "ckpt" / "step_2"), "--out", str(out), "--overwrite"]
-                        if out.name == "ckpt" else
-                        ["--checkpoint", str(tmp_path / "ckpt" / "step_2"), "--out", str(out)])
+            export_main(
+                ["--checkpoint", str(tmp_path / "ckpt" / "step_2"), "--out", str(out), "--overwrite"]
+                if out.name == "ckpt"
+                else ["--checkpoint", str(tmp_path / "ckpt" / "step_2"), "--out", str(out)]
+            )
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: export to ") and err.count("\n") == 1, err
@@ -269,8 +330,9 @@ def test_incomplete_checkpoints_are_never_resumed_or_exported(assets, tmp_path, 
         export_checkpoint(tmp_path / "ckpt" / "step_4", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     with pytest.warns(IncompleteCheckpointWarning, match=r"skipping .*step_4: incomplete checkpoint"):
-        result = train.run(load(assets, tmp_path, sft__max_num_steps=6, sft__val_period=0,
-                                checkpointing__save_period=2))
+        result = train.run(
+            load(assets, tmp_path, sft__max_num_steps=6, sft__val_period=0, checkpointing__save_period=2)
+        )
     assert sorted(result.train_losses) == [3, 4, 5, 6]  # resumed from step_2
     captured = capsys.readouterr()
     assert f"resumed from {tmp_path / 'ckpt' / 'step_2'}" in captured.out + captured.err
@@ -293,11 +355,18 @@ def test_a_second_run_on_a_locked_checkpoint_dir_refuses_at_once(assets, tmp_pat
 
 
 def test_two_runs_started_together_one_refuses_and_the_other_finishes(assets, tmp_path):
-    cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"),
-           *overrides(assets, tmp_path, sft__max_num_steps=6, sft__val_period=0, checkpointing__save_period=2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jax_sft.train",
+        "--config",
+        str(ROOT / "configs" / "quickstart.py"),
+        *overrides(assets, tmp_path, sft__max_num_steps=6, sft__val_period=0, checkpointing__save_period=2),
+    ]
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 2)
@@ -312,17 +381,32 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir()
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_full_says_so_in_one_line_and_keeps_earlier_checkpoints(assets, tmp_path, monkeypatch):
     fs = tmp_path / "fs"
     if _mount_tmpfs(fs, "1500k"):  # room for one checkpoint (~1.2 MB with AdamW's moments), not two
         try:
-            cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"),
-                   *overrides(assets, tmp_path, sft__max_num_steps=8, checkpointing__save_period=2,
-                              checkpointing__checkpoint_dir=fs / "ckpt")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "jax_sft.train",
+                "--config",
+                str(ROOT / "configs" / "quickstart.py"),
+                *overrides(
+                    assets,
+                    tmp_path,
+                    sft__max_num_steps=8,
+                    checkpointing__save_period=2,
+                    checkpointing__checkpoint_dir=fs / "ckpt",
+                ),
+            ]
             env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             kept = sorted(p.name for p in (fs / "ckpt").iterdir())
@@ -354,8 +438,14 @@ def test_disk_full_says_so_in_one_line_and_keeps_earlier_checkpoints(assets, tmp
 
 def test_sigterm_during_start_up_exits_75(assets, tmp_path):
     """The handler is in place before the heavy imports: SIGTERM at that moment exits 75, not 143."""
-    cmd = [sys.executable, "-m", "jax_sft.train", "--config", str(ROOT / "configs" / "quickstart.py"),
-           *overrides(assets, tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jax_sft.train",
+        "--config",
+        str(ROOT / "configs" / "quickstart.py"),
+        *overrides(assets, tmp_path),
+    ]
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -388,8 +478,7 @@ def test_lazy_tokenisation_trains_like_upfront_and_resumes(assets, tmp_path):
     print("\nstep  upfront    lazy (resumed after step 3)")
     for s in sorted(got):
         print(f"{s:>4}  {upfront.train_losses[s]:.7f}  {got[s]:.7f}")
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [upfront.train_losses[s] for s in sorted(got)],
-                               rtol=1e-6)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [upfront.train_losses[s] for s in sorted(got)], rtol=1e-6)
     np.testing.assert_allclose(second.val_losses[6], upfront.val_losses[6], rtol=1e-6)
 
 

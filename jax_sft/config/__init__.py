@@ -21,6 +21,17 @@ from jax_sft.config.plan import RunPlan, make_plan
 from jax_sft.errors import ConfigError
 
 __all__ = [
-    "SQUAD_TEMPLATE", "ConfigError", "IgnoredKeysWarning", "RunPlan", "apply_overrides", "default_config",
-    "load_config", "lora_config", "make_plan", "parse_args", "save_config", "to_yaml", "validate",
+    "SQUAD_TEMPLATE",
+    "ConfigError",
+    "IgnoredKeysWarning",
+    "RunPlan",
+    "apply_overrides",
+    "default_config",
+    "load_config",
+    "lora_config",
+    "make_plan",
+    "parse_args",
+    "save_config",
+    "to_yaml",
+    "validate",
 ]

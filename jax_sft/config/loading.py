@@ -9,17 +9,18 @@ parsed as YAML) -> OmegaConf resolves `${...}` interpolations (resolvers mul, di
 sub) -> the values are written onto a fresh default ConfigDict, type-checked -> `validate` fills
 the `DERIVED` keys and checks the values. All problems of a stage come in one `ConfigError`.
 
-The keys are the defaults' keys (`jax_sft/config/defaults.py`): an unknown key is an error naming the nearest valid key. NeMo RL
-keys that do not apply to this backend (`IGNORED`) are dropped with ONE `IgnoredKeysWarning` (a
-`warnings.warn`; `warnings.simplefilter("error", IgnoredKeysWarning)` makes it fatal) per load,
-listing them all. LoRA is `policy.dtensor_cfg.lora_cfg` or, with Megatron enabled,
-`policy.megatron_cfg.peft` (`lora_config` turns either into a `LoraConfig`). `policy.megatron_cfg` with
-`enabled: true` maps NeMo RL's Megatron recipes onto this backend: its tensor size, activation
-checkpointing, optimizer, scheduler and peft are used (`nemo_rl.megatron_section`), its other keys are listed in the
-warning, and a value that would change results but cannot be honoured (FP8, fp16) is an
-error; `policy.optimizer: null` is then accepted. With `enabled: false` it is ignored and
-unchecked. Strings of the defaults and of Python configs are literal (their `${` is escaped);
-YAML files and override values may interpolate, as in NeMo RL.
+The keys are the defaults' keys (`jax_sft/config/defaults.py`): an unknown key is an error naming
+the nearest valid key. NeMo RL keys that do not apply to this backend (`IGNORED`) are dropped with
+ONE `IgnoredKeysWarning` (a `warnings.warn`; `warnings.simplefilter("error", IgnoredKeysWarning)`
+makes it fatal) per load, listing them all. LoRA is `policy.dtensor_cfg.lora_cfg` or, with Megatron
+enabled, `policy.megatron_cfg.peft` (`lora_config` turns either into a `LoraConfig`).
+`policy.megatron_cfg` with `enabled: true` maps NeMo RL's Megatron recipes onto this backend: its
+tensor size, activation checkpointing, optimizer, scheduler and peft are used
+(`nemo_rl.megatron_section`), its other keys are listed in the warning, and a value that would
+change results but cannot be honoured (FP8, fp16) is an error; `policy.optimizer: null` is then
+accepted. With `enabled: false` it is ignored and unchecked. Strings of the defaults and of Python
+configs are literal (their `${` is escaped); YAML files and override values may interpolate, as in
+NeMo RL.
 """
 
 from __future__ import annotations
@@ -47,8 +48,16 @@ from jax_sft.config.keys import escape, field, get, leaves, merge, paths, proble
 from jax_sft.config.nemo_rl import DERIVED, IGNORED, INERT, MUST_BE_DISABLED, OPEN, megatron_section
 from jax_sft.errors import ConfigError
 
-__all__ = ["IgnoredKeysWarning", "default_config", "load_config", "apply_overrides", "validate", "to_yaml",
-           "save_config", "parse_args"]
+__all__ = [
+    "IgnoredKeysWarning",
+    "default_config",
+    "load_config",
+    "apply_overrides",
+    "validate",
+    "to_yaml",
+    "save_config",
+    "parse_args",
+]
 
 
 class IgnoredKeysWarning(UserWarning):
@@ -56,8 +65,12 @@ class IgnoredKeysWarning(UserWarning):
 
 
 _RESOLVERS = {
-    "mul": lambda *a: math.prod(a), "add": lambda *a: sum(a), "max": lambda *a: max(a),
-    "min": lambda *a: min(a), "div": lambda a, b: a / b, "sub": lambda a, b: a - b,
+    "mul": lambda *a: math.prod(a),
+    "add": lambda *a: sum(a),
+    "max": lambda *a: max(a),
+    "min": lambda *a: min(a),
+    "div": lambda a, b: a / b,
+    "sub": lambda a, b: a - b,
 }
 _KEY = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*")
 
@@ -244,8 +257,15 @@ def _coerce(value: Any, kind: type, nullable: bool) -> Any:
     raise TypeError(f"expected {expected}, got {type(value).__name__}{quote}")
 
 
-def _write(node: ConfigDict, tree: Mapping, prefix: str, known: list[str],
-           problems: list[str], ignored: list[str], added: Set[str] = frozenset()) -> None:
+def _write(
+    node: ConfigDict,
+    tree: Mapping,
+    prefix: str,
+    known: list[str],
+    problems: list[str],
+    ignored: list[str],
+    added: Set[str] = frozenset(),
+) -> None:
     """Writes `tree` onto `node` (whose keys are at `prefix`), appending to problems / ignored;
     unknown keys in `added` (or below one) are ignored rather than problems."""
     fields = dict(node.items(preserve_field_references=True))
@@ -301,12 +321,17 @@ def _build(tree: Mapping, source: str, added: Set[str] = frozenset()) -> ConfigD
         # NeMo RL's Megatron recipes: the torch optimizer is replaced by megatron_cfg.optimizer.
         megatron = policy.get("megatron_cfg")
         if not (isinstance(megatron, Mapping) and megatron.get("enabled")):
-            problems.append(problem("policy.optimizer", None, "a section {name, kwargs}",
-                                     "null only with policy.megatron_cfg.enabled=true"))
+            problems.append(
+                problem(
+                    "policy.optimizer",
+                    None,
+                    "a section {name, kwargs}",
+                    "null only with policy.megatron_cfg.enabled=true",
+                )
+            )
         tree = {**tree, "policy": {k: v for k, v in policy.items() if k != "optimizer"}}
     _write(cfg, tree, "", paths(cfg), problems, ignored, added)
-    ignored += [f"{key}={get(cfg, key)!r}" for key, default in INERT.items()
-                if get(cfg, key) != default]
+    ignored += [f"{key}={get(cfg, key)!r}" for key, default in INERT.items() if get(cfg, key) != default]
     if ignored:
         listed = ", ".join(sorted(ignored))
         message = f"{source}: these NeMo RL keys do not apply to jax_sft and are ignored: {listed}"
@@ -316,8 +341,7 @@ def _build(tree: Mapping, source: str, added: Set[str] = frozenset()) -> ConfigD
     return cfg
 
 
-def validate(cfg: ConfigDict | Mapping, source: str = "config",
-             added: Set[str] = frozenset()) -> ConfigDict:
+def validate(cfg: ConfigDict | Mapping, source: str = "config", added: Set[str] = frozenset()) -> ConfigDict:
     """A new, locked ConfigDict: `cfg` written onto the defaults (keys and types checked), its null
     `DERIVED` keys filled from their source, every value checked. Raises ConfigError listing all
     problems found. Unknown keys in `added` (overrides given with '+') are dropped with the
@@ -391,13 +415,11 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str], dict[str, st
                 raise ConfigError([f"--config given twice: {config!r} and {arg!r}"], "command line")
             if arg == "--config" and i == len(args):
                 raise ConfigError(["--config: expected a file after it"], "command line")
-            config, i = (arg[len("--config="):], i) if "=" in arg else (args[i], i + 1)
+            config, i = (arg[len("--config=") :], i) if "=" in arg else (args[i], i + 1)
         elif arg.startswith("--config.") and "=" not in arg and has_value:
             overrides.append(_join_override(*_split_override(f"{arg}={args[i]}")))
             i += 1
-        elif arg.startswith("--config.") or (not arg.startswith("--") and "=" in arg):
-            overrides.append(_join_override(*_split_override(arg)))
-        elif arg.startswith("~"):
+        elif arg.startswith("--config.") or (not arg.startswith("--") and "=" in arg) or arg.startswith("~"):
             overrides.append(_join_override(*_split_override(arg)))
         elif arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")

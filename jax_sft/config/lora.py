@@ -26,11 +26,17 @@ def _lora_section(c: ConfigDict) -> str | None:
 def _lora_of(c: ConfigDict, key: str) -> LoraConfig:
     s, megatron = get(c, key), key == MEGATRON_LORA
     return LoraConfig(
-        dim=s.dim, alpha=s.alpha, dropout=s.dropout, dropout_position=s.dropout_position,
+        dim=s.dim,
+        alpha=s.alpha,
+        dropout=s.dropout,
+        dropout_position=s.dropout_position,
         a_init=s.lora_A_init_method if megatron else s.lora_A_init,
-        target_modules=tuple(s.target_modules), exclude_modules=tuple(s.exclude_modules),
+        target_modules=tuple(s.target_modules),
+        exclude_modules=tuple(s.exclude_modules),
         match_all_linear=False if megatron else s.match_all_linear,
-        naming="megatron" if megatron else "hf", seed=c.sft.seed)
+        naming="megatron" if megatron else "hf",
+        seed=c.sft.seed,
+    )
 
 
 def lora_config(cfg: ConfigDict) -> LoraConfig | None:
@@ -45,26 +51,44 @@ def lora_problems(c: ConfigDict) -> list[str]:
     """The problems of the enabled LoRA section (each naming its full key)."""
     problems = []
     if c.policy.megatron_cfg.enabled and c.policy.dtensor_cfg.lora_cfg.enabled:
-        problems.append(problem(f"{DTENSOR_LORA}.enabled", True, "false with policy.megatron_cfg.enabled=true",
-                                 f"NeMo RL's Megatron backend takes LoRA from {MEGATRON_LORA}"))
+        problems.append(
+            problem(
+                f"{DTENSOR_LORA}.enabled",
+                True,
+                "false with policy.megatron_cfg.enabled=true",
+                f"NeMo RL's Megatron backend takes LoRA from {MEGATRON_LORA}",
+            )
+        )
     key = _lora_section(c)
     if key is None:
         return problems
     s = get(c, key)
     for name in ("target_modules", "exclude_modules"):
         if not all(isinstance(m, str) and m for m in s[name]):
-            problems.append(problem(f"{key}.{name}", list(s[name]),
-                                     "a list of module names or wildcard patterns (strings)"))
+            problems.append(
+                problem(f"{key}.{name}", list(s[name]), "a list of module names or wildcard patterns (strings)")
+            )
     rename = {"lora_A_init": "lora_A_init_method"} if key == MEGATRON_LORA else {}
     for line in _lora_of(c, key).problems():
         name, eq, rest = line.partition("=")
         problems.append(f"{key}.{rename.get(name, name)}{eq}{rest}")
     if key == MEGATRON_LORA:
         if s.lora_B_init_method != "zero":
-            problems.append(problem(f"{key}.lora_B_init_method", s.lora_B_init_method, '"zero"',
-                                     "B starts at zero, so training starts from the base model"))
+            problems.append(
+                problem(
+                    f"{key}.lora_B_init_method",
+                    s.lora_B_init_method,
+                    '"zero"',
+                    "B starts at zero, so training starts from the base model",
+                )
+            )
         if s.lora_dtype not in LORA_DTYPES:
-            problems.append(problem(f"{key}.lora_dtype", s.lora_dtype, 'null, "float32" or "torch.float32"',
-                                     "LoRA adapters are always float32 here (the frozen base follows "
-                                     "policy.jax_cfg.param_dtype)"))
+            problems.append(
+                problem(
+                    f"{key}.lora_dtype",
+                    s.lora_dtype,
+                    'null, "float32" or "torch.float32"',
+                    "LoRA adapters are always float32 here (the frozen base follows policy.jax_cfg.param_dtype)",
+                )
+            )
     return problems

@@ -33,7 +33,7 @@ IGNORED = (
 )
 MUST_BE_DISABLED = {
     "policy.lora_cfg": "LoRA's keys go under policy.dtensor_cfg.lora_cfg (or policy.megatron_cfg.peft "
-                       "with Megatron), as in NeMo RL; move them there",
+    "with Megatron), as in NeMo RL; move them there",
 }
 # NeMo RL keys kept with their defaults (NeMo RL's sft.yaml has them) that change how NeMo RL lays
 # out memory or work, not what is computed, and have no counterpart here: named in the warning when
@@ -55,34 +55,49 @@ OPEN = ("policy.optimizer.kwargs",)
 # at that value they are listed as ignored.
 MEGATRON_FIXED: dict[str, tuple[Any, str]] = {
     "fp8_cfg.enabled": (False, "FP8 training is not supported by jax_sft"),
-    "optimizer.fp16": (False, "fp16 is not supported; policy.precision sets the compute dtype "
-                              "(bfloat16 or float32)"),
+    "optimizer.fp16": (False, "fp16 is not supported; policy.precision sets the compute dtype (bfloat16 or float32)"),
     "optimizer.decoupled_weight_decay": (True, "only decoupled (AdamW) weight decay is supported"),
     "optimizer.decoupled_lr": (None, "a separate LR for embedding/output layers is not supported"),
-    "optimizer.decoupled_min_lr": (None, "a separate LR for embedding/output layers is not "
-                                         "supported"),
-    "optimizer.apply_wd_to_qk_layernorm": (False, "weight decay on q/k norm weights is not "
-                                                  "supported"),
+    "optimizer.decoupled_min_lr": (None, "a separate LR for embedding/output layers is not supported"),
+    "optimizer.apply_wd_to_qk_layernorm": (False, "weight decay on q/k norm weights is not supported"),
     "scheduler.lr_decay_samples": (None, "NeMo RL schedules by iterations: use lr_decay_iters"),
     "scheduler.lr_warmup_samples": (0, "NeMo RL schedules by iterations: use lr_warmup_iters"),
-    "scheduler.lr_wsd_decay_samples": (None, "NeMo RL schedules by iterations: use "
-                                             "lr_wsd_decay_iters"),
+    "scheduler.lr_wsd_decay_samples": (None, "NeMo RL schedules by iterations: use lr_wsd_decay_iters"),
     "scheduler.max_steps": (None, "set lr_decay_iters instead"),
-    "scheduler.no_weight_decay_cond_type": (None, "only Megatron's default weight-decay groups "
-                                                  "are supported"),
+    "scheduler.no_weight_decay_cond_type": (None, "only Megatron's default weight-decay groups are supported"),
 }
 # Keys of Megatron's OptimizerConfig / SchedulerConfig that do not change the maths on this backend
 # (distributed-optimizer layout, offloading, loss scaling for fp16, storage dtypes of master
 # weights and moments, which are float32 here; the compute dtype follows policy.precision).
 MEGATRON_INERT = {
     "optimizer": {
-        "bf16", "params_dtype", "use_distributed_optimizer", "use_precision_aware_optimizer",
-        "optimizer_cpu_offload", "optimizer_offload_fraction", "overlap_cpu_optimizer_d2h_h2d",
-        "overlap_param_gather", "overlap_param_gather_with_optimizer_step", "main_grads_dtype",
-        "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype", "store_param_remainders",
-        "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis",
-        "log_num_zeros_in_grad", "barrier_with_L1_time", "optimizer_cuda_graph", "pin_cpu_grads",
-        "pin_cpu_params", "use_torch_optimizer_for_cpu_offload", "config_logger_dir", "timers",
+        "bf16",
+        "params_dtype",
+        "use_distributed_optimizer",
+        "use_precision_aware_optimizer",
+        "optimizer_cpu_offload",
+        "optimizer_offload_fraction",
+        "overlap_cpu_optimizer_d2h_h2d",
+        "overlap_param_gather",
+        "overlap_param_gather_with_optimizer_step",
+        "main_grads_dtype",
+        "main_params_dtype",
+        "exp_avg_dtype",
+        "exp_avg_sq_dtype",
+        "store_param_remainders",
+        "loss_scale",
+        "initial_loss_scale",
+        "min_loss_scale",
+        "loss_scale_window",
+        "hysteresis",
+        "log_num_zeros_in_grad",
+        "barrier_with_L1_time",
+        "optimizer_cuda_graph",
+        "pin_cpu_grads",
+        "pin_cpu_params",
+        "use_torch_optimizer_for_cpu_offload",
+        "config_logger_dir",
+        "timers",
     },
     "scheduler": {"override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler"},
 }
@@ -123,12 +138,14 @@ DERIVED: dict[str, Callable[[ConfigDict], Any]] = {
     "policy.megatron_cfg.scheduler.end_weight_decay": _megatron_wd,
 }
 
+
 def within(section: ConfigDict, tree: Mapping) -> bool:
     """Whether every key of `tree` (recursively) is a key of `section`."""
     for key, value in tree.items():
         below = section.get(key) if key in section else None
-        if key not in section or (isinstance(value, Mapping) and value and not (
-                isinstance(below, ConfigDict) and within(below, value))):
+        if key not in section or (
+            isinstance(value, Mapping) and value and not (isinstance(below, ConfigDict) and within(below, value))
+        ):
             return False
     return True
 
@@ -138,8 +155,7 @@ def fixed_problem(name: str, value: Any, want: Any, why: str) -> str:
     return problem(f"policy.megatron_cfg.{name}", value, expected, why)
 
 
-def megatron_section(tree: Mapping, section: ConfigDict, ignored: list[str],
-              problems: list[str]) -> Mapping | None:
+def megatron_section(tree: Mapping, section: ConfigDict, ignored: list[str], problems: list[str]) -> Mapping | None:
     """The part of a `policy.megatron_cfg` tree to write onto `section` (None: all of it ignored).
 
     Enabled: the keys of `section` are kept (with any unknown optimizer / scheduler key, which
@@ -156,8 +172,7 @@ def megatron_section(tree: Mapping, section: ConfigDict, ignored: list[str],
         return None
     kept: dict[str, Any] = {}
     for key, value in tree.items():
-        fixed = {n.partition(".")[2]: w for n, w in MEGATRON_FIXED.items()
-                 if n.startswith(key + ".")}
+        fixed = {n.partition(".")[2]: w for n, w in MEGATRON_FIXED.items() if n.startswith(key + ".")}
         if key in MEGATRON_INERT and isinstance(value, Mapping):
             kept[key] = {}
             for k, v in value.items():

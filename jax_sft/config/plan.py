@@ -33,8 +33,19 @@ from jax_sft.models.hf_write import export_target_problem
 from jax_sft.models.options import LoraConfig, ModelOptions
 from jax_sft.models.sharding import mesh_shape
 
-__all__ = ["RunPlan", "MeshPlan", "ModelPlan", "StepsPlan", "CheckpointSpec", "make_plan",
-           "mesh_plan", "model_options", "output_problems", "deadline_seconds", "protected_folders"]
+__all__ = [
+    "RunPlan",
+    "MeshPlan",
+    "ModelPlan",
+    "StepsPlan",
+    "CheckpointSpec",
+    "make_plan",
+    "mesh_plan",
+    "model_options",
+    "output_problems",
+    "deadline_seconds",
+    "protected_folders",
+]
 
 CHECKS = "checks against the devices and model"  # the source of make_plan's ConfigError
 
@@ -135,9 +146,15 @@ def mesh_plan(cfg: ConfigDict, devices: int) -> MeshPlan:
 def model_options(cfg: ConfigDict) -> ModelOptions:
     """How the run builds its model: policy.precision, policy.jax_cfg.*, LoRA."""
     jc = cfg.policy.jax_cfg
-    return ModelOptions(dtype=cfg.policy.precision, param_dtype=jc.param_dtype, attention=jc.attention,
-                        remat=jc.remat, scan_layers=bool(jc.scan_layers), max_segments=jc.max_segments_per_row,
-                        lora=lora_config(cfg))
+    return ModelOptions(
+        dtype=cfg.policy.precision,
+        param_dtype=jc.param_dtype,
+        attention=jc.attention,
+        remat=jc.remat,
+        scan_layers=bool(jc.scan_layers),
+        max_segments=jc.max_segments_per_row,
+        lora=lora_config(cfg),
+    )
 
 
 def _batch_plan(cfg: ConfigDict, dp: int, problems: list[str]) -> BatchPlan:
@@ -146,38 +163,61 @@ def _batch_plan(cfg: ConfigDict, dp: int, problems: list[str]) -> BatchPlan:
     seq_len = -(-p.max_total_sequence_length // divisible) * divisible
     max_input = cfg.data.max_input_seq_length
     if max_input > seq_len:
-        problems.append(f"data.max_input_seq_length={max_input} exceeds the row length {seq_len} "
-                        "(policy.max_total_sequence_length rounded up to make_sequence_length_divisible_by)")
-    for name, gbs, mbs in (("policy.train_global_batch_size", p.train_global_batch_size, p.train_micro_batch_size),
-                           ("sft.val_global_batch_size", s.val_global_batch_size, s.val_micro_batch_size)):
+        problems.append(
+            f"data.max_input_seq_length={max_input} exceeds the row length {seq_len} "
+            "(policy.max_total_sequence_length rounded up to make_sequence_length_divisible_by)"
+        )
+    for name, gbs, mbs in (
+        ("policy.train_global_batch_size", p.train_global_batch_size, p.train_micro_batch_size),
+        ("sft.val_global_batch_size", s.val_global_batch_size, s.val_micro_batch_size),
+    ):
         if gbs % (mbs * dp):
-            problems.append(f"{name}={gbs} is not divisible by micro batch {mbs} x data-parallel size {dp} "
-                            f"(mesh data*fsdp*expert); choose a multiple of {mbs * dp}")
+            problems.append(
+                f"{name}={gbs} is not divisible by micro batch {mbs} x data-parallel size {dp} "
+                f"(mesh data*fsdp*expert); choose a multiple of {mbs * dp}"
+            )
     packing = bool(p.sequence_packing.enabled)
     rank_rows = p.train_micro_batch_size
     if packing:
         mb_tokens = p.sequence_packing.train_mb_tokens
         rank_rows = mb_tokens // seq_len
         if rank_rows < 1:
-            problems.append(f"policy.sequence_packing.train_mb_tokens={mb_tokens} is less than one row of "
-                            f"{seq_len} tokens")
-    return BatchPlan(seq_len, p.max_total_sequence_length, max_input, p.train_global_batch_size,
-                     p.train_micro_batch_size, dp, packing, p.sequence_packing.algorithm, rank_rows,
-                     s.val_global_batch_size, s.val_micro_batch_size)
+            problems.append(
+                f"policy.sequence_packing.train_mb_tokens={mb_tokens} is less than one row of {seq_len} tokens"
+            )
+    return BatchPlan(
+        seq_len,
+        p.max_total_sequence_length,
+        max_input,
+        p.train_global_batch_size,
+        p.train_micro_batch_size,
+        dp,
+        packing,
+        p.sequence_packing.algorithm,
+        rank_rows,
+        s.val_global_batch_size,
+        s.val_micro_batch_size,
+    )
 
 
 def _checkpoint_spec(c: ConfigDict) -> CheckpointSpec:
     metric = c.metric_name
     return CheckpointSpec(
-        enabled=bool(c.enabled), directory=Path(c.checkpoint_dir), save_period=c.save_period, keep_top_k=c.keep_top_k,
+        enabled=bool(c.enabled),
+        directory=Path(c.checkpoint_dir),
+        save_period=c.save_period,
+        keep_top_k=c.keep_top_k,
         metric_name=None if not metric else metric if ":" in metric else f"val:{metric}",
-        higher_is_better=bool(c.higher_is_better), save_optimizer=bool(c.save_optimizer),
+        higher_is_better=bool(c.higher_is_better),
+        save_optimizer=bool(c.save_optimizer),
         deadline_s=deadline_seconds(c.checkpoint_must_save_by),
-        export_dir=Path(c.hf_export_dir) if c.hf_export_dir else None)
+        export_dir=Path(c.hf_export_dir) if c.hf_export_dir else None,
+    )
 
 
-def make_plan(cfg: ConfigDict, *, devices: int, model_dir: Path | None = None,
-              model_config: ModelConfig | None = None) -> RunPlan:
+def make_plan(
+    cfg: ConfigDict, *, devices: int, model_dir: Path | None = None, model_config: ModelConfig | None = None
+) -> RunPlan:
     """The plan of the validated config `cfg` over `devices` devices, with the model's folder and
     config when they were read (None: not local; its checks are left to the run). ConfigError
     (source `CHECKS`) listing every problem with the mesh, the batch sizes and the model."""
@@ -197,14 +237,33 @@ def make_plan(cfg: ConfigDict, *, devices: int, model_dir: Path | None = None,
     lora_key = None if options.lora is None else MEGATRON_LORA if options.lora.naming == "megatron" else DTENSOR_LORA
     s, d = cfg.sft, cfg.data
     return RunPlan(
-        config=cfg, precision=p.precision, mesh=mesh, batch=batch,
+        config=cfg,
+        precision=p.precision,
+        mesh=mesh,
+        batch=batch,
         model=ModelPlan(p.model_name, model_dir, plain(p.hf_config_overrides), options, model_config, lora_key),
-        steps=StepsPlan(s.max_num_steps, s.max_num_epochs, s.val_period, s.val_batches, bool(s.val_at_start),
-                        bool(s.val_at_end), s.seed),
+        steps=StepsPlan(
+            s.max_num_steps,
+            s.max_num_epochs,
+            s.val_period,
+            s.val_batches,
+            bool(s.val_at_start),
+            bool(s.val_at_end),
+            s.seed,
+        ),
         checkpoint=_checkpoint_spec(cfg.checkpointing),
-        data=DataPlan(config=cfg, batch=batch, tokenize=d.tokenize, overlength=d.overlength, num_workers=d.num_workers,
-                      shuffle=bool(d.shuffle), skip_without_loss=bool(d.skip_examples_without_loss), seed=s.seed,
-                      val_period=s.val_period, val_batches=s.val_batches),
+        data=DataPlan(
+            config=cfg,
+            batch=batch,
+            tokenize=d.tokenize,
+            overlength=d.overlength,
+            num_workers=d.num_workers,
+            shuffle=bool(d.shuffle),
+            skip_without_loss=bool(d.skip_examples_without_loss),
+            seed=s.seed,
+            val_period=s.val_period,
+            val_batches=s.val_batches,
+        ),
     )
 
 
@@ -213,8 +272,10 @@ def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions) -> l
     problems = []
     length = cfg.policy.max_total_sequence_length
     if length > m.context_length:
-        problems.append(f"policy.max_total_sequence_length={length} exceeds the model's "
-                        f"max_position_embeddings={m.context_length}; lower it")
+        problems.append(
+            f"policy.max_total_sequence_length={length} exceeds the model's "
+            f"max_position_embeddings={m.context_length}; lower it"
+        )
     if options.lora is not None:
         try:
             options.lora.by_layer(m, options.scan_layers)
@@ -268,16 +329,22 @@ def _describe(plan: RunPlan, nodes: int, gpus_per_node: int) -> list[str]:
 def _model_lines(plan: RunPlan) -> list[str]:
     m, name = plan.model.config, plan.model.name
     if m is None:
-        lines = [f"model: {name} is a hub id not in the local Hugging Face cache; its config.json is read (and its "
-                 "architecture checked) when the run downloads it"]
+        lines = [
+            f"model: {name} is a hub id not in the local Hugging Face cache; its config.json is read (and its "
+            "architecture checked) when the run downloads it"
+        ]
         return lines + _lora_lines(plan)
-    lines = [f"model: {m.architecture} ({m.family} family) from {plan.model.directory}: {m.num_layers} layers, "
-             f"hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
-             f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"]
+    lines = [
+        f"model: {m.architecture} ({m.family} family) from {plan.model.directory}: {m.num_layers} layers, "
+        f"hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
+        f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"
+    ]
     if m.num_experts:
-        lines.append(f"model: mixture of experts: {m.num_experts} experts, top {m.experts_per_token}, "
-                     f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
-                     f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}")
+        lines.append(
+            f"model: mixture of experts: {m.num_experts} experts, top {m.experts_per_token}, "
+            f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
+            f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}"
+        )
     return lines + _lora_lines(plan)
 
 
@@ -298,13 +365,17 @@ def _lora_lines(plan: RunPlan) -> list[str]:
     else:
         which = "every *_proj (no target_modules)"
     which += f" minus {list(lora.exclude_modules)}" if lora.exclude_modules else ""
-    line = (f"LoRA ({plan.model.lora_key}, {lora.naming} module names): rank {lora.dim}, alpha {lora.alpha:g}, "
-            f"scale {lora.scale:g}, {which}; dropout {lora.dropout:g} ({lora.dropout_position}); "
-            "float32 adapters, frozen base")
+    line = (
+        f"LoRA ({plan.model.lora_key}, {lora.naming} module names): rank {lora.dim}, alpha {lora.alpha:g}, "
+        f"scale {lora.scale:g}, {which}; dropout {lora.dropout:g} ({lora.dropout_position}); "
+        "float32 adapters, frozen base"
+    )
     if m is None:
         return [line + "; adapted projections are counted when the model's config.json is local"]
     sites = counts.lora_sites(m, lora)
     trainable, total = counts.lora_param_count(m, lora)
     head = " (lm_head included)" if (None, "lm_head") in sites else ""
-    return [f"{line}; {len(sites)} adapted projections{head}, {trainable:,} trainable parameters of "
-            f"{total:,} ({100 * trainable / total:.3g}%)"]
+    return [
+        f"{line}; {len(sites)} adapted projections{head}, {trainable:,} trainable parameters of "
+        f"{total:,} ({100 * trainable / total:.3g}%)"
+    ]

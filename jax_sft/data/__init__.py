@@ -13,17 +13,40 @@ and loss-masks conversations.
 """
 
 from jax_sft.data.batches import ARRAY_KEYS, BatchPlan, ProcessRows, StepBatch, pad_micro_batches
+from jax_sft.data.build import MixedRows, build_dataset
 from jax_sft.data.builtin import REGISTRY as DATASETS
 from jax_sft.data.chat import PASSTHROUGH_TEMPLATE, ConversationEncoder, Encoded, load_tokenizer, resolve_chat_template
+from jax_sft.data.describe import describe_data
 from jax_sft.data.formats import NoneFilledToolsWarning, RawDataset, SFTDataset, TaskDataSpec
 from jax_sft.data.pipeline import DataPlan, SFTData, TrainIterator
 from jax_sft.data.readers import PreservingDataset
-from jax_sft.data.sections import MixedRows, build_dataset, check_data, describe_data
+from jax_sft.data.sections import check_data
 from jax_sft.data.tokens import TokenizedSplit, apply_overlength
 
 __all__ = [
-    "ARRAY_KEYS", "DATASETS", "PASSTHROUGH_TEMPLATE", "BatchPlan", "ConversationEncoder", "DataPlan", "Encoded",
-    "MixedRows", "NoneFilledToolsWarning", "PreservingDataset", "ProcessRows", "RawDataset", "SFTData", "SFTDataset",
-    "StepBatch", "TaskDataSpec", "TokenizedSplit", "TrainIterator", "apply_overlength", "build_dataset", "check_data",
-    "describe_data", "load_tokenizer", "pad_micro_batches", "resolve_chat_template",
+    "ARRAY_KEYS",
+    "DATASETS",
+    "PASSTHROUGH_TEMPLATE",
+    "BatchPlan",
+    "ConversationEncoder",
+    "DataPlan",
+    "Encoded",
+    "MixedRows",
+    "NoneFilledToolsWarning",
+    "PreservingDataset",
+    "ProcessRows",
+    "RawDataset",
+    "SFTData",
+    "SFTDataset",
+    "StepBatch",
+    "TaskDataSpec",
+    "TokenizedSplit",
+    "TrainIterator",
+    "apply_overlength",
+    "build_dataset",
+    "check_data",
+    "describe_data",
+    "load_tokenizer",
+    "pad_micro_batches",
+    "resolve_chat_template",
 ]

@@ -27,8 +27,18 @@ import numpy as np
 
 from jax_sft.choices import PACKING
 
-__all__ = ["ARRAY_KEYS", "BatchPlan", "ProcessRows", "StepBatch", "pack", "fill_rows", "pad_micro_batches", "process_dp_ranks",
-           "micro_batches", "rank_rows"]
+__all__ = [
+    "ARRAY_KEYS",
+    "BatchPlan",
+    "ProcessRows",
+    "StepBatch",
+    "pack",
+    "fill_rows",
+    "pad_micro_batches",
+    "process_dp_ranks",
+    "micro_batches",
+    "rank_rows",
+]
 
 ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -95,8 +105,9 @@ def pack(lengths: Sequence[int], capacity: int, algorithm: str) -> list[list[int
     return bins
 
 
-def fill_rows(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_rows: int, seq_len: int,
-              pad_id: int) -> dict[str, np.ndarray]:
+def fill_rows(
+    rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_rows: int, seq_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
     """The arrays (int32 [num_rows, seq_len], see the module docstring) of `rows`, each a list of
     (ids, loss) sequences laid end to end; rows beyond len(rows) are padding."""
     out = {k: np.zeros((num_rows, seq_len), np.int32) for k in ARRAY_KEYS}
@@ -109,11 +120,11 @@ def fill_rows(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_rows:
             n = len(ids)
             if o + n > seq_len:
                 raise ValueError(f"row {r}: {o + n} tokens do not fit a row of {seq_len}")
-            out["input_ids"][r, o:o + n] = ids
-            out["targets"][r, o:o + n - 1] = ids[1:]
-            out["loss_mask"][r, o:o + n - 1] = loss[1:]
-            out["segment_ids"][r, o:o + n] = segment
-            out["positions"][r, o:o + n] = arange[:n]
+            out["input_ids"][r, o : o + n] = ids
+            out["targets"][r, o : o + n - 1] = ids[1:]
+            out["loss_mask"][r, o : o + n - 1] = loss[1:]
+            out["segment_ids"][r, o : o + n] = segment
+            out["positions"][r, o : o + n] = arange[:n]
             o += n
     return out
 
@@ -219,8 +230,9 @@ def rank_rows(seqs: list[tuple[np.ndarray, np.ndarray]], layout: ProcessRows, pa
     return [[seqs[i] for i in b] for b in pack([len(s[0]) for s in seqs], layout.seq_len, layout.algorithm)]
 
 
-def micro_batches(per_rank: list[list[list]], rank_rows: int, layout: ProcessRows,
-                   min_micro_batches: int = 1) -> list[dict[str, np.ndarray]]:
+def micro_batches(
+    per_rank: list[list[list]], rank_rows: int, layout: ProcessRows, min_micro_batches: int = 1
+) -> list[dict[str, np.ndarray]]:
     """Micro-batches from each local rank's rows: micro-batch k holds rows [k*rank_rows, (k+1)*rank_rows)
     of every rank in turn (padding where a rank has fewer), so that its rows sit where the global
     arrays put that rank's shard."""
@@ -229,7 +241,7 @@ def micro_batches(per_rank: list[list[list]], rank_rows: int, layout: ProcessRow
     for k in range(n):
         rows = []
         for rank in per_rank:
-            part = rank[k * rank_rows:(k + 1) * rank_rows]
+            part = rank[k * rank_rows : (k + 1) * rank_rows]
             rows += part + [[]] * (rank_rows - len(part))
         out.append(fill_rows(rows, rank_rows * len(per_rank), layout.seq_len, layout.pad_id))
     return out

@@ -58,17 +58,22 @@ class SquadDataset(RawDataset):
         self.task_name = "squad"
         split = split or "train"
         raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID)[split])
-        self.dataset = map_rows(raw, self.format_data, f"squad {data_path or split}", ("context", "question", "answers"),
-                            path=data_path)
+        self.dataset = map_rows(
+            raw, self.format_data, f"squad {data_path or split}", ("context", "question", "answers"), path=data_path
+        )
 
     @staticmethod
     def format_data(row: dict, where: str) -> dict:
         answers = row["answers"]["text"]
         if not answers:
             raise DataError(f"{where}: 'answers.text' is empty")
-        return {"messages": [{"role": "system", "content": row["context"]},
-                             {"role": "user", "content": row["question"]},
-                             {"role": "assistant", "content": answers[0]}]}
+        return {
+            "messages": [
+                {"role": "system", "content": row["context"]},
+                {"role": "user", "content": row["question"]},
+                {"role": "assistant", "content": answers[0]},
+            ]
+        }
 
 
 OASST_TREES = "2023-04-12_oasst_all.trees.jsonl.gz"
@@ -118,15 +123,26 @@ class OpenMathInstruct2Dataset(RawDataset):
 
     HUB_ID = "nvidia/OpenMathInstruct-2"
 
-    def __init__(self, output_key: str = "expected_answer", split: str = "train_1M",
-                 split_validation_size: float = 0.05, seed: int = 42, data_path: str | None = None):
+    def __init__(
+        self,
+        output_key: str = "expected_answer",
+        split: str = "train_1M",
+        split_validation_size: float = 0.05,
+        seed: int = 42,
+        data_path: str | None = None,
+    ):
         self.task_name = "OpenMathInstruct-2"
         self.output_key, split = output_key or "expected_answer", split or "train_1M"
         if data_path is None and split not in _OMI2_SPLITS:
             raise ValueError(f"OpenMathInstruct-2: split={split!r}; expected one of {_OMI2_SPLITS}")
         raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, split=split))
-        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r[self.output_key]),
-                            f"OpenMathInstruct-2 {data_path or split}", ("problem", self.output_key), path=data_path)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: user_assistant(r["problem"], r[self.output_key]),
+            f"OpenMathInstruct-2 {data_path or split}",
+            ("problem", self.output_key),
+            path=data_path,
+        )
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -136,8 +152,15 @@ class NuminaMath15Dataset(RawDataset):
 
     HUB_ID = "AI-MO/NuminaMath-1.5"
 
-    def __init__(self, split: str = "train", verifiable_only: bool = True, require_valid: bool = True,
-                 split_validation_size: float = 0.0, seed: int = 42, data_path: str | None = None):
+    def __init__(
+        self,
+        split: str = "train",
+        verifiable_only: bool = True,
+        require_valid: bool = True,
+        split_validation_size: float = 0.0,
+        seed: int = 42,
+        data_path: str | None = None,
+    ):
         self.task_name = "NuminaMath-1.5"
         split = split or "train"
         raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, split=split))
@@ -145,8 +168,13 @@ class NuminaMath15Dataset(RawDataset):
             raw = raw.filter(_numina_verifiable)
         if require_valid:
             raw = raw.filter(lambda r: r.get("problem_is_valid") == "Yes" and r.get("solution_is_valid") == "Yes")
-        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r["answer"]),
-                            f"NuminaMath-1.5 {data_path or split}", ("problem", "answer"), path=data_path)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: user_assistant(r["problem"], r["answer"]),
+            f"NuminaMath-1.5 {data_path or split}",
+            ("problem", "answer"),
+            path=data_path,
+        )
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -162,14 +190,29 @@ class OpenR1Math220KDataset(RawDataset):
 
     HUB_ID = "open-r1/OpenR1-Math-220k"
 
-    def __init__(self, subset: str | None = "default", split: str = "train", split_validation_size: float = 0.0,
-                 seed: int = 42, data_path: str | None = None):
+    def __init__(
+        self,
+        subset: str | None = "default",
+        split: str = "train",
+        split_validation_size: float = 0.0,
+        seed: int = 42,
+        data_path: str | None = None,
+    ):
         self.task_name = "OpenR1-Math-220k"
         split = split or "train"
-        raw = load_split(type(self), data_path, split,
-                    lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "default", split=split))
-        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r["answer"]),
-                            f"OpenR1-Math-220k {data_path or split}", ("problem", "answer"), path=data_path)
+        raw = load_split(
+            type(self),
+            data_path,
+            split,
+            lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "default", split=split),
+        )
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: user_assistant(r["problem"], r["answer"]),
+            f"OpenR1-Math-220k {data_path or split}",
+            ("problem", "answer"),
+            path=data_path,
+        )
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -179,16 +222,25 @@ class Tulu3SftMixtureDataset(RawDataset):
 
     HUB_ID = "allenai/tulu-3-sft-mixture"
 
-    def __init__(self, split_validation_size: float = 0.05, seed: int = 42, max_samples: int | None = None,
-                 data_path: str | None = None):
+    def __init__(
+        self,
+        split_validation_size: float = 0.05,
+        seed: int = 42,
+        max_samples: int | None = None,
+        data_path: str | None = None,
+    ):
         self.task_name = "tulu3_sft_mixture"
         seed = 42 if seed is None else seed
         raw = load_split(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID)["train"])
         raw = sample(raw, max_samples, seed)
         self.rows_are_records = not (max_samples and max_samples > 0)
-        self.dataset = map_rows(raw, lambda r, w: {"messages": last_is_assistant(r["messages"], w)},
-                            f"tulu3_sft_mixture {data_path or 'train'}", ("messages",), 
-                            path=data_path if self.rows_are_records else None)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: {"messages": last_is_assistant(r["messages"], w)},
+            f"tulu3_sft_mixture {data_path or 'train'}",
+            ("messages",),
+            path=data_path if self.rows_are_records else None,
+        )
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -198,23 +250,36 @@ class NemotronCascade2SFTMathDataset(RawDataset):
 
     HUB_ID = "nvidia/Nemotron-Cascade-2-SFT-Data"
 
-    def __init__(self, split: str = "train", split_validation_size: float = 0.05, seed: int = 42,
-                 max_samples: int | None = None, data_path: str | None = None):
+    def __init__(
+        self,
+        split: str = "train",
+        split_validation_size: float = 0.05,
+        seed: int = 42,
+        max_samples: int | None = None,
+        data_path: str | None = None,
+    ):
         self.task_name = "Nemotron-Cascade-2-SFT-Math"
         split, seed = split or "train", 42 if seed is None else seed
-        raw = load_split(type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, "math", split=split))
+        raw = load_split(
+            type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, "math", split=split)
+        )
         raw = sample(raw, max_samples, seed)
         self.rows_are_records = not (max_samples and max_samples > 0)
-        self.dataset = map_rows(raw, lambda r, w: {"messages": last_is_assistant(r["messages"], w)},
-                            f"Nemotron-Cascade-2-SFT-Math {data_path or split}", ("messages",), 
-                            path=data_path if self.rows_are_records else None)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: {"messages": last_is_assistant(r["messages"], w)},
+            f"Nemotron-Cascade-2-SFT-Math {data_path or split}",
+            ("messages",),
+            path=data_path if self.rows_are_records else None,
+        )
         self.split_train_validation(split_validation_size, seed)
 
 
 def _hash_answer(text: str, where: str) -> str:
     if "####" not in text:
-        raise DataError(f"{where}: the answer has no '#### <answer>' line (set extract_answer=false to train "
-                         "on the whole solution)")
+        raise DataError(
+            f"{where}: the answer has no '#### <answer>' line (set extract_answer=false to train on the whole solution)"
+        )
     return text.split("####")[1].strip()
 
 
@@ -223,15 +288,26 @@ class GSM8KDataset(RawDataset):
 
     HUB_ID = "openai/gsm8k"
 
-    def __init__(self, subset: str | None = "main", split: str = "train", extract_answer: bool = True,
-                 data_path: str | None = None):
+    def __init__(
+        self,
+        subset: str | None = "main",
+        split: str = "train",
+        extract_answer: bool = True,
+        data_path: str | None = None,
+    ):
         self.task_name = "gsm8k"
         split = split or "train"
-        raw = load_split(type(self), data_path, split,
-                    lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "main")[split])
+        raw = load_split(
+            type(self), data_path, split, lambda: hf_datasets.load_dataset(self.HUB_ID, subset or "main")[split]
+        )
         answer = (lambda r, w: _hash_answer(r["answer"], w)) if extract_answer else (lambda r, w: r["answer"])
-        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["question"], answer(r, w)),
-                            f"gsm8k {data_path or split}", ("question", "answer"), path=data_path)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: user_assistant(r["question"], answer(r, w)),
+            f"gsm8k {data_path or split}",
+            ("question", "answer"),
+            path=data_path,
+        )
 
 
 class DeepScalerDataset(RawDataset):
@@ -242,8 +318,13 @@ class DeepScalerDataset(RawDataset):
     def __init__(self, data_path: str | None = None):
         self.task_name = "DeepScaler"
         raw = load_split(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
-        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["problem"], r["answer"]),
-                            f"DeepScaler {data_path or 'train'}", ("problem", "answer"), path=data_path)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: user_assistant(r["problem"], r["answer"]),
+            f"DeepScaler {data_path or 'train'}",
+            ("problem", "answer"),
+            path=data_path,
+        )
 
 
 class _AIMEDataset(RawDataset):
@@ -255,8 +336,13 @@ class _AIMEDataset(RawDataset):
     def __init__(self, repeat: int = 1, data_path: str | None = None):
         self.task_name = f"AIME{self.VARIANT}"
         raw = load_split(type(self), data_path, "train", self._hub)
-        self.dataset = map_rows(raw, lambda r, w: user_assistant(r[self.INPUT_KEY], str(r["answer"])),
-                            f"{self.task_name} {data_path or 'hub'}", (self.INPUT_KEY, "answer"), path=data_path)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: user_assistant(r[self.INPUT_KEY], str(r["answer"])),
+            f"{self.task_name} {data_path or 'hub'}",
+            (self.INPUT_KEY, "answer"),
+            path=data_path,
+        )
         if repeat and repeat > 1:
             self.dataset = self.dataset.repeat(repeat)
 
@@ -289,9 +375,13 @@ class DAPOMath17KDataset(RawDataset):
     def __init__(self, data_path: str | None = None):
         self.task_name = self.TASK
         raw = load_split(type(self), data_path, "train", lambda: hf_datasets.load_dataset(self.HUB_ID, split="train"))
-        self.dataset = map_rows(raw, lambda r, w: user_assistant(r["prompt"][0]["content"],
-                                                              r["reward_model"]["ground_truth"]),
-                            f"{self.TASK} {data_path or 'train'}", ("prompt", "reward_model"), path=data_path)
+        self.dataset = map_rows(
+            raw,
+            lambda r, w: user_assistant(r["prompt"][0]["content"], r["reward_model"]["ground_truth"]),
+            f"{self.TASK} {data_path or 'train'}",
+            ("prompt", "reward_model"),
+            path=data_path,
+        )
 
 
 class DAPOMathAIME2024Dataset(DAPOMath17KDataset):
@@ -302,9 +392,16 @@ class ResponseDataset(RawDataset):
     """Input/output rows from a local file, a save_to_disk folder or a hub id: user = row[input_key],
     assistant = row[output_key]; rows with a `messages` column are taken as they are."""
 
-    def __init__(self, data_path: str, input_key: str = "input", output_key: str = "output",
-                 subset: str | None = None, split: str | None = None, split_validation_size: float = 0,
-                 seed: int = 42):
+    def __init__(
+        self,
+        data_path: str,
+        input_key: str = "input",
+        output_key: str = "output",
+        subset: str | None = None,
+        split: str | None = None,
+        split_validation_size: float = 0,
+        seed: int = 42,
+    ):
         self.task_name = task_name_from_path(data_path)
         self.input_key, self.output_key = input_key or "input", output_key or "output"
         raw = load_source(data_path, subset, split, key="ResponseDataset data_path")
@@ -324,12 +421,23 @@ class ResponseDataset(RawDataset):
 class OpenAIFormatDataset(RawDataset):
     """OpenAI chat rows with tools (see jax_sft.data.formats.OpenAIFormatRows for the keys)."""
 
-    def __init__(self, data_path: str, chat_key: str = "messages", system_key: str | None = None,
-                 system_prompt: str | None = None, tool_key: str | None = "tools",
-                 use_preserving_dataset: bool = False):
+    def __init__(
+        self,
+        data_path: str,
+        chat_key: str = "messages",
+        system_key: str | None = None,
+        system_prompt: str | None = None,
+        tool_key: str | None = "tools",
+        use_preserving_dataset: bool = False,
+    ):
         self.task_name = task_name_from_path(data_path)
-        keys = dict(chat_key=chat_key, system_key=system_key, system_prompt=system_prompt, tool_key=tool_key,
-                    use_preserving_dataset=use_preserving_dataset)
+        keys = dict(
+            chat_key=chat_key,
+            system_key=system_key,
+            system_prompt=system_prompt,
+            tool_key=tool_key,
+            use_preserving_dataset=use_preserving_dataset,
+        )
         self.dataset = OpenAIFormatRows.load(data_path, keys, "data_path")
 
 
@@ -343,8 +451,9 @@ class GeneralConversationsJsonlDataset(RawDataset):
 
     task_name = "general-conversation-jsonl"
 
-    def __init__(self, data_path: str, media_data_dir: str | None = None, split_validation_size: float = 0,
-                 seed: int = 42):
+    def __init__(
+        self, data_path: str, media_data_dir: str | None = None, split_validation_size: float = 0, seed: int = 42
+    ):
         raw = load_source(data_path, None, None, key="general-conversation-jsonl data_path")
         self.dataset = map_rows(raw, self.format_data, data_path, (), path=data_path)
         self.split_train_validation(split_validation_size, seed)
@@ -355,12 +464,14 @@ class GeneralConversationsJsonlDataset(RawDataset):
         for j, turn in enumerate(row.get("conversations") or []):
             role = _SENDERS.get(turn["from"])
             if role is None:
-                raise DataError(f"{where}: turn {j}: unknown conversation role {turn['from']!r}; expected one of "
-                                 f"{sorted(_SENDERS)}")
+                raise DataError(
+                    f"{where}: turn {j}: unknown conversation role {turn['from']!r}; expected one of {sorted(_SENDERS)}"
+                )
             tag = MEDIA_TAG.search(turn["value"])
             if tag:
-                raise DataError(f"{where}: turn {j} holds the media tag {tag.group(0)}; jax_sft trains text-only "
-                                 "causal LMs")
+                raise DataError(
+                    f"{where}: turn {j} holds the media tag {tag.group(0)}; jax_sft trains text-only causal LMs"
+                )
             # NeMo RL keeps the text as one text fragment, none when it is blank.
             messages.append({"role": role, "content": turn["value"] if turn["value"].strip() else ""})
         return {"messages": messages}
@@ -373,8 +484,16 @@ class ArrowTextDataset(RawDataset):
 
     rows_are_records = False
 
-    def __init__(self, data_files: str, subset: str | None = None, split: str = "train", text_key: str = "text",
-                 characters_per_sample: int | None = None, split_validation_size: float = 0.0, seed: int = 42):
+    def __init__(
+        self,
+        data_files: str,
+        subset: str | None = None,
+        split: str = "train",
+        text_key: str = "text",
+        characters_per_sample: int | None = None,
+        split_validation_size: float = 0.0,
+        seed: int = 42,
+    ):
         self.task_name = "x_token"
         raw = load_source(data_files, subset, split or "train", key="arrow_text data_files")
         require_column(raw, text_key, f"arrow_text {data_files}")
@@ -382,7 +501,8 @@ class ArrowTextDataset(RawDataset):
         if characters_per_sample and characters_per_sample > 0:
             texts = _pack_texts(texts, characters_per_sample)
         self.dataset = hf_datasets.Dataset.from_dict(
-            {"messages": [[{"role": "assistant", "content": t}] for t in texts]})
+            {"messages": [[{"role": "assistant", "content": t}] for t in texts]}
+        )
         self.split_train_validation(split_validation_size, seed)
 
 
@@ -422,8 +542,18 @@ REGISTRY: dict[str, type[RawDataset]] = {
 }
 ALIASES = {"openmathinstruct2": "OpenMathInstruct-2", "prompt_response_dataset": "ResponseDataset"}
 # NeMo RL's registered names whose rows carry images, video or audio.
-VISION_LANGUAGE = ("audiomcq", "avqa", "clevr-cogent", "clevr_cogent", "daily-omni", "geometry3k", "mmpr-tiny",
-                   "refcoco", "intent-train", "intent-bench")
+VISION_LANGUAGE = (
+    "audiomcq",
+    "avqa",
+    "clevr-cogent",
+    "clevr_cogent",
+    "daily-omni",
+    "geometry3k",
+    "mmpr-tiny",
+    "refcoco",
+    "intent-train",
+    "intent-bench",
+)
 NOT_SFT = {
     "HelpSteer3": "a preference dataset (context and response pairs, for DPO and reward models)",
     "NemoGymDataset": "NeMo Gym environment data for GRPO (no target responses)",

@@ -50,8 +50,17 @@ from jax_sft.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PASSTHROUGH_TEMPLATE", "ROLES", "load_tokenizer", "resolve_chat_template", "ConversationEncoder",
-           "Encoded", "apply_task_spec", "check_conversation", "content_text"]
+__all__ = [
+    "PASSTHROUGH_TEMPLATE",
+    "ROLES",
+    "load_tokenizer",
+    "resolve_chat_template",
+    "ConversationEncoder",
+    "Encoded",
+    "apply_task_spec",
+    "check_conversation",
+    "content_text",
+]
 
 # NeMo RL's passthrough template (chat_template: null): the message contents, concatenated.
 PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -90,7 +99,8 @@ def resolve_chat_template(tok_cfg, tokenizer: PreTrainedTokenizerBase, tokenizer
         if tokenizer.chat_template is None:
             raise DataError(
                 f"{key}='default' but tokenizer {tokenizer_name!r} has no chat template. Set {key} to a Jinja "
-                "template, a path to a .jinja file, or null (passthrough: the message contents concatenated)")
+                "template, a path to a .jinja file, or null (passthrough: the message contents concatenated)"
+            )
         if isinstance(tokenizer.chat_template, dict):
             return tokenizer.get_chat_template()
         return tokenizer.chat_template
@@ -109,8 +119,10 @@ def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
     name = tok_cfg.get("name") or cfg.policy.model_name
     tokenizer = AutoTokenizer.from_pretrained(name)
     if not tokenizer.is_fast:
-        raise DataError(f"tokenizer {name!r} is not a fast (Rust) tokenizer; jax_sft maps loss masks onto tokens "
-                         "with its offsets and needs a tokenizer.json")
+        raise DataError(
+            f"tokenizer {name!r} is not a fast (Rust) tokenizer; jax_sft maps loss masks onto tokens "
+            "with its offsets and needs a tokenizer.json"
+        )
     template = resolve_chat_template(tok_cfg, tokenizer, name)
     tokenizer.chat_template = template
     key = template_key(tok_cfg)
@@ -133,8 +145,9 @@ class Encoded:
     text: str
 
 
-def check_conversation(row: Any, where: Any, spec=None, *, content_parts: bool = False,
-                       null_content: bool = True) -> tuple[list[dict], list | None]:
+def check_conversation(
+    row: Any, where: Any, spec=None, *, content_parts: bool = False, null_content: bool = True
+) -> tuple[list[dict], list | None]:
     """(messages, tools) of a formatted row, validated: a dict with a non-empty `messages` list of
     dicts with a known `role` and a `content` that is a string or a list of OpenAI content parts.
     Keys whose value is None are dropped (Arrow fills them in), except the content of an
@@ -163,16 +176,20 @@ def check_conversation(row: Any, where: Any, spec=None, *, content_parts: bool =
         if role not in ROLES:
             raise DataError(f"{where}: message {j}: unknown role {role!r}; expected one of {ROLES}")
         if isinstance(message.get("tool_calls"), (list, tuple)):
-            message["tool_calls"] = [_parse_arguments(call, f"{where}: message {j}: tool call {c}")
-                                     for c, call in enumerate(message["tool_calls"])]
+            message["tool_calls"] = [
+                _parse_arguments(call, f"{where}: message {j}: tool call {c}")
+                for c, call in enumerate(message["tool_calls"])
+            ]
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
             message["content"] = None if null_content else ""
         elif isinstance(content, (list, tuple)):
             message["content"] = _text_parts(content, content_parts, f"{where}: message {j} ({role})")
         elif not isinstance(content, str):
-            raise DataError(f"{where}: message {j} ({role}): 'content' must be a string or a list of text parts, "
-                            f"got {type(content).__name__}")
+            raise DataError(
+                f"{where}: message {j} ({role}): 'content' must be a string or a list of text parts, "
+                f"got {type(content).__name__}"
+            )
         messages.append(message)
     messages = apply_task_spec(messages, spec)
     tools = row.get("tools")
@@ -187,8 +204,10 @@ def _text_parts(parts, keep: bool, where: str) -> str | list[dict]:
     for k, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise DataError(f"{where}: content part {k} is of type {kind!r}; jax_sft trains text-only models and "
-                            "takes only {'type': 'text', 'text': ...} parts")
+            raise DataError(
+                f"{where}: content part {k} is of type {kind!r}; jax_sft trains text-only models and "
+                "takes only {'type': 'text', 'text': ...} parts"
+            )
         texts.append(part["text"])
     return [{"type": "text", "text": t} for t in texts] if keep else "\n".join(texts)
 
@@ -242,8 +261,12 @@ def _parse_arguments(call: Any, where: str) -> Any:
     if not isinstance(parsed, dict):
         if not _warned_tool_arguments:
             _warned_tool_arguments = True
-            warnings.warn(f"{where}: 'arguments' is a string that is not a JSON object ({arguments!r:.60}); it is "
-                          "rendered as that string (this warning is shown once)", ToolArgumentsWarning, stacklevel=2)
+            warnings.warn(
+                f"{where}: 'arguments' is a string that is not a JSON object ({arguments!r:.60}); it is "
+                "rendered as that string (this warning is shown once)",
+                ToolArgumentsWarning,
+                stacklevel=2,
+            )
         return call
     target = {**target, "arguments": parsed}
     return {**call, "function": target} if nested else target
@@ -252,12 +275,12 @@ def _parse_arguments(call: Any, where: str) -> Any:
 def _common_prefix(a: str, b: str, i: int = 0, j: int = 0) -> int:
     """Length of the common prefix of a[i:] and b[j:] (binary search on C-speed slice compares)."""
     n = min(len(a) - i, len(b) - j)
-    if a[i:i + n] == b[j:j + n]:
+    if a[i : i + n] == b[j : j + n]:
         return n
     lo, hi = 0, n - 1  # a[i:i+lo] == b[j:j+lo]; a[i:i+hi+1] != b[j:j+hi+1]
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[i:i + mid] == b[j:j + mid]:
+        if a[i : i + mid] == b[j : j + mid]:
             lo = mid
         else:
             hi = mid - 1
@@ -283,7 +306,7 @@ def _boundary(full: str, prefix: str) -> int:
         i, j = i + m, j + m
         if i >= len(prefix) or j >= len(full):
             return j
-        resume = prefix.find(full[j:j + _PROBE], i + 1)
+        resume = prefix.find(full[j : j + _PROBE], i + 1)
         if resume < 0:  # a tail of `prefix` shorter than the probe, or nothing, resumes in `full`
             for r in range(max(i + 1, len(prefix) - _PROBE + 1), len(prefix)):
                 if full.startswith(prefix[r:], j):
@@ -299,10 +322,18 @@ class ConversationEncoder:
     are formatted dataset rows, `wheres` name them in errors ("file.jsonl:13 (train)").
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, add_bos: bool, add_eos: bool,
-                 add_generation_prompt: bool, only_unmask_final: bool,
-                 chat_template_kwargs: dict | None = None, task_spec=None,
-                 template_key: str = "policy.tokenizer.chat_template"):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        add_bos: bool,
+        add_eos: bool,
+        add_generation_prompt: bool,
+        only_unmask_final: bool,
+        chat_template_kwargs: dict | None = None,
+        task_spec=None,
+        template_key: str = "policy.tokenizer.chat_template",
+    ):
         if not tokenizer.is_fast:
             raise ValueError("ConversationEncoder needs a fast tokenizer (offsets)")
         kwargs = dict(chat_template_kwargs or {})
@@ -318,8 +349,9 @@ class ConversationEncoder:
         self.template_key = template_key
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token is not None else None
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token is not None else None
-        special = {t for t in tokenizer.all_special_tokens} | {
-            t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        special = set(tokenizer.all_special_tokens) | {
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+        }
         self._special_tokens = tuple(sorted(special, key=len, reverse=True))
         self.content_parts = self._takes_content_parts()
         self.null_content = self._renders_null_content()
@@ -329,8 +361,10 @@ class ConversationEncoder:
         OpenAI value, which DeepSeek-V3's template tests to render the calls). A template that fails
         on None or prints it ("None", e.g. `content | trim`) expects a string: such messages get ""."""
         call = {"type": "function", "function": {"name": "jaxsft_probe_tool", "arguments": {"x": 1}}}
-        probe = [{"role": "user", "content": "jaxsft-probe"},
-                 {"role": "assistant", "content": None, "tool_calls": [call]}]
+        probe = [
+            {"role": "user", "content": "jaxsft-probe"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ]
         try:
             text = self._render_raw([probe], None, False)[0]
         except (jinja2.TemplateError, TypeError, AttributeError):  # `in`, `+` or string methods on None
@@ -340,8 +374,12 @@ class ConversationEncoder:
     def _takes_content_parts(self) -> bool:
         """Whether the template renders a list of text parts itself (iterates over `content`), rather
         than expecting a string: a probe with two parts shows both texts and no Python list repr."""
-        probe = [{"role": "user", "content": [{"type": "text", "text": "jaxsft-part-one"},
-                                              {"type": "text", "text": "jaxsft-part-two"}]}]
+        probe = [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "jaxsft-part-one"}, {"type": "text", "text": "jaxsft-part-two"}],
+            }
+        ]
         try:
             text = self._render_raw([probe], None, False)[0]
         except (jinja2.TemplateError, TypeError, AttributeError):  # string methods or + on a list
@@ -350,11 +388,16 @@ class ConversationEncoder:
 
     @classmethod
     def from_config(cls, cfg, tokenizer, task_spec=None) -> ConversationEncoder:
-        return cls(tokenizer, add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos,
-                   add_generation_prompt=cfg.data.add_generation_prompt,
-                   only_unmask_final=cfg.sft.only_unmask_final,
-                   chat_template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"), task_spec=task_spec,
-                   template_key=template_key(cfg.policy.tokenizer))
+        return cls(
+            tokenizer,
+            add_bos=cfg.data.add_bos,
+            add_eos=cfg.data.add_eos,
+            add_generation_prompt=cfg.data.add_generation_prompt,
+            only_unmask_final=cfg.sft.only_unmask_final,
+            chat_template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"),
+            task_spec=task_spec,
+            template_key=template_key(cfg.policy.tokenizer),
+        )
 
     # ------------------------------------------------------------------ rendering
 
@@ -365,20 +408,25 @@ class ConversationEncoder:
         and templates test for it (DeepSeek-V3 renders the tool calls only then).
         `check_conversation` has dropped every other None."""
         template = self.tokenizer.get_chat_template(None, tools)
-        rendered, _ = render_jinja_template(conversations=conversations, tools=tools, chat_template=template,
-                                            add_generation_prompt=gen,
-                                            **{**self.tokenizer.special_tokens_map, **self.template_kwargs})
+        rendered, _ = render_jinja_template(
+            conversations=conversations,
+            tools=tools,
+            chat_template=template,
+            add_generation_prompt=gen,
+            **{**self.tokenizer.special_tokens_map, **self.template_kwargs},
+        )
         return rendered
 
     def _render(self, conversations: list[list[dict]], tools, gen: bool, where: str) -> list[str]:
         try:
             return self._render_raw(conversations, tools, gen)
         except jinja2.exceptions.SecurityError as e:
-            raise DataError(f"{where}: the chat template ({self.template_key}) does something the sandbox "
-                            f"forbids: {e}; fix {self.template_key}") from e
+            raise DataError(
+                f"{where}: the chat template ({self.template_key}) does something the sandbox "
+                f"forbids: {e}; fix {self.template_key}"
+            ) from e
         except jinja2.TemplateError as e:
-            raise DataError(f"{where}: the chat template ({self.template_key}) failed on this conversation: "
-                            f"{e}") from e
+            raise DataError(f"{where}: the chat template ({self.template_key}) failed on this conversation: {e}") from e
 
     def spans(self, messages: list[dict], tools, where: str) -> tuple[str, list[tuple[int, int]]]:
         """(full rendering, character spans [start, end) of the trained assistant messages)."""
@@ -387,8 +435,9 @@ class ConversationEncoder:
         if self.only_unmask_final:
             trained = [a for a in trained if a == n - 1]
         if trained and trained[0] == 0:
-            raise DataError(f"{where}: message 0 is an assistant message; a conversation must open with a system "
-                             "or user message")
+            raise DataError(
+                f"{where}: message 0 is an assistant message; a conversation must open with a system or user message"
+            )
         cuts = sorted({k for a in trained for k in (a, a + 1) if k < n})
         renders = self._render([messages] + [messages[:k] for k in cuts], tools, False, where)
         full, prefix_of = renders[0], dict(zip(cuts, renders[1:]))
@@ -398,9 +447,11 @@ class ConversationEncoder:
         if self.add_generation_prompt and trained:
             for a, text in zip(trained, self._render([messages[:a] for a in trained], tools, True, where)):
                 if not text.startswith(prefix_of[a]):
-                    raise DataError(f"{where}: the chat template's generation prompt is not appended to the "
-                                     f"rendering of messages 0..{a - 1}; set data.add_generation_prompt=false")
-                gen_prompts[a] = text[len(prefix_of[a]):]
+                    raise DataError(
+                        f"{where}: the chat template's generation prompt is not appended to the "
+                        f"rendering of messages 0..{a - 1}; set data.add_generation_prompt=false"
+                    )
+                gen_prompts[a] = text[len(prefix_of[a]) :]
         spans = []
         for a in trained:
             start, end = bound[a], bound[a + 1]
@@ -413,13 +464,14 @@ class ConversationEncoder:
                 raise DataError(
                     f"{where}: cannot locate assistant message {a} in the rendered conversation (characters "
                     f"{start}..{end}: {full[start:end]!r:.200}); the chat template renders it in a way jax_sft "
-                    "cannot align. Use a template that renders each message's content verbatim")
+                    "cannot align. Use a template that renders each message's content verbatim"
+                )
             spans.append((start, end))
         return full, spans
 
     def _trim_after_special(self, full: str, start: int, end: int) -> int:
         stripped = len(full[start:end].rstrip())
-        if start + stripped < end and full[start:start + stripped].endswith(self._special_tokens):
+        if start + stripped < end and full[start : start + stripped].endswith(self._special_tokens):
             return start + stripped
         return end
 
@@ -428,15 +480,18 @@ class ConversationEncoder:
     def encode(self, rows: list[Any], wheres: list[str]) -> list[Encoded]:
         texts, all_spans, ends_trained = [], [], []
         for row, where in zip(rows, wheres):
-            messages, tools = check_conversation(row, where, self.task_spec, content_parts=self.content_parts,
-                                                 null_content=self.null_content)
+            messages, tools = check_conversation(
+                row, where, self.task_spec, content_parts=self.content_parts, null_content=self.null_content
+            )
             full, spans = self.spans(messages, tools, where)
             texts.append(full)
             all_spans.append(spans)
             ends_trained.append(bool(spans) and spans[-1][1] >= len(full.rstrip()))
         encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [self._finish(enc, text, spans, end_trained)
-                for enc, text, spans, end_trained in zip(encodings, texts, all_spans, ends_trained)]
+        return [
+            self._finish(enc, text, spans, end_trained)
+            for enc, text, spans, end_trained in zip(encodings, texts, all_spans, ends_trained)
+        ]
 
     def _finish(self, enc, text: str, spans: list[tuple[int, int]], end_trained: bool) -> Encoded:
         ids = np.asarray(enc.ids, dtype=np.int32)
@@ -444,7 +499,7 @@ class ConversationEncoder:
         for start, end in spans:
             first, last = _token_at(enc, start, end, 1), _token_at(enc, end - 1, start - 1, -1)
             if first is not None and last is not None and first <= last:
-                loss[first:last + 1] = 1
+                loss[first : last + 1] = 1
         if self.add_bos and self.bos_id is not None and (len(ids) == 0 or ids[0] != self.bos_id):
             ids = np.concatenate([np.asarray([self.bos_id], np.int32), ids])
             loss = np.concatenate([np.zeros(1, np.uint8), loss])

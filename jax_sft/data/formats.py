@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import importlib
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,9 +36,21 @@ from jax_sft.data.readers import (
 )
 from jax_sft.errors import DataError
 
-__all__ = ["TaskDataSpec", "SFTDataset", "RawDataset", "OpenAIFormatRows", "NoneFilledToolsWarning",
-           "OASST_SYSTEM_PROMPT", "oasst_conversations", "oasst_tree_conversations", "carve", "sample",
-           "task_name_from_path", "import_class", "PROCESSORS"]
+__all__ = [
+    "TaskDataSpec",
+    "SFTDataset",
+    "RawDataset",
+    "OpenAIFormatRows",
+    "NoneFilledToolsWarning",
+    "OASST_SYSTEM_PROMPT",
+    "oasst_conversations",
+    "oasst_tree_conversations",
+    "carve",
+    "sample",
+    "task_name_from_path",
+    "import_class",
+    "PROCESSORS",
+]
 
 PROCESSORS = ("sft_processor",)
 
@@ -93,7 +104,8 @@ def carve(rows, test_size: float, seed: int):
         parts = rows.train_test_split(test_size=test_size, seed=seed)
         return parts["train"], parts["test"]
     index = hf_datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
-        test_size=test_size, seed=seed)
+        test_size=test_size, seed=seed
+    )
     if isinstance(rows, PreservingDataset):
         return tuple(rows.take(index[part]["i"]) for part in ("train", "test"))
     return tuple(PreservingDataset([rows[i] for i in index[part]["i"]]) for part in ("train", "test"))
@@ -128,13 +140,15 @@ class RawDataset:
             try:
                 self.dataset, self.val_dataset = carve(self.dataset, test_size, 42 if seed is None else seed)
             except ValueError as e:  # datasets' message on sizes that leave a split empty
-                raise ValueError(f"{self.task_name}: split_validation_size={test_size} of {len(self.dataset)} rows: "
-                                 f"{e}") from None
+                raise ValueError(
+                    f"{self.task_name}: split_validation_size={test_size} of {len(self.dataset)} rows: {e}"
+                ) from None
 
     def set_task_spec(self, data_config: dict) -> None:
         self.data_config = data_config
-        self.task_spec = TaskDataSpec(self.task_name, data_config.get("prompt_file"),
-                                      data_config.get("system_prompt_file"))
+        self.task_spec = TaskDataSpec(
+            self.task_name, data_config.get("prompt_file"), data_config.get("system_prompt_file")
+        )
 
     def set_processor(self) -> None:
         name = (self.data_config or {}).get("processor") or "sft_processor"
@@ -208,9 +222,8 @@ def oasst_conversations(ds, where: str) -> list[dict]:
             i, path = stack.pop()
             path = path + [{"role": _OASST_ROLES[roles[i]], "content": texts[i]}]
             kids = children.get(ids[i], [])
-            if not kids:
-                if len(path) >= 2:
-                    out.append({"messages": [{"role": "system", "content": OASST_SYSTEM_PROMPT}, *path]})
+            if not kids and len(path) >= 2:
+                out.append({"messages": [{"role": "system", "content": OASST_SYSTEM_PROMPT}, *path]})
             stack.extend((k, path) for k in reversed(kids))
     return out
 
@@ -261,9 +274,14 @@ class OpenAIFormatRows:
     values are found in tool schemas or arguments on the Arrow path.
     """
 
-    def __init__(self, chat_key: str | None = "messages", system_key: str | None = None,
-                 system_prompt: str | None = None, tool_key: str | None = "tools",
-                 use_preserving_dataset: bool | None = False):
+    def __init__(
+        self,
+        chat_key: str | None = "messages",
+        system_key: str | None = None,
+        system_prompt: str | None = None,
+        tool_key: str | None = "tools",
+        use_preserving_dataset: bool | None = False,
+    ):
         self.chat_key = chat_key or "messages"
         self.system_key, self.system_prompt, self.tool_key = system_key, system_prompt, tool_key
         self.preserving = bool(use_preserving_dataset)
@@ -274,17 +292,23 @@ class OpenAIFormatRows:
         self = cls(**keys)
         if self.preserving:
             if Path(path).suffix not in (".jsonl", ".json"):
-                raise ValueError(f"{key}={path!r}: use_preserving_dataset reads JSON lines; expected a .jsonl "
-                                 "or .json file")
+                raise ValueError(
+                    f"{key}={path!r}: use_preserving_dataset reads JSON lines; expected a .jsonl or .json file"
+                )
             records = read_json_records(path)
-            return PreservingDataset([self.format(rec, f"{path}:{lineno}") for lineno, rec in records],
-                                     [f"{path}:{lineno}" for lineno, _ in records])
+            return PreservingDataset(
+                [self.format(rec, f"{path}:{lineno}") for lineno, rec in records],
+                [f"{path}:{lineno}" for lineno, _ in records],
+            )
         ds = load_source(path, None, None, key=key)
         # Every row gets a "tools" value (None without): `map` takes its columns from the first rows
         # it writes, so an optional key would be dropped from all rows, or missing from some.
-        ds = ds.map(lambda rec, i: self.format(rec, Place(functools.partial(record_place, path), i),
-                                               tools_column=True),
-                    with_indices=True, remove_columns=ds.column_names, desc=f"formatting {path}")
+        ds = ds.map(
+            lambda rec, i: self.format(rec, Place(functools.partial(record_place, path), i), tools_column=True),
+            with_indices=True,
+            remove_columns=ds.column_names,
+            desc=f"formatting {path}",
+        )
         _warn_if_none_filled(ds, path)
         return ds
 
@@ -323,16 +347,23 @@ def _has_none(value: Any) -> bool:
 def _warn_if_none_filled(ds: hf_datasets.Dataset, path: str) -> None:
     if "tools" in ds.column_names and any(_has_none(t) for t in ds["tools"] if t is not None):
         where = "tool schemas"
-    elif any(_has_none(call.get("function", call).get("arguments"))
-             for messages in ds["messages"] for m in messages if m.get("tool_calls")
-             for call in m["tool_calls"]):
+    elif any(
+        _has_none(call.get("function", call).get("arguments"))
+        for messages in ds["messages"]
+        for m in messages
+        if m.get("tool_calls")
+        for call in m["tool_calls"]
+    ):
         where = "tool-call arguments"
     else:
         return
-    warnings.warn(f"{path}: null values in {where} after Arrow loading: likely keys None-filled by schema "
-                  "unification, which trains the model on arguments its tools do not take. Set "
-                  "data.use_preserving_dataset=true to keep each record's own keys.", NoneFilledToolsWarning,
-                  stacklevel=3)
+    warnings.warn(
+        f"{path}: null values in {where} after Arrow loading: likely keys None-filled by schema "
+        "unification, which trains the model on arguments its tools do not take. Set "
+        "data.use_preserving_dataset=true to keep each record's own keys.",
+        NoneFilledToolsWarning,
+        stacklevel=3,
+    )
 
 
 def import_class(name: str):

@@ -44,9 +44,10 @@ import grain
 import numpy as np
 
 from jax_sft.data.batches import BatchPlan, ProcessRows, StepBatch, micro_batches, process_dp_ranks, rank_rows
+from jax_sft.data.build import build_dataset
 from jax_sft.data.chat import ConversationEncoder
 from jax_sft.data.formats import SFTDataset
-from jax_sft.data.sections import NO_VALIDATION, build_dataset
+from jax_sft.data.sections import NO_VALIDATION
 from jax_sft.data.tokens import LazySplit, TokenizedSplit, dataset_place, start_workers, tokenize_split
 from jax_sft.distributed import allgather_ints
 
@@ -58,8 +59,9 @@ _STATE_VERSION = 2
 _ENDLESS = 2**62  # steps of the stream (epochs repeat)
 
 
-def _shard_members(split: TokenizedSplit, shard_of: np.ndarray, position: np.ndarray,
-                   shards: Sequence[int]) -> list[np.ndarray]:
+def _shard_members(
+    split: TokenizedSplit, shard_of: np.ndarray, position: np.ndarray, shards: Sequence[int]
+) -> list[np.ndarray]:
     """For each shard, the positions in `split` of its kept examples, in dealing order.
     shard_of / position: the shard of each source example and its place in the dealing order."""
     shard, pos = shard_of[split.source], position[split.source]
@@ -78,18 +80,28 @@ class _AssembleStep:
     A step's sequences are `split.examples(picks)`; a lazily dropped or skipped one (None) leaves
     its rank one sequence short in that step."""
 
-    def __init__(self, split: TokenizedSplit | LazySplit, members: list[list[np.ndarray]],
-                 shards: list[list[int]], layout: ProcessRows, steps_per_epoch: int, seed: int | None):
+    def __init__(
+        self,
+        split: TokenizedSplit | LazySplit,
+        members: list[list[np.ndarray]],
+        shards: list[list[int]],
+        layout: ProcessRows,
+        steps_per_epoch: int,
+        seed: int | None,
+    ):
         self.split, self.members, self.shards = split, members, shards  # [local rank][shard of the rank]
         self.layout, self.steps_per_epoch, self.seed = layout, steps_per_epoch, seed
         self._epoch, self._orders = -1, []
 
     def _orders_of(self, epoch: int) -> list[list[np.ndarray]]:
         if epoch != self._epoch:
-            self._orders = [[m if self.seed is None else m[np.random.default_rng([self.seed, shard, epoch])
-                                                            .permutation(len(m))]
-                             for shard, m in zip(shards, members)]
-                            for shards, members in zip(self.shards, self.members)]
+            self._orders = [
+                [
+                    m if self.seed is None else m[np.random.default_rng([self.seed, shard, epoch]).permutation(len(m))]
+                    for shard, m in zip(shards, members)
+                ]
+                for shards, members in zip(self.shards, self.members)
+            ]
             self._epoch = epoch
         return self._orders
 
@@ -106,8 +118,16 @@ class _AssembleStep:
             tokens += sum(len(seq[0]) for seq in seqs)
             per_rank.append(rank_rows(seqs, L, L.packing))
         micro = micro_batches(per_rank, L.rank_rows, L)
-        return StepBatch(micro, step, epoch, L.global_batch, L.local_batch, int(tokens),
-                         sum(int(mb["loss_mask"].sum()) for mb in micro), self.split.sources(picks))
+        return StepBatch(
+            micro,
+            step,
+            epoch,
+            L.global_batch,
+            L.local_batch,
+            int(tokens),
+            sum(int(mb["loss_mask"].sum()) for mb in micro),
+            self.split.sources(picks),
+        )
 
 
 class TrainIterator(Iterator[StepBatch]):
@@ -148,8 +168,10 @@ class TrainIterator(Iterator[StepBatch]):
         saved, now = state["data"], self._fingerprint
         if saved != now:
             diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-            raise ValueError(f"the data iterator state was saved for different data or settings "
-                             f"(saved, now): {diff}; resume with the same dataset, batch sizes and seed")
+            raise ValueError(
+                f"the data iterator state was saved for different data or settings "
+                f"(saved, now): {diff}; resume with the same dataset, batch sizes and seed"
+            )
         self._it.close()
         self._it = iter(self._build(step))
         self._next_step = step
@@ -193,8 +215,9 @@ class SFTData:
     dataset (default `build_dataset(plan.config)`).
     """
 
-    def __init__(self, plan: DataPlan, tokenizer, *, dp_ranks: Sequence[int] | None = None,
-                 dataset: SFTDataset | None = None):
+    def __init__(
+        self, plan: DataPlan, tokenizer, *, dp_ranks: Sequence[int] | None = None, dataset: SFTDataset | None = None
+    ):
         dp_size = plan.batch.dp
         if dp_ranks is None:
             import jax  # noqa: PLC0415  (only a process of a run has devices to ask)
@@ -223,22 +246,29 @@ class SFTData:
         else:
             self._upfront(train_rows, val_rows, dealt, my_train, my_val)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the train split has too few usable examples for one step of "
-                             f"train_global_batch_size={G} (a shard of its examples is empty)")
+            raise ValueError(
+                f"the train split has too few usable examples for one step of "
+                f"train_global_batch_size={G} (a shard of its examples is empty)"
+            )
         log.info("data: %d steps per epoch; %s", self.steps_per_epoch, self.stats)
 
     def _split_args(self) -> dict[str, Any]:
-        return dict(max_length=self.layout.max_length, overlength=self.plan.overlength,
-                    skip_without_loss=self.plan.skip_without_loss)
+        return dict(
+            max_length=self.layout.max_length,
+            overlength=self.plan.overlength,
+            skip_without_loss=self.plan.skip_without_loss,
+        )
 
     def _lazy(self, train_rows, val_rows, dealt: np.ndarray, my_train: list[list[int]], my_val: list[list[int]]):
         """Nothing is encoded here: shard j's members are the row indices dealt at positions j, j+G, ...
         (the same members as up front when no example is dropped or skipped)."""
         G, Gv = self.layout.global_batch, self.layout.val_global_batch
-        self.train_split = LazySplit(train_rows, self.encoder, dataset_place(self.dataset, "train"),
-                                     **self._split_args())
-        self.val_split = LazySplit(val_rows, self.encoder, dataset_place(self.dataset, "validation"),
-                                   **self._split_args())
+        self.train_split = LazySplit(
+            train_rows, self.encoder, dataset_place(self.dataset, "train"), **self._split_args()
+        )
+        self.val_split = LazySplit(
+            val_rows, self.encoder, dataset_place(self.dataset, "validation"), **self._split_args()
+        )
         self._train_members = [[dealt[j::G] for j in shards] for shards in my_train]
         self._val_members = [[np.arange(j, len(val_rows), Gv) for j in shards] for shards in my_val]
         self._counts = {"train": {"examples": len(train_rows)}, "validation": {"examples": len(val_rows)}}
@@ -253,11 +283,21 @@ class SFTData:
         train_shard, val_shard = train_position % G, np.arange(len(val_rows)) % Gv
         val_position = np.arange(len(val_rows))
         self.train_split, train_counts = tokenize_split(
-            train_rows, np.flatnonzero(np.isin(train_shard, sum(my_train, []))), self.encoder, split="train",
-            place=dataset_place(self.dataset, "train"), **common)
+            train_rows,
+            np.flatnonzero(np.isin(train_shard, sum(my_train, []))),
+            self.encoder,
+            split="train",
+            place=dataset_place(self.dataset, "train"),
+            **common,
+        )
         self.val_split, val_counts = tokenize_split(
-            val_rows, np.flatnonzero(np.isin(val_shard, sum(my_val, []))), self.encoder, split="validation",
-            place=dataset_place(self.dataset, "validation"), **common)
+            val_rows,
+            np.flatnonzero(np.isin(val_shard, sum(my_val, []))),
+            self.encoder,
+            split="validation",
+            place=dataset_place(self.dataset, "validation"),
+            **common,
+        )
         self._train_members = [_shard_members(self.train_split, train_shard, train_position, sh) for sh in my_train]
         self._val_members = [_shard_members(self.val_split, val_shard, val_position, sh) for sh in my_val]
         self._counts = {"train": train_counts, "validation": val_counts}
@@ -267,9 +307,17 @@ class SFTData:
         self.steps_per_epoch = int(allgather_ints([smallest]).min())  # every process runs the same steps
         for split, c in self._counts.items():
             if c["truncated"] or c["dropped"] or c["masked"] or c["skipped"]:
-                log.warning("%s: of %d examples, %d truncated, %d dropped, %d masked (over %d tokens), %d skipped "
-                            "(no loss token)", split, c["examples"], c["truncated"], c["dropped"], c["masked"],
-                            self.layout.max_length, c["skipped"])
+                log.warning(
+                    "%s: of %d examples, %d truncated, %d dropped, %d masked (over %d tokens), %d skipped "
+                    "(no loss token)",
+                    split,
+                    c["examples"],
+                    c["truncated"],
+                    c["dropped"],
+                    c["masked"],
+                    self.layout.max_length,
+                    c["skipped"],
+                )
 
     @property
     def stats(self) -> dict[str, int]:
@@ -281,14 +329,26 @@ class SFTData:
     def train_iterator(self) -> TrainIterator:
         """A fresh iterator from the first step; `set_state` moves it to a saved position."""
         L, seed = self.layout, self.plan.seed
-        assemble = _AssembleStep(self.train_split, self._train_members, self._train_shards, L,
-                                 self.steps_per_epoch, seed if self.plan.shuffle else None)
+        assemble = _AssembleStep(
+            self.train_split,
+            self._train_members,
+            self._train_shards,
+            L,
+            self.steps_per_epoch,
+            seed if self.plan.shuffle else None,
+        )
         workers = self.plan.num_workers if self.tokenize == "lazy" else 0
         build = functools.partial(_step_stream, assemble, workers)
         # What the stream depends on; not the device layout (a run may resume on another one).
-        fingerprint = dict(train_examples=self.num_train_examples, steps_per_epoch=self.steps_per_epoch,
-                           seed=seed, shuffle=self.plan.shuffle, global_batch=L.global_batch,
-                           seq_len=L.seq_len, packing=L.packing)
+        fingerprint = dict(
+            train_examples=self.num_train_examples,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=seed,
+            shuffle=self.plan.shuffle,
+            global_batch=L.global_batch,
+            seq_len=L.seq_len,
+            packing=L.packing,
+        )
         return TrainIterator(build, fingerprint)
 
     @property
@@ -306,6 +366,12 @@ class SFTData:
         L = self.layout
         per_batch = L.val_rank_batch // L.val_rank_rows
         for b in range(self.num_val_batches):
-            per_rank = [[[seq] for seq in self.val_split.examples([int(m[b]) for m in members if b < len(m)])
-                         if seq is not None] for members in self._val_members]
+            per_rank = [
+                [
+                    [seq]
+                    for seq in self.val_split.examples([int(m[b]) for m in members if b < len(m)])
+                    if seq is not None
+                ]
+                for members in self._val_members
+            ]
             yield from micro_batches(per_rank, L.val_rank_rows, L, per_batch)

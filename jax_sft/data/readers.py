@@ -17,11 +17,29 @@ import numpy as np
 
 from jax_sft.errors import DataError, MissingFileError
 
-__all__ = ["FILE_TYPES", "PreservingDataset", "Place", "read_json_records", "record_place", "source_row",
-           "load_file", "load_source", "local_copy", "require_column", "format_rows", "is_saved_dataset"]
+__all__ = [
+    "FILE_TYPES",
+    "PreservingDataset",
+    "Place",
+    "read_json_records",
+    "record_place",
+    "source_row",
+    "load_file",
+    "load_source",
+    "local_copy",
+    "require_column",
+    "format_rows",
+    "is_saved_dataset",
+]
 
-FILE_TYPES = {".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-              ".txt": "text"}
+FILE_TYPES = {
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 class PreservingDataset(Sequence):
@@ -47,8 +65,9 @@ class PreservingDataset(Sequence):
 
     def take(self, indices: Sequence[int]) -> PreservingDataset:
         """The rows at `indices`, with their places."""
-        return PreservingDataset([self.rows[i] for i in indices],
-                                 None if self.places is None else [self.places[i] for i in indices])
+        return PreservingDataset(
+            [self.rows[i] for i in indices], None if self.places is None else [self.places[i] for i in indices]
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.rows)
@@ -74,7 +93,7 @@ def read_json_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         out = list(enumerate(records, start=1))
     else:
         out = []
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 line = _decode(raw, path, lineno)
                 if not line.strip():
@@ -96,9 +115,11 @@ def _decode(raw: bytes, path: Path, lineno: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         if path.suffix == ".json":  # the whole file: find the line of the bad byte
-            lineno += raw[:e.start].count(b"\n")
-        raise DataError(f"{path}:{lineno}: bytes that are not UTF-8 ({raw[e.start:e.end]!r} at byte {e.start}); "
-                        "JSON data must be UTF-8") from None
+            lineno += raw[: e.start].count(b"\n")
+        raise DataError(
+            f"{path}:{lineno}: bytes that are not UTF-8 ({raw[e.start : e.end]!r} at byte {e.start}); "
+            "JSON data must be UTF-8"
+        ) from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -178,8 +199,7 @@ def format_rows(ds: hf_datasets.Dataset, fn: Callable[[dict, int], dict], where:
 
 
 def is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json",
-                                                                "state.json"))
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
 def load_source(path: str, subset: str | None = None, split: str | None = "train", *, key: str):
@@ -204,13 +224,15 @@ def load_source(path: str, subset: str | None = None, split: str | None = "train
         if split not in raw:
             raise KeyError(f"{key}={path!r}: no split {split!r}; the splits are {sorted(raw)}")
         return raw[split]
-    return raw["train"] if "train" in raw else raw
+    return raw.get("train", raw)
 
 
 def local_copy(path: str, split: str | None, key: str):
     """A local `data_path` in place of a hub split: a file is the split; a saved DatasetDict gives `split`."""
     p = Path(path)
     if p.suffix not in FILE_TYPES and not is_saved_dataset(p):
-        raise FileNotFoundError(f"{key}={path!r}: not a local {'/'.join(sorted(FILE_TYPES))} file or a "
-                                "save_to_disk folder (this dataset's hub id is fixed; data_path is a local copy)")
+        raise FileNotFoundError(
+            f"{key}={path!r}: not a local {'/'.join(sorted(FILE_TYPES))} file or a "
+            "save_to_disk folder (this dataset's hub id is fixed; data_path is a local copy)"
+        )
     return load_source(path, None, split if p.is_dir() else None, key=key)

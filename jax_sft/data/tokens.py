@@ -60,8 +60,16 @@ class LazySplit:
     with `data.overlength` and the no-loss rule applied; a dropped or skipped example is None.
     Picklable (Grain workers get a copy)."""
 
-    def __init__(self, rows, encoder: ConversationEncoder, place: Callable[[int], str], *, max_length: int,
-                 overlength: str, skip_without_loss: bool):
+    def __init__(
+        self,
+        rows,
+        encoder: ConversationEncoder,
+        place: Callable[[int], str],
+        *,
+        max_length: int,
+        overlength: str,
+        skip_without_loss: bool,
+    ):
         if overlength not in OVERLENGTH:
             raise ValueError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH}")
         self.rows, self.encoder, self.place = rows, encoder, place
@@ -84,16 +92,19 @@ class LazySplit:
         return np.asarray(indices, np.int64)
 
 
-def _has_loss(loss: np.ndarray, status: str, skip: bool, place: Callable[[int], str], index: int,
-              max_length: int) -> bool:
+def _has_loss(
+    loss: np.ndarray, status: str, skip: bool, place: Callable[[int], str], index: int, max_length: int
+) -> bool:
     """Whether an example that was not dropped is kept: it has a loss token (or was masked by
     `data.overlength=mask`); without one it is skipped when `skip`, else a DataError naming it."""
     if status == "masked" or loss.any():
         return True
     if not skip:
         why = f" after truncation to {max_length} tokens" if status == "truncated" else ""
-        raise DataError(f"{place(index)}: no token to train on{why} (no assistant message is trained); fix the "
-                        "example or set data.skip_examples_without_loss=true to skip and count such examples")
+        raise DataError(
+            f"{place(index)}: no token to train on{why} (no assistant message is trained); fix the "
+            "example or set data.skip_examples_without_loss=true to skip and count such examples"
+        )
     return False
 
 
@@ -125,8 +136,11 @@ class _EncodeChunk:
     def __call__(self, chunk: Sequence[int]) -> tuple[list[int], bytes, bytes]:
         idx = [int(self.indices[p]) for p in chunk]
         encoded = self.encoder.encode([self.rows[i] for i in idx], [Place(self.place, i) for i in idx])
-        return ([len(e.ids) for e in encoded], b"".join(e.ids.astype(np.int32).tobytes() for e in encoded),
-                b"".join(e.loss.astype(np.uint8).tobytes() for e in encoded))
+        return (
+            [len(e.ids) for e in encoded],
+            b"".join(e.ids.astype(np.int32).tobytes() for e in encoded),
+            b"".join(e.loss.astype(np.uint8).tobytes() for e in encoded),
+        )
 
 
 def _unpack_chunk(chunk: tuple[list[int], bytes, bytes]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -134,14 +148,23 @@ def _unpack_chunk(chunk: tuple[list[int], bytes, bytes]) -> Iterator[tuple[np.nd
     ids, loss = np.frombuffer(ids, np.int32), np.frombuffer(loss, np.uint8)
     offset = 0
     for n in lengths:
-        yield ids[offset:offset + n], loss[offset:offset + n]
+        yield ids[offset : offset + n], loss[offset : offset + n]
         offset += n
 
 
-def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, split: str, max_length: int,
-                   overlength: str, skip_without_loss: bool, num_workers: int = 0,
-                   chunk_size: int = 64, place: Callable[[int], str] | None = None
-                   ) -> tuple[TokenizedSplit, dict[str, int]]:
+def tokenize_split(
+    rows,
+    indices: np.ndarray,
+    encoder: ConversationEncoder,
+    *,
+    split: str,
+    max_length: int,
+    overlength: str,
+    skip_without_loss: bool,
+    num_workers: int = 0,
+    chunk_size: int = 64,
+    place: Callable[[int], str] | None = None,
+) -> tuple[TokenizedSplit, dict[str, int]]:
     """Encodes rows[indices] into a TokenizedSplit, applying `data.overlength` and the no-loss rule
     (a conversation without a loss token is an error naming it, or skipped and counted when
     `skip_without_loss`). `place(i)` names row i in errors (default "<split> row i").
@@ -153,15 +176,46 @@ def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, s
     ds = ds.map(_EncodeChunk(rows, indices, encoder, place))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=1))
     if num_workers == 0 and len(indices) > 100_000:
-        log.warning("%s: tokenising %d examples in one process; set data.num_workers to use more cores",
-                    split, len(indices))
+        log.warning(
+            "%s: tokenising %d examples in one process; set data.num_workers to use more cores", split, len(indices)
+        )
     if num_workers > 0:
         it = start_workers(it, num_workers)
-    counts = dict(examples=len(indices), kept=0, truncated=0, dropped=0, masked=0, skipped=0, tokens=0,
-                  loss_tokens=0)
-    tokens, losses, lengths, source = [], [], [], []
-    t0, position = time.perf_counter(), 0
-    iterator = iter(it)
+    t0 = time.perf_counter()
+    kept, counts = _collect(it, indices, max_length, overlength, skip_without_loss, place)
+    tokens, losses, source = kept
+    lengths = [len(ids) for ids in tokens]
+    counts.update(kept=len(lengths), tokens=int(sum(lengths)), loss_tokens=int(sum(int(x.sum()) for x in losses)))
+    dt = time.perf_counter() - t0
+    log.info(
+        "%s: tokenised %d examples, %d tokens in %.1f s (%.0f tokens/s)",
+        split,
+        len(indices),
+        counts["tokens"],
+        dt,
+        counts["tokens"] / max(dt, 1e-9),
+    )
+    starts = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    split_arrays = TokenizedSplit(
+        _concat(tokens, np.int32), _concat(losses, np.uint8), starts, np.asarray(source, np.int64)
+    )
+    return split_arrays, counts
+
+
+def _collect(
+    it: grain.IterDataset,
+    indices: np.ndarray,
+    max_length: int,
+    overlength: str,
+    skip_without_loss: bool,
+    place: Callable[[int], str],
+) -> tuple[tuple[list, list, list], dict[str, int]]:
+    """((ids, loss, source index) lists of the kept examples, counts) of the encoded chunks of `it`,
+    with `data.overlength` and the no-loss rule applied, in order."""
+    counts = dict(examples=len(indices), kept=0, truncated=0, dropped=0, masked=0, skipped=0, tokens=0, loss_tokens=0)
+    tokens, losses, source = [], [], []
+    position, iterator = 0, iter(it)
     try:
         for chunk in iterator:
             for ids, loss in _unpack_chunk(chunk):
@@ -177,20 +231,10 @@ def tokenize_split(rows, indices: np.ndarray, encoder: ConversationEncoder, *, s
                     continue
                 tokens.append(ids)
                 losses.append(loss)
-                lengths.append(len(ids))
                 source.append(index)
     finally:
         iterator.close()  # stops the worker processes
-    counts["kept"] = len(lengths)
-    counts["tokens"] = int(sum(lengths))
-    counts["loss_tokens"] = int(sum(int(loss.sum()) for loss in losses))
-    dt = time.perf_counter() - t0
-    log.info("%s: tokenised %d examples, %d tokens in %.1f s (%.0f tokens/s)", split, len(indices),
-             counts["tokens"], dt, counts["tokens"] / max(dt, 1e-9))
-    starts = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    return TokenizedSplit(_concat(tokens, np.int32), _concat(losses, np.uint8), starts,
-                          np.asarray(source, np.int64)), counts
+    return (tokens, losses, source), counts
 
 
 def _row_place(split: str, index: int) -> str:

@@ -86,8 +86,7 @@ def check_implementation(implementation: str, dtype, head_dim: int) -> None:
     if implementation == "cudnn":
         if _backend() != "gpu":
             raise ValueError(
-                f"attention='cudnn' needs a GPU but the JAX backend is {_backend()!r}; "
-                "use attention='xla' (or 'auto')"
+                f"attention='cudnn' needs a GPU but the JAX backend is {_backend()!r}; use attention='xla' (or 'auto')"
             )
         if not _cudnn_dtype(dtype):
             raise ValueError(
@@ -102,8 +101,9 @@ def check_implementation(implementation: str, dtype, head_dim: int) -> None:
             )
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int, packed: bool,
-                           windowed: bool = False, softcap: bool = False) -> str:
+def resolve_implementation(
+    implementation: str, dtype, head_dim: int, packed: bool, windowed: bool = False, softcap: bool = False
+) -> str:
     """The kernel ("cudnn" or "xla") a call gets; "cudnn" that cannot honour the layout raises.
     `windowed`: the layer has a sliding window; `softcap`: its scores are soft-capped."""
     hopper = (_compute_capability() or (0, 0)) >= (9, 0)
@@ -141,14 +141,21 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, packed: bo
     return "cudnn" if cudnn_ok else "xla"
 
 
-def describe(implementation: str, dtype, head_dim: int, packed: bool, max_segments: int,
-             windows: Sequence[int | None] = (None,), softcap: bool = False) -> str:
+def describe(
+    implementation: str,
+    dtype,
+    head_dim: int,
+    packed: bool,
+    max_segments: int,
+    windows: Sequence[int | None] = (None,),
+    softcap: bool = False,
+) -> str:
     """One line for the run log: which kernel the layers (their `windows`) run, and why."""
     names = {
         "xla": "xla (fp32 softmax over materialised [batch, heads, seq, seq] scores"
-        + (", soft-capped scores: no cudnn kernel" if softcap else "") + ")",
-        "cudnn": "cudnn flash attention"
-        + (f", packed layout (<= {max_segments} segments per row)" if packed else ""),
+        + (", soft-capped scores: no cudnn kernel" if softcap else "")
+        + ")",
+        "cudnn": "cudnn flash attention" + (f", packed layout (<= {max_segments} segments per row)" if packed else ""),
     }
     by_kind = {}
     for w in windows:
@@ -175,8 +182,9 @@ def attention(
     """Causal attention, see the module docstring. Softmax scale: `scale`, default head_dim ** -0.5."""
     head_dim = q.shape[-1]
     scale = float(head_dim) ** -0.5 if scale is None else float(scale)
-    impl = resolve_implementation(implementation, q.dtype, head_dim, segment_ids is not None,
-                                  sliding_window is not None, softcap is not None)
+    impl = resolve_implementation(
+        implementation, q.dtype, head_dim, segment_ids is not None, sliding_window is not None, softcap is not None
+    )
     if impl == "cudnn" and segment_ids is not None:
         return _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments, scale)
     if impl == "cudnn":
@@ -193,9 +201,16 @@ def attention(
     return _xla_attention(q, k, v, segment_ids, sliding_window, scale, softcap)
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_positions: jax.Array, *,
-                     sliding_window: int | None = None, scale: float | None = None,
-                     softcap: float | None = None) -> jax.Array:
+def cached_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    q_positions: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """Attention of new queries over a KV cache (generation; `kv_cache.py`).
 
     q: [b, t, heads, d] at positions q_positions [b, t]; k_cache, v_cache: [b, S, kv_heads, d],
@@ -220,9 +235,7 @@ def segment_runs(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, 
     runs): `check_packed_rows` rejects such batches on the host before they get here.
     """
     b, t = segment_ids.shape
-    starts = jnp.concatenate(
-        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
     def row(s):
         idx = jnp.nonzero(s, size=max_segments, fill_value=t)[0].astype(jnp.int32)  # [M]
@@ -245,8 +258,13 @@ def _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments, scale):
 
     seqlen, offsets = segment_runs(segment_ids, max_segments)
     return cudnn_attention(
-        q, k, v,
-        q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+        q,
+        k,
+        v,
+        q_seqlen=seqlen,
+        kv_seqlen=seqlen,
+        q_offsets=offsets,
+        kv_offsets=offsets,
         scale=scale,
         mask_type=MaskType[_PACKED_MASK_TYPE],
         qkv_layout="BTNH",

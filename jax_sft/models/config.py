@@ -79,8 +79,10 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.norm_placement not in NORM_PLACEMENTS or self.qk_norm not in QK_NORMS:
-            raise ValueError(f"norm_placement={self.norm_placement!r}, qk_norm={self.qk_norm!r}: expected one of "
-                             f"{NORM_PLACEMENTS}, {QK_NORMS}")
+            raise ValueError(
+                f"norm_placement={self.norm_placement!r}, qk_norm={self.qk_norm!r}: expected one of "
+                f"{NORM_PLACEMENTS}, {QK_NORMS}"
+            )
 
     @property
     def family(self) -> str:
@@ -142,8 +144,9 @@ def _common_fields(d: dict[str, Any], arch: str, family: registry.Family, source
     hidden, heads = int(req("hidden_size")), int(req("num_attention_heads"))
     act = d.get(family.activation_key, "silu")
     if act not in _ACTIVATIONS:
-        raise ModelConfigError(f"{source}: {family.activation_key}={act!r} is not supported "
-                               f"(one of {sorted(_ACTIVATIONS)})")
+        raise ModelConfigError(
+            f"{source}: {family.activation_key}={act!r} is not supported (one of {sorted(_ACTIVATIONS)})"
+        )
     if float(d.get("attention_dropout") or 0.0) != 0.0:
         raise ModelConfigError(f"{source}: attention_dropout={d['attention_dropout']} is not supported; set it to 0.0")
     return dict(

@@ -5,10 +5,10 @@ for every family whose layers they describe (`jax_sft.models.registry.Family.par
 
 The counts follow the decoder of `jax_sft.models.decoder` parameter for parameter (tests compare
 them with an abstract `CausalLM`): embeddings [vocab, hidden]; per layer the RMSNorm weights,
-q/k/v/o kernels (and biases), q/k norms (over head_dim, or over the whole projection), a dense MLP (gate, up, down) or a mixture of experts
-(router [hidden, experts], experts' gate/up/down); the final norm; an untied lm_head [hidden, vocab].
-A LoRA adapter on a projection whose kernel maps input dims I to output dims O has
-dim * (prod(I) + prod(O)) parameters (A [*I, dim], B [dim, *O]).
+q/k/v/o kernels (and biases), q/k norms (over head_dim, or over the whole projection), a dense MLP
+(gate, up, down) or a mixture of experts (router [hidden, experts], experts' gate/up/down); the
+final norm; an untied lm_head [hidden, vocab]. A LoRA adapter on a projection whose kernel maps
+input dims I to output dims O has dim * (prod(I) + prod(O)) parameters (A [*I, dim], B [dim, *O]).
 """
 
 from __future__ import annotations
@@ -21,8 +21,15 @@ if TYPE_CHECKING:
     from jax_sft.models.config import ModelConfig
     from jax_sft.models.options import LoraConfig
 
-__all__ = ["base_param_count", "lora_param_count", "lora_sites", "projection_shapes", "state_bytes_per_device",
-           "training_flops", "dense_mlp_layers"]
+__all__ = [
+    "base_param_count",
+    "lora_param_count",
+    "lora_sites",
+    "projection_shapes",
+    "state_bytes_per_device",
+    "training_flops",
+    "dense_mlp_layers",
+]
 
 # RMSNorm weights [hidden] per layer by norm placement (models/decoder.py DecoderLayer).
 NORMS_PER_LAYER = {"pre": 2, "sandwich": 4, "post": 2}
@@ -33,8 +40,16 @@ def projection_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
     lm_head."""
     e, q, kv = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     mlp = m.intermediate_size
-    return {"q_proj": (e, q), "k_proj": (e, kv), "v_proj": (e, kv), "o_proj": (q, e),
-            "gate_proj": (e, mlp), "up_proj": (e, mlp), "down_proj": (mlp, e), "lm_head": (e, m.vocab_size)}
+    return {
+        "q_proj": (e, q),
+        "k_proj": (e, kv),
+        "v_proj": (e, kv),
+        "o_proj": (q, e),
+        "gate_proj": (e, mlp),
+        "up_proj": (e, mlp),
+        "down_proj": (mlp, e),
+        "lm_head": (e, m.vocab_size),
+    }
 
 
 def dense_mlp_layers(m: ModelConfig) -> tuple[bool, ...]:
@@ -77,8 +92,9 @@ def lora_param_count(m: ModelConfig, lora: LoraConfig) -> tuple[int, int]:
     return trainable, m.param_count() + trainable
 
 
-def state_bytes_per_device(m: ModelConfig, lora: LoraConfig | None, *, param_dtype: str, precision: str,
-                           devices: int) -> dict[str, float]:
+def state_bytes_per_device(
+    m: ModelConfig, lora: LoraConfig | None, *, param_dtype: str, precision: str, devices: int
+) -> dict[str, float]:
     """Bytes per device of the training state (activations not included) when FSDP shards it over
     `devices`: weights (the base in `param_dtype`; LoRA adapters fp32), gradients (the fp32
     accumulator of the trainable parameters), AdamW's two moments (in the trainable parameters'
@@ -88,10 +104,12 @@ def state_bytes_per_device(m: ModelConfig, lora: LoraConfig | None, *, param_dty
     trainable = lora_param_count(m, lora)[0] if lora is not None else base
     master = 4 if lora is not None else size[param_dtype]  # the trainable parameters' dtype
     weights = base * size[param_dtype] + (trainable * 4 if lora is not None else 0)
-    copy = sum(n * size[precision] for n, dtype in ((base, param_dtype), (trainable if lora else 0, "float32"))
-               if size[dtype] != size[precision])
-    parts = {"weights": weights, "gradients": 4 * trainable, "optimizer": 2 * master * trainable,
-             "compute copy": copy}
+    copy = sum(
+        n * size[precision]
+        for n, dtype in ((base, param_dtype), (trainable if lora else 0, "float32"))
+        if size[dtype] != size[precision]
+    )
+    parts = {"weights": weights, "gradients": 4 * trainable, "optimizer": 2 * master * trainable, "compute copy": copy}
     return {k: v / devices for k, v in parts.items()}
 
 
@@ -110,8 +128,9 @@ def training_flops(m: ModelConfig, sequence_lengths: np.ndarray) -> float:
     moe_layers = sum(m.moe_layers) if m.num_experts else 0
     dense_mlp = 3 * d * m.intermediate_size
     moe_mlp = d * m.num_experts + m.experts_per_token * 3 * d * m.moe_intermediate_size
-    matmul_params = (m.num_layers * attn + (m.num_layers - moe_layers) * dense_mlp
-                     + moe_layers * moe_mlp + d * m.vocab_size)
+    matmul_params = (
+        m.num_layers * attn + (m.num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp + d * m.vocab_size
+    )
     n = np.asarray(sequence_lengths, np.float64)
     pairs = 0.0
     for window in m.sliding_windows:

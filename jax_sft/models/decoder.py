@@ -48,8 +48,12 @@ from jax_sft.models.rope import rope_inv_freq
 # attention input / output and the MLP input / output (None: no norm there).
 NORMS = {
     "pre": ("input_layernorm", None, "post_attention_layernorm", None),
-    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm"),
+    "sandwich": (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
     "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
 }
 
@@ -58,18 +62,38 @@ class DecoderLayer(nnx.Module):
     """Attention and an MLP (dense or mixture of experts), each with a residual, and the norms of
     the config's `norm_placement` (`NORMS`)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
-                 max_segments: int, rngs: nnx.Rngs, mesh=None, lora: LoraConfig | None = None,
-                 adapted: frozenset[str] = frozenset()):
-        norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                       offset=cfg.norm_offset)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        *,
+        dtype,
+        param_dtype,
+        implementation: str,
+        max_segments: int,
+        rngs: nnx.Rngs,
+        mesh=None,
+        lora: LoraConfig | None = None,
+        adapted: frozenset[str] = frozenset(),
+    ):
+        norm = partial(
+            RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset
+        )
         self.norm_names = NORMS[cfg.norm_placement]
         for name in self.norm_names:
             if name is not None:
                 setattr(self, name, norm())
-        self.self_attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype,
-                                   implementation=implementation, max_segments=max_segments,
-                                   rngs=rngs, lora=lora, adapted=adapted)
+        self.self_attn = Attention(
+            cfg,
+            layer,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            implementation=implementation,
+            max_segments=max_segments,
+            rngs=rngs,
+            lora=lora,
+            adapted=adapted,
+        )
         if cfg.num_experts > 0 and cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
         else:
@@ -125,6 +149,30 @@ def _check_scannable(config: ModelConfig) -> None:
         )
 
 
+def _layers(config, options: ModelOptions, adapted: dict, dtype, param_dtype, mesh, rngs: nnx.Rngs):
+    """The decoder layers: an nnx.List, or with scan_layers one DecoderLayer whose parameters are
+    stacked [num_layers, ...] (its initial values drawn per layer, as unrolled)."""
+    layer = partial(
+        DecoderLayer,
+        config,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        implementation=options.attention,
+        max_segments=options.max_segments,
+        mesh=mesh,
+        lora=options.lora,
+    )
+    if not options.scan_layers:
+        return nnx.List([layer(i, rngs=rngs, adapted=adapted[i]) for i in range(config.num_layers)])
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def stacked(rngs):
+        return layer(0, rngs=rngs, adapted=adapted[0])
+
+    return stacked(rngs)
+
+
 class CausalLM(nnx.Module):
     """Decoder-only LM; see the module docstring for the call signatures.
 
@@ -132,8 +180,15 @@ class CausalLM(nnx.Module):
     (`CausalLM(config, dtype=jnp.float32, rngs=...)`) replaces fields of `options` (default: the
     defaults). `mesh`: the device mesh, for expert parallelism."""
 
-    def __init__(self, config: ModelConfig, options: ModelOptions | None = None, *, rngs: nnx.Rngs,
-                 mesh: jax.sharding.Mesh | None = None, **option_fields):
+    def __init__(
+        self,
+        config: ModelConfig,
+        options: ModelOptions | None = None,
+        *,
+        rngs: nnx.Rngs,
+        mesh: jax.sharding.Mesh | None = None,
+        **option_fields,
+    ):
         options = ModelOptions.of(options, **option_fields)
         dtype, param_dtype = jnp.dtype(options.dtype), jnp.dtype(options.param_dtype)
         attention_lib.check_implementation(options.attention, dtype, config.head_dim)
@@ -145,30 +200,39 @@ class CausalLM(nnx.Module):
         self.options = options
         adapted = lora_sites(config, options.lora, options.scan_layers)
         self.embed_tokens = nnx.Embed(
-            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=normal_init, embedding_metadata=meta("vocab", "embed"), rngs=rngs,
+            config.vocab_size,
+            config.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=normal_init,
+            embedding_metadata=meta("vocab", "embed"),
+            rngs=rngs,
         )
-        layer = partial(DecoderLayer, config, dtype=dtype, param_dtype=param_dtype, implementation=options.attention,
-                        max_segments=options.max_segments, mesh=mesh, lora=options.lora)
-        if options.scan_layers:
-
-            @nnx.split_rngs(splits=config.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-            def stacked(rngs):
-                return layer(0, rngs=rngs, adapted=adapted[0])
-
-            self.layers = stacked(rngs)  # one DecoderLayer whose parameters are [num_layers, ...]
-        else:
-            self.layers = nnx.List([layer(i, rngs=rngs, adapted=adapted[i]) for i in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                            offset=config.norm_offset)
-        self.lm_head = None if config.tie_word_embeddings else projection(
-            "bte,ev->btv", (config.hidden_size, config.vocab_size), ("embed", "vocab"), None, (), dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs)
+        self.layers = _layers(config, options, adapted, dtype, param_dtype, mesh, rngs)
+        self.norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=config.norm_offset
+        )
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else projection(
+                "bte,ev->btv",
+                (config.hidden_size, config.vocab_size),
+                ("embed", "vocab"),
+                None,
+                (),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
         # The lm_head's adapter (tied or not), folded into `lm_head_kernel()`.
         e, v = config.hidden_size, config.vocab_size
-        self.lm_head_lora = nnx.data(LoRA(options.lora, ((e, "embed"),), ((v, "vocab"),), "e", "v", dtype=dtype,
-                                          rngs=rngs) if LM_HEAD in adapted[None] else None)
+        self.lm_head_lora = nnx.data(
+            LoRA(options.lora, ((e, "embed"),), ((v, "vocab"),), "e", "v", dtype=dtype, rngs=rngs)
+            if LM_HEAD in adapted[None]
+            else None
+        )
 
     # The options, as the model's code reads them.
     dtype = property(lambda self: jnp.dtype(self.options.dtype))
@@ -179,15 +243,20 @@ class CausalLM(nnx.Module):
     max_segments = property(lambda self: self.options.max_segments)
     lora = property(lambda self: self.options.lora)
 
-    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None) -> jax.Array:
+    def hidden_states(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """[b, t] ints -> [b, t, hidden] in the compute dtype, after the final norm."""
         return self.hidden_states_and_aux(input_ids, positions, segment_ids)[0]
 
-    def hidden_states_and_aux(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                              segment_ids: jax.Array | None = None,
-                              token_mask: jax.Array | None = None,
-                              dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def hidden_states_and_aux(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
         """-> (hidden states, router load-balancing loss: fp32 scalar, 0 for dense models).
         `token_mask` [b, t]: the tokens the loss averages over (None: all; HF's attention_mask).
         `dropout_key`: LoRA dropout while training (None: no dropout)."""
@@ -262,17 +331,29 @@ class CausalLM(nnx.Module):
         """The attention kernel this model runs for padded or packed rows: "cudnn", "xla", or
         "cudnn+xla" when its full-attention and sliding-window layers differ."""
         kernels = {
-            attention_lib.resolve_implementation(self.attention, self.dtype, self.config.head_dim,
-                                                 packed, w is not None, self.config.attn_softcap is not None)
+            attention_lib.resolve_implementation(
+                self.attention,
+                self.dtype,
+                self.config.head_dim,
+                packed,
+                w is not None,
+                self.config.attn_softcap is not None,
+            )
             for w in self.config.sliding_windows
         }
         return "+".join(sorted(kernels))
 
     def describe_attention(self, packed: bool) -> str:
         """One log line: the kernel chosen for this batch layout."""
-        return attention_lib.describe(self.attention, self.dtype, self.config.head_dim, packed,
-                                      self.max_segments, self.config.sliding_windows,
-                                      self.config.attn_softcap is not None)
+        return attention_lib.describe(
+            self.attention,
+            self.dtype,
+            self.config.head_dim,
+            packed,
+            self.max_segments,
+            self.config.sliding_windows,
+            self.config.attn_softcap is not None,
+        )
 
     def lm_head_kernel(self) -> jax.Array:
         """[hidden, vocab] unembedding in the compute dtype (the embedding transposed when tied),
@@ -288,13 +369,15 @@ class CausalLM(nnx.Module):
     def unembed(self, hidden: jax.Array) -> jax.Array:
         """[..., hidden] (compute dtype) -> [..., vocab] float32 logits (fp32 accumulation),
         soft-capped when the config says so (Gemma 2)."""
-        logits = jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), self.lm_head_kernel(),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "...e,ev->...v", hidden.astype(self.dtype), self.lm_head_kernel(), preferred_element_type=jnp.float32
+        )
         cap = self.config.final_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """[b, t] ints -> [b, t, vocab] float32 logits (whole: for tests and small evals)."""
         return self.unembed(self.hidden_states(input_ids, positions, segment_ids))
 
@@ -310,7 +393,7 @@ def merge_lora(model: CausalLM) -> CausalLM:
     options = dataclasses.replace(model.options, param_dtype="float32", lora=None)
     abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
-    source = {path: var for path, var in nnx.to_flat_state(nnx.state(model))}
+    source = dict(nnx.to_flat_state(nnx.state(model)))
     filled = []
     for path, var in nnx.to_flat_state(abs_state):
         if untie and path == ("lm_head", "kernel"):
@@ -332,7 +415,7 @@ def _lora_delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:
     """A @ B as a kernel: a [*lead, *in, r], b [*lead, r, *out] -> [*lead, *in, *out] float32
     (lead: the layer axis of scan-stacked adapters, or nothing)."""
     n_lead = a.ndim + b.ndim - 2 - kernel_ndim
-    lead, ins, outs = a.shape[:n_lead], a.shape[n_lead:-1], b.shape[n_lead + 1:]
+    lead, ins, outs = a.shape[:n_lead], a.shape[n_lead:-1], b.shape[n_lead + 1 :]
     a2 = a.astype(jnp.float32).reshape(*lead, math.prod(ins), a.shape[-1])
     b2 = b.astype(jnp.float32).reshape(*lead, b.shape[n_lead], math.prod(outs))
     return jnp.matmul(a2, b2).reshape(*lead, *ins, *outs)

@@ -85,8 +85,9 @@ def local_model_dir(name: str) -> Path | None:
     if path.is_dir():
         return path
     if name.count("/") != 1 or name.startswith(("/", ".", "~")):
-        raise MissingFileError(f"policy.model_name={name!r}: not a model folder (and not a hub id "
-                               "of the form org/name)")
+        raise MissingFileError(
+            f"policy.model_name={name!r}: not a model folder (and not a hub id of the form org/name)"
+        )
     from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
 
     cached = try_to_load_from_cache(name, "config.json")
@@ -138,17 +139,13 @@ class SafetensorFiles:
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
             self.handles[file] = handle
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                 if weight_map is not None and weight_map.get(name) != file:
-                    raise CheckpointError(
-                        f"{path}: tensor {name} is not mapped to this file by {self.index}"
-                    )
+                    raise CheckpointError(f"{path}: tensor {name} is not mapped to this file by {self.index}")
                 self.file_of[name] = file
         for name, file in (weight_map or {}).items():
             if name not in self.file_of:
-                raise CheckpointError(
-                    f"{model_dir / file}: tensor {name} (listed in {self.index}) is missing"
-                )
+                raise CheckpointError(f"{model_dir / file}: tensor {name} (listed in {self.index}) is missing")
         self.dir = model_dir
         self.stored: dict[str, str] = {}  # name as read -> name in the file, where they differ
         self.fused: dict[str, tuple[int, int]] = {}  # jax path -> (start, rows) of its block of a fused tensor
@@ -156,15 +153,13 @@ class SafetensorFiles:
     def view_text_of_multimodal(self) -> None:
         """Gemma3ForConditionalGeneration: its text tensors under their text-model names
         (model.*, lm_head.weight); the vision tower and projector are dropped from view."""
-        for text, head in _MULTIMODAL_TEXT:
-            if any(n.startswith(text) for n in self.file_of):
-                break
-        else:
+        prefixes = [(t, h) for t, h in _MULTIMODAL_TEXT if any(n.startswith(t) for n in self.file_of)]
+        if not prefixes:
             raise CheckpointError(
                 f"{self.dir}: a Gemma3ForConditionalGeneration checkpoint without text-model tensors "
                 f"(none starts with {' or '.join(t for t, _ in _MULTIMODAL_TEXT)})"
             )
-        file_of = {}
+        (text, head), file_of = prefixes[0], {}
         for name, file in self.file_of.items():
             if name.startswith(text):
                 file_of["model." + name.removeprefix(text)] = file
@@ -187,7 +182,6 @@ class SafetensorFiles:
         return self.handles[self.file_of[name]].get_slice(self.stored.get(name, name))
 
 
-
 @dataclasses.dataclass
 class _Planned:
     """One parameter to fill: its abstract variable, HF tensor names ([stacked dims]) and entry."""
@@ -198,9 +192,14 @@ class _Planned:
     entry: HfTensor
 
 
-def from_pretrained(name_or_path: str | os.PathLike, options: ModelOptions | None = None, *,
-                    mesh: jax.sharding.Mesh | None = None, hf_config_overrides: dict[str, Any] | None = None,
-                    **option_fields) -> CausalLM:
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    options: ModelOptions | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    hf_config_overrides: dict[str, Any] | None = None,
+    **option_fields,
+) -> CausalLM:
     """Loads an HF checkpoint of a registered family; with `mesh`, each parameter is created
     directly in its sharding (sharding.LOGICAL_AXIS_RULES). `options` (or its keyword form: dtype,
     param_dtype, attention, remat, scan_layers, max_segments, lora) as `CausalLM` takes them;
@@ -216,8 +215,11 @@ def from_pretrained(name_or_path: str | os.PathLike, options: ModelOptions | Non
         files = SafetensorFiles(model_dir, stack)
         if config.text_of_multimodal:
             files.view_text_of_multimodal()
-            logger.warning("%s: Gemma3ForConditionalGeneration: its text model is loaded; an export "
-                           "writes a text-only Gemma3ForCausalLM (no vision tower)", model_dir)
+            logger.warning(
+                "%s: Gemma3ForConditionalGeneration: its text model is loaded; an export "
+                "writes a text-only Gemma3ForCausalLM (no vision tower)",
+                model_dir,
+            )
         config = _resolve_tying(config, files)
         abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0), mesh=mesh))
         graphdef, abs_state = nnx.split(abstract)
@@ -248,11 +250,16 @@ def _plan(config: ModelConfig, files: SafetensorFiles, abs_state) -> tuple[list[
         plan.append(_Planned(path, var, names, entry))
     _check_shapes(plan, files)
     used = {n for p in plan for n in p.names.flat}
-    unused = sorted(n for n in files.file_of if n not in used and not _IGNORED.match(n)
-                    and not (n == _LM_HEAD and config.tie_word_embeddings))
+    unused = sorted(
+        n
+        for n in files.file_of
+        if n not in used and not _IGNORED.match(n) and not (n == _LM_HEAD and config.tie_word_embeddings)
+    )
     if unused:
-        raise CheckpointError(f"{files.dir}: checkpoint tensors not used by {config.architecture}: "
-                              + ", ".join(f"{n} ({files.file_of[n]})" for n in unused))
+        raise CheckpointError(
+            f"{files.dir}: checkpoint tensors not used by {config.architecture}: "
+            + ", ".join(f"{n} ({files.file_of[n]})" for n in unused)
+        )
     return plan, adapters
 
 
@@ -261,22 +268,25 @@ def _check_shapes(plan: list[_Planned], files: SafetensorFiles) -> None:
     stack (in part order, along dim 0) to its shape, and their offsets are recorded in `files`."""
     fused: dict[str, list[tuple[int, tuple, tuple]]] = {}  # name -> [(part, path, implied block shape)]
     for p in plan:
-        inner = p.entry.layout.hf_shape(tuple(p.var.shape[p.names.ndim:]))
+        inner = p.entry.layout.hf_shape(tuple(p.var.shape[p.names.ndim :]))
         for name in p.names.flat:
             if p.entry.part is not None:
                 fused.setdefault(name, []).append((p.entry.part, p.path, inner))
                 continue
             found = tuple(files.slice(name).get_shape())
             if found != inner:
-                raise CheckpointError(f"{files.where(name)}: tensor {name} has shape {found}, but config.json "
-                                      f"implies {inner}")
+                raise CheckpointError(
+                    f"{files.where(name)}: tensor {name} has shape {found}, but config.json implies {inner}"
+                )
     for name, parts in fused.items():
         parts.sort(key=lambda part: part[0])
         implied = (sum(shape[0] for _, _, shape in parts), *parts[0][2][1:])
         found = tuple(files.slice(name).get_shape())
         if found != implied or [part for part, _, _ in parts] != list(range(len(parts))):
-            raise CheckpointError(f"{files.where(name)}: fused tensor {name} has shape {found}, but config.json "
-                                  f"implies {implied} (its parts stacked along dim 0)")
+            raise CheckpointError(
+                f"{files.where(name)}: fused tensor {name} has shape {found}, but config.json "
+                f"implies {implied} (its parts stacked along dim 0)"
+            )
         start = 0
         for _, path, shape in parts:
             files.fused[path] = (start, shape[0])
@@ -293,9 +303,9 @@ def _fill(p: _Planned, files: SafetensorFiles, np_dtype: np.dtype, sharding) -> 
 
     def read(index):
         """Block `index` of the parameter: leading stacked dims pick HF tensors."""
-        lead, inner = index[: names.ndim], index[names.ndim:]
+        lead, inner = index[: names.ndim], index[names.ndim :]
         picked = np.asarray(names[tuple(lead)], dtype=object)
-        blocks = [layout.read(source(n), shape[names.ndim:], inner) for n in picked.flat]
+        blocks = [layout.read(source(n), shape[names.ndim :], inner) for n in picked.flat]
         return np.stack(blocks).reshape(picked.shape + blocks[0].shape).astype(np_dtype)
 
     if sharding is None:
@@ -303,14 +313,17 @@ def _fill(p: _Planned, files: SafetensorFiles, np_dtype: np.dtype, sharding) -> 
     return jax.make_array_from_callback(shape, sharding, read)
 
 
-def _initial_adapters(config: ModelConfig, options: ModelOptions, adapters: list[tuple], shardings: dict
-                      ) -> list[tuple]:
+def _initial_adapters(
+    config: ModelConfig, options: ModelOptions, adapters: list[tuple], shardings: dict
+) -> list[tuple]:
     """LoRA adapters' initial values, drawn by one compiled function (one per adapter took ~0.4 s
     each)."""
     if not adapters:
         return []
-    inits = [partial(lora_lib.initial_value, options.lora, path, tuple(var.shape), config.num_layers)
-             for path, var in adapters]
+    inits = [
+        partial(lora_lib.initial_value, options.lora, path, tuple(var.shape), config.num_layers)
+        for path, var in adapters
+    ]
     out_shardings = [shardings[path] for path, _ in adapters] if shardings else None
     values = jax.jit(lambda: [init() for init in inits], out_shardings=out_shardings)()
     return [(path, var.replace(value)) for (path, var), value in zip(adapters, values)]
@@ -328,14 +341,15 @@ def _resolve_tying(config: ModelConfig, ckpt: SafetensorFiles) -> ModelConfig:
     a, b = ckpt.slice(_EMBED), ckpt.slice(_LM_HEAD)
     rows = a.get_shape()[0]
     equal = a.get_shape() == b.get_shape() and all(
-        np.array_equal(a[i : min(i + 4096, rows)], b[i : min(i + 4096, rows)])
-        for i in range(0, rows, 4096)
+        np.array_equal(a[i : min(i + 4096, rows)], b[i : min(i + 4096, rows)]) for i in range(0, rows, 4096)
     )
     if equal:
         return config
     logger.warning(
         "%s: tie_word_embeddings is true but %s and %s differ; like transformers, they are "
         "loaded untied (set tie_word_embeddings=false in config.json to silence this)",
-        ckpt.dir, _EMBED, _LM_HEAD,
+        ckpt.dir,
+        _EMBED,
+        _LM_HEAD,
     )
     return dataclasses.replace(config, tie_word_embeddings=False)

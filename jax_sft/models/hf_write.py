@@ -46,18 +46,23 @@ class ExportTargetError(InputError, ValueError):
     """The export's output folder holds files that export must not replace."""
 
 
-def export_target_problem(out_dir: str | os.PathLike, *, overwrite: bool = False,
-                          protected: tuple[str | os.PathLike, ...] = ()) -> str | None:
+def export_target_problem(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, protected: tuple[str | os.PathLike, ...] = ()
+) -> str | None:
     """Why `save_pretrained` must not write (replace) `out_dir`, or None (see module docstring)."""
     out = Path(out_dir).expanduser().resolve()
     guarded = [Path.home().resolve(), Path.cwd().resolve()]
     guarded += [Path(p).expanduser().resolve() for p in protected]
     for folder in guarded:
         if out == folder or out in folder.parents:
-            what = "/" if out == Path(out.anchor) else f"{out}" + ("" if out == folder else f", which contains {folder}")
-            return (f"export to {out_dir} would replace {what}; export never replaces the root, home or "
-                    "working directory, the checkpoint folder or a parent of them (not even with "
-                    "--overwrite). Choose a new folder")
+            what = (
+                "/" if out == Path(out.anchor) else f"{out}" + ("" if out == folder else f", which contains {folder}")
+            )
+            return (
+                f"export to {out_dir} would replace {what}; export never replaces the root, home or "
+                "working directory, the checkpoint folder or a parent of them (not even with "
+                "--overwrite). Choose a new folder"
+            )
     if out.exists() and not out.is_dir():
         return f"export to {out_dir}: it is a file, not a folder; choose a new folder"
     if not out.is_dir() or not any(out.iterdir()) or (out / EXPORT_MARKER).is_file():
@@ -66,9 +71,11 @@ def export_target_problem(out_dir: str | os.PathLike, *, overwrite: bool = False
         return f"export to {out_dir}: it is a training checkpoint; export never replaces one. Choose a new folder"
     if overwrite:
         return None
-    return (f"export to {out_dir}: the folder holds files that no jax_sft export wrote (it lacks "
-            f"{EXPORT_MARKER}); export only replaces its own earlier exports. Choose a new or empty "
-            "folder, or pass --overwrite to replace it")
+    return (
+        f"export to {out_dir}: the folder holds files that no jax_sft export wrote (it lacks "
+        f"{EXPORT_MARKER}); export only replaces its own earlier exports. Choose a new or empty "
+        "folder, or pass --overwrite to replace it"
+    )
 
 
 def check_export_target(out_dir: str | os.PathLike, **kwargs) -> None:
@@ -86,9 +93,11 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size={size!r}: expected e.g. '5GB', '500MiB' or a number of bytes")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1} | {f"{p}B": 1000 ** (i + 1) for i, p in enumerate("KMGT")} | {
-        f"{p}IB": 1024 ** (i + 1) for i, p in enumerate("KMGT")
-    }
+    scale = (
+        {"B": 1}
+        | {f"{p}B": 1000 ** (i + 1) for i, p in enumerate("KMGT")}
+        | {f"{p}IB": 1024 ** (i + 1) for i, p in enumerate("KMGT")}
+    )
     return int(float(m.group(1)) * scale[unit])
 
 
@@ -174,8 +183,16 @@ def _tensors(config: ModelConfig, unit: _Unit, np_dtype: np.dtype) -> dict[str, 
     return out
 
 
-def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "5GB",
-                    dtype=None, *, overwrite: bool = False, protected: tuple[str | os.PathLike, ...] = ()) -> None:
+def save_pretrained(
+    model: CausalLM,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    max_shard_size: int | str = "5GB",
+    dtype=None,
+    *,
+    overwrite: bool = False,
+    protected: tuple[str | os.PathLike, ...] = (),
+) -> None:
     """Writes an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     dtype: of the written tensors; None = the checkpoint dtype named by the original
@@ -193,7 +210,7 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer=None,
     n = len(shards)
     file_names = [SAFE_WEIGHTS] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     writer = jax.process_index() == 0
-    with (atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext()) as tmp:
+    with atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext() as tmp:
         weight_map, total = {}, 0
         for file, shard in zip(file_names, shards):
             tensors = {name: t for unit in shard for name, t in _tensors(config, unit, np_dtype).items()}
@@ -205,8 +222,9 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, tokenizer=None,
             _write_files(tmp, config, dtype_name, tokenizer, weight_map if n > 1 else None, total)
 
 
-def _write_files(tmp: Path, config: ModelConfig, dtype_name: str, tokenizer, weight_map: dict | None,
-                 total: int) -> None:
+def _write_files(
+    tmp: Path, config: ModelConfig, dtype_name: str, tokenizer, weight_map: dict | None, total: int
+) -> None:
     """The index (when sharded), configs, tokenizer and marker of an export folder."""
     if weight_map is not None:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

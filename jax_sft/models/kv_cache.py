@@ -61,7 +61,7 @@ def attach(model: nnx.Module, batch: int, length: int, mesh: jax.sharding.Mesh |
     kv_sharding = index_sharding = None
     if mesh is not None:
         kv_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(names))
-        index_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(names[:len(lead) + 1]))
+        index_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(names[: len(lead) + 1]))
     for module in _attention_modules(model):
         k, v = (jnp.zeros(kv_shape, module.dtype, device=kv_sharding) for _ in range(2))
         index = jnp.zeros((*lead, batch), jnp.int32, device=index_sharding)

@@ -36,8 +36,16 @@ class RMSNorm(nnx.Module):
     projection) with logical axes `names`; offset 0 (Llama) or 1 (Gemma, whose weights are stored
     around 0)."""
 
-    def __init__(self, shape: int | tuple[int, ...], eps: float, *, dtype, param_dtype, offset: float = 0.0,
-                 names: tuple[str, ...] = ("norm",)):
+    def __init__(
+        self,
+        shape: int | tuple[int, ...],
+        eps: float,
+        *,
+        dtype,
+        param_dtype,
+        offset: float = 0.0,
+        names: tuple[str, ...] = ("norm",),
+    ):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.weight = nnx.Param(jnp.full(shape, 1.0 - offset, param_dtype), **meta(*names))
         self.axes = tuple(range(-len(shape), 0))
@@ -63,9 +71,18 @@ class Projection(nnx.Einsum):
         return y if self.lora is None else y + self.lora(x, dropout_key).astype(y.dtype)
 
 
-def projection(einsum: str, kernel: tuple[int, ...], names: tuple[str, ...], bias: tuple[int, ...] | None,
-           bias_names: tuple[str, ...], *, dtype, param_dtype, rngs: nnx.Rngs,
-           lora: LoraConfig | None = None) -> Projection:
+def projection(
+    einsum: str,
+    kernel: tuple[int, ...],
+    names: tuple[str, ...],
+    bias: tuple[int, ...] | None,
+    bias_names: tuple[str, ...],
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    lora: LoraConfig | None = None,
+) -> Projection:
     """A projection; with `lora`, plus an adapter over the kernel's input and output dimensions."""
     adapter = None
     if lora is not None:
@@ -74,8 +91,9 @@ def projection(einsum: str, kernel: tuple[int, ...], names: tuple[str, ...], bia
         ins = "".join(c for c in k_sub if c in x_sub)
         outs = "".join(c for c in k_sub if c in y_sub)
         dims = {c: (kernel[i], names[i]) for i, c in enumerate(k_sub)}
-        adapter = LoRA(lora, tuple(dims[c] for c in ins), tuple(dims[c] for c in outs), ins, outs,
-                       dtype=dtype, rngs=rngs)
+        adapter = LoRA(
+            lora, tuple(dims[c] for c in ins), tuple(dims[c] for c in outs), ins, outs, dtype=dtype, rngs=rngs
+        )
     return Projection(
         einsum,
         kernel,
@@ -97,21 +115,55 @@ def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, implementation: str,
-                 max_segments: int, rngs: nnx.Rngs, lora: LoraConfig | None = None,
-                 adapted: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        *,
+        dtype,
+        param_dtype,
+        implementation: str,
+        max_segments: int,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
+        adapted: frozenset[str] = frozenset(),
+    ):
         e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv_bias = cfg.qkv_bias
         ad = lambda name: lora if name in adapted else None  # noqa: E731
-        self.q_proj = dense("bte,ehd->bthd", (e, n, d), ("embed", "q_heads", "head_dim"),
-                            (n, d) if qkv_bias else None, ("q_heads", "head_dim"), lora=ad("q_proj"))
-        self.k_proj = dense("bte,ehd->bthd", (e, kv, d), ("embed", "kv_heads", "head_dim"),
-                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"), lora=ad("k_proj"))
-        self.v_proj = dense("bte,ehd->bthd", (e, kv, d), ("embed", "kv_heads", "head_dim"),
-                            (kv, d) if qkv_bias else None, ("kv_heads", "head_dim"), lora=ad("v_proj"))
-        self.o_proj = dense("bthd,hde->bte", (n, d, e), ("q_heads", "head_dim", "embed"),
-                            (e,) if cfg.o_bias else None, ("embed",), lora=ad("o_proj"))
+        self.q_proj = dense(
+            "bte,ehd->bthd",
+            (e, n, d),
+            ("embed", "q_heads", "head_dim"),
+            (n, d) if qkv_bias else None,
+            ("q_heads", "head_dim"),
+            lora=ad("q_proj"),
+        )
+        self.k_proj = dense(
+            "bte,ehd->bthd",
+            (e, kv, d),
+            ("embed", "kv_heads", "head_dim"),
+            (kv, d) if qkv_bias else None,
+            ("kv_heads", "head_dim"),
+            lora=ad("k_proj"),
+        )
+        self.v_proj = dense(
+            "bte,ehd->bthd",
+            (e, kv, d),
+            ("embed", "kv_heads", "head_dim"),
+            (kv, d) if qkv_bias else None,
+            ("kv_heads", "head_dim"),
+            lora=ad("v_proj"),
+        )
+        self.o_proj = dense(
+            "bthd,hde->bte",
+            (n, d, e),
+            ("q_heads", "head_dim", "embed"),
+            (e,) if cfg.o_bias else None,
+            ("embed",),
+            lora=ad("o_proj"),
+        )
         self.q_norm, self.k_norm = _qk_norms(cfg, dtype=dtype, param_dtype=param_dtype)
         self.sliding_window = cfg.sliding_windows[layer]
         self.scale = cfg.query_scale
@@ -131,14 +183,26 @@ class Attention(nnx.Module):
         if self.kv_cache is not None:
             k_all, v_all, q_positions = self.kv_cache.write(k, v)
             if q.shape[1] == 1:  # decode; more tokens: a prefill from slot 0, attended below
-                out = attention_lib.cached_attention(q, k_all, v_all, q_positions,
-                                                     sliding_window=self.sliding_window,
-                                                     scale=self.scale, softcap=self.softcap)
+                out = attention_lib.cached_attention(
+                    q,
+                    k_all,
+                    v_all,
+                    q_positions,
+                    sliding_window=self.sliding_window,
+                    scale=self.scale,
+                    softcap=self.softcap,
+                )
                 return self.o_proj(out, ko)
         out = attention_lib.attention(
-            q, k, v, segment_ids=segment_ids,
-            sliding_window=self.sliding_window, implementation=self.implementation,
-            max_segments=self.max_segments, scale=self.scale, softcap=self.softcap,
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            sliding_window=self.sliding_window,
+            implementation=self.implementation,
+            max_segments=self.max_segments,
+            scale=self.scale,
+            softcap=self.softcap,
         )
         return self.o_proj(out, ko)
 
@@ -155,18 +219,29 @@ def _qk_norms(cfg: ModelConfig, *, dtype, param_dtype) -> tuple[RMSNorm | None, 
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, lora: LoraConfig | None = None,
-                 adapted: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        lora: LoraConfig | None = None,
+        adapted: frozenset[str] = frozenset(),
+    ):
         e, m = cfg.hidden_size, cfg.intermediate_size
         dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         bias = cfg.mlp_bias
         ad = lambda name: lora if name in adapted else None  # noqa: E731
-        self.gate_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",),
-                               lora=ad("gate_proj"))
-        self.up_proj = dense("bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",),
-                             lora=ad("up_proj"))
-        self.down_proj = dense("btm,me->bte", (m, e), ("mlp", "embed"), (e,) if bias else None, ("embed",),
-                               lora=ad("down_proj"))
+        self.gate_proj = dense(
+            "bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",), lora=ad("gate_proj")
+        )
+        self.up_proj = dense(
+            "bte,em->btm", (e, m), ("embed", "mlp"), (m,) if bias else None, ("mlp",), lora=ad("up_proj")
+        )
+        self.down_proj = dense(
+            "btm,me->bte", (m, e), ("mlp", "embed"), (e,) if bias else None, ("embed",), lora=ad("down_proj")
+        )
         self.act = ACTIVATIONS[cfg.activation]
 
     def __call__(self, x, token_mask=None, dropout_key=None):

@@ -45,14 +45,22 @@ class LoRA(nnx.Module):
     in_dims / out_dims: the base kernel's input and output dimension sizes with their logical
     axis names; `in_subscripts` / `out_subscripts`: their einsum letters in the projection."""
 
-    def __init__(self, cfg: LoraConfig, in_dims: tuple[tuple[int, str], ...], out_dims: tuple[tuple[int, str], ...],
-                 in_subscripts: str, out_subscripts: str, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: LoraConfig,
+        in_dims: tuple[tuple[int, str], ...],
+        out_dims: tuple[tuple[int, str], ...],
+        in_subscripts: str,
+        out_subscripts: str,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         r = cfg.dim
         in_shape, in_names = tuple(d for d, _ in in_dims), tuple(n for _, n in in_dims)
         out_shape, out_names = tuple(d for d, _ in out_dims), tuple(n for _, n in out_dims)
         meta = lambda *names: {"out_sharding": names, "eager_sharding": False}  # noqa: E731
-        self.lora_a = LoRAParam(init_a(cfg.a_init, rngs.params(), in_shape + (r,)),
-                                **meta(*in_names, "lora_rank"))
+        self.lora_a = LoRAParam(init_a(cfg.a_init, rngs.params(), in_shape + (r,)), **meta(*in_names, "lora_rank"))
         self.lora_b = LoRAParam(jnp.zeros((r,) + out_shape, jnp.float32), **meta("lora_rank", *out_names))
         self.scale = cfg.scale
         self.dropout = float(cfg.dropout)
@@ -78,8 +86,9 @@ class LoRA(nnx.Module):
     def delta_kernel(self) -> jax.Array:
         """scale * A @ B as a [*in_dims, *out_dims] float32 kernel (merging into the base)."""
         ins, outs = self.in_subscripts, self.out_subscripts
-        return self.scale * jnp.einsum(f"{ins}r,r{outs}->{ins}{outs}", self.lora_a[...].astype(jnp.float32),
-                                       self.lora_b[...].astype(jnp.float32))
+        return self.scale * jnp.einsum(
+            f"{ins}r,r{outs}->{ins}{outs}", self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
+        )
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:

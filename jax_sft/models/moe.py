@@ -53,8 +53,11 @@ class MoE(nnx.Module):
         b, t, e = x.shape
         x2d = x.reshape(b * t, e)
         probs, weights, experts = self.route(x2d)
-        mats = (self.gate_proj[...].astype(self.dtype), self.up_proj[...].astype(self.dtype),
-                self.down_proj[...].astype(self.dtype))
+        mats = (
+            self.gate_proj[...].astype(self.dtype),
+            self.up_proj[...].astype(self.dtype),
+            self.down_proj[...].astype(self.dtype),
+        )
         if self.mesh is None:
             out = grouped_experts(x2d, experts, weights, *mats, self.act)
         else:
@@ -105,8 +108,9 @@ def expert_parallel(mesh, x, experts, weights, gate, up, down, act):
         y = jax.lax.psum(grouped_experts(x, mine, weights, gate, up, down, act), "tensor")
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, up_spec, up_spec, down_spec),
-                         out_specs=rows)(x, experts, weights, gate, up, down)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, up_spec, up_spec, down_spec), out_specs=rows)(
+        x, experts, weights, gate, up, down
+    )
 
 
 def dense_experts(x, experts, weights, gate, up, down, act):

@@ -41,7 +41,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 LM_HEAD = "lm_head"
 # Megatron's module name of each projection, and its parent module under decoder.layers.<i>.
 _MEGATRON = {
-    **{p: ("linear_qkv", "self_attention") for p in ("q_proj", "k_proj", "v_proj")},
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj"), ("linear_qkv", "self_attention")),
     "o_proj": ("linear_proj", "self_attention"),
     "gate_proj": ("linear_fc1", "mlp"),
     "up_proj": ("linear_fc1", "mlp"),
@@ -50,12 +50,11 @@ _MEGATRON = {
 _MEGATRON_DEFAULT = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
-
 Site = tuple[int | None, str]  # (layer index, projection name); (None, "lm_head")
 
 
 def dtype_name(dtype: Any) -> str:
-    """"bfloat16" for "bfloat16", jnp.bfloat16 or np.dtype(...): the name options store."""
+    """ "bfloat16" for "bfloat16", jnp.bfloat16 or np.dtype(...): the name options store."""
     if isinstance(dtype, str):
         return dtype
     return np.dtype(dtype).name
@@ -129,14 +128,18 @@ class LoraConfig:
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             out.append(f"dropout={self.dropout!r}: expected a probability in [0, 1)")
         if self.dropout_position not in choices.LORA_DROPOUT_POSITIONS:
-            out.append(f"dropout_position={self.dropout_position!r}: expected one of {list(choices.LORA_DROPOUT_POSITIONS)}")
+            out.append(
+                f"dropout_position={self.dropout_position!r}: expected one of {list(choices.LORA_DROPOUT_POSITIONS)}"
+            )
         if self.a_init not in choices.LORA_A_INITS:
             out.append(f"lora_A_init={self.a_init!r}: expected one of {list(choices.LORA_A_INITS)}")
         if self.naming not in choices.LORA_NAMINGS:
             out.append(f"naming={self.naming!r}: expected one of {list(choices.LORA_NAMINGS)}")
         if self.match_all_linear and (self.target_modules or self.exclude_modules):
-            out.append("match_all_linear=true adapts every linear layer, so target_modules and "
-                       "exclude_modules must be empty; set match_all_linear=false to use them")
+            out.append(
+                "match_all_linear=true adapts every linear layer, so target_modules and "
+                "exclude_modules must be empty; set match_all_linear=false to use them"
+            )
         return out
 
     def adapted(self, num_layers: int, dense_mlp: tuple[bool, ...], has_lm_head: bool = True) -> frozenset[Site]:
@@ -154,17 +157,23 @@ class LoraConfig:
         dense = tuple(not (config.num_experts > 0 and config.moe_layers[i]) for i in range(config.num_layers))
         sites = self.adapted(config.num_layers, dense)
         if not sites:
-            raise SettingError(f"LoRA target_modules={list(self.target_modules)}, exclude_modules="
-                               f"{list(self.exclude_modules)} match no linear layer of this {config.architecture}")
+            raise SettingError(
+                f"LoRA target_modules={list(self.target_modules)}, exclude_modules="
+                f"{list(self.exclude_modules)} match no linear layer of this {config.architecture}"
+            )
         by_layer = {i: frozenset(p for j, p in sites if j == i) for i in [None, *range(config.num_layers)]}
         if scan_layers and len({by_layer[i] for i in range(config.num_layers)}) > 1:
-            raise SettingError("LoRA adapters differ between layers (target_modules / exclude_modules name "
-                               "layers), but scan_layers=true needs the same on every layer; set "
-                               "policy.jax_cfg.scan_layers=false")
+            raise SettingError(
+                "LoRA adapters differ between layers (target_modules / exclude_modules name "
+                "layers), but scan_layers=true needs the same on every layer; set "
+                "policy.jax_cfg.scan_layers=false"
+            )
         if self.dropout > 0 and by_layer[None]:
-            raise SettingError(f"LoRA dropout={self.dropout} with an adapter on lm_head (match_all_linear "
-                               "adapts it) is not supported; exclude lm_head (target_modules: ['*_proj']) or "
-                               "set dropout to 0")
+            raise SettingError(
+                f"LoRA dropout={self.dropout} with an adapter on lm_head (match_all_linear "
+                "adapts it) is not supported; exclude lm_head (target_modules: ['*_proj']) or "
+                "set dropout to 0"
+            )
         return by_layer
 
     def _matches(self, layer: int | None, proj: str) -> bool:
@@ -197,22 +206,30 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
-        return cls(**{**d, "target_modules": tuple(d["target_modules"]), "exclude_modules": tuple(d["exclude_modules"])})
+        return cls(
+            **{**d, "target_modules": tuple(d["target_modules"]), "exclude_modules": tuple(d["exclude_modules"])}
+        )
 
 
 # A LoRA checkpoint's reference to its frozen base (extra file LORA_FILE, see `base_reference`).
 LORA_FILE = "lora.json"
 
 
-def base_reference(lora: LoraConfig, model_name: str, hf_config: dict[str, Any],
-                   hf_config_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def base_reference(
+    lora: LoraConfig, model_name: str, hf_config: dict[str, Any], hf_config_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What a LoRA checkpoint records about its base (extra file LORA_FILE): the adapters'
     config, the base's name or path (policy.model_name), the hf_config_overrides it was built with
     and the SHA-256 of its config as loaded (`CausalLM.config.to_hf_dict()`), so that resuming or
     exporting onto another base is refused (`base_problem`)."""
-    return {"lora": lora.to_dict(), "base": {"model_name": str(model_name),
-                                             "hf_config_overrides": hf_config_overrides or {},
-                                             "config_sha256": config_hash(hf_config)}}
+    return {
+        "lora": lora.to_dict(),
+        "base": {
+            "model_name": str(model_name),
+            "hf_config_overrides": hf_config_overrides or {},
+            "config_sha256": config_hash(hf_config),
+        },
+    }
 
 
 def base_problem(reference: dict[str, Any], model_name: str, hf_config: dict[str, Any]) -> str | None:
@@ -220,9 +237,11 @@ def base_problem(reference: dict[str, Any], model_name: str, hf_config: dict[str
     else one sentence saying what differs."""
     if config_hash(hf_config) == reference["base"]["config_sha256"]:
         return None
-    return (f"the base model {model_name} is not the one these LoRA adapters were trained on "
-            f"({reference['base']['model_name']}): its config.json differs (SHA-256 of the loaded config "
-            f"{config_hash(hf_config)[:12]}... != {reference['base']['config_sha256'][:12]}...)")
+    return (
+        f"the base model {model_name} is not the one these LoRA adapters were trained on "
+        f"({reference['base']['model_name']}): its config.json differs (SHA-256 of the loaded config "
+        f"{config_hash(hf_config)[:12]}... != {reference['base']['config_sha256'][:12]}...)"
+    )
 
 
 def config_hash(hf_config: dict[str, Any]) -> str:

@@ -143,27 +143,39 @@ def peft_tensors(adapters: nnx.State) -> dict[str, np.ndarray]:
     return dict(sorted(tensors.items()))
 
 
-def save_peft_adapter(model: CausalLM, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
-                      overwrite: bool = False, protected: tuple[str | os.PathLike, ...] = ()) -> None:
+def save_peft_adapter(
+    model: CausalLM,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str,
+    overwrite: bool = False,
+    protected: tuple[str | os.PathLike, ...] = (),
+) -> None:
     """Writes `model`'s LoRA adapters as a PEFT adapter folder (see the module docstring).
     overwrite, protected: which existing `out_dir` may be replaced, as for save_pretrained."""
     if model.lora is None:
-        raise SettingError("this model has no LoRA adapters to write as a PEFT adapter (it was not "
-                           "built with lora=...); export the full model with save_pretrained / --out")
+        raise SettingError(
+            "this model has no LoRA adapters to write as a PEFT adapter (it was not "
+            "built with lora=...); export the full model with save_pretrained / --out"
+        )
     if model.config.text_of_multimodal:
-        raise SettingError("a PEFT adapter of a Gemma3ForConditionalGeneration base is not supported "
-                           "(peft names its modules model.language_model.*); export the merged "
-                           "text-only model with save_pretrained / --out instead")
+        raise SettingError(
+            "a PEFT adapter of a Gemma3ForConditionalGeneration base is not supported "
+            "(peft names its modules model.language_model.*); export the merged "
+            "text-only model with save_pretrained / --out instead"
+        )
     fused = sorted(fused_projections(model.config) & {proj for _, proj in adapter_sites(model)})
     if fused:
-        raise SettingError(f"a PEFT adapter of a {model.config.architecture} with adapters on {fused} is not "
-                           "supported (its checkpoint fuses them into one module, whose adapters peft would share); "
-                           "export the merged model with save_pretrained / --out instead")
+        raise SettingError(
+            f"a PEFT adapter of a {model.config.architecture} with adapters on {fused} is not "
+            "supported (its checkpoint fuses them into one module, whose adapters peft would share); "
+            "export the merged model with save_pretrained / --out instead"
+        )
     check_export_target(out_dir, overwrite=overwrite, protected=protected)
     config = adapter_config(model, base_model_name_or_path)
     tensors = peft_tensors(nnx.state(model, LoRAParam))  # every process gathers
     writer = jax.process_index() == 0
-    with (atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext()) as tmp:
+    with atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext() as tmp:
         if not writer:
             return
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

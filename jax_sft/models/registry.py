@@ -50,11 +50,15 @@ _BY_ARCHITECTURE: dict[str, Family] = {}
 
 # What the architectures that jax_sft cannot build are, by model_type (and architecture name).
 _UNSUPPORTED_KINDS = (
-    ("a vision-language model", ("ForConditionalGeneration", "_vl", "vl_", "llava", "vision",
-                                 "idefics", "smolvlm", "mllama", "paligemma")),
+    (
+        "a vision-language model",
+        ("ForConditionalGeneration", "_vl", "vl_", "llava", "vision", "idefics", "smolvlm", "mllama", "paligemma"),
+    ),
     ("a Mamba hybrid", ("nemotron_h", "nemotronh", "mamba", "jamba", "zamba", "falcon_h1")),
-    ("a mixture-of-experts model other than Qwen3-MoE and Mixtral",
-     ("moe", "gpt_oss", "gptoss", "mixtral", "deepseek", "dbrx", "olmoe", "granitemoe")),
+    (
+        "a mixture-of-experts model other than Qwen3-MoE and Mixtral",
+        ("moe", "gpt_oss", "gptoss", "mixtral", "deepseek", "dbrx", "olmoe", "granitemoe"),
+    ),
 )
 
 
@@ -92,8 +96,10 @@ def unsupported(archs: list, model_type: Any, source: str) -> str:
     names = " ".join([*(str(a) for a in archs), str(model_type or "")]).lower()
     kind = next((k for k, marks in _UNSUPPORTED_KINDS if any(m.lower() in names for m in marks)), None)
     what = f" ({kind})" if kind else ""
-    return (f"{source}: architectures={archs!r} (model_type={model_type!r}){what} is not "
-            f"supported by jax_sft; supported architectures: {', '.join(supported_architectures())}")
+    return (
+        f"{source}: architectures={archs!r} (model_type={model_type!r}){what} is not "
+        f"supported by jax_sft; supported architectures: {', '.join(supported_architectures())}"
+    )
 
 
 def markdown_table() -> str:

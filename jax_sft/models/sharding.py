@@ -66,9 +66,7 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 
     named = f"data={data} x tensor={tensor}" + (f" x expert={expert}" if expert > 1 else "")
     if fsdp == -1:
         if n_devices % others:
-            raise UsageError(
-                f"policy.jax_cfg.mesh {named} = {others} does not divide the {n_devices} devices"
-            )
+            raise UsageError(f"policy.jax_cfg.mesh {named} = {others} does not divide the {n_devices} devices")
         fsdp = n_devices // others
     elif not (isinstance(fsdp, int) and fsdp >= 1):
         raise UsageError(f"policy.jax_cfg.mesh fsdp={fsdp!r} must be a positive integer or -1 (the remaining devices)")
@@ -81,14 +79,14 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 
     return data, fsdp, tensor
 
 
-def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None, *,
-              expert: int = 1) -> Mesh:
+def make_mesh(
+    data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None, *, expert: int = 1
+) -> Mesh:
     """A ("data", "fsdp", "expert", "tensor") mesh with Auto axes; `fsdp=-1` takes the devices
     left over; the expert axis has size `expert` (1: no expert parallelism)."""
     devices = list(jax.devices() if devices is None else devices)
     data, fsdp, tensor = mesh_shape(data, fsdp, tensor, len(devices), expert)
-    return jax.make_mesh((data, fsdp, expert, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 4,
-                         devices=devices)
+    return jax.make_mesh((data, fsdp, expert, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
 def describe_mesh(mesh: Mesh) -> dict[str, int]:

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sft import distributed
+from jax_sft import metrics as metrics_lib
 from jax_sft.checkpoint import complete_steps, set_aside, step_dir
 from jax_sft.data import StepBatch, pad_micro_batches
 from jax_sft.errors import RunFailure
-from jax_sft import metrics as metrics_lib
 from jax_sft.metrics import MetricsLogger
 from jax_sft.models import attention as attention_lib
 from jax_sft.run_lock import RunLocked
@@ -48,8 +48,14 @@ class Loop:
     """Trains a set-up `Run` (see the module docstring); `train()` returns when the run stopped,
     with the losses, how it stopped and `diverged` (step, metrics) when a step was not finite."""
 
-    def __init__(self, run: Run, logger: MetricsLogger, stop_signals: distributed.StopSignals, start_time: float,
-                 config_yaml: str):
+    def __init__(
+        self,
+        run: Run,
+        logger: MetricsLogger,
+        stop_signals: distributed.StopSignals,
+        start_time: float,
+        config_yaml: str,
+    ):
         self.run, self.logger, self.stop_signals, self.start_time = run, logger, stop_signals, start_time
         self.peak = metrics_lib.peak_flops_per_device(run.devices[0], run.plan.precision)
         self.extra_files = extra_files(run, config_yaml) if run.ckpt else {}
@@ -70,8 +76,9 @@ class Loop:
         t0 = time.time()
         batch = next(r.train_iter) if r.state.step < r.total_steps else None
         t_data = time.time() - t0
-        said, _, counts = distributed.agree_to_stop(self.stop_signals.signum,
-                                                    values=[batch.num_micro_batches if batch else 0])
+        said, _, counts = distributed.agree_to_stop(
+            self.stop_signals.signum, values=[batch.num_micro_batches if batch else 0]
+        )
         if said:  # nothing trained since the last checkpoint: nothing to save
             self.stopped_early, self.exit_code = said, distributed.PREEMPTED_EXIT_CODE
             self.logger.write(f"{said} before the first step; stopping (exit code {self.exit_code})")
@@ -93,8 +100,11 @@ class Loop:
             lock_lost = bool(r.lock is not None and r.lock.lost)
             # Every process decides alike (a signal may reach only some; clocks differ).
             said, (past_deadline, lock_lost), counts = distributed.agree_to_stop(
-                self.stop_signals.signum, past_deadline, lock_lost,
-                values=[int(lengths.sum()), batch.num_micro_batches if batch else 0])
+                self.stop_signals.signum,
+                past_deadline,
+                lock_lost,
+                values=[int(lengths.sum()), batch.num_micro_batches if batch else 0],
+            )
             self.log_step(metrics, lengths, int(counts[:, 0].sum()), elapsed, t_data, last)
             if self.stop_after_step(said, past_deadline, lock_lost, last, data_state):
                 return
@@ -115,29 +125,40 @@ class Loop:
         for i, mb in enumerate(pad_micro_batches(batch, micro_batches, r.data.layout.pad_id).micro_batches):
             if r.check_rows:
                 attention_lib.check_packed_rows(mb["segment_ids"], max_segments)
-            acc = r.fns.micro_step(compute, acc, to_global(mb, r.batch_sharding),
-                                   jnp.asarray([state.step, i], jnp.int32))
+            acc = r.fns.micro_step(
+                compute, acc, to_global(mb, r.batch_sharding), jnp.asarray([state.step, i], jnp.int32)
+            )
             lengths.append(segment_lengths(mb))
         del compute
-        state.params, state.opt_state, metrics = r.fns.apply(state.params, state.opt_state, acc,
-                                                             jnp.asarray(state.step, jnp.int32))
+        state.params, state.opt_state, metrics = r.fns.apply(
+            state.params, state.opt_state, acc, jnp.asarray(state.step, jnp.int32)
+        )
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
             self.diverged = (state.step + 1, metrics)  # `apply` left params and optimizer state as they were
             return None, np.zeros(0, np.int64)
         return metrics, np.concatenate(lengths)
 
-    def log_step(self, metrics: dict[str, float], lengths: np.ndarray, global_valid: int, elapsed: float,
-                 t_data: float, last: bool) -> None:
+    def log_step(
+        self,
+        metrics: dict[str, float],
+        lengths: np.ndarray,
+        global_valid: int,
+        elapsed: float,
+        t_data: float,
+        last: bool,
+    ) -> None:
         r, s = self.run, self.run.plan.steps
-        metrics.update({
-            "train/global_valid_seqs": float(r.plan.batch.global_batch),
-            "train/global_valid_toks": float(global_valid),
-            "timing/train/total_step_time": elapsed,
-            "timing/train/data_processing": t_data,
-            "timing/train/tokens_per_sec": global_valid / elapsed,
-            "timing/train/valid_tokens_per_sec_per_gpu": global_valid / elapsed / len(r.devices),
-        })
+        metrics.update(
+            {
+                "train/global_valid_seqs": float(r.plan.batch.global_batch),
+                "train/global_valid_toks": float(global_valid),
+                "timing/train/total_step_time": elapsed,
+                "timing/train/data_processing": t_data,
+                "timing/train/tokens_per_sec": global_valid / elapsed,
+                "timing/train/valid_tokens_per_sec_per_gpu": global_valid / elapsed / len(r.devices),
+            }
+        )
         if self.peak is not None:
             flops = r.model_config.training_flops(lengths)
             metrics["train/mfu"] = flops / elapsed / (self.peak * len(jax.local_devices()))
@@ -152,15 +173,18 @@ class Loop:
         last_val = {f"validation/{k[4:]}": v for k, v in self.validator.last.items()}
         self.logger.progress(step, {**metrics, **last_val})
 
-    def stop_after_step(self, said: str | None, past_deadline: bool, lock_lost: bool, last: bool,
-                        data_state: Any) -> bool:
+    def stop_after_step(
+        self, said: str | None, past_deadline: bool, lock_lost: bool, last: bool, data_state: Any
+    ) -> bool:
         """Saves when due; -> whether the run stops here (besides having run its last step)."""
         r, spec = self.run, self.run.plan.checkpoint
         step = r.state.step
         if lock_lost:
-            raise RunLocked(f"another run took over the lock of {spec.directory} (this run's heartbeat "
-                            f"looked stale); stopping at step {step} without saving, so as not to "
-                            "overwrite its checkpoints")
+            raise RunLocked(
+                f"another run took over the lock of {spec.directory} (this run's heartbeat "
+                f"looked stale); stopping at step {step} without saving, so as not to "
+                "overwrite its checkpoints"
+            )
         if r.ckpt and (step % spec.save_period == 0 or last or past_deadline or said):
             self.save(data_state)
         if said and not last:
@@ -192,9 +216,11 @@ def diverged(step: int, metrics: dict[str, float], checkpoint_dir: Path | None) 
     """The error for a non-finite `step`. Its loss was computed on the weights after step - 1,
     so step_{step-1} is not good: process 0 sets it aside as diverged_step_{step-1} (kept, but never
     resumed); the message names the newest complete checkpoint before it."""
-    what = (f"training diverged at step {step}: loss {metrics['train/loss']}, grad_norm "
-            f"{metrics['train/grad_norm']} (computed on the weights after step {step - 1}); the step "
-            "left parameters and optimizer state unchanged and nothing was saved")
+    what = (
+        f"training diverged at step {step}: loss {metrics['train/loss']}, grad_norm "
+        f"{metrics['train/grad_norm']} (computed on the weights after step {step - 1}); the step "
+        "left parameters and optimizer state unchanged and nothing was saved"
+    )
     if checkpoint_dir is None:
         return TrainingDiverged(f"{what}. Lower policy.optimizer.kwargs.lr")
     bad = step_dir(checkpoint_dir, step - 1)
@@ -203,7 +229,10 @@ def diverged(step: int, metrics: dict[str, float], checkpoint_dir: Path | None) 
         aside = set_aside(bad, "diverged", rename=jax.process_index() == 0)
         moved = f"; {bad.name} holds those weights and was renamed {aside.name}, so a rerun does not resume from it"
     good = max((k for k in complete_steps(checkpoint_dir) if k < step - 1), default=None)
-    last = (f"The last checkpoint whose weights gave a finite loss is {step_dir(checkpoint_dir, good)}; a "
-            "rerun resumes from it" if good is not None else
-            "No checkpoint predates the divergence; a rerun starts from policy.model_name")
+    last = (
+        f"The last checkpoint whose weights gave a finite loss is {step_dir(checkpoint_dir, good)}; a "
+        "rerun resumes from it"
+        if good is not None
+        else "No checkpoint predates the divergence; a rerun starts from policy.model_name"
+    )
     return TrainingDiverged(f"{what}{moved}. {last}. Lower policy.optimizer.kwargs.lr before rerunning")

@@ -92,8 +92,11 @@ def _run(cfg, stop_signals: distributed.StopSignals, stack: contextlib.ExitStack
         final_step=r.state.step,
         train_losses=loop.train_losses,
         val_losses=loop.val_losses,
-        compilations={f.name: getattr(r.fns, f.name)._cache_size() for f in dataclasses.fields(r.fns)
-                      if hasattr(getattr(r.fns, f.name), "_cache_size")},
+        compilations={
+            f.name: getattr(r.fns, f.name)._cache_size()
+            for f in dataclasses.fields(r.fns)
+            if hasattr(getattr(r.fns, f.name), "_cache_size")
+        },
         stopped_early=loop.stopped_early,
         exit_code=loop.exit_code,
     )
@@ -103,8 +106,10 @@ def _log_start(r: Run, logger: MetricsLogger, run_dir: Path, config_yaml: str) -
     if jax.process_index() == 0:
         save_config(r.plan.config, run_dir / "config.yaml")
         logger.write(f"config:\n{config_yaml}")
-        logger.write(f"mesh: {sharding_lib.describe_mesh(r.mesh)} over {len(r.devices)} {r.devices[0].platform} "
-                     f"devices ({jax.process_count()} processes)")
+        logger.write(
+            f"mesh: {sharding_lib.describe_mesh(r.mesh)} over {len(r.devices)} {r.devices[0].platform} "
+            f"devices ({jax.process_count()} processes)"
+        )
         params = r.state.params
         logger.write(sharding_table({"trainable": params, "frozen": r.frozen} if r.plan.lora else params))
         logger.write(memory_line(params, r.frozen, r.state.opt_state, r.plan.precision))
@@ -121,5 +126,12 @@ def _finished_already(r: Run) -> RunResult:
     step = r.resumed_from
     if jax.process_index() == 0:
         print(f"{r.ckpt.step_dir(step)}: already at step {step} of {r.total_steps}; nothing to train", flush=True)
-    return RunResult(run_dir=None, checkpoint_dir=r.ckpt.dir, export_dir=None, final_step=step,
-                     train_losses={}, val_losses={}, compilations={})
+    return RunResult(
+        run_dir=None,
+        checkpoint_dir=r.ckpt.dir,
+        export_dir=None,
+        final_step=step,
+        train_losses={},
+        val_losses={},
+        compilations={},
+    )

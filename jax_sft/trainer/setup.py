@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jax_sft import distributed
-from jax_sft.checkpoint import LORA_FILE, Checkpointer, CheckpointMismatch, model_files
+from jax_sft.checkpoint import LORA_FILE, Checkpointer, CheckpointMismatch, extra_path, model_files, run_files
 from jax_sft.config import plan as plan_lib
 from jax_sft.config.keys import plain
 from jax_sft.config.plan import RunPlan
@@ -125,27 +124,65 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
         lock = stack.enter_context(hold_run_lock(plan.checkpoint.directory))
     tokenizer = load_tokenizer(cfg)
     data = SFTData(plan.data, tokenizer, dp_ranks=sharding_lib.local_dp_ranks(mesh))
-    model = from_pretrained(model_dir, plan.model.options, mesh=mesh, hf_config_overrides=plan.model.hf_config_overrides)
+    model = from_pretrained(
+        model_dir, plan.model.options, mesh=mesh, hf_config_overrides=plan.model.hf_config_overrides
+    )
     packed = plan.batch.packing
     graphdef, params, frozen, rest = nnx.split(model, LoRAParam if plan.lora else nnx.Param, nnx.Param, ...)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
     total_steps = min(plan.steps.max_epochs * data.steps_per_epoch, plan.steps.max_steps)
+    fns, opt_state, shardings = _compile_steps(
+        cfg, plan, (graphdef, params, rest), mesh, total_steps, moe=model.config.num_experts > 0
+    )
+    run = Run(
+        plan=plan,
+        mesh=mesh,
+        devices=devices,
+        tokenizer=tokenizer,
+        data=data,
+        model_config=model.config,
+        graphdef=graphdef,
+        frozen=frozen,
+        rest=rest,
+        fns=fns,
+        batch_sharding=sharding_lib.batch_sharding(mesh),
+        total_steps=total_steps,
+        check_rows=packed and "cudnn" in model.attention_kernel(packed),
+        attention_line=model.describe_attention(packed),
+        state=TrainState(params, opt_state),
+        train_iter=data.train_iterator(),
+        lock=lock,
+    )
+    if plan.checkpoint.enabled:
+        run = _resume(run, *shardings)
+    return run
+
+
+def _compile_steps(
+    cfg: Any, plan: RunPlan, split: tuple, mesh: Mesh, total_steps: int, *, moe: bool
+) -> tuple[StepFns, Any, tuple[Any, Any]]:
+    """(step functions, initial optimizer state, (parameter, optimizer-state shardings)) of the
+    split model (graphdef, trainable params, rest) over `total_steps` optimizer steps."""
+    graphdef, params, rest = split
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
     tx, schedule, _ = optimizer_from_config(cfg, total_steps)
     opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     lora = plan.lora
-    fns = make_step_fns(graphdef, rest, tx, schedule, mesh=mesh, param_shardings=param_shardings,
-                        opt_shardings=opt_shardings, chunk_size=cfg.policy.jax_cfg.loss_chunk_size, packed=packed,
-                        compute_dtype=jnp.dtype(plan.precision), moe=model.config.num_experts > 0,
-                        dropout_seed=plan.steps.seed if lora is not None and lora.dropout > 0 else None)
-    run = Run(plan=plan, mesh=mesh, devices=devices, tokenizer=tokenizer, data=data, model_config=model.config,
-              graphdef=graphdef, frozen=frozen, rest=rest, fns=fns, batch_sharding=sharding_lib.batch_sharding(mesh),
-              total_steps=total_steps, check_rows=packed and "cudnn" in model.attention_kernel(packed),
-              attention_line=model.describe_attention(packed), state=TrainState(params, opt_state),
-              train_iter=data.train_iterator(), lock=lock)
-    if plan.checkpoint.enabled:
-        run = _resume(run, param_shardings, opt_shardings)
-    return run
+    fns = make_step_fns(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        mesh=mesh,
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+        chunk_size=cfg.policy.jax_cfg.loss_chunk_size,
+        packed=plan.batch.packing,
+        compute_dtype=jnp.dtype(plan.precision),
+        moe=moe,
+        dropout_seed=plan.steps.seed if lora is not None and lora.dropout > 0 else None,
+    )
+    return fns, opt_state, (param_shardings, opt_shardings)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -161,8 +198,13 @@ def _resume(run: Run, param_shardings: Any, opt_shardings: Any) -> Run:
     """Opens checkpoint_dir; when it has a step (below the last), restores params, optimizer and
     data state. A LoRA checkpoint must match the run's base model and LoRA settings."""
     spec = run.plan.checkpoint
-    ckpt = Checkpointer(spec.directory, save_optimizer=spec.save_optimizer, metric_name=spec.metric_name,
-                        higher_is_better=spec.higher_is_better, keep_top_k=spec.keep_top_k)
+    ckpt = Checkpointer(
+        spec.directory,
+        save_optimizer=spec.save_optimizer,
+        metric_name=spec.metric_name,
+        higher_is_better=spec.higher_is_better,
+        keep_top_k=spec.keep_top_k,
+    )
     run = dataclasses.replace(run, ckpt=ckpt, resumed_from=ckpt.latest_step())
     if run.resumed_from is None or run.resumed_from >= run.total_steps:
         return run
@@ -187,34 +229,36 @@ def _resume(run: Run, param_shardings: Any, opt_shardings: Any) -> Run:
 def _check_lora_checkpoint(run: Run, step_dir: Path) -> None:
     """Refuses to resume LoRA adapters onto another base or with other LoRA settings, and to mix
     LoRA and full fine-tuning checkpoints."""
-    lora, saved = run.plan.lora, step_dir / "extra" / LORA_FILE
+    lora, saved = run.plan.lora, extra_path(step_dir, LORA_FILE)
     if (lora is not None) != saved.is_file():
         kind = lambda is_lora: "LoRA adapters" if is_lora else "a full fine-tune"  # noqa: E731
-        raise CheckpointMismatch(f"{step_dir} holds {kind(saved.is_file())} but this run trains {kind(lora)}; "
-                                 "point checkpointing.checkpoint_dir elsewhere or set the LoRA keys as that run had them")
+        raise CheckpointMismatch(
+            f"{step_dir} holds {kind(saved.is_file())} but this run trains {kind(lora)}; "
+            "point checkpointing.checkpoint_dir elsewhere or set the LoRA keys as that run had them"
+        )
     if lora is None:
         return
     reference = json.loads(saved.read_text())
     problem = base_problem(reference, run.plan.model.name, run.model_config.to_hf_dict())
     if problem:
-        raise CheckpointMismatch(f"{step_dir}: {problem}; resume with that policy.model_name or point "
-                                 "checkpointing.checkpoint_dir elsewhere")
+        raise CheckpointMismatch(
+            f"{step_dir}: {problem}; resume with that policy.model_name or point checkpointing.checkpoint_dir elsewhere"
+        )
     if reference["lora"] != lora.to_dict():
-        raise CheckpointMismatch(f"{step_dir}: its LoRA settings {reference['lora']} differ from this run's "
-                                 f"{lora.to_dict()}; resume with the same settings")
+        raise CheckpointMismatch(
+            f"{step_dir}: its LoRA settings {reference['lora']} differ from this run's "
+            f"{lora.to_dict()}; resume with the same settings"
+        )
 
 
 def extra_files(run: Run, config_yaml: str) -> dict[str, bytes]:
     """What every checkpoint stores beside the arrays (process 0 writes): config.yaml, the
     tokenizer's files, the model's HF config and, for LoRA, its settings and base."""
-    files = {"config.yaml": config_yaml.encode(), **model_files(run.model_config)}
-    with tempfile.TemporaryDirectory() as tmp:
-        run.tokenizer.save_pretrained(tmp)
-        for path in Path(tmp).iterdir():
-            files[f"tokenizer/{path.name}"] = path.read_bytes()
+    files = {**run_files(config_yaml, run.tokenizer), **model_files(run.model_config)}
     if run.plan.lora is not None:
-        ref = base_reference(run.plan.lora, run.plan.model.name, run.model_config.to_hf_dict(),
-                             run.plan.model.hf_config_overrides)
+        ref = base_reference(
+            run.plan.lora, run.plan.model.name, run.model_config.to_hf_dict(), run.plan.model.hf_config_overrides
+        )
         files[LORA_FILE] = json.dumps(ref, indent=2).encode()
     return files
 
@@ -245,10 +289,15 @@ def memory_line(params: Any, frozen: Any, opt_state: Any, precision: str) -> str
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     trainable, total = count(params), count(params) + count(frozen)
     dtype = jnp.dtype(precision)
-    copy = sum(x.size * dtype.itemsize
-               for tree in (params, frozen)
-               for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if needs_cast(path, x, dtype))
-    return (f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%); "
-            f"memory (all devices): weights {_size(nbytes(params) + nbytes(frozen))}, gradients "
-            f"{_size(4 * trainable)}, optimizer state {_size(nbytes(opt_state))}, {precision} compute copy "
-            f"{_size(copy)}")
+    copy = sum(
+        x.size * dtype.itemsize
+        for tree in (params, frozen)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if needs_cast(path, x, dtype)
+    )
+    return (
+        f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%); "
+        f"memory (all devices): weights {_size(nbytes(params) + nbytes(frozen))}, gradients "
+        f"{_size(4 * trainable)}, optimizer state {_size(nbytes(opt_state))}, {precision} compute copy "
+        f"{_size(copy)}"
+    )

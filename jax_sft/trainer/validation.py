@@ -50,9 +50,15 @@ class Validator:
         rows = [rows[i] for i in range(min(int(cfg.logger.num_val_samples_to_print), len(rows)))]
         if not rows:
             return
-        samples = sample_conversations(r.model(), r.tokenizer, rows, mesh=r.mesh,
-                                       max_new_tokens=r.plan.batch.max_total_length, add_bos=bool(cfg.data.add_bos),
-                                       template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"))
+        samples = sample_conversations(
+            r.model(),
+            r.tokenizer,
+            rows,
+            mesh=r.mesh,
+            max_new_tokens=r.plan.batch.max_total_length,
+            add_bos=bool(cfg.data.add_bos),
+            template_kwargs=cfg.policy.tokenizer.get("chat_template_kwargs"),
+        )
         text = format_samples([(s["prompt"], s["reference"]) for s in samples], [s["completion"] for s in samples])
         self.logger.write(f"step {step}: validation samples\n{text}")
         self.logger.log_text("validation/samples", text, step)

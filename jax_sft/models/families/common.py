@@ -52,8 +52,9 @@ def every_layer(d: dict[str, Any], window: Any) -> tuple[int | None, ...]:
     return (int(window) if window is not None else None,) * int(d["num_hidden_layers"])
 
 
-def windows_by_layer_types(d: dict[str, Any], window: Any, default_types: list[str], source: str
-                           ) -> tuple[int | None, ...]:
+def windows_by_layer_types(
+    d: dict[str, Any], window: Any, default_types: list[str], source: str
+) -> tuple[int | None, ...]:
     """Per-layer windows from config.json's `layer_types` (else `default_types`): the window on
     "sliding_attention" layers, None on "full_attention" ones."""
     num_layers = int(d["num_hidden_layers"])
@@ -71,8 +72,10 @@ def qwen_windows(d: dict[str, Any], source: str) -> tuple[int | None, ...]:
     "sliding_attention" (config.json's list, else layers i >= `max_window_layers`)."""
     window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
     max_window_layers = int(d.get("max_window_layers", 28))
-    default_types = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
-                     for i in range(int(d["num_hidden_layers"]))]
+    default_types = [
+        "sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
+        for i in range(int(d["num_hidden_layers"]))
+    ]
     return windows_by_layer_types(d, window, default_types, source)
 
 
