@@ -1,10 +1,10 @@
 """The README's lists that come from code, regenerated between their markers:
 
-    <!-- generated:families -->  the model-family registry (jax_sft/models/families/)
-    <!-- generated:datasets -->  NeMo RL's dataset names jax_sft reads (jax_sft/data/builtin.py)
+<!-- generated:families -->  the model-family registry (jax_sft/models/families/)
+<!-- generated:datasets -->  NeMo RL's dataset names jax_sft reads (jax_sft/data/builtin.py)
 
-    python -m jax_sft.docs           # rewrites README.md's generated blocks
-    python -m jax_sft.docs --check   # exit 1 when they are out of date (tests/test_docs.py checks it)
+python -m jax_sft.docs           # rewrites README.md's generated blocks
+python -m jax_sft.docs --check   # exit 1 when they are out of date (tests/test_docs.py checks it)
 """
 
 from __future__ import annotations
