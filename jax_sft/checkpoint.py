@@ -32,14 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
-import logging
-import re
 import shutil
-import sys
 import tempfile
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,12 +45,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jax_sft import checkpoint_verify
+from jax_sft.disk_full import QuietFailedWrites, is_disk_full, size_text
 from jax_sft.errors import InputError, RunFailure
 
 STEP_PREFIX = "step"  # step_N
 TRASH = ".deleted"  # Orbax renames the checkpoints retention retires into this subfolder
 COMMIT_FILE = "commit_success.txt"  # Orbax writes it last into each item and into step_N
 ARRAY_HANDLER = "StandardCheckpointHandler"
+JSON_HANDLER = "JsonCheckpointHandler"
 REQUIRED_ITEMS = ("params", "train_info", "data", "extra")
 MODEL_CONFIG = "model/config.json"  # extra/: the model's HF config (export and generate read it)
 GENERATION_CONFIG = "model/generation_config.json"
@@ -83,10 +81,13 @@ class IncompleteCheckpointWarning(UserWarning):
 
 
 def incomplete_reason(step_dir: Path) -> str | None:
-    """None when `step_dir` is a complete committed checkpoint, else what is missing.
+    """None when `step_dir` is a complete committed checkpoint with every file it lists, else what
+    is missing.
 
     Checks the markers Orbax writes last (step_N/commit_success.txt, and per item), the items
-    named in _CHECKPOINT_METADATA and, for array items, the OCDBT manifests and data folders.
+    named in _CHECKPOINT_METADATA, and each item's files against its own metadata
+    (`checkpoint_verify`): for array items the OCDBT manifests and every data file their b-trees
+    reference, for files items (data/, extra/) the files each process listed.
     """
     if not (step_dir / COMMIT_FILE).is_file():
         return f"no {COMMIT_FILE} (the save never finished or the folder was partly deleted)"
@@ -98,16 +99,28 @@ def incomplete_reason(step_dir: Path) -> str | None:
     if missing:
         return f"_CHECKPOINT_METADATA lacks the items {missing}"
     for name, handler in handlers.items():
-        item = step_dir / name
-        needed = [COMMIT_FILE]
-        if str(handler).endswith(ARRAY_HANDLER):
-            needed += ["_METADATA", "manifest.ocdbt"]
-            needed += [f"{p.name}/manifest.ocdbt" for p in item.glob("ocdbt.process_*")]
-        absent = [f for f in needed if not (item / f).is_file()]
-        if absent:
-            return f"{name}/ lacks {', '.join(absent)}"
-        if str(handler).endswith(ARRAY_HANDLER) and not any(item.glob("ocdbt.process_*/d/*")):
-            return f"{name}/ holds no array data (ocdbt.process_*/d/ is empty)"
+        problem = _item_problem(step_dir / name, str(handler))
+        if problem:
+            return problem
+    return None
+
+
+def _item_problem(item: Path, handler: str) -> str | None:
+    needed = [COMMIT_FILE]
+    if handler.endswith(ARRAY_HANDLER):
+        needed += ["_METADATA", "manifest.ocdbt"]
+        needed += [f"{p.name}/manifest.ocdbt" for p in item.glob("ocdbt.process_*")]
+    elif handler.endswith(JSON_HANDLER):
+        needed.append("metadata")  # the handler's one file
+    absent = [f for f in needed if not (item / f).is_file()]
+    if absent:
+        return f"{item.name}/ lacks {', '.join(absent)}"
+    if handler.endswith(ARRAY_HANDLER):
+        if not any(item.glob("ocdbt.process_*/d/*")):
+            return f"{item.name}/ holds no array data (ocdbt.process_*/d/ is empty)"
+        return checkpoint_verify.ocdbt_problem(item)
+    if handler.endswith(FilesHandler.__name__):
+        return checkpoint_verify.listed_files_problem(item)
     return None
 
 
@@ -159,7 +172,7 @@ def complete_step_dir(path: str | Path) -> Path:
     reason = incomplete_reason(path)
     if reason is not None:
         raise IncompleteCheckpoint(
-            f"{path}: incomplete checkpoint ({reason}); export a complete step_N of {path.parent} instead"
+            f"{path}: incomplete checkpoint ({reason}); use another, complete step_N of {path.parent}"
         )
     return path
 
@@ -230,80 +243,6 @@ def restore_params(path: Path, target: Any) -> Any:
         return reader.restore(path / "params", target)
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` (or what it wraps) is ENOSPC / EDQUOT. TensorStore reports it inside a
-    ValueError as "... No space left on device [os_error_code='28']"."""
-    codes = (errno.ENOSPC, errno.EDQUOT)
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in codes:
-            return True
-        if _DISK_FULL_TEXT.search(str(error)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-_DISK_FULL_TEXT = re.compile(
-    rf"No space left on device|Disk quota exceeded|os_error_code='({errno.ENOSPC}|{errno.EDQUOT})'"
-)
-
-
-def _closed_loop(error: BaseException | None) -> bool:
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
-class _QuietFailedWrites:
-    """While installed: Orbax's ERROR logs of a disk-full write are dropped (the trainer says it
-    once, in CheckpointDiskFull), and so is the noise its unfinished TensorStore writes make after
-    a failed save: "Event loop is closed" tracebacks from TensorStore's callbacks (through
-    sys.excepthook, threading.excepthook or sys.unraisablehook), asyncio's "Task exception was
-    never retrieved" for disk-full tasks, and, once a disk-full error was seen, the complaints of
-    never-finished write coroutines at exit (sys.unraisablehook).
-    Everything else passes on unchanged."""
-
-    def __init__(self):
-        self.seen = False
-        self._filter = logging.Filter()
-        self._filter.filter = self._keep
-        self._hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
-
-    def _keep(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if _DISK_FULL_TEXT.search(record.getMessage()) or (error is not None and is_disk_full(error)):
-            self.seen = True
-            return False
-        return True
-
-    def _excepthook(self, kind, error, tb):
-        if not _closed_loop(error):
-            self._hooks[0](kind, error, tb)
-
-    def _thread_excepthook(self, args):
-        if not _closed_loop(args.exc_value):
-            self._hooks[2](args)
-
-    def _unraisablehook(self, info):
-        if not (_closed_loop(info.exc_value) or (self.seen and type(info.object).__name__ == "coroutine")):
-            self._hooks[1](info)
-
-    def install(self) -> None:
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).addFilter(self._filter)
-        sys.excepthook, sys.unraisablehook = self._excepthook, self._unraisablehook
-        threading.excepthook = self._thread_excepthook
-
-    def uninstall(self) -> None:
-        """Restores logging and the hooks, unless a disk-full save failed: its leftovers are
-        still to be collected (at exit)."""
-        if self.seen:
-            return
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).removeFilter(self._filter)
-        sys.excepthook, sys.unraisablehook, threading.excepthook = self._hooks
-
-
 @dataclasses.dataclass
 class FilesSave(ocp.args.CheckpointArgs):
     """Files (name -> bytes) this process writes into the item's folder."""
@@ -323,7 +262,8 @@ class FilesHandler(ocp.CheckpointHandler):
 
     def save(self, directory: epath.Path, args: FilesSave):
         directory.mkdir(parents=True, exist_ok=True)
-        for name, data in args.files.items():
+        listing = checkpoint_verify.listing(args.files, jax.process_index(), jax.process_count())
+        for name, data in {**args.files, listing[0]: listing[1]}.items():
             (directory / name).parent.mkdir(parents=True, exist_ok=True)
             (directory / name).write_bytes(data)
 
@@ -412,7 +352,7 @@ class Checkpointer:
                 "extra": FilesHandler(),
             },
         )
-        self._quiet = _QuietFailedWrites()
+        self._quiet = QuietFailedWrites()
         self._quiet.install()
         self._warned: set[int] = set()
         self._empty_trash()
@@ -570,7 +510,7 @@ class Checkpointer:
         removed = f"removed the partial step_{step}; " if partial else ""
         return (
             f"no space left on the device of {self.dir} while saving step_{step}: it needs about "
-            f"{_size(needed)} of arrays, {_size(free)} are free; {removed}kept {kept}. Free space or "
+            f"{size_text(needed)} of arrays, {size_text(free)} are free; {removed}kept {kept}. Free space or "
             "point checkpointing.checkpoint_dir elsewhere, then rerun to resume"
         )
 
@@ -583,11 +523,3 @@ class Checkpointer:
 
 def items_state(params: Any, opt_state: Any, save_optimizer: bool) -> list[Any]:
     return [params, opt_state] if save_optimizer else [params]
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError("unreachable")

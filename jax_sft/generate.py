@@ -355,6 +355,7 @@ def load_for_generation(source: str, overrides: Sequence[str]):
     is_checkpoint = checkpoint.looks_like_checkpoint(step_dir)
     inherited = []
     if is_checkpoint:
+        step_dir = checkpoint.complete_step_dir(step_dir)  # every file it lists, before any is read
         saved = checkpoint.extra_path(step_dir, checkpoint.CONFIG_FILE)
         if not saved.is_file():
             raise MissingFileError(f"{saved}: missing; {step_dir} is not a complete jax_sft checkpoint")
@@ -393,11 +394,10 @@ def load_for_generation(source: str, overrides: Sequence[str]):
 
 def _restore_checkpoint(step_dir: Path, mesh, options):
     """The CausalLM of a step_N folder, parameters restored straight into their shardings."""
-    from jax_sft.checkpoint import complete_step_dir, restore_params, saved_model_config  # noqa: PLC0415
+    from jax_sft.checkpoint import restore_params, saved_model_config  # noqa: PLC0415
     from jax_sft.models import CausalLM, ModelConfig  # noqa: PLC0415
     from jax_sft.models import sharding as sharding_lib  # noqa: PLC0415
 
-    step_dir = complete_step_dir(step_dir)
     hf_config, source, generation = saved_model_config(step_dir)
     config = ModelConfig.from_hf_dict(hf_config, source=source)
     if generation is not None:
