@@ -187,6 +187,20 @@ def looks_like_checkpoint(path: Path) -> bool:
     return (Path(path) / "params").is_dir() and (Path(path) / "extra").is_dir()
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether `path` is a training checkpoint or a part of one, complete or not, whatever else it
+    holds: a step_N (or one set aside, or Orbax's temporary folder of a save) or one of its items;
+    export never writes there (`models.hf_write.export_target_problem`)."""
+    path = Path(path)
+    markers = ("_CHECKPOINT_METADATA", COMMIT_FILE, "_METADATA", "manifest.ocdbt")
+    return (
+        any((path / m).exists() for m in markers)
+        or looks_like_checkpoint(path)
+        or ".orbax-checkpoint-tmp" in path.name
+        or any(path.glob("ocdbt.process_*"))
+    )
+
+
 def run_files(config_yaml: str, tokenizer: Any) -> dict[str, bytes]:
     """The run's config and the tokenizer's files, as extra/ stores them."""
     files = {CONFIG_FILE: config_yaml.encode()}

@@ -16,9 +16,10 @@ that stops sending heartbeats for `heartbeat_timeout_seconds` (killed, host lost
 other process exit with an error instead of waiting forever in a collective.
 
 Stopping: while `StopSignals` is active, SIGTERM and SIGUSR1 (Slurm's preemption and time-limit
-notices) only set a flag. The trainer asks every step whether any process got one
-(`agree_to_stop`, one small all-gather), so that all processes save the same step; it then
-exits with `PREEMPTED_EXIT_CODE`, which tells a launcher to requeue the job.
+notices) and the first SIGINT (Ctrl-C) only set a flag. The trainer asks every step whether any
+process got one (`agree_to_stop`, one small all-gather), so that all processes save the same step;
+it then exits with `PREEMPTED_EXIT_CODE` (75), which tells a launcher to requeue the job, or after
+Ctrl-C with `INTERRUPTED_EXIT_CODE` (130). A second Ctrl-C stops at once, without saving.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ from jax_sft.errors import UsageError
 # EX_TEMPFAIL ("temporary failure; the user is invited to retry"). A rerun (a requeued Slurm
 # job, see launch/sft.sbatch) resumes from checkpointing.checkpoint_dir.
 PREEMPTED_EXIT_CODE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Exit code of a run stopped by Ctrl-C (SIGINT) after saving: the shells' 128 + SIGINT. Not 75: an
+# interrupted run was stopped on purpose and is not requeued; a rerun resumes all the same.
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _ADDRESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
 _TIMEOUT_FLAGS = ("initialization_timeout", "heartbeat_timeout_seconds", "shutdown_timeout_seconds")
@@ -178,27 +182,40 @@ def allgather_ints(values: Sequence[int]) -> np.ndarray:
 
 
 class StopSignals:
-    """While active (`with StopSignals() as stop:`), SIGTERM / SIGUSR1 set `stop.signum` instead
-    of ending the process; leaving restores the previous handlers. Repeated signals are harmless
-    (Slurm may deliver one directly and one through srun). Handlers can only be installed from
-    the main thread; elsewhere a warning says signals keep their default effect. (This replaces
-    the SIGTERM hook of JAX's own preemption service, `multihost_utils.
-    reached_preemption_sync_point`, which only knows SIGTERM and needs jax.distributed.)"""
+    """While active (`with StopSignals() as stop:`), SIGTERM / SIGUSR1 / SIGINT set `stop.signum`
+    instead of ending the process; leaving restores the previous handlers. Repeated SIGTERM /
+    SIGUSR1 are harmless (Slurm may deliver one directly and one through srun); a second SIGINT
+    (Ctrl-C pressed again) raises KeyboardInterrupt at once, without waiting for the step or the
+    save. Handlers can only be installed from the main thread; elsewhere a warning says signals
+    keep their default effect. (This replaces the SIGTERM hook of JAX's own preemption service,
+    `multihost_utils.reached_preemption_sync_point`, which only knows SIGTERM and needs
+    jax.distributed.)"""
 
     def __init__(self, signals: Sequence[signal.Signals] = STOP_SIGNALS):
         self.signals = tuple(signals)
         self.signum = 0  # the first stop signal this process received, 0 if none
+        self.interrupted = False  # a SIGINT was received: the next one stops at once
         self._previous: dict[signal.Signals, Any] = {}
 
+    def note(self, signum: int) -> bool:
+        """Records a stop signal; True when it is the first one."""
+        if signum == signal.SIGINT:
+            self.interrupted = True
+        first = not self.signum
+        self.signum = self.signum or signum
+        return first
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if not self.signum:
-            self.signum = signum
+        if signum == signal.SIGINT and self.interrupted:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
+        if self.note(signum):
             name = signal.Signals(signum).name
+            again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
             # os.write: print() is not safe inside a signal handler.
             os.write(
                 2,
                 f"\n[jax_sft] {name} received: finishing the current step, then saving "
-                f"a checkpoint and exiting with code {PREEMPTED_EXIT_CODE}\n".encode(),
+                f"a checkpoint and exiting with code {stop_exit_code(name)}{again}\n".encode(),
             )
 
     def __enter__(self) -> StopSignals:
@@ -206,7 +223,7 @@ class StopSignals:
             self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
         else:
             warnings.warn(
-                "jax_sft.train runs outside the main thread: SIGTERM/SIGUSR1 will end it without a checkpoint",
+                "jax_sft.train runs outside the main thread: SIGTERM/SIGUSR1/SIGINT will end it without a checkpoint",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -223,6 +240,12 @@ class StopSignals:
         for s, handler in self._previous.items():  # None: a handler set outside Python
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
+
+
+def stop_exit_code(said: str) -> int:
+    """The exit code of a run stopped by the signal `said` names ("SIGINT received ..."):
+    INTERRUPTED_EXIT_CODE for Ctrl-C, else PREEMPTED_EXIT_CODE."""
+    return INTERRUPTED_EXIT_CODE if said.startswith(signal.SIGINT.name) else PREEMPTED_EXIT_CODE
 
 
 def agree_to_stop(signum: int, *flags: bool, values: Sequence[int] = ()) -> tuple[str | None, list[bool], np.ndarray]:

@@ -9,6 +9,7 @@ python -m jax_sft.docs --check   # exit 1 when they are out of date (tests/test_
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Callable
@@ -43,10 +44,14 @@ def render(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_sft.docs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 when the blocks are out of date; write nothing")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     text = README.read_text()
     new = render(text)
-    if "--check" in argv:
+    if args.check:
         if new != text:
             print("README.md: generated blocks are out of date; run python -m jax_sft.docs", file=sys.stderr)
             raise SystemExit(1)

@@ -33,20 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import yaml
 from flax import nnx
 
 from jax_sft.checkpoint import (
+    CONFIG_FILE,
     LORA_FILE,
     TOKENIZER_DIR,
     complete_step_dir,
     extra_path,
+    is_checkpoint_folder,
     lora_reference,
     restore_params,
     saved_model_config,
     saved_scan_layers,
 )
-from jax_sft.errors import InputError, UsageError, exit_on_input_error
+from jax_sft.errors import InputError, MissingFileError, UsageError, exit_on_input_error
 from jax_sft.models import CausalLM, ModelConfig, ModelOptions, from_pretrained, save_pretrained
+from jax_sft.models.hf_read import local_model_dir
 from jax_sft.models.hf_write import check_export_target
 from jax_sft.models.lora import LoRAParam
 from jax_sft.models.options import LoraConfig, base_problem
@@ -129,6 +133,26 @@ def adapters_only(step_dir: Path, reference: dict[str, Any]) -> CausalLM:
     return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_adapters)), rest)
 
 
+def base_folders(step_dir: Path, reference: dict[str, Any] | None, base: str | None) -> list[Path]:
+    """The local folders of the model the checkpoint names as its base: a LoRA checkpoint's
+    recorded base and `base`, a full fine-tune's policy.model_name (extra/config.yaml). An
+    export never replaces them (a LoRA checkpoint could no longer be merged)."""
+    if reference is not None:
+        names = [reference["base"]["model_name"], base]
+    else:
+        saved = yaml.safe_load(extra_path(step_dir, CONFIG_FILE).read_text()) or {}
+        names = [(saved.get("policy") or {}).get("model_name")]
+    folders = []
+    for name in filter(None, names):
+        try:
+            folder = local_model_dir(str(name))
+        except MissingFileError:  # gone, or not a model folder: nothing there to protect
+            continue
+        if folder is not None:
+            folders.append(folder)
+    return folders
+
+
 def export_checkpoint(
     step_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -155,10 +179,13 @@ def export_checkpoint(
         )
     if reference is None and base is not None:
         raise UsageError(f"{step_dir}: --base applies to LoRA checkpoints; this full fine-tune holds every weight")
-    protected = (step_dir.parent,)
+    guard = dict(
+        protected=(step_dir, step_dir.parent, *base_folders(step_dir, reference, base)),
+        is_checkpoint=is_checkpoint_folder,
+    )
     for target in (out_dir, peft_out):  # before the slow restore
         if target is not None:
-            check_export_target(target, overwrite=overwrite, protected=protected)
+            check_export_target(target, overwrite=overwrite, **guard)
     written = []
     if peft_out is not None:
         model = adapters_only(step_dir, reference)
@@ -167,7 +194,7 @@ def export_checkpoint(
             peft_out,
             base_model_name_or_path=base or reference["base"]["model_name"],
             overwrite=overwrite,
-            protected=protected,
+            **guard,
         )
         written.append(Path(peft_out))
     if out_dir is not None:
@@ -175,7 +202,7 @@ def export_checkpoint(
         tokenizer = None
         if extra_path(step_dir, TOKENIZER_DIR).is_dir():
             tokenizer = AutoTokenizer.from_pretrained(str(extra_path(step_dir, TOKENIZER_DIR)))
-        save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, protected=protected)
+        save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, **guard)
         written.append(Path(out_dir))
     return written
 

@@ -103,10 +103,16 @@ def validate(plan: RunPlan, dataset, encoder) -> int:
     return failed
 
 
+USAGE = (
+    "usage: python -m jax_sft.inspect_data --config PATH [overrides] [--num N] [--format text|jsonl] "
+    "[--split train|validation] [--color auto|always|never] [--validate_data true]"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):
-        print(__doc__)
+        print(f"{USAGE}\n\n{__doc__}")
         return
     config_path, overrides, extra = parse_args(argv)
     opts = _options(extra)

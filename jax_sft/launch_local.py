@@ -121,18 +121,23 @@ def launch(
             f.close()
 
 
+USAGE = (
+    "usage: python -m jax_sft.launch_local --num_processes N --devices_per_process D "
+    "[--platform cpu|gpu] [--port P] [--log_dir DIR] [--module M] -- TRAINER ARGS"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv[: argv.index("--")] if "--" in argv else argv):
-        print(__doc__)
+        print(f"{USAGE}\n\n{__doc__}")
         return
     if "--" not in argv:
-        raise SystemExit(
-            "usage: python -m jax_sft.launch_local --num_processes N --devices_per_process D "
-            "[--platform cpu|gpu] [--port P] [--log_dir DIR] -- TRAINER ARGS"
-        )
+        raise SystemExit(USAGE)
     split = argv.index("--")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_sft.launch_local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_processes", type=int, required=True)
     parser.add_argument("--devices_per_process", type=int, required=True)
     parser.add_argument("--platform", choices=["cpu", "gpu"], default="cpu")

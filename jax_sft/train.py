@@ -8,8 +8,10 @@ Order of a run: config (plain Python), distributed start-up (before any other JA
 and data, then the loop: one optimizer step per global batch, validation every `sft.val_period`
 steps, a checkpoint every `checkpointing.save_period` steps and at the end. A rerun with the same
 checkpoint_dir resumes. SIGTERM / SIGUSR1 stop the run after the current step with a checkpoint
-and exit code 75 (`distributed.PREEMPTED_EXIT_CODE`), also when they arrive during start-up
-(imports, config); several processes: see distributed.py and launch/README.md. One run per
+and exit code 75 (`distributed.PREEMPTED_EXIT_CODE`: requeue), also when they arrive during
+start-up (imports, config); Ctrl-C (SIGINT) does the same with exit code 130 (128 + SIGINT), and a
+second Ctrl-C stops at once without saving the step in progress (exit code 130; a rerun resumes
+from the last checkpoint). Several processes: see distributed.py and launch/README.md. One run per
 checkpoint_dir (`run_lock`); a step with a non-finite loss or gradient norm changes nothing and
 stops the run.
 """
@@ -20,8 +22,14 @@ if __name__ == "__main__":  # python -m jax_sft.train: note stop signals from th
     import signal as _signal
 
     _EARLY_SIGNALS: list[int] = []  # imports take seconds; `main` then installs StopSignals
-    for _s in (_signal.SIGTERM, _signal.SIGUSR1):
-        _signal.signal(_s, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
+    def _early(signum, frame):
+        if signum == _signal.SIGINT and signum in _EARLY_SIGNALS:  # Ctrl-C twice: stop now
+            raise SystemExit(128 + _signal.SIGINT)
+        _EARLY_SIGNALS.append(signum)
+
+    for _s in (_signal.SIGTERM, _signal.SIGUSR1, _signal.SIGINT):
+        _signal.signal(_s, _early)
 
 import signal
 import sys
@@ -42,18 +50,29 @@ __all__ = ["main", "run", "RunResult", "TrainingDiverged", "segment_lengths"]
 
 def main(argv: Sequence[str] | None = None) -> RunResult | None:
     """The command line. Errors in the input print `error: ...` and exit 2, a RunFailure (disk
-    full, divergence) exits 1 the same way; a stop signal before training exits 75."""
+    full, divergence) exits 1 the same way; a stop signal before training exits 75 (SIGINT: 130)."""
     with distributed.StopSignals() as stop_signals:  # first thing: SIGTERM must never kill start-up
-        stop_signals.signum = stop_signals.signum or next(iter(globals().get("_EARLY_SIGNALS", [])), 0)
+        for signum in globals().get("_EARLY_SIGNALS", []):
+            stop_signals.note(signum)
         try:
             return exit_on_input_error(lambda: _main(argv, stop_signals))
         except RunFailure as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(RUN_FAILURE_EXIT_CODE) from None
+        except KeyboardInterrupt:
+            print(
+                "\nstopped:     SIGINT received twice; stopped at once without saving the step in progress; "
+                f"exit code {distributed.INTERRUPTED_EXIT_CODE} (a rerun resumes from the last checkpoint)",
+                file=sys.stderr,
+            )
+            raise SystemExit(distributed.INTERRUPTED_EXIT_CODE) from None
 
 
+USAGE = "usage: python -m jax_sft.train --config PATH [overrides: a.b=v | --config.a.b=v ...] [--dry_run]"
 HELP = (
-    __doc__
+    USAGE
+    + "\n\n"
+    + __doc__
     + """
 Main keys (all of NeMo RL's SFT keys apply; defaults in jax_sft/config/defaults.py):
   policy.model_name            HF model folder or hub id
@@ -76,12 +95,10 @@ Example:
 
 def _stop_if_signalled(stop_signals: distributed.StopSignals, when: str) -> None:
     if stop_signals.signum:
-        print(
-            f"stopped:     {signal.Signals(stop_signals.signum).name} received {when}; nothing to save; "
-            f"exit code {distributed.PREEMPTED_EXIT_CODE} (rerun to resume)",
-            file=sys.stderr,
-        )
-        raise SystemExit(distributed.PREEMPTED_EXIT_CODE)
+        said = f"{signal.Signals(stop_signals.signum).name} received"
+        code = distributed.stop_exit_code(said)
+        print(f"stopped:     {said} {when}; nothing to save; exit code {code} (rerun to resume)", file=sys.stderr)
+        raise SystemExit(code)
 
 
 def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> RunResult | None:

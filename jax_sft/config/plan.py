@@ -22,6 +22,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from jax_sft.checkpoint import is_checkpoint_folder
 from jax_sft.config.keys import plain
 from jax_sft.config.lora import DTENSOR_LORA, MEGATRON_LORA, lora_config
 from jax_sft.data.batches import BatchPlan
@@ -300,15 +301,19 @@ def output_problems(plan: RunPlan) -> list[str]:
     problems = _writable("checkpointing.checkpoint_dir", ck.directory) if ck.enabled else []
     problems += _writable("logger.log_dir", Path(plan.config.logger.log_dir))
     if ck.export_dir is not None:
-        problem = export_target_problem(ck.export_dir, protected=protected_folders(plan))
+        problem = export_target_problem(
+            ck.export_dir, protected=protected_folders(plan), is_checkpoint=is_checkpoint_folder
+        )
         if problem:
             problems.append(f"checkpointing.hf_export_dir: {problem}")
     return problems
 
 
 def protected_folders(plan: RunPlan) -> tuple[Path, ...]:
-    """Folders the final export must never replace (besides /, home and the working directory)."""
-    return (plan.checkpoint.directory,) if plan.checkpoint.enabled else ()
+    """Folders the final export must never replace, write into or hold (besides /, home and the
+    working directory, and any training checkpoint): checkpoint_dir and the base model's folder."""
+    folders = (plan.checkpoint.directory,) if plan.checkpoint.enabled else ()
+    return folders + ((plan.model.directory,) if plan.model.directory is not None else ())
 
 
 # ----------------------------------------------------------------------------- the dry run's lines

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,28 +47,26 @@ class ExportTargetError(InputError, ValueError):
 
 
 def export_target_problem(
-    out_dir: str | os.PathLike, *, overwrite: bool = False, protected: tuple[str | os.PathLike, ...] = ()
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    protected: tuple[str | os.PathLike, ...] = (),
+    is_checkpoint: Callable[[Path], bool] | None = None,
 ) -> str | None:
-    """Why `save_pretrained` must not write (replace) `out_dir`, or None (see module docstring)."""
+    """Why `save_pretrained` must not write (replace) `out_dir`, or None (see module docstring).
+
+    protected: folders export never replaces, writes into or replaces a parent of (the run's
+    checkpoint_dir, the checkpoint being read, the base model). is_checkpoint: whether a folder is
+    a training checkpoint (or a part of one); `out_dir` must neither lie inside such a folder
+    nor hold one. Both are refused whatever markers the folder carries, even with `overwrite`."""
     out = Path(out_dir).expanduser().resolve()
-    guarded = [Path.home().resolve(), Path.cwd().resolve()]
-    guarded += [Path(p).expanduser().resolve() for p in protected]
-    for folder in guarded:
-        if out == folder or out in folder.parents:
-            what = (
-                "/" if out == Path(out.anchor) else f"{out}" + ("" if out == folder else f", which contains {folder}")
-            )
-            return (
-                f"export to {out_dir} would replace {what}; export never replaces the root, home or "
-                "working directory, the checkpoint folder or a parent of them (not even with "
-                "--overwrite). Choose a new folder"
-            )
+    problem = _guarded_problem(out, out_dir, protected) or _checkpoint_problem(out, out_dir, is_checkpoint)
+    if problem:
+        return problem
     if out.exists() and not out.is_dir():
         return f"export to {out_dir}: it is a file, not a folder; choose a new folder"
     if not out.is_dir() or not any(out.iterdir()) or (out / EXPORT_MARKER).is_file():
         return None
-    if (out / "_CHECKPOINT_METADATA").exists():
-        return f"export to {out_dir}: it is a training checkpoint; export never replaces one. Choose a new folder"
     if overwrite:
         return None
     return (
@@ -76,6 +74,45 @@ def export_target_problem(
         f"{EXPORT_MARKER}); export only replaces its own earlier exports. Choose a new or empty "
         "folder, or pass --overwrite to replace it"
     )
+
+
+_NEVER = (
+    "export never replaces or writes into a training checkpoint, the checkpoint folder, the base model, "
+    "the root, home or working directory, nor a folder holding one of them (not even with --overwrite, "
+    "whatever marker files it has). Choose a new folder"
+)
+
+
+def _guarded_problem(out: Path, out_dir: Any, protected: tuple[str | os.PathLike, ...]) -> str | None:
+    """`out` is, holds or (for `protected` folders) lies inside a folder export must not touch."""
+    guarded = [(Path.home().resolve(), False), (Path.cwd().resolve(), False)]
+    guarded += [(Path(p).expanduser().resolve(), True) for p in protected]
+    for folder, inside_too in guarded:
+        if out == folder:
+            what = "/" if out == Path(out.anchor) else f"{out}"
+        elif out in folder.parents:
+            what = f"{out}, which contains {folder}"
+        elif inside_too and folder in out.parents:
+            what = f"a folder inside {folder}"
+        else:
+            continue
+        return f"export to {out_dir} would replace {what}; {_NEVER}"
+    return None
+
+
+def _checkpoint_problem(out: Path, out_dir: Any, is_checkpoint: Callable[[Path], bool] | None) -> str | None:
+    """`out` is or lies inside a training checkpoint, or holds one."""
+    if is_checkpoint is None:
+        is_checkpoint = lambda folder: (folder / "_CHECKPOINT_METADATA").exists()  # noqa: E731
+    for folder in (out, *out.parents):
+        if folder.is_dir() and is_checkpoint(folder):
+            where = "is" if folder == out else f"lies inside {folder}, which is"
+            return f"export to {out_dir}: it {where} a training checkpoint; {_NEVER}"
+    if out.is_dir():
+        for folder, _, _ in os.walk(out):
+            if is_checkpoint(Path(folder)):
+                return f"export to {out_dir}: it holds the training checkpoint {folder}; {_NEVER}"
+    return None
 
 
 def check_export_target(out_dir: str | os.PathLike, **kwargs) -> None:
@@ -192,14 +229,16 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     protected: tuple[str | os.PathLike, ...] = (),
+    is_checkpoint: Callable[[Path], bool] | None = None,
 ) -> None:
     """Writes an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     dtype: of the written tensors; None = the checkpoint dtype named by the original
     config.json (`dtype`/`torch_dtype`), else the parameters' dtype.
-    overwrite, protected: which existing `out_dir` may be replaced (`export_target_problem`).
+    overwrite, protected, is_checkpoint: which existing `out_dir` may be replaced
+    (`export_target_problem`).
     """
-    check_export_target(out_dir, overwrite=overwrite, protected=protected)
+    check_export_target(out_dir, overwrite=overwrite, protected=protected, is_checkpoint=is_checkpoint)
     model = merge_lora(model)  # LoRA: the adapters folded into the weights
     config = model.config
     dtype_name = jnp.dtype(dtype or config.torch_dtype or model.param_dtype).name

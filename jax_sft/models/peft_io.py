@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +151,11 @@ def save_peft_adapter(
     base_model_name_or_path: str,
     overwrite: bool = False,
     protected: tuple[str | os.PathLike, ...] = (),
+    is_checkpoint: Callable[[Path], bool] | None = None,
 ) -> None:
     """Writes `model`'s LoRA adapters as a PEFT adapter folder (see the module docstring).
-    overwrite, protected: which existing `out_dir` may be replaced, as for save_pretrained."""
+    overwrite, protected, is_checkpoint: which existing `out_dir` may be replaced, as for
+    save_pretrained."""
     if model.lora is None:
         raise SettingError(
             "this model has no LoRA adapters to write as a PEFT adapter (it was not "
@@ -171,7 +174,7 @@ def save_peft_adapter(
             "supported (its checkpoint fuses them into one module, whose adapters peft would share); "
             "export the merged model with save_pretrained / --out instead"
         )
-    check_export_target(out_dir, overwrite=overwrite, protected=protected)
+    check_export_target(out_dir, overwrite=overwrite, protected=protected, is_checkpoint=is_checkpoint)
     config = adapter_config(model, base_model_name_or_path)
     tensors = peft_tensors(nnx.state(model, LoRAParam))  # every process gathers
     writer = jax.process_index() == 0

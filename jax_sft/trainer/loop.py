@@ -80,7 +80,7 @@ class Loop:
             self.stop_signals.signum, values=[batch.num_micro_batches if batch else 0]
         )
         if said:  # nothing trained since the last checkpoint: nothing to save
-            self.stopped_early, self.exit_code = said, distributed.PREEMPTED_EXIT_CODE
+            self.stopped_early, self.exit_code = said, distributed.stop_exit_code(said)
             self.logger.write(f"{said} before the first step; stopping (exit code {self.exit_code})")
             return
         while r.state.step < r.total_steps:
@@ -188,7 +188,7 @@ class Loop:
         if r.ckpt and (step % spec.save_period == 0 or last or past_deadline or said):
             self.save(data_state)
         if said and not last:
-            self.stopped_early, self.exit_code = said, distributed.PREEMPTED_EXIT_CODE
+            self.stopped_early, self.exit_code = said, distributed.stop_exit_code(said)
             saved = f"saved step_{step}; a rerun resumes from it" if r.ckpt else "checkpointing is disabled"
             self.logger.write(f"step {step}: {said}; {saved}; stopping with exit code {self.exit_code}")
             return True

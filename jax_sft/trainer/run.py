@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 from jax_sft import distributed
+from jax_sft.checkpoint import is_checkpoint_folder
 from jax_sft.config import to_yaml
 from jax_sft.config.loading import save_config
 from jax_sft.config.plan import protected_folders
@@ -39,7 +40,7 @@ class RunResult:
     val_losses: dict[int, float]
     compilations: dict[str, int]
     stopped_early: str | None = None
-    exit_code: int = 0  # distributed.PREEMPTED_EXIT_CODE after stopping on SIGTERM / SIGUSR1
+    exit_code: int = 0  # distributed.stop_exit_code after stopping on SIGTERM / SIGUSR1 (75), SIGINT (130)
 
 
 def next_run_dir(log_dir: Path) -> Path:
@@ -51,8 +52,9 @@ def next_run_dir(log_dir: Path) -> Path:
 def run(cfg, stop_signals: distributed.StopSignals | None = None) -> RunResult:
     """Trains per `cfg` (validated ConfigDict); resumes from checkpoint_dir when it has a step.
 
-    SIGTERM / SIGUSR1 during the run: the current step finishes, a checkpoint is saved and the
-    result has `exit_code` = distributed.PREEMPTED_EXIT_CODE (before the first step: no save).
+    SIGTERM / SIGUSR1 / a first SIGINT during the run: the current step finishes, a checkpoint is
+    saved and the result has `exit_code` = distributed.stop_exit_code (75; 130 for SIGINT; before
+    the first step: no save). A second SIGINT raises KeyboardInterrupt at once.
     stop_signals: an active StopSignals (`main` installs one first thing); None: one for the run.
     """
     with contextlib.ExitStack() as stack:  # the run lock, taken in setup, is released on leaving
@@ -84,7 +86,13 @@ def _run(cfg, stop_signals: distributed.StopSignals, stack: contextlib.ExitStack
     export_dir = r.plan.checkpoint.export_dir
     if export_dir is not None and not loop.exit_code:  # a preempted run is unfinished
         # LoRA: the adapters are merged into the weights (jax_sft.export also writes PEFT folders).
-        save_pretrained(r.model(), export_dir, tokenizer=r.tokenizer, protected=protected_folders(r.plan))
+        save_pretrained(
+            r.model(),
+            export_dir,
+            tokenizer=r.tokenizer,
+            protected=protected_folders(r.plan),
+            is_checkpoint=is_checkpoint_folder,
+        )
     return RunResult(
         run_dir=run_dir,
         checkpoint_dir=r.ckpt.dir if r.ckpt else None,
