@@ -48,6 +48,7 @@ from jax_sft.checkpoint import (
     saved_model_config,
     saved_scan_layers,
 )
+from jax_sft.data.chat import open_tokenizer
 from jax_sft.errors import InputError, MissingFileError, UsageError, exit_on_input_error
 from jax_sft.models import CausalLM, ModelConfig, ModelOptions, from_pretrained, save_pretrained
 from jax_sft.models.hf_read import local_model_dir
@@ -166,8 +167,6 @@ def export_checkpoint(
     a PEFT adapter folder at peft_out; returns the folders written. `base`: the LoRA base to load
     instead of the recorded one. overwrite: replace a non-empty output folder that is not an
     earlier export (see module docstring)."""
-    from transformers import AutoTokenizer
-
     if out_dir is None and peft_out is None:
         raise UsageError("nothing to export: pass --out (the merged HF model) and/or --peft_out (a PEFT adapter)")
     step_dir = complete_step_dir(step_dir)
@@ -201,7 +200,7 @@ def export_checkpoint(
         model = full_model(step_dir) if reference is None else lora_model(step_dir, reference, base)
         tokenizer = None
         if extra_path(step_dir, TOKENIZER_DIR).is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(str(extra_path(step_dir, TOKENIZER_DIR)))
+            tokenizer = open_tokenizer(extra_path(step_dir, TOKENIZER_DIR))
         save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite, **guard)
         written.append(Path(out_dir))
     return written

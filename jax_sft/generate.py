@@ -412,21 +412,22 @@ def _restore_checkpoint(step_dir: Path, mesh, options):
 def _tokenizer(path: Path, cfg, overrides: Sequence[str]):
     """The saved tokenizer with its own chat template, unless the command line sets
     policy.tokenizer.chat_template / custom_template."""
-    from transformers import AutoTokenizer
+    from jax_sft.data.chat import check_template, open_tokenizer, resolve_chat_template, template_key
 
-    from jax_sft.data.chat import resolve_chat_template
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = open_tokenizer(path)
+    key = f"the chat template of the tokenizer in {path}"
     if any(
         o.lstrip("+~").startswith(("policy.tokenizer.chat_template", "policy.tokenizer.custom_template"))
         for o in overrides
     ):
         tokenizer.chat_template = resolve_chat_template(cfg.policy.tokenizer, tokenizer, str(path))
+        key = template_key(cfg.policy.tokenizer)
     if not tokenizer.chat_template:
         raise UsageError(
             f"the tokenizer in {path} has no chat template; set "
             "--config.policy.tokenizer.chat_template to a Jinja template or a .jinja file"
         )
+    check_template(tokenizer, key)
     return tokenizer
 
 
@@ -474,6 +475,8 @@ def _main(argv: list[str]) -> None:
     _, overrides, extra = config_lib.parse_args(rest)
     if extra:
         raise UsageError(f"unknown option(s) {sorted('--' + k for k in extra)}; see --help")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size={args.batch_size}: expected an integer >= 1 (prompts per batch)")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     prompts = _prompts(args)
     model, tokenizer, mesh, cfg = load_for_generation(args.model, overrides)

@@ -375,3 +375,17 @@ def test_none_filled_arguments_change_what_the_model_is_trained_to_emit(tmp_path
     good, bad = (encoder.encode([ds[0]], ["row 0"])[0].text for ds in (preserved, filled))
     assert '"arguments": {"query": "jax"}}' in good
     assert '"arguments": {"query": "jax", "expression": null, "precision": null}}' in bad
+
+
+@pytest.mark.parametrize("preserving", [False, True])
+def test_a_row_without_messages_names_the_keys_it_has(tmp_path, preserving):
+    """Arrow fills the keys other rows have with None: the message lists only the row's own keys."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "id": 1}
+    path = write_jsonl(tmp_path / "c.jsonl", [good, {"id": 2, "text": "no conversation"}])
+    c = cfg_with(
+        dataset_name="openai_format", train_data_path=path, val_data_path=path, use_preserving_dataset=preserving
+    )
+    with pytest.raises(DataError, match=r"c.jsonl:2: missing key 'messages'") as err:
+        build_dataset(c)
+    print("\n" + str(err.value))
+    assert str(err.value).endswith("the row's keys are ['id', 'text']")

@@ -358,3 +358,36 @@ def test_lora_config_round_trips_through_config_yaml(tmp_path):
         cfg = load(None, overrides)
         again = load(save_config(cfg, tmp_path / "config.yaml"))
         assert again == cfg and lora_config(again) == lora_config(cfg) is not None
+
+
+def test_a_target_module_that_matches_nothing_is_named_even_when_another_matches():
+    from jax_sft.errors import SettingError
+    from jax_sft.models.config import ModelConfig
+    from jax_sft.models.options import LoraConfig
+
+    config = ModelConfig.from_hf_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        }
+    )
+    LoraConfig(dim=2, alpha=2, target_modules=("q_proj", "*.layers.1.*.o_proj")).by_layer(config, False)  # both match
+    for lora, named in (
+        (LoraConfig(dim=2, alpha=2, target_modules=("q_proj", "qproj")), r"entry \['qproj'\] matches"),
+        (
+            LoraConfig(dim=2, alpha=2, target_modules=("v_proj", "*.layers.7.*", "c_attn")),
+            r"entries \['\*.layers.7.\*', 'c_attn'\] match",
+        ),
+        (
+            LoraConfig(dim=2, alpha=2, naming="megatron", target_modules=("linear_qkv", "q_proj")),
+            r"\['q_proj'\] matches",
+        ),
+    ):
+        with pytest.raises(SettingError, match=named + " no linear layer of this LlamaForCausalLM") as err:
+            lora.by_layer(config, False)
+        assert "\n" not in str(err.value)
+    print("\n" + str(err.value))

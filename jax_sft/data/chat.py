@@ -112,26 +112,49 @@ def resolve_chat_template(tok_cfg, tokenizer: PreTrainedTokenizerBase, tokenizer
     return spec
 
 
-def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
-    """The fast tokenizer of `policy.tokenizer.name` (null: `policy.model_name`; a local folder or a
-    hub id) with the chat template of `policy.tokenizer` set as its `chat_template`."""
-    tok_cfg = cfg.policy.tokenizer
-    name = tok_cfg.get("name") or cfg.policy.model_name
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if not tokenizer.is_fast:
+def open_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name)` that never runs code from the tokenizer's folder: a
+    tokenizer_config.json whose `auto_map` / `tokenizer_class` names a class only the folder's own
+    Python code defines is refused with one line (DataError) instead of a transformers prompt or
+    traceback."""
+    try:
+        return AutoTokenizer.from_pretrained(str(name), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
         raise DataError(
-            f"tokenizer {name!r} is not a fast (Rust) tokenizer; jax_sft maps loss masks onto tokens "
-            "with its offsets and needs a tokenizer.json"
-        )
-    template = resolve_chat_template(tok_cfg, tokenizer, name)
-    tokenizer.chat_template = template
-    key = template_key(tok_cfg)
-    try:  # syntax errors and sandbox violations at start-up, not at the first example
+            f"tokenizer {str(name)!r}: its tokenizer_config.json names a tokenizer class defined by Python code "
+            "in the model's folder (auto_map / tokenizer_class), and jax_sft never runs such code. Use a "
+            "tokenizer that transformers defines: remove auto_map and set tokenizer_class to "
+            '"PreTrainedTokenizerFast" (the folder needs a tokenizer.json), or point policy.tokenizer.name '
+            "at such a tokenizer"
+        ) from None
+
+
+def check_template(tokenizer: PreTrainedTokenizerBase, key: str) -> None:
+    """Renders a one-message conversation with the tokenizer's chat template, so that syntax errors
+    and sandbox violations fail at start-up (DataError naming `key`), not at the first example."""
+    try:
         tokenizer.apply_chat_template([{"role": "user", "content": "probe"}], tokenize=False)
     except jinja2.TemplateSyntaxError as e:
         raise DataError(f"{key}: the chat template does not parse: {e} (line {e.lineno})") from e
     except jinja2.exceptions.SecurityError as e:
         raise DataError(f"{key}: the chat template does something the sandbox forbids: {e}; fix {key}") from e
+
+
+def load_tokenizer(cfg) -> PreTrainedTokenizerBase:
+    """The fast tokenizer of `policy.tokenizer.name` (null: `policy.model_name`; a local folder or a
+    hub id) with the chat template of `policy.tokenizer` set as its `chat_template`."""
+    tok_cfg = cfg.policy.tokenizer
+    name = tok_cfg.get("name") or cfg.policy.model_name
+    tokenizer = open_tokenizer(name)
+    if not tokenizer.is_fast:
+        raise DataError(
+            f"tokenizer {name!r} is not a fast (Rust) tokenizer; jax_sft maps loss masks onto tokens "
+            "with its offsets and needs a tokenizer.json"
+        )
+    tokenizer.chat_template = resolve_chat_template(tok_cfg, tokenizer, name)
+    check_template(tokenizer, template_key(tok_cfg))
     return tokenizer
 
 
@@ -163,8 +186,9 @@ def check_conversation(
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a dict with 'messages', got {type(row).__name__}")
     raw = row.get("messages")
-    if raw is None:
-        raise DataError(f"{where}: missing key 'messages'; the keys are {sorted(row)}")
+    if raw is None:  # absent, or null (Arrow fills in the keys that other rows of the file have)
+        present = sorted(k for k, v in row.items() if v is not None)
+        raise DataError(f"{where}: missing key 'messages' (absent or null); the row's keys are {present}")
     if not isinstance(raw, (list, tuple)) or len(raw) == 0:
         raise DataError(f"{where}: 'messages' must be a non-empty list of messages, got {raw!r:.80}")
     messages = []

@@ -314,7 +314,10 @@ class OpenAIFormatRows:
 
     def format(self, record: dict, where: Any, tools_column: bool = False) -> dict:
         if self.chat_key not in record or record[self.chat_key] is None:
-            raise DataError(f"{where}: missing key {self.chat_key!r} (chat_key); the keys are {sorted(record)}")
+            present = sorted(k for k, v in record.items() if v is not None)  # Arrow None-fills absent keys
+            raise DataError(
+                f"{where}: missing key {self.chat_key!r} (chat_key; absent or null); the row's keys are {present}"
+            )
         messages = list(record[self.chat_key])
         if not messages:
             raise DataError(f"{where}: {self.chat_key!r} is an empty conversation")

@@ -161,6 +161,18 @@ class LoraConfig:
                 f"LoRA target_modules={list(self.target_modules)}, exclude_modules="
                 f"{list(self.exclude_modules)} match no linear layer of this {config.architecture}"
             )
+        unmatched = self.unmatched_targets(config.num_layers, dense)
+        if unmatched:
+            example = sorted(
+                {self.module_name(0, p)[0] for p in ATTENTION + MLP} | {self.module_name(None, LM_HEAD)[0]}
+            )
+            raise SettingError(
+                f"LoRA target_modules entr{'y' if len(unmatched) == 1 else 'ies'} {unmatched} "
+                f"match{'es' if len(unmatched) == 1 else ''} no linear "
+                f"layer of this {config.architecture} (the other entries do); an entry is a module name "
+                f"({', '.join(example)}) or a wildcard pattern of a full name ({self.module_name(0, 'q_proj')[1]}). "
+                "Correct or remove it"
+            )
         by_layer = {i: frozenset(p for j, p in sites if j == i) for i in [None, *range(config.num_layers)]}
         if scan_layers and len({by_layer[i] for i in range(config.num_layers)}) > 1:
             raise SettingError(
@@ -175,6 +187,18 @@ class LoraConfig:
                 "set dropout to 0"
             )
         return by_layer
+
+    def unmatched_targets(self, num_layers: int, dense_mlp: tuple[bool, ...], has_lm_head: bool = True) -> list[str]:
+        """The `target_modules` entries that match no module of the model (whether or not
+        exclude_modules then removes what they match). Automodel ignores such an entry and
+        Megatron-Bridge warns; here it is an error (a typo would silently train fewer adapters)."""
+        sites = [(i, p) for i in range(num_layers) for p in ATTENTION + (MLP if dense_mlp[i] else ())]
+        names = [self.module_name(*site) for site in sites + ([(None, LM_HEAD)] if has_lm_head else [])]
+        return [
+            t
+            for t in self.target_modules
+            if not any(name is not None and (name == t or wildcard_match(t, full)) for name, full in names)
+        ]
 
     def _matches(self, layer: int | None, proj: str) -> bool:
         name, full = self.module_name(layer, proj)
