@@ -48,6 +48,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from jax_sft import checkpoint_verify
 from jax_sft.disk_full import QuietFailedWrites, is_disk_full, size_text
 from jax_sft.errors import InputError, RunFailure
+from jax_sft.models.config import ModelConfig
 
 STEP_PREFIX = "step"  # step_N
 TRASH = ".deleted"  # Orbax renames the checkpoints retention retires into this subfolder
@@ -232,6 +233,27 @@ def saved_model_config(path: Path) -> tuple[dict[str, Any], str, str | None]:
         str(config_path),
         generation.read_text() if generation.is_file() else None,
     )
+
+
+def model_mismatch(path: Path, config: ModelConfig) -> str | None:
+    """None when the model recorded in the complete step_N folder `path` (extra/model/config.json)
+    is `config` (up to what a run may change: `models.config.CHANGEABLE_FIELDS`), else
+    one sentence naming the fields that differ (checkpoint's value vs the run's)."""
+    hf_config, source, _ = saved_model_config(path)
+    differences = ModelConfig.from_hf_dict(hf_config, source=source).differences(config)
+    if not differences:
+        return None
+    return (
+        f"{path} was trained with another model than this run's policy.model_name (and "
+        f"hf_config_overrides): {'; '.join(differences)} (checkpoint vs this run); resume with that "
+        "model or point checkpointing.checkpoint_dir elsewhere"
+    )
+
+
+def newest_complete_step(directory: str | Path) -> Path | None:
+    """The newest complete step_N under `directory` (the one a run resumes from), or None."""
+    steps = complete_steps(directory)
+    return step_dir(directory, steps[-1]) if steps else None
 
 
 def lora_reference(path: Path) -> dict[str, Any] | None:

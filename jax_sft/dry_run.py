@@ -18,12 +18,13 @@ from typing import Any
 
 import jax
 
-from jax_sft.checkpoint import complete_steps
+from jax_sft.checkpoint import CheckpointMismatch, model_mismatch, newest_complete_step
 from jax_sft.config.keys import plain
 from jax_sft.config.plan import RunPlan, make_plan, output_problems
 from jax_sft.data import describe_data
 from jax_sft.errors import ConfigError, InputError
 from jax_sft.models import read_config
+from jax_sft.models.config import ModelConfig
 from jax_sft.models.hf_read import local_model_dir
 from jax_sft.optim import optimizer_from_config
 
@@ -48,8 +49,9 @@ def plan(cfg: Any) -> list[str]:
     c = cfg.cluster
     run_plan = attempt(_plan, cfg, c.num_nodes * c.gpus_per_node, model_dir, model_config)
     lines = run_plan.describe(c.num_nodes, c.gpus_per_node) if run_plan else []
-    for section in (_data, _optimizer, _steps_and_outputs):
+    for section in (_data, _optimizer):
         lines += attempt(section, cfg) or []
+    lines += attempt(_steps_and_outputs, cfg, model_config) or []
     if problems:
         raise ConfigError(problems, "dry run")
     return lines
@@ -86,15 +88,20 @@ def _optimizer(cfg: Any) -> list[str]:
     return [f"optimizer: {description}", f"learning rate: {lrs}"]
 
 
-def _steps_and_outputs(cfg: Any) -> list[str]:
+def _steps_and_outputs(cfg: Any, model_config: ModelConfig | None) -> list[str]:
+    """Steps, checkpoints (the step a run resumes from, whose model must be the run's when the
+    model's config.json is local) and logs."""
     s, ck = cfg.sft, cfg.checkpointing
     lines = [
         f"steps: at most {s.max_num_steps} (sft.max_num_steps), or {s.max_num_epochs} "
         f"epoch(s) of the train split if fewer; validation every {s.val_period} steps"
     ]
     if ck.enabled:
-        steps = complete_steps(ck.checkpoint_dir)
-        resume = f"; resumes from step_{steps[-1]}" if steps else ""
+        newest = newest_complete_step(ck.checkpoint_dir)
+        mismatch = model_mismatch(newest, model_config) if newest and model_config else None
+        if mismatch:
+            raise CheckpointMismatch(mismatch)
+        resume = f"; resumes from {newest.name}" if newest else ""
         lines.append(f"checkpoints: {ck.checkpoint_dir} every {ck.save_period} steps{resume}")
     lines.append(f"logs: {cfg.logger.log_dir}")
     return lines

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
 from ml_collections import ConfigDict
 
 from jax_sft.checkpoint import is_checkpoint_folder
@@ -30,9 +31,10 @@ from jax_sft.data.pipeline import DataPlan
 from jax_sft.errors import ConfigError, InputError
 from jax_sft.models import counts
 from jax_sft.models.config import ModelConfig
+from jax_sft.models.decoder import CausalLM
 from jax_sft.models.hf_write import export_target_problem
 from jax_sft.models.options import LoraConfig, ModelOptions
-from jax_sft.models.sharding import mesh_shape
+from jax_sft.models.sharding import mesh_shape, split_problems
 
 __all__ = [
     "RunPlan",
@@ -233,6 +235,8 @@ def make_plan(
     options = model_options(cfg)
     if model_config is not None:
         problems += _model_problems(cfg, model_config, options)
+        if not problems:  # the model builds: every parameter must split over the mesh
+            problems += _split_problems(model_config, options, mesh)
     if problems:
         raise ConfigError(problems, CHECKS)
     lora_key = None if options.lora is None else MEGATRON_LORA if options.lora.naming == "megatron" else DTENSOR_LORA
@@ -283,6 +287,14 @@ def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions) -> l
         except InputError as e:
             problems.append(str(e))
     return problems
+
+
+def _split_problems(m: ModelConfig, options: ModelOptions, mesh: MeshPlan) -> list[str]:
+    """The parameter dimensions (LoRA adapters included) that the mesh cannot split, from the
+    model's abstract shapes (nothing is computed or allocated)."""
+    abstract = nnx.eval_shape(lambda: CausalLM(m, options, rngs=nnx.Rngs(0)))
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "expert": mesh.expert, "tensor": mesh.tensor}
+    return split_problems(nnx.state(abstract, nnx.Param), sizes)
 
 
 def _writable(key: str, path: Path) -> list[str]:

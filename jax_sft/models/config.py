@@ -26,6 +26,20 @@ __all__ = ["ModelConfig", "ModelConfigError", "RopeConfig", "apply_overrides", "
 NORM_PLACEMENTS = ("pre", "sandwich", "post")  # see models/decoder.py DecoderLayer
 QK_NORMS = (None, "head", "projection")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# Fields that may differ between a checkpoint's model and the run that continues from it: the
+# checkpoint's storage dtype, the files' text, the context length and its RoPE (extending the context
+# of a model under training), the router loss coefficient (a training setting).
+CHANGEABLE_FIELDS = frozenset(
+    {
+        "torch_dtype",
+        "hf_config_json",
+        "generation_config_json",
+        "max_position_embeddings",
+        "rope",
+        "local_rope",
+        "router_aux_loss_coef",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +97,15 @@ class ModelConfig:
                 f"norm_placement={self.norm_placement!r}, qk_norm={self.qk_norm!r}: expected one of "
                 f"{NORM_PLACEMENTS}, {QK_NORMS}"
             )
+
+    def differences(self, other: ModelConfig) -> list[str]:
+        """ "<field>: <self's> vs <other's>" for each field of the model that differs, except those a
+        run may change and still continue from the other's weights (`CHANGEABLE_FIELDS`)."""
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in CHANGEABLE_FIELDS and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     @property
     def family(self) -> str:

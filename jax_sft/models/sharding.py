@@ -27,7 +27,7 @@ Changing the layout means editing this table only. The expert axis has size 1 un
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -120,27 +120,46 @@ def local_dp_ranks(mesh: Mesh) -> tuple[int, ...]:
     return tuple(sorted({idx[0].start or 0 for idx in index_map.values()}))
 
 
-def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
-    """The `NamedSharding` of every parameter, as an `nnx.State` shaped like `nnx.state(model)`.
-
-    Raises when a dimension is not divisible by the mesh axes it is split over (jax cannot
-    place such an array), naming the parameter and what to change.
-    """
-    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+def split_problems(state: nnx.State, axis_sizes: Mapping[str, int]) -> list[str]:
+    """One line per parameter dimension that the mesh axes it is split over (LOGICAL_AXIS_RULES)
+    do not divide, naming the parameter (layer indices folded into "*"), dimension, size and mesh
+    axes. `state`: parameters or their abstract shapes (`nnx.eval_shape`); `axis_sizes`: the mesh
+    axis sizes ({"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}). Pure: no devices touched."""
+    problems = {}
     for path, var in nnx.to_flat_state(state):
         names = var.get_metadata().get("out_sharding")
         if names is None:
             raise ValueError(f"parameter {_path_str(path)} has no logical axis names (out_sharding)")
-        spec = logical_to_spec(names)
-        for dim, (size, axes) in enumerate(zip(var.shape, spec)):
+        for dim, (size, axes) in enumerate(zip(var.shape, logical_to_spec(names))):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            parts = math.prod(mesh.shape[a] for a in axes)
+            parts = math.prod(axis_sizes[a] for a in axes)
             if size % parts:
-                raise ValueError(
-                    f"parameter {_path_str(path)} {tuple(var.shape)}: dimension {dim} "
-                    f"({names[dim]!r}, size {size}) cannot be split over mesh axes {axes} "
-                    f"of total size {parts}; choose a mesh whose {'x'.join(axes)} size divides {size}"
+                name = ".".join("*" if isinstance(p, int) else str(p) for p in path)
+                split = " x ".join(f"{a}={axis_sizes[a]}" for a in axes)
+                fix = (
+                    f"choose policy.jax_cfg.mesh.{axes[0]} dividing {size}"
+                    if len(axes) == 1
+                    else f"choose a mesh whose {'x'.join(axes)} size divides {size}"
                 )
+                problems.setdefault(
+                    (name, dim),
+                    f"parameter {name} {tuple(var.shape)}: dimension {dim} ({names[dim]!r}, size {size}) "
+                    f"cannot be split over mesh axis {split}; {fix}",
+                )
+    return list(problems.values())
+
+
+def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
+    """The `NamedSharding` of every parameter, as an `nnx.State` shaped like `nnx.state(model)`.
+
+    Raises when a dimension is not divisible by the mesh axes it is split over (jax cannot
+    place such an array), naming the parameter and what to change (`split_problems`; the run
+    plan makes the same check before any work).
+    """
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+    problems = split_problems(state, dict(mesh.shape))
+    if problems:
+        raise ValueError("; ".join(problems))
     with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
         return nnx.get_named_sharding(state, mesh)
 

@@ -19,7 +19,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jax_sft import distributed
-from jax_sft.checkpoint import LORA_FILE, Checkpointer, CheckpointMismatch, extra_path, model_files, run_files
+from jax_sft.checkpoint import (
+    LORA_FILE,
+    Checkpointer,
+    CheckpointMismatch,
+    extra_path,
+    model_files,
+    model_mismatch,
+    newest_complete_step,
+    run_files,
+)
 from jax_sft.config import plan as plan_lib
 from jax_sft.config.keys import plain
 from jax_sft.config.plan import RunPlan
@@ -99,7 +108,8 @@ def hold_run_lock(directory: Path) -> Iterator[RunLock | None]:
 
 def plan_run(cfg: Any, devices: list[jax.Device]) -> tuple[RunPlan, Path]:
     """The run's plan and its model folder: the mesh is checked before the model is fetched, the
-    plan (with the model's config) and the outputs before any data or model work."""
+    plan (with the model's config), the outputs and the model of the checkpoint it would resume
+    from before any data or model work."""
     plan_lib.mesh_plan(cfg, len(devices))  # a mesh that cannot fit fails before any download
     model_dir = resolve_model_dir(cfg.policy.model_name)
     model_config = read_config(model_dir, plain(cfg.policy.hf_config_overrides))
@@ -107,6 +117,10 @@ def plan_run(cfg: Any, devices: list[jax.Device]) -> tuple[RunPlan, Path]:
     problems = plan_lib.output_problems(plan)
     if problems:
         raise ConfigError(problems, plan_lib.CHECKS)
+    newest = newest_complete_step(plan.checkpoint.directory) if plan.checkpoint.enabled else None
+    mismatch = model_mismatch(newest, model_config) if newest is not None else None
+    if mismatch:  # before any data work; restoring would fail on the first shape that differs
+        raise CheckpointMismatch(mismatch)
     return plan, model_dir
 
 
