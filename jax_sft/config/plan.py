@@ -226,16 +226,17 @@ def make_plan(
     (source `CHECKS`) listing every problem with the mesh, the batch sizes and the model."""
     problems: list[str] = []
     try:
-        mesh = mesh_plan(cfg, devices)
+        mesh, mesh_ok = mesh_plan(cfg, devices), True
     except InputError as e:
         problems.append(str(e))
-        mesh = MeshPlan(1, devices, 1, 1)  # to check the rest against
+        mesh, mesh_ok = MeshPlan(1, devices, 1, 1), False  # to check the rest against
     batch = _batch_plan(cfg, mesh.dp, problems)
     p = cfg.policy
     options = model_options(cfg)
     if model_config is not None:
-        problems += _model_problems(cfg, model_config, options)
-        if not problems:  # the model builds: every parameter must split over the mesh
+        model_problems = _model_problems(cfg, model_config, options)
+        problems += model_problems
+        if mesh_ok and not model_problems:  # the model builds: every parameter must split over the mesh
             problems += _split_problems(model_config, options, mesh)
     if problems:
         raise ConfigError(problems, CHECKS)
