@@ -13,15 +13,18 @@ never leaves a half-written step_N. Retention follows NeMo RL: the newest checkp
 kept; of the others, the `keep_top_k` best by `metric_name` (`higher_is_better`), or the newest
 `keep_top_k` when no checkpoint carries that metric. A retired checkpoint is first renamed into
 `checkpoint_dir/.deleted/` (atomic) and only then deleted, so a kill during a deletion never
-leaves a half-deleted step_N. Only complete checkpoints (`incomplete_reason` is None) are resumed
-or exported; at start-up a training run renames any other step_N to incomplete_step_N (kept for
-inspection, out of the way of a new save of that step), with an `IncompleteCheckpointWarning`.
+leaves a half-deleted step_N. Only complete checkpoints (`incomplete_reason` is None: committed,
+and every file each item's metadata lists is there, `checkpoint_verify`) are resumed, exported or
+sampled from; at start-up a training run renames any other step_N to incomplete_step_N (kept for
+inspection, out of the way of a new save of that step), with an `IncompleteCheckpointWarning`
+naming what is missing, and resumes from the newest intact one.
 
 This module owns the layout: `step_dir` / `parse_step` name and read `step_N` folders,
 `complete_steps` lists the committed ones, `set_aside` renames a folder out of the way (kept, never
-resumed), `restore_params` reads one step's parameters read-only, and `extra/`'s files (the model's
-HF config: `model_files` / `saved_model_config`, a LoRA run's base: `lora_reference`) are written
-and read here. Callers pass explicit arguments, never the run config.
+resumed), `restore_params` reads one step's parameters read-only, `is_checkpoint_folder` says what
+an export must never touch, and `extra/`'s files (the model's HF config: `model_files` /
+`saved_model_config` / `model_mismatch`, a LoRA run's base: `lora_reference`) are written and read
+here. Callers pass explicit arguments, never the run config.
 
 A save that fails for lack of space (ENOSPC / EDQUOT, however Orbax or TensorStore wrap it)
 raises `CheckpointDiskFull` with a one-line message: the partial step is removed, the earlier

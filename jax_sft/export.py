@@ -18,10 +18,13 @@ folder (`models.peft_io`; no base weights are read), which
 adapters, so --peft_out is an error for it.
 
 Each output must be a new or empty folder or an earlier export (marked by `.jax_sft_export`);
-`--overwrite` allows any other folder except the checkpoint folder, the working or home directory,
-a parent of them, or `/`. Only complete checkpoints are exported; checkpoints saved with or without
-policy.jax_cfg.scan_layers both are (the layout is read from the checkpoint). Errors print as
-`error: ...` with exit code 2.
+`--overwrite` allows any other folder. Never, not even with `--overwrite` or a marker: a training
+checkpoint or a folder inside one, the checkpoint being read and its checkpoint_dir, the base model
+the checkpoint names (a LoRA checkpoint's recorded base or `--base`; a full fine-tune's
+policy.model_name, when local), the working or home directory, `/`, or a folder holding any of
+them. Only complete checkpoints whose files are all there are exported; checkpoints saved with or
+without policy.jax_cfg.scan_layers both are (the layout is read from the checkpoint). Errors print
+as `error: ...` with exit code 2.
 """
 
 from __future__ import annotations
@@ -228,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a non-empty output folder that no earlier export wrote (never the "
-        "checkpoint folder, the working or home directory, their parents or /)",
+        help="replace a non-empty output folder that no earlier export wrote (never a checkpoint, "
+        "the checkpoint folder, the base model, the working or home directory, / or a folder inside or "
+        "holding them)",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     written = exit_on_input_error(

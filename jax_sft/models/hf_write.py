@@ -7,9 +7,11 @@ safetensors shards named as transformers names them (model-00001-of-00002.safete
 a single model.safetensors), the tokenizer and a marker file `.jax_sft_export`. Everything is
 written into a temporary folder beside `out_dir`, which replaces `out_dir` only once complete.
 `out_dir` must be new, empty or an earlier export (it holds the marker): any other folder is
-refused (`ExportTargetError`) unless `overwrite=True`, and even then never `/`, the home or
-working directory, a folder in `protected` (the run's checkpoint_dir), a parent of these, or an
-Orbax checkpoint. Only process 0 writes; every process takes part in gathering sharded parameters.
+refused (`ExportTargetError`) unless `overwrite=True`, and whatever markers it holds, never `/`,
+the home or working directory, a folder in `protected` (checkpoint_dir, the checkpoint being read,
+the base model) or inside one, a training checkpoint or a folder inside one (`is_checkpoint`, which
+the caller passes: the checkpoint layout is not this package's), nor a folder holding any of them.
+Only process 0 writes; every process takes part in gathering sharded parameters.
 LoRA adapters are merged into the weights first; the parts of a fused HF tensor (Phi-3's
 `qkv_proj`) are concatenated along its dim 0.
 """
