@@ -241,7 +241,10 @@ def saved_model_config(path: Path) -> tuple[dict[str, Any], str, str | None]:
 def model_mismatch(path: Path, config: ModelConfig) -> str | None:
     """None when the model recorded in the complete step_N folder `path` (extra/model/config.json)
     is `config` (up to what a run may change: `models.config.CHANGEABLE_FIELDS`), else
-    one sentence naming the fields that differ (checkpoint's value vs the run's)."""
+    one sentence naming the fields that differ (checkpoint's value vs the run's). Checkpoints saved
+    before the model's config was recorded are not compared."""
+    if not extra_path(path, MODEL_CONFIG).is_file():
+        return None
     hf_config, source, _ = saved_model_config(path)
     differences = ModelConfig.from_hf_dict(hf_config, source=source).differences(config)
     if not differences:

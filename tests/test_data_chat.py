@@ -280,7 +280,7 @@ def test_task_spec_prompt_and_system_prompt(qwen, tmp_path):
         ({"text": "hi"}, "example 0: missing key 'messages'"),
         (
             {"messages": None, "text": "hi"},
-            r"example 0: missing key 'messages' \(absent or null\); the row's keys are \['text'\]$",
+            r"example 0: missing key 'messages', or it is null; the row's keys are \['text'\]$",
         ),
         (msgs(("user", "hi"), ("robot", "beep")), "example 0: message 1: unknown role 'robot'"),
         (

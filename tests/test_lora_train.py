@@ -108,7 +108,7 @@ def test_lora_losses_agree_across_meshes_scan_remat_and_packing(assets, tmp_path
     np.testing.assert_allclose(b, a, rtol=1e-5)
 
 
-def test_resuming_lora_onto_another_base_or_a_full_run_is_refused(assets, tmp_path):
+def test_resuming_lora_onto_another_base_or_a_full_run_is_refused(assets, tmp_path, capsys):
     run = tmp_path / "run"
     train.run(load(assets, run, sft__max_num_steps=1, sft__val_period=0, **LORA))
     other = tmp_path / "other_model"
@@ -129,6 +129,22 @@ def test_resuming_lora_onto_another_base_or_a_full_run_is_refused(assets, tmp_pa
                 **{**LORA, "policy__dtensor_cfg__lora_cfg__dim": 4},
             )
         )
+    # Nor can an export replace the base these adapters need (recorded, or named by --base),
+    # although an earlier export's marker is in it, not even with --overwrite.
+    from test_nothing_lost import one_error_line, tree_hashes
+
+    from jax_sft.export import main as export_main
+
+    before = tree_hashes(assets / "model", other, run / "ckpt")
+    step = str(run / "ckpt" / "step_1")
+    for args in (
+        ["--out", str(assets / "model")],
+        ["--peft_out", str(assets / "model"), "--overwrite"],
+        ["--base", str(other), "--out", str(other), "--overwrite"],
+    ):
+        line = one_error_line(lambda args=args: export_main(["--checkpoint", step, *args]), capsys)
+        assert "would replace" in line and "the base model" in line, line
+    assert tree_hashes(assets / "model", other, run / "ckpt") == before
 
 
 def test_lora_run_exports_merged_and_peft_with_the_runs_val_loss(assets, tmp_path):

@@ -188,7 +188,7 @@ def check_conversation(
     raw = row.get("messages")
     if raw is None:  # absent, or null (Arrow fills in the keys that other rows of the file have)
         present = sorted(k for k, v in row.items() if v is not None)
-        raise DataError(f"{where}: missing key 'messages' (absent or null); the row's keys are {present}")
+        raise DataError(f"{where}: missing key 'messages', or it is null; the row's keys are {present}")
     if not isinstance(raw, (list, tuple)) or len(raw) == 0:
         raise DataError(f"{where}: 'messages' must be a non-empty list of messages, got {raw!r:.80}")
     messages = []

@@ -316,7 +316,7 @@ class OpenAIFormatRows:
         if self.chat_key not in record or record[self.chat_key] is None:
             present = sorted(k for k, v in record.items() if v is not None)  # Arrow None-fills absent keys
             raise DataError(
-                f"{where}: missing key {self.chat_key!r} (chat_key; absent or null); the row's keys are {present}"
+                f"{where}: missing key {self.chat_key!r} (chat_key), or it is null; the row's keys are {present}"
             )
         messages = list(record[self.chat_key])
         if not messages:

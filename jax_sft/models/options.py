@@ -161,7 +161,7 @@ class LoraConfig:
                 f"LoRA target_modules={list(self.target_modules)}, exclude_modules="
                 f"{list(self.exclude_modules)} match no linear layer of this {config.architecture}"
             )
-        unmatched = self.unmatched_targets(config.num_layers, dense)
+        unmatched = self.unmatched_targets(config.num_layers)
         if unmatched:
             example = sorted(
                 {self.module_name(0, p)[0] for p in ATTENTION + MLP} | {self.module_name(None, LM_HEAD)[0]}
@@ -188,11 +188,13 @@ class LoraConfig:
             )
         return by_layer
 
-    def unmatched_targets(self, num_layers: int, dense_mlp: tuple[bool, ...], has_lm_head: bool = True) -> list[str]:
+    def unmatched_targets(self, num_layers: int, has_lm_head: bool = True) -> list[str]:
         """The `target_modules` entries that match no module of the model (whether or not
-        exclude_modules then removes what they match). Automodel ignores such an entry and
-        Megatron-Bridge warns; here it is an error (a typo would silently train fewer adapters)."""
-        sites = [(i, p) for i in range(num_layers) for p in ATTENTION + (MLP if dense_mlp[i] else ())]
+        exclude_modules then removes what they match, and although the experts of MoE layers,
+        whose projections carry the MLP's names, get no adapters). Automodel ignores such an entry
+        and Megatron-Bridge warns; here it is an error (a typo would silently train fewer
+        adapters)."""
+        sites = [(i, p) for i in range(num_layers) for p in ATTENTION + MLP]
         names = [self.module_name(*site) for site in sites + ([(None, LM_HEAD)] if has_lm_head else [])]
         return [
             t
