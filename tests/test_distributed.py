@@ -246,6 +246,8 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(assets, 
     assert max(losses(run_dirs(tmp_path)[0])) == stopped  # saved the step it stopped after
     assert f"SIGTERM received by process 1 of 2; saved step_{stopped}" in launch.log(0)
     assert sorted(p.name for p in (ckpt / f"step_{stopped}" / "data").glob("*.json")) == [
+        "_FILES.process_0-of-2.json",  # each process lists the files it wrote (checkpoint_verify)
+        "_FILES.process_1-of-2.json",
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
