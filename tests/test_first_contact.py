@@ -13,7 +13,7 @@ from jax_sft import config as config_lib
 from jax_sft import train
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "generate", "export", "inspect_data", "quickstart", "launch_local")
+COMMANDS = ("train", "generate", "export", "inspect_data", "quickstart", "launch_local", "docs")
 
 HELP_PROBE = """
 import contextlib, io, runpy, sys
@@ -28,18 +28,20 @@ for name in sys.argv[1:]:
             except SystemExit as e:
                 code = e.code or 0
         text = out.getvalue()
-        print(f"{name} {flag} exit={code} example={'python -m jax_sft.' + name in text} chars={len(text)}")
+        example, usage = "python -m jax_sft." + name in text, text.startswith("usage: python -m jax_sft." + name + " ")
+        print(f"{name} {flag} exit={code} example={example} usage={usage} chars={len(text)}")
 """
 
 
 def test_every_command_prints_usage_with_an_example_and_exits_0():
+    """Each starts with `usage: python -m jax_sft.<name> ...` (never `usage: export.py`)."""
     out = subprocess.run(
         [sys.executable, "-c", HELP_PROBE, *COMMANDS], capture_output=True, text=True, timeout=300, cwd=ROOT, check=True
     ).stdout.splitlines()
     assert len(out) == 2 * len(COMMANDS), out
     for line in out:
-        name, flag, code, example, chars = line.split()
-        assert code == "exit=0" and example == "example=True", line
+        name, flag, code, example, usage, chars = line.split()
+        assert code == "exit=0" and example == "example=True" and usage == "usage=True", line
         assert int(chars.split("=")[1]) > 300, line  # the usage text, not a one-line error
 
 
