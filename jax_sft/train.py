@@ -31,6 +31,7 @@ if __name__ == "__main__":  # python -m jax_sft.train: note stop signals from th
     for _s in (_signal.SIGTERM, _signal.SIGUSR1, _signal.SIGINT):
         _signal.signal(_s, _early)
 
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -65,7 +66,12 @@ def main(argv: Sequence[str] | None = None) -> RunResult | None:
                 f"exit code {distributed.INTERRUPTED_EXIT_CODE} (a rerun resumes from the last checkpoint)",
                 file=sys.stderr,
             )
-            raise SystemExit(distributed.INTERRUPTED_EXIT_CODE) from None
+            raise StoppedAtOnce(distributed.INTERRUPTED_EXIT_CODE) from None
+
+
+class StoppedAtOnce(SystemExit):
+    """A second Ctrl-C: `python -m jax_sft.train` then ends the process without waiting for the
+    background writers of a save in flight (the partial save is never resumed)."""
 
 
 USAGE = "usage: python -m jax_sft.train --config PATH [overrides: a.b=v | --config.a.b=v ...] [--dry_run]"
@@ -138,4 +144,9 @@ def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StoppedAtOnce as stopped:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stopped.code)  # not the interpreter's shutdown: Orbax's writer threads would complain
