@@ -132,10 +132,13 @@ def open_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
 
 
 def check_template(tokenizer: PreTrainedTokenizerBase, key: str) -> None:
-    """Renders a one-message conversation with the tokenizer's chat template, so that syntax errors
-    and sandbox violations fail at start-up (DataError naming `key`), not at the first example."""
+    """Renders a user message, and a user and an assistant message, with the tokenizer's chat
+    template, so that syntax errors and sandbox violations fail at start-up (DataError naming
+    `key`), not at the first example."""
+    user, assistant = {"role": "user", "content": "probe"}, {"role": "assistant", "content": "probe"}
     try:
-        tokenizer.apply_chat_template([{"role": "user", "content": "probe"}], tokenize=False)
+        for messages in ([user], [user, assistant]):
+            tokenizer.apply_chat_template(messages, tokenize=False)
     except jinja2.TemplateSyntaxError as e:
         raise DataError(f"{key}: the chat template does not parse: {e} (line {e.lineno})") from e
     except jinja2.exceptions.SecurityError as e:
