@@ -14,6 +14,8 @@ clipping at 1.0. Every optimizer step sees ~32768 tokens:
 
   padded-1024       global batch 32 x seq 1024, micro-batches of 8: NeMo RL's default SFT step
   padded-1024-mb16  the same step in micro-batches of 16 (loss chunk 512)
+  padded-1024-mb1   the same step in micro-batches of 1 (sft.yaml's train_micro_batch_size; what
+                    bench/trainer_step.py's as-configured trainer run is compared with)
   padded-4096       global batch 8 x seq 4096, micro-batches of 2
   packed-4096       56 sequences per step of lognormal lengths (mean ~600, <= 4096; ~33k
                     tokens) packed first-fit decreasing into rows of 4096, one row per
@@ -129,6 +131,7 @@ def cases(tiny: bool) -> list[Case]:
         Case("padded-4096", 4096, 8, 2),
         Case("packed-4096", 4096, 56, 1, packed=True),
         Case("padded-1024-mb16", 1024, 32, 16, loss_chunk=512),
+        Case("padded-1024-mb1", 1024, 32, 1),
         Case("packed-4096-mb2", 4096, 56, 2, packed=True),
         Case("padded-4096-lora", 4096, 8, 2, lora=16),
     ]
@@ -477,7 +480,7 @@ def table(results: list[dict]) -> str:
             ratio = "-" if not (j and t) else f"{j['tokens_per_s'] / t['tokens_per_s']:.2f}x"
             lines.append(f"  {case:<12} vs {fw:<14} {ratio}")
     lines.append("")
-    lines.append("targets (one H100; n/a on a CPU or another model):")
+    lines.append("targets (one H200, issue 25; n/a on a CPU or another model):")
     j4, j1, jp = (by.get(("jax_sft", c, "unrolled")) for c in ("padded-4096", "padded-1024", "packed-4096"))
     e1, c1 = by.get(("torch eager", "padded-1024", "")), by.get(("torch.compile", "padded-1024", ""))
     e4, c4 = by.get(("torch eager", "padded-4096", "")), by.get(("torch.compile", "padded-4096", ""))
@@ -491,19 +494,19 @@ def table(results: list[dict]) -> str:
         lines.append(f"  {text:<52} {value:<28} {verdict(ok)}")
 
     mfu4 = j4 and j4["mfu"]
-    target(">= 45% MFU at seq 4096 (1B)", fmt(mfu4 and 100 * mfu4, ".1f") + "%", None if not mfu4 else mfu4 >= 0.45)
+    target(">= 50% MFU at 8 x 4096 (1B)", fmt(mfu4 and 100 * mfu4, ".1f") + "%", None if not mfu4 else mfu4 >= 0.50)
     nemo = [r for r in (j1, by.get(("jax_sft", "padded-1024-mb16", "unrolled"))) if r]
     best = min(nemo, key=lambda r: r["step_s"]) if nemo else None
     target(
-        "NeMo RL default step (32 x 1024) < 0.6 s on one GPU",
+        "NeMo RL default step (32 x 1024) < 0.55 s on one GPU",
         fmt(best and best["step_s"], ".3f") + f" s ({best['case'] if best else '-'})",
-        None if not best else best["step_s"] < 0.6,
+        None if not best else best["step_s"] < 0.55,
     )
     for name, j, e, c in (("1024", j1, e1, c1), ("4096", j4, e4, c4)):
         r = j and e and j["tokens_per_s"] / e["tokens_per_s"]
         target(f">= 1.3x torch eager tokens/s (seq {name})", fmt(r, ".2f") + "x", None if not r else r >= 1.3)
         r = j and c and j["tokens_per_s"] / c["tokens_per_s"]
-        target(f"ahead of torch.compile (seq {name})", fmt(r, ".2f") + "x", None if not r else r > 1.0)
+        target(f">= 1.05x torch.compile tokens/s (seq {name})", fmt(r, ".2f") + "x", None if not r else r >= 1.05)
     r = jp and j4 and jp["mfu"] and j4["mfu"] and jp["mfu"] / j4["mfu"]
     target("packed MFU >= 90% of padded-full MFU (4096)", fmt(r and 100 * r, ".1f") + "%", None if not r else r >= 0.9)
     devices = sorted({r["device"] for r in results})
@@ -549,6 +552,7 @@ def main(argv=None) -> None:
         metavar="KIND:CASE[:VARIANT]",
         help="run just these, e.g. jax:padded-4096:scan torch-eager:padded-1024",
     )
+    p.add_argument("--dry", action="store_true", help="check the plan and the imports, run nothing")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -603,6 +607,17 @@ def main(argv=None) -> None:
             plan.append((["jax", "padded-1024", "scan"], 40))
     if args.only:
         plan = [(spec.split(":"), 0) for spec in args.only]
+    unknown = [spec for spec, _ in plan if spec[1].removesuffix("-warm") not in all_cases]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; known: {sorted(all_cases)}")
+    if args.dry:
+        import jax  # noqa: F401, PLC0415  (the workers' imports work)
+        import torch  # noqa: F401, PLC0415
+
+        print("[bench] dry: would run " + ", ".join(":".join(spec) for spec, _ in plan), flush=True)
+        if own_cache:
+            shutil.rmtree(args.cache_dir, ignore_errors=True)
+        return
     results = []
     try:
         for spec, needs in plan:
