@@ -58,7 +58,7 @@ $PY -c "import grain, datasets, ml_collections, omegaconf, tensorboardX; print(\
 export DRY PY
 
 BENCH_CASES="jax:padded-4096 torch-eager:padded-4096 torch-compile:padded-4096 jax:padded-1024 \
-torch-eager:padded-1024 torch-compile:padded-1024 jax:packed-4096 jax:padded-1024-mb1"
+torch-eager:padded-1024 torch-compile:padded-1024 jax:packed-4096 jax:padded-4096-fp8 jax:padded-1024-mb1"
 : > "$OUT/parts.txt"
 part versions 30 bash -c "$VERSIONS"
 if [ "$DRY" = 1 ]; then

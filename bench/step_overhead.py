@@ -61,12 +61,12 @@ def measure(cast_once: bool, args) -> tuple[float, float]:
 
     from jax_sft.models import CausalLM, ModelConfig, sharding
     from jax_sft.optim import make_optimizer
-    from jax_sft.step import make_step_fns, opt_state_shardings
+    from jax_sft.step import make_step_fns, opt_state_shardings, split_model
 
     cfg = ModelConfig.from_hf_dict(SHAPE)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    graphdef, params, frozen, rest = nnx.split(model, nnx.Param, nnx.Param, ...)
+    graphdef, params, fp8, frozen, rest = split_model(model, lora=False)
     shardings = sharding.param_shardings(params, mesh)
     params = jax.device_put(params, shardings)
     tx, schedule = make_optimizer({"name": "torch.optim.AdamW", "kwargs": {"lr": 1e-5}}, None, 1.0)
@@ -92,11 +92,11 @@ def measure(cast_once: bool, args) -> tuple[float, float]:
         jax.block_until_ready(micro)
         t0 = time.perf_counter()
         compute = fns.cast(params, frozen)
-        acc = fns.init_accumulator(params)
+        acc = fns.init_accumulator(params, fp8)
         for i, mb in enumerate(micro):
-            acc = fns.micro_step(compute, acc, mb, jnp.asarray([step, i], jnp.int32))
+            acc = fns.micro_step(compute, fp8, acc, mb, jnp.asarray([step, i], jnp.int32))
         del compute
-        params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(step, jnp.int32))
+        params, opt_state, fp8, metrics = fns.apply(params, opt_state, fp8, acc, jnp.asarray(step, jnp.int32))
         loss = float(metrics["train/loss"])
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
