@@ -9,7 +9,8 @@ whose loss or gradient norm is not finite leaves parameters and optimizer state 
 (selected inside `apply`); the host sees it in the step's metrics and stops.
 
 Batches are dicts of int32 arrays [rows, seq]: input_ids, targets, loss_mask, segment_ids,
-positions (see jax_sft.data).
+positions (see jax_sft.data), or those arrays stacked [5, rows, seq] in `ARRAY_KEYS` order (the
+trainer's form: one host-to-device transfer per micro-batch, not five).
 
 A model is split (`split_model`) into `params`, the trainable ones (all `nnx.Param`s for full
 fine-tuning; the `LoRAParam` adapters for LoRA), which get gradients and optimizer state; `fp8`,
@@ -44,11 +45,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax_sft.data.batches import ARRAY_KEYS
 from jax_sft.loss import masked_nll_sum
 from jax_sft.models.fp8 import Fp8History, roll_history
 from jax_sft.models.lora import LoRAParam
 
 Batch = dict[str, jax.Array]
+
+
+def as_batch(batch: Batch | jax.Array) -> Batch:
+    """A micro-batch as its dict of int32 [rows, seq] arrays (`batch`: that dict, or the arrays
+    stacked [len(ARRAY_KEYS), rows, seq] in ARRAY_KEYS order)."""
+    return batch if isinstance(batch, dict) else dict(zip(ARRAY_KEYS, batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +87,10 @@ class StepFns:
 
     cast: Any  # (params, frozen) -> compute: the weights in the compute dtype, once per step (not jitted itself)
     init_accumulator: Any  # (params, fp8) -> Accumulator of zeros
-    micro_step: Any  # (compute, fp8, acc, batch, counter) -> acc (acc donated; counter int32 [2]: step, micro)
+    micro_step: Any  # (compute, fp8, acc, batch, counter) -> acc (acc donated; counter: see `counter`)
     apply: Any  # (params, opt_state, fp8, acc, step) -> (params, opt_state, fp8, metrics) (state donated)
     eval_step: Any  # (params, fp8, frozen, batch) -> (nll_sum, num_tokens)
+    counter: Any  # (step, micro) -> micro_step's counter: int32 [2] for LoRA dropout's keys, else None
 
 
 def needs_cast(path: tuple, x: jax.Array, dtype) -> bool:
@@ -116,8 +125,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
     fp32. The objective is the NLL sum plus, for MoE models with a router_aux_loss_coef, coef x
     aux x loss tokens. `rest` is the model's non-Param state."""
 
-    def loss_sum(params: nnx.State, fp8: nnx.State, frozen: nnx.State, batch: Batch, dropout_key=None):
+    def loss_sum(params: nnx.State, fp8: nnx.State, frozen: nnx.State, batch: Batch | jax.Array, dropout_key=None):
         model = nnx.merge(graphdef, params, fp8, frozen, rest)
+        batch = as_batch(batch)
         hidden, aux = model.hidden_states_and_aux(
             batch["input_ids"],
             positions=batch["positions"],
@@ -150,7 +160,7 @@ def _micro_step(grad_fn, dropout_seed: int | None):
         if dropout_seed is not None:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), counter[0]), counter[1])
         (_, (loss, aux)), (grads, amax) = grad_fn(params, fp8, frozen, batch, key)
-        tokens = batch["loss_mask"].sum(dtype=jnp.float32)
+        tokens = as_batch(batch)["loss_mask"].sum(dtype=jnp.float32)
         return Accumulator(
             jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc.grads, grads),
             acc.loss_sum + loss,
@@ -230,8 +240,11 @@ def make_step_fns(
         zero = jnp.zeros((), jnp.float32)
         return Accumulator(zeros(params), zero, zero, zero, zeros(fp8))
 
-    def eval_step(params, fp8, frozen, batch: Batch):
-        return loss_sum(params, fp8, frozen, batch)[1][0], batch["loss_mask"].sum(dtype=jnp.float32)
+    def eval_step(params, fp8, frozen, batch: Batch | jax.Array):
+        return loss_sum(params, fp8, frozen, batch)[1][0], as_batch(batch)["loss_mask"].sum(dtype=jnp.float32)
+
+    def counter(step: int, micro: int) -> jax.Array | None:
+        return None if dropout_seed is None else jnp.asarray([step, micro], jnp.int32)
 
     return StepFns(
         cast=cast,
@@ -243,6 +256,7 @@ def make_step_fns(
             out_shardings=(param_shardings, opt_shardings, fp8_shardings, replicated),
         ),
         eval_step=jax.jit(eval_step),
+        counter=counter,
     )
 
 

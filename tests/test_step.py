@@ -242,3 +242,21 @@ def test_non_finite_step_leaves_params_and_optimizer_state_unchanged(poison):
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)  # bit for bit: the update was not applied
     assert fns.apply._cache_size() == 1
+
+
+def test_the_trainers_one_transfer_per_micro_batch_gives_the_same_step():
+    """`trainer.setup.to_global` moves a micro-batch as one stacked int32 [5, rows, seq] array: the
+    micro-step reads it as the five arrays, bit for bit, and needs no counter without dropout."""
+    from jax_sft.trainer.setup import to_global
+
+    fns, params, frozen, _, bs = setup(jax.devices()[:1])
+    mb = rows(4)
+    stacked = to_global(mb, bs)
+    assert stacked.shape == (5, *mb["input_ids"].shape) and stacked.dtype == jnp.int32
+    assert fns.counter(3, 1) is None
+    compute = fns.cast(params, frozen)
+    one = fns.micro_step(compute, NO_FP8, fns.init_accumulator(params, NO_FP8), stacked, fns.counter(0, 0))
+    five = micro_steps(fns, params, frozen, bs, [mb])
+    assert float(one.loss_sum) == float(five.loss_sum) and float(one.num_tokens) == float(five.num_tokens)
+    for a, b in zip(jax.tree.leaves(one.grads), jax.tree.leaves(five.grads)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

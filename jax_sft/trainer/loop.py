@@ -126,7 +126,7 @@ class Loop:
             if r.check_rows:
                 attention_lib.check_packed_rows(mb["segment_ids"], max_segments)
             acc = r.fns.micro_step(
-                compute, state.fp8, acc, to_global(mb, r.batch_sharding), jnp.asarray([state.step, i], jnp.int32)
+                compute, state.fp8, acc, to_global(mb, r.batch_sharding), r.fns.counter(state.step, i)
             )
             lengths.append(segment_lengths(mb))
         del compute

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_sft import distributed
 from jax_sft.checkpoint import LORA_FILE, Checkpointer, CheckpointMismatch, extra_path, model_files, run_files
@@ -188,9 +188,12 @@ def _compile_steps(
     return fns, opt_state, (param_shardings, opt_shardings, fp8_shardings)
 
 
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Process-local rows [local_rows, seq] -> global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in ARRAY_KEYS}
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> jax.Array:
+    """Process-local rows [local_rows, seq] -> one global int32 array [len(ARRAY_KEYS), rows, seq]
+    (`step.as_batch` reads it), its rows sharded like `sharding`'s batch dimension: one transfer
+    per micro-batch, not one per array."""
+    stacked = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+    return jax.make_array_from_process_local_data(stacked, np.stack([batch[k] for k in ARRAY_KEYS]))
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
