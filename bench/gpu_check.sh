@@ -1,51 +1,75 @@
 #!/usr/bin/env bash
-# The GPU check of issues 6 and 15, as one script: the GPU attention/scan tests (cuDNN padded and
-# packed layouts, many short segments, windows, model-level cuDNN vs xla), a probe of cuDNN's packed
-# layout, bench/train_step.py (jax_sft unrolled and scanned at 32 x 1024 and 8 x 4096, packed,
-# LoRA, vs PyTorch eager and torch.compile), bench/step_overhead.py, and a Qwen3-4B-shaped run. Logs and the table go to $OUT (default
-# ./gpu_check_out). Run from the repository root with the GPU image's python3:
+# The GPU check of issue 25, as ONE device call of at most 9 minutes, every part under its own
+# timeout and everything written to $OUT (default ./gpu_check_out; at most 8 files come back):
 #
-#     bash bench/gpu_check.sh [bench time budget in seconds, default 340]
+#   1. versions: the card (as jax and nvidia-smi name it), driver, jax, torch, transformers
+#   2. bench/train_step.py: jax_sft unrolled vs torch eager vs torch.compile at 8 x 4096 and at
+#      NeMo RL's default 32 x 1024 step, packed-4096, and 32 x 1024 in micro-batches of 1
+#   3. bench/trainer_step.py: `python -m jax_sft.train` on NeMo RL's own sft.yaml with a
+#      Llama-3.2-1B-shaped random model and synthetic SQuAD-shaped rows, 16 steps, as configured
+#      (micro-batch 1, padded) and with micro-batch 8 and packing, against the bench's same shape
+#   4. the quickstart (python -m jax_sft.quickstart), its figures against the README's
 #
-# Wall time: ~3-4 min of tests (each GPU test compiles its kernels) + the bench budget + ~2 min of
-# step_overhead + QWEN_BUDGET (default 240 s) + <= 90 s of test_model.py: more than one 10-minute
-# device call; give it two (`QWEN_BUDGET=0 bash bench/gpu_check.sh 200`, then the Qwen3 part alone) or a shorter budget. The 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
+# Prepare here first (`bash bench/gpu_prepare.sh`: the wheels the device image lacks into .whl/,
+# NeMo RL's sft.yaml into .gpu/), then one device call carrying .whl and .gpu:
+#
+#     bash bench/gpu_check.sh                 # on the GPU machine, from the repository root
+#     bash bench/gpu_check.sh --dry           # here, on the CPU: every part starts (tests/test_bench.py)
+#
+# Part budgets (seconds): versions 30, bench 250, trainer 170, quickstart 80: 530 s in all.
 set -u -o pipefail
+DRY=0
+[ "${1:-}" = "--dry" ] && DRY=1
 OUT=${OUT:-gpu_check_out}
-BUDGET=${1:-340}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
-export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 TOKENIZERS_PARALLELISM=false
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
-
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-  $PY -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__); print(jax.devices(), jax.devices()[0].device_kind, jax.devices()[0].compute_capability)"
-  $PY -c "from jax._src.lib import cuda_versions as c; print('cudnn', c.cudnn_get_version())"
-} 2>&1 | tee "$OUT/env.txt"
-
-# fp32 parity tests need true fp32 matmuls (XLA's GPU default is TF32).
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $PY -m pytest -q -p no:cacheprovider \
-  tests/test_attention.py tests/test_scan.py 2>&1 | tee "$OUT/pytest_gpu.log"
-
-timeout 25 $PY tests/gpu/probe_packed.py 2>&1 | tee "$OUT/probe.log"
-
-timeout $((BUDGET + 15)) $PY bench/train_step.py --out "$OUT" --time-budget "$BUDGET" \
-  --scan ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
-
-# The fixed cost per micro-batch: weights cast once per step against once per micro-step.
-timeout 150 $PY bench/step_overhead.py --micro-batches 32 --tokens 256 2>&1 | tee "$OUT/step_overhead.log"
-
-# A Qwen3-4B-shaped full fine-tune at 8 x 4096 against torch on the same card (QWEN_BUDGET=0 skips).
-QWEN_BUDGET=${QWEN_BUDGET:-240}
-if [ "$QWEN_BUDGET" -gt 0 ]; then
-  timeout $((QWEN_BUDGET + 15)) $PY bench/train_step.py --model qwen3-4b --out "$OUT/qwen3_4b" \
-    --time-budget "$QWEN_BUDGET" --only jax:padded-4096 torch-eager:padded-4096 torch-compile:padded-4096 \
-    2>&1 | tee "$OUT/bench_qwen3_4b.log"
+SFT_YAML=${SFT_YAML:-.gpu/sft.yaml}
+[ -f "$SFT_YAML" ] || SFT_YAML=../shared/reference/nemo-rl-configs/examples/configs/sft.yaml
+WORK=${WORK:-/tmp/jax_sft_gpu_check}
+if [ "$DRY" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+else
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 fi
 
-# The model tests on the GPU (parity with transformers), if time remains in the caller's limit.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $PY -m pytest -q -p no:cacheprovider -x \
-  tests/test_model.py 2>&1 | tail -15 | tee "$OUT/pytest_model_gpu.log"
+# part NAME SECONDS COMMAND...: runs COMMAND under its own timeout, logs it, records its exit.
+part() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== part $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local code=${PIPESTATUS[0]}
+  echo "=== part $name: exit $code after $((SECONDS - t0))s" | tee -a "$LOG" "$OUT/parts.txt"
+}
+
+# The versions part, as one shell command (a function cannot run under `timeout`).
+VERSIONS='date -u
+[ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+$PY -c "import jax, flax, optax, torch, transformers; d = jax.devices()[0]; \
+print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \"torch\", \
+torch.__version__, \"transformers\", transformers.__version__); print(\"device:\", d.device_kind, \
+getattr(d, \"compute_capability\", \"\"))"
+$PY -c "import grain, datasets, ml_collections, omegaconf, tensorboardX; print(\"grain\", grain.__version__, \
+\"datasets\", datasets.__version__)"'
+export DRY PY
+
+BENCH_CASES="jax:padded-4096 torch-eager:padded-4096 torch-compile:padded-4096 jax:padded-1024 \
+torch-eager:padded-1024 torch-compile:padded-1024 jax:packed-4096 jax:padded-4096-fp8 jax:padded-1024-mb1"
+: > "$OUT/parts.txt"
+part versions 30 bash -c "$VERSIONS"
+if [ "$DRY" = 1 ]; then
+  part bench 60 $PY bench/train_step.py --dry --out "$OUT" --only $BENCH_CASES
+  part trainer 120 $PY bench/trainer_step.py --dry --config "$SFT_YAML" --out "$OUT" --work "$WORK"
+  part quickstart 60 $PY -m jax_sft.quickstart --help
+else
+  part bench 250 $PY bench/train_step.py --out "$OUT" --time-budget 235 --warmup 1 --steps 4 --only $BENCH_CASES
+  part trainer 170 $PY bench/trainer_step.py --config "$SFT_YAML" --out "$OUT" --work "$WORK" --time-budget 150
+  part quickstart 80 $PY -m jax_sft.quickstart --out "$WORK/quickstart"
+fi
+cat "$OUT/parts.txt"
 cat "$OUT/bench_table.txt" 2>/dev/null
+! grep -q "exit [1-9]" "$OUT/parts.txt"

@@ -1,16 +1,24 @@
-"""The fixed cost per micro-batch: casting the weights once per step against once per micro-step.
+"""The fixed cost per micro-batch: the weights cast once per step against once per micro-step,
+and the inputs moved in one transfer per micro-batch against one per array.
 
-    python bench/step_overhead.py [--micro-batches 16] [--tokens 64] [--steps 5]
+    python bench/step_overhead.py [--micro-batches 16] [--tokens 64] [--steps 5] [--tiny]
 
 A packed step of many small micro-batches (one row of --tokens tokens each) on a model whose
 weights are large next to that work (Llama-shaped: vocab 32000, hidden 512, 4 layers, ~45M
-parameters), so that what every micro-batch pays regardless of its tokens shows. Both variants
-run jax_sft's real step functions (`jax_sft.step.make_step_fns`) with bf16 compute and fp32
-master weights: `cast_once=True` (the trainer's) makes the bf16 copy of the weights once per
-step; `cast_once=False` lets every micro-step cast the fp32 weights itself, as before. Prints the
-median step time of each, the time per micro-batch, and the loss of both (identical: the values
-are the same). On a GPU the cast is a pass over all weights per micro-batch (memory-bound); on the
-CPU it competes with slow matmuls, so the figures here understate the saving.
+parameters; --tiny: vocab 320, hidden 64, 2 layers, where the host's share shows), so that what
+every micro-batch pays regardless of its tokens shows. Every variant runs jax_sft's real step
+functions (`jax_sft.step.make_step_fns`) with bf16 compute and fp32 master weights, and moves
+each micro-batch's rows to the device inside the timed step, as the trainer does:
+
+  cast every micro-step, 5 transfers   before issue 12: each micro-step casts the fp32 weights;
+                                       five arrays and a step counter moved per micro-batch
+  cast once, 5 transfers               before issue 25: the bf16 copy made once per step
+  cast once, 1 transfer                now: the trainer's `to_global` (one stacked int32
+                                       [5, rows, seq] array) and no counter without LoRA dropout
+
+Prints the median step time of each, the time per micro-batch, and the loss of each (identical:
+the values are the same). On a GPU the cast is a pass over all weights per micro-batch
+(memory-bound) and transfers are asynchronous; on the CPU both compete with slow matmuls.
 """
 
 from __future__ import annotations
@@ -53,7 +61,16 @@ def packed_micro_batches(n: int, tokens: int, vocab: int, seed: int) -> list[dic
     return out
 
 
-def measure(cast_once: bool, args) -> tuple[float, float]:
+TINY = dict(SHAPE, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TINY["num_key_value_heads"] = 2
+VARIANTS = {  # name: (cast once, one transfer)
+    "cast every micro-step, 5 transfers": (False, False),
+    "cast once, 5 transfers": (True, False),
+    "cast once, 1 transfer (now)": (True, True),
+}
+
+
+def measure(cast_once: bool, stacked: bool, args) -> tuple[float, float]:
     """(median step seconds, last loss)."""
     import jax
     import jax.numpy as jnp
@@ -61,12 +78,13 @@ def measure(cast_once: bool, args) -> tuple[float, float]:
 
     from jax_sft.models import CausalLM, ModelConfig, sharding
     from jax_sft.optim import make_optimizer
-    from jax_sft.step import make_step_fns, opt_state_shardings
+    from jax_sft.step import make_step_fns, opt_state_shardings, split_model
+    from jax_sft.trainer.setup import to_global
 
-    cfg = ModelConfig.from_hf_dict(SHAPE)
+    cfg = ModelConfig.from_hf_dict(TINY if args.tiny else SHAPE)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    graphdef, params, frozen, rest = nnx.split(model, nnx.Param, nnx.Param, ...)
+    graphdef, params, fp8, frozen, rest = split_model(model, lora=False)
     shardings = sharding.param_shardings(params, mesh)
     params = jax.device_put(params, shardings)
     tx, schedule = make_optimizer({"name": "torch.optim.AdamW", "kwargs": {"lr": 1e-5}}, None, 1.0)
@@ -85,18 +103,24 @@ def measure(cast_once: bool, args) -> tuple[float, float]:
         compute_dtype=jnp.bfloat16,
         cast_once=cast_once,
     )
-    put = lambda mb: {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in mb.items()}  # noqa: E731
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def put(mb):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in mb.items()}
+
     times, loss = [], None
     for step in range(args.warmup + args.steps):
-        micro = [put(mb) for mb in packed_micro_batches(args.micro_batches, args.tokens, cfg.vocab_size, step)]
-        jax.block_until_ready(micro)
+        micro = packed_micro_batches(args.micro_batches, args.tokens, cfg.vocab_size, step)
         t0 = time.perf_counter()
         compute = fns.cast(params, frozen)
-        acc = fns.init_accumulator(params)
+        acc = fns.init_accumulator(params, fp8)
         for i, mb in enumerate(micro):
-            acc = fns.micro_step(compute, acc, mb, jnp.asarray([step, i], jnp.int32))
+            if stacked:
+                acc = fns.micro_step(compute, fp8, acc, to_global(mb, batch_sharding), fns.counter(step, i))
+            else:
+                acc = fns.micro_step(compute, fp8, acc, put(mb), jnp.asarray([step, i], jnp.int32))
         del compute
-        params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(step, jnp.int32))
+        params, opt_state, fp8, metrics = fns.apply(params, opt_state, fp8, acc, jnp.asarray(step, jnp.int32))
         loss = float(metrics["train/loss"])
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -109,22 +133,22 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens per micro-batch (one packed row)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="a 0.1M-parameter model: the host's share shows")
     args = p.parse_args()
     import jax
 
-    rows = {}
-    for cast_once in (False, True):
-        rows[cast_once] = measure(cast_once, args)
+    rows = {name: measure(*variant, args) for name, variant in VARIANTS.items()}
+    shape = "tiny (0.1M parameters)" if args.tiny else "Llama-shaped 45M parameters"
     print(
         f"device: {jax.devices()[0].device_kind}; {args.micro_batches} micro-batches x {args.tokens} tokens per step; "
-        "Llama-shaped 45M parameters, bf16 compute, fp32 master weights"
+        f"{shape}, bf16 compute, fp32 master weights"
     )
-    print(f"{'weights cast':<28} {'step s':>8} {'per micro-batch ms':>19} {'loss':>10}")
-    for cast_once, name in ((False, "every micro-step (before)"), (True, "once per step (now)")):
-        t, loss = rows[cast_once]
-        print(f"{name:<28} {t:8.3f} {1000 * t / args.micro_batches:19.1f} {loss:10.5f}")
-    before, now = rows[False][0], rows[True][0]
-    print(f"step time: {now / before:.3f}x of before ({100 * (1 - now / before):.1f}% less)")
+    print(f"{'variant':<36} {'step s':>8} {'per micro-batch ms':>19} {'loss':>10}")
+    for name, (t, loss) in rows.items():
+        print(f"{name:<36} {t:8.4f} {1000 * t / args.micro_batches:19.3f} {loss:10.5f}")
+    first, *_, now = (t for t, _ in rows.values())
+    before = rows["cast once, 5 transfers"][0]
+    print(f"step time: {now / before:.3f}x of one transfer per array, {now / first:.3f}x of casting every micro-step")
 
 
 if __name__ == "__main__":

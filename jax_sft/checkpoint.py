@@ -3,6 +3,7 @@
 Each checkpoint holds
   params/       the fp32 master weights (sharded arrays, written by every process)
   opt_state/    the optimizer state (if `checkpointing.save_optimizer`)
+  fp8/          the FP8 amax histories (delayed-scaling FP8 runs only)
   train_info/   JSON: step, epoch, consumed samples, the metrics used for retention
   data/         one JSON per process: the data-iterator state (exact resume; the same on every
                 process, so that a run resumes on another number of processes)
@@ -285,6 +286,18 @@ def restore_params(path: Path, target: Any) -> Any:
         return reader.restore(path / "params", target)
 
 
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A step's state as `Checkpointer.restore` reads it: opt_state None when it was not saved (or
+    not asked for), fp8 None when the step has no FP8 histories, data_state None unless asked for."""
+
+    params: Any
+    opt_state: Any | None
+    fp8: Any | None
+    train_info: dict[str, Any]
+    data_state: dict[str, Any] | None
+
+
 @dataclasses.dataclass
 class FilesSave(ocp.args.CheckpointArgs):
     """Files (name -> bytes) this process writes into the item's folder."""
@@ -389,6 +402,7 @@ class Checkpointer:
             item_handlers={
                 "params": ocp.StandardCheckpointHandler(),
                 "opt_state": ocp.StandardCheckpointHandler(),
+                "fp8": ocp.StandardCheckpointHandler(),
                 "train_info": ocp.JsonCheckpointHandler(),
                 "data": FilesHandler(),
                 "extra": FilesHandler(),
@@ -453,8 +467,10 @@ class Checkpointer:
         data_state: Mapping[str, Any],
         extra_files: Mapping[str, bytes],
         metrics: Mapping[str, float] | None = None,
+        fp8: Any = None,
     ) -> None:
-        """Starts an async save of step_`step`; every process must call it."""
+        """Starts an async save of step_`step`; every process must call it. `fp8`: the FP8 amax
+        histories (None or empty: none)."""
         items = {
             "params": ocp.args.StandardSave(params),
             "train_info": ocp.args.JsonSave(dict(train_info)),
@@ -463,6 +479,8 @@ class Checkpointer:
         }
         if self.save_optimizer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if jax.tree.leaves(fp8):
+            items["fp8"] = ocp.args.StandardSave(fp8)
         self.wait()  # Orbax would wait for the previous save here; this names its failure
         needed = sum(x.nbytes for x in jax.tree.leaves(items_state(params, opt_state, self.save_optimizer)))
         self._pending = (step, needed)
@@ -470,9 +488,15 @@ class Checkpointer:
             self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True)
 
     def restore(
-        self, step: int, *, abstract_params: Any, abstract_opt_state: Any | None, with_data: bool = True
-    ) -> tuple[Any, Any | None, dict[str, Any], dict[str, Any] | None]:
-        """(params, opt_state or None, train_info, this process's data state) of step_`step`.
+        self,
+        step: int,
+        *,
+        abstract_params: Any,
+        abstract_opt_state: Any | None,
+        abstract_fp8: Any = None,
+        with_data: bool = True,
+    ) -> Restored:
+        """Step_`step`'s state (see `Restored`).
 
         `abstract_*` are pytrees of jax.ShapeDtypeStruct carrying the target shardings, so each
         process reads only the shards its devices hold.
@@ -487,10 +511,16 @@ class Checkpointer:
         has_opt = (self.step_dir(step) / "opt_state").exists()
         if abstract_opt_state is not None and has_opt:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        if jax.tree.leaves(abstract_fp8) and (self.step_dir(step) / "fp8").exists():
+            items["fp8"] = ocp.args.StandardRestore(abstract_fp8)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        data_state = json.loads(restored["data"][data_file]) if with_data else None
-        opt_state = restored["opt_state"] if "opt_state" in items else None
-        return restored["params"], opt_state, dict(restored["train_info"]), data_state
+        return Restored(
+            params=restored["params"],
+            opt_state=restored["opt_state"] if "opt_state" in items else None,
+            fp8=restored["fp8"] if "fp8" in items else None,
+            train_info=dict(restored["train_info"]),
+            data_state=json.loads(restored["data"][data_file]) if with_data else None,
+        )
 
     def _saved_data_file(self, step: int) -> str:
         """This process's data-state file; when the checkpoint was saved by another number of

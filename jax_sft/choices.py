@@ -30,6 +30,11 @@ REMAT = (
 )
 # policy.sequence_packing.algorithm: how a step's sequences are packed into rows.
 PACKING = ("modified_first_fit_decreasing", "first_fit", "best_fit", "first_fit_decreasing")
+# policy.jax_cfg.fp8: FP8 matmuls in the projection layers ("hybrid": e4m3 forward, e5m2 gradients).
+FP8 = ("none", "hybrid", "e4m3")
+# policy.jax_cfg.fp8_recipe: how the per-tensor scales are chosen (delayed: amax history; tensorwise:
+# current scaling).
+FP8_RECIPES = ("delayed", "tensorwise")
 # Megatron's optimizer and scheduler choices (policy.megatron_cfg.{optimizer,scheduler}).
 MEGATRON_OPTIMIZERS = ("adam", "sgd")
 MEGATRON_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")

@@ -372,7 +372,7 @@ def load_for_generation(source: str, overrides: Sequence[str]):
     mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, expert=m.expert)
     # Inference: the weights in the compute dtype, no LoRA of the trained run (an export merges it).
     options = plan_lib.model_options(cfg)
-    options = dataclasses.replace(options, param_dtype=options.dtype, remat="none", lora=None)
+    options = dataclasses.replace(options, param_dtype=options.dtype, remat="none", lora=None, fp8=None)
     if is_checkpoint:
         model = _restore_checkpoint(step_dir, mesh, options)
         tokenizer_dir = checkpoint.extra_path(step_dir, checkpoint.TOKENIZER_DIR)

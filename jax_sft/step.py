@@ -9,12 +9,15 @@ whose loss or gradient norm is not finite leaves parameters and optimizer state 
 (selected inside `apply`); the host sees it in the step's metrics and stops.
 
 Batches are dicts of int32 arrays [rows, seq]: input_ids, targets, loss_mask, segment_ids,
-positions (see jax_sft.data).
+positions (see jax_sft.data), or those arrays stacked [5, rows, seq] in `ARRAY_KEYS` order (the
+trainer's form: one host-to-device transfer per micro-batch, not five).
 
-Parameters come in two states: `params`, the trainable ones (all `nnx.Param`s for full
-fine-tuning; the `LoRAParam` adapters for LoRA), which get gradients and optimizer state, and
-`frozen`, the rest (the LoRA base; empty for full fine-tuning), passed to every step as an
-argument (never baked into the compiled code) and never updated.
+A model is split (`split_model`) into `params`, the trainable ones (all `nnx.Param`s for full
+fine-tuning; the `LoRAParam` adapters for LoRA), which get gradients and optimizer state; `fp8`,
+the FP8 amax histories (`models.fp8.Fp8History`; empty without delayed-scaling FP8), whose
+"gradients" are the amaxes a micro-batch saw: the step keeps their maximum and `apply` rolls them
+into the histories; and `frozen`, the rest (the LoRA base; empty for full fine-tuning). All are
+passed to every step as arguments (never baked into the compiled code); `frozen` is never updated.
 
 The fixed cost per micro-batch is kept small: `cast` turns the fp32 master weights into the
 compute dtype once per step (`compute = fns.cast(params, frozen)`), and the micro-steps take that
@@ -42,9 +45,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax_sft.data.batches import ARRAY_KEYS
 from jax_sft.loss import masked_nll_sum
+from jax_sft.models.fp8 import Fp8History, roll_history
+from jax_sft.models.lora import LoRAParam
 
 Batch = dict[str, jax.Array]
+
+
+def as_batch(batch: Batch | jax.Array) -> Batch:
+    """A micro-batch as its dict of int32 [rows, seq] arrays (`batch`: that dict, or the arrays
+    stacked [len(ARRAY_KEYS), rows, seq] in ARRAY_KEYS order)."""
+    return batch if isinstance(batch, dict) else dict(zip(ARRAY_KEYS, batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +67,18 @@ class Accumulator:
     loss_sum: jax.Array
     num_tokens: jax.Array
     aux_sum: jax.Array  # router aux loss x loss tokens, summed (MoE; 0 for dense models)
+    amax: Any  # the FP8 histories' gradients, their maximum (column 0: amaxes seen; empty without FP8)
 
 
 jax.tree_util.register_dataclass(
-    Accumulator, data_fields=["grads", "loss_sum", "num_tokens", "aux_sum"], meta_fields=[]
+    Accumulator, data_fields=["grads", "loss_sum", "num_tokens", "aux_sum", "amax"], meta_fields=[]
 )
+
+
+def split_model(model: nnx.Module, lora: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State, nnx.State]:
+    """(graphdef, params, fp8, frozen, rest) of a model (see the module docstring); `lora`: only the
+    adapters train. `nnx.merge(graphdef, params, fp8, frozen, rest)` is the model again."""
+    return nnx.split(model, LoRAParam if lora else nnx.Param, Fp8History, nnx.Param, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +86,11 @@ class StepFns:
     """The jitted functions of a run (see `make_step_fns`)."""
 
     cast: Any  # (params, frozen) -> compute: the weights in the compute dtype, once per step (not jitted itself)
-    init_accumulator: Any  # (params) -> Accumulator of zeros
-    micro_step: Any  # (compute, acc, batch, counter) -> acc   (acc donated; counter int32 [2]: step, micro)
-    apply: Any  # (params, opt_state, acc, step) -> (params, opt_state, metrics)  (state donated)
-    eval_step: Any  # (params, frozen, batch) -> (nll_sum, num_tokens)
+    init_accumulator: Any  # (params, fp8) -> Accumulator of zeros
+    micro_step: Any  # (compute, fp8, acc, batch, counter) -> acc (acc donated; counter: see `counter`)
+    apply: Any  # (params, opt_state, fp8, acc, step) -> (params, opt_state, fp8, metrics) (state donated)
+    eval_step: Any  # (params, fp8, frozen, batch) -> (nll_sum, num_tokens)
+    counter: Any  # (step, micro) -> micro_step's counter: int32 [2] for LoRA dropout's keys, else None
 
 
 def needs_cast(path: tuple, x: jax.Array, dtype) -> bool:
@@ -101,12 +121,13 @@ def compute_caster(dtype):
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, packed: bool):
-    """(params, frozen, batch, dropout_key) -> (objective, (summed masked NLL, router aux loss)),
+    """(params, fp8, frozen, batch, dropout_key) -> (objective, (summed masked NLL, router aux loss)),
     fp32. The objective is the NLL sum plus, for MoE models with a router_aux_loss_coef, coef x
     aux x loss tokens. `rest` is the model's non-Param state."""
 
-    def loss_sum(params: nnx.State, frozen: nnx.State, batch: Batch, dropout_key=None):
-        model = nnx.merge(graphdef, params, frozen, rest)
+    def loss_sum(params: nnx.State, fp8: nnx.State, frozen: nnx.State, batch: Batch | jax.Array, dropout_key=None):
+        model = nnx.merge(graphdef, params, fp8, frozen, rest)
+        batch = as_batch(batch)
         hidden, aux = model.hidden_states_and_aux(
             batch["input_ids"],
             positions=batch["positions"],
@@ -130,30 +151,33 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
 
 
 def _micro_step(grad_fn, dropout_seed: int | None):
-    """(compute, acc, batch, counter) -> acc + this micro-batch's gradient of the summed NLL."""
+    """(compute, fp8, acc, batch, counter) -> acc + this micro-batch's gradient of the summed NLL
+    (and the maximum of the FP8 amaxes)."""
 
-    def micro_step(compute, acc: Accumulator, batch: Batch, counter: jax.Array) -> Accumulator:
+    def micro_step(compute, fp8, acc: Accumulator, batch: Batch, counter: jax.Array) -> Accumulator:
         params, frozen = compute
         key = None
         if dropout_seed is not None:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), counter[0]), counter[1])
-        (_, (loss, aux)), grads = grad_fn(params, frozen, batch, key)
-        tokens = batch["loss_mask"].sum(dtype=jnp.float32)
+        (_, (loss, aux)), (grads, amax) = grad_fn(params, fp8, frozen, batch, key)
+        tokens = as_batch(batch)["loss_mask"].sum(dtype=jnp.float32)
         return Accumulator(
             jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc.grads, grads),
             acc.loss_sum + loss,
             acc.num_tokens + tokens,
             acc.aux_sum + aux * tokens,
+            jax.tree.map(jnp.maximum, acc.amax, amax),
         )
 
     return micro_step
 
 
 def _apply(tx: optax.GradientTransformation, schedule: optax.Schedule, moe: bool):
-    """(params, opt_state, acc, step) -> the update of the accumulated step (NeMo RL's
-    normalisation by the step's loss tokens), unchanged state when it is not finite, and metrics."""
+    """(params, opt_state, fp8, acc, step) -> the update of the accumulated step (NeMo RL's
+    normalisation by the step's loss tokens) and the FP8 histories with its amaxes; unchanged state
+    when it is not finite; and metrics."""
 
-    def apply(params, opt_state, acc: Accumulator, step: jax.Array):
+    def apply(params, opt_state, fp8, acc: Accumulator, step: jax.Array):
         denom = jnp.maximum(acc.num_tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, acc.grads)
         grad_norm = optax.tree.norm(grads)  # before clipping, as NeMo RL reports it
@@ -165,6 +189,7 @@ def _apply(tx: optax.GradientTransformation, schedule: optax.Schedule, moe: bool
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        fp8 = jax.tree.map(lambda h, a: keep(roll_history(h, a), h), fp8, acc.amax)
         metrics = {
             "train/loss": loss,
             "train/grad_norm": grad_norm,
@@ -173,7 +198,7 @@ def _apply(tx: optax.GradientTransformation, schedule: optax.Schedule, moe: bool
         }
         if moe:
             metrics["train/router_aux_loss"] = acc.aux_sum / denom
-        return params, opt_state, metrics
+        return params, opt_state, fp8, metrics
 
     return apply
 
@@ -187,6 +212,7 @@ def make_step_fns(
     mesh: jax.sharding.Mesh,
     param_shardings: Any,
     opt_shardings: Any,
+    fp8_shardings: Any = None,
     chunk_size: int,
     packed: bool,
     compute_dtype=jnp.bfloat16,
@@ -194,36 +220,43 @@ def make_step_fns(
     dropout_seed: int | None = None,
     cast_once: bool = True,
 ) -> StepFns:
-    """The jitted step functions. `graphdef` comes from nnx.split(model, <trainable filter>,
-    nnx.Param, ...) and `rest` is its third state; `moe`: the model has experts
-    (train/router_aux_loss is logged); `dropout_seed`: LoRA dropout (None: none); `cast_once`
+    """The jitted step functions. `graphdef` and `rest` come from `split_model`; `moe`: the model has experts
+    (train/router_aux_loss is logged); `fp8_shardings`: of the FP8 histories (None: there are
+    none); `dropout_seed`: LoRA dropout (None: none); `cast_once`
     False keeps fp32 weights in the micro-steps (the model casts them each time: for
     benchmarks)."""
+    fp8_shardings = nnx.State({}) if fp8_shardings is None else fp8_shardings
     loss_sum = make_loss_fn(graphdef, rest, chunk_size=chunk_size, packed=packed)
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_sum, argnums=(0, 1), has_aux=True)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    acc_shardings = Accumulator(param_shardings, replicated, replicated, replicated)
+    acc_shardings = Accumulator(param_shardings, replicated, replicated, replicated, fp8_shardings)
     to_compute = compute_caster(compute_dtype if cast_once else jnp.float32)
 
     def cast(params, frozen):
         return to_compute(params), to_compute(frozen)
 
-    def init_accumulator(params):
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    def init_accumulator(params, fp8):
+        zeros = lambda tree: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), tree)  # noqa: E731
         zero = jnp.zeros((), jnp.float32)
-        return Accumulator(zeros, zero, zero, zero)
+        return Accumulator(zeros(params), zero, zero, zero, zeros(fp8))
 
-    def eval_step(params, frozen, batch: Batch):
-        return loss_sum(params, frozen, batch)[1][0], batch["loss_mask"].sum(dtype=jnp.float32)
+    def eval_step(params, fp8, frozen, batch: Batch | jax.Array):
+        return loss_sum(params, fp8, frozen, batch)[1][0], as_batch(batch)["loss_mask"].sum(dtype=jnp.float32)
+
+    def counter(step: int, micro: int) -> jax.Array | None:
+        return None if dropout_seed is None else jnp.asarray([step, micro], jnp.int32)
 
     return StepFns(
         cast=cast,
         init_accumulator=jax.jit(init_accumulator, out_shardings=acc_shardings),
-        micro_step=jax.jit(_micro_step(grad_fn, dropout_seed), donate_argnums=(1,), out_shardings=acc_shardings),
+        micro_step=jax.jit(_micro_step(grad_fn, dropout_seed), donate_argnums=(2,), out_shardings=acc_shardings),
         apply=jax.jit(
-            _apply(tx, schedule, moe), donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, replicated)
+            _apply(tx, schedule, moe),
+            donate_argnums=(0, 1, 2),
+            out_shardings=(param_shardings, opt_shardings, fp8_shardings, replicated),
         ),
         eval_step=jax.jit(eval_step),
+        counter=counter,
     )
 
 

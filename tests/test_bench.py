@@ -48,3 +48,26 @@ def test_bench_cpu_tiny_prints_table(tmp_path):
     assert 0.5 < packed["fill"] <= 1.0
     assert "padded-1024  vs torch eager" in out and "targets" in out
     assert (tmp_path / "bench_table.txt").read_text().strip() in out
+
+
+SFT_YAML = ROOT.parent / "shared" / "reference" / "nemo-rl-configs" / "examples" / "configs" / "sft.yaml"
+
+
+@pytest.mark.skipif(not SFT_YAML.is_file(), reason="NeMo RL's sft.yaml (../shared/reference) is absent")
+def test_gpu_check_runs_through_in_its_dry_mode(tmp_path):
+    """bench/gpu_check.sh --dry on the CPU: every part (versions, the bench's plan and imports, the
+    trainer's two runs of NeMo RL's sft.yaml as --dry_run, the quickstart) starts and exits 0."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "XLA_FLAGS": ""}
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = (tmp_path / "out" / "parts.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in parts] == [
+        f"=== part {p}" for p in ("versions", "bench", "trainer", "quickstart")
+    ], parts
+    assert all(": exit 0 after" in line for line in parts), parts
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "device: cpu" in log and "[bench] dry: would run jax:padded-4096" in log
+    assert log.count("dry run: the config is valid") == 2  # both trainer runs of sft.yaml
+    assert "rows of 1024 tokens (packed)" in log and "32 micro-batch(es) of 1, rows of 1024 tokens" in log

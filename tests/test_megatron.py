@@ -363,7 +363,6 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
         "distributed_data_parallel_config",
         "apply_rope_fusion",
         "cuda_graph_impl",
-        "fp8_cfg",
         "optimizer.use_distributed_optimizer",
         "optimizer.bf16",
         "optimizer.fp16",
@@ -379,7 +378,8 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
         "scheduler.lr_decay_style",
         "scheduler.lr_warmup_init",
         "peft",
-    )  # peft: LoRA
+        "fp8_cfg",
+    )  # peft: LoRA; fp8_cfg: FP8 matmuls
     assert not [k for k in megatron_ignored if k.removeprefix("policy.megatron_cfg.") in used]
     assert "policy.megatron_cfg" not in ignored
 
@@ -403,9 +403,14 @@ def test_disabled_megatron_cfg_stays_ignored_and_optimizer_null_needs_it():
             "policy.megatron_cfg.peft={enabled: true, lora_B_init_method: uniform}",  # more: test_lora_config.py
             "policy.megatron_cfg.peft.lora_B_init_method='uniform': expected \"zero\"",
         ),
-        (
+        (  # NeMo RL's sft.yaml has fp8_recipe: blockwise (more: test_fp8.py)
             "policy.megatron_cfg.fp8_cfg.enabled=true",
-            "policy.megatron_cfg.fp8_cfg.enabled=True: expected false; FP8 training is not supported",
+            "policy.megatron_cfg.fp8_cfg.fp8_recipe='blockwise': expected one of delayed, tensorwise; "
+            "jax_sft scales per tensor",
+        ),
+        (
+            "policy.megatron_cfg.fp8_cfg={enabled: true, fp8_recipe: delayed, fp8_param: true}",
+            "policy.megatron_cfg.fp8_cfg.fp8_param=True: expected false; FP8 weight storage is not supported",
         ),
         (
             "policy.megatron_cfg.optimizer.fp16=true",

@@ -13,7 +13,7 @@ from flax import nnx
 from jax_sft.loss import masked_nll_sum
 from jax_sft.models import CausalLM, ModelConfig, sharding
 from jax_sft.optim import make_optimizer
-from jax_sft.step import make_step_fns, opt_state_shardings
+from jax_sft.step import make_step_fns, opt_state_shardings, split_model
 
 HF = {
     "architectures": ["LlamaForCausalLM"],
@@ -44,12 +44,15 @@ def rows(n: int, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     return dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=mask, segment_ids=seg, positions=pos)
 
 
+NO_FP8 = nnx.State({})  # the FP8 histories of a model without FP8
+
+
 def setup(devices, dtype=jnp.float32, **step_kwargs):
     """(fns, params, frozen, opt_state, batch sharding) of a tiny Llama, all parameters trainable
     (frozen is empty)."""
     mesh = sharding.make_mesh(1, len(devices), 1, devices=devices)
     model = CausalLM(ModelConfig.from_hf_dict(HF), dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    graphdef, params, frozen, rest = nnx.split(model, nnx.Param, nnx.Param, ...)
+    graphdef, params, _, frozen, rest = split_model(model, lora=False)
     shardings = sharding.param_shardings(params, mesh)
     params = jax.device_put(params, shardings)
     tx, schedule = make_optimizer(OPT, None, 1.0)
@@ -74,16 +77,17 @@ def setup(devices, dtype=jnp.float32, **step_kwargs):
 def micro_steps(fns, params, frozen, batch_sharding, micro_batches, step=0):
     """The step's accumulator: the weights cast once, then one micro-step per micro-batch."""
     compute = fns.cast(params, frozen)
-    acc = fns.init_accumulator(params)
+    acc = fns.init_accumulator(params, NO_FP8)
     for i, mb in enumerate(micro_batches):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in mb.items()}
-        acc = fns.micro_step(compute, acc, batch, jnp.asarray([step, i], jnp.int32))
+        acc = fns.micro_step(compute, NO_FP8, acc, batch, jnp.asarray([step, i], jnp.int32))
     return acc
 
 
 def one_step(fns, params, frozen, opt_state, batch_sharding, micro_batches):
     acc = micro_steps(fns, params, frozen, batch_sharding, micro_batches)
-    return fns.apply(params, opt_state, acc, jnp.asarray(0))
+    params, opt_state, _, metrics = fns.apply(params, opt_state, NO_FP8, acc, jnp.asarray(0))
+    return params, opt_state, metrics
 
 
 def test_one_micro_batch_of_8_equals_four_of_2():
@@ -138,7 +142,7 @@ def test_micro_steps_compile_once_for_any_number_of_micro_batches():
     fns, params, frozen, opt_state, bs = setup(jax.devices()[:1])
     for step, count in enumerate([1, 3, 2]):
         acc = micro_steps(fns, params, frozen, bs, [rows(2, seed=i) for i in range(count)], step)
-        params, opt_state, _ = fns.apply(params, opt_state, acc, jnp.asarray(step))
+        params, opt_state, _, _ = fns.apply(params, opt_state, NO_FP8, acc, jnp.asarray(step))
     assert fns.micro_step._cache_size() == 1 and fns.apply._cache_size() == 1
 
 
@@ -231,10 +235,28 @@ def test_non_finite_step_leaves_params_and_optimizer_state_unchanged(poison):
         leaves, treedef = jax.tree.flatten(acc.grads)
         leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
         acc = dataclasses.replace(acc, grads=jax.tree.unflatten(treedef, leaves))
-    params, opt_state, metrics = fns.apply(params, opt_state, acc, jnp.asarray(0))
+    params, opt_state, _, metrics = fns.apply(params, opt_state, NO_FP8, acc, jnp.asarray(0))
     finite = np.isfinite(float(metrics["train/loss"])) and np.isfinite(float(metrics["train/grad_norm"]))
     assert not finite
     after = [np.asarray(x) for x in jax.tree.leaves((params, opt_state))]
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)  # bit for bit: the update was not applied
     assert fns.apply._cache_size() == 1
+
+
+def test_the_trainers_one_transfer_per_micro_batch_gives_the_same_step():
+    """`trainer.setup.to_global` moves a micro-batch as one stacked int32 [5, rows, seq] array: the
+    micro-step reads it as the five arrays, bit for bit, and needs no counter without dropout."""
+    from jax_sft.trainer.setup import to_global
+
+    fns, params, frozen, _, bs = setup(jax.devices()[:1])
+    mb = rows(4)
+    stacked = to_global(mb, bs)
+    assert stacked.shape == (5, *mb["input_ids"].shape) and stacked.dtype == jnp.int32
+    assert fns.counter(3, 1) is None
+    compute = fns.cast(params, frozen)
+    one = fns.micro_step(compute, NO_FP8, fns.init_accumulator(params, NO_FP8), stacked, fns.counter(0, 0))
+    five = micro_steps(fns, params, frozen, bs, [mb])
+    assert float(one.loss_sum) == float(five.loss_sum) and float(one.num_tokens) == float(five.num_tokens)
+    for a, b in zip(jax.tree.leaves(one.grads), jax.tree.leaves(five.grads)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -69,6 +69,7 @@ _POSITIVE = (
     "policy.jax_cfg.mesh.expert",
     "policy.dtensor_cfg.expert_parallel_size",
     "policy.jax_cfg.max_segments_per_row",
+    "policy.jax_cfg.fp8_amax_history",
     "policy.optimizer.kwargs.lr",
     "policy.optimizer.kwargs.eps",
     "cluster.gpus_per_node",
@@ -110,6 +111,8 @@ def _range_problems(c: ConfigDict, derived: set[str]) -> list[str]:
     one_of("policy.jax_cfg.param_dtype", choices.PARAM_DTYPES)
     one_of("policy.jax_cfg.attention", choices.ATTENTION)
     one_of("policy.jax_cfg.remat", choices.REMAT)
+    one_of("policy.jax_cfg.fp8", choices.FP8)
+    one_of("policy.jax_cfg.fp8_recipe", choices.FP8_RECIPES)
     one_of("policy.sequence_packing.algorithm", choices.PACKING)
     one_of("data.overlength", choices.OVERLENGTH)
     one_of("data.tokenize", choices.TOKENIZE)
@@ -222,6 +225,27 @@ MEGATRON_CHECKS: tuple[tuple[str, Callable[[Any, Any, Any], bool], Callable[[Any
 )
 
 
+def _check_fp8_cfg(fp8: ConfigDict) -> list[str]:
+    """An enabled megatron_cfg.fp8_cfg's format and recipe (jax_cfg.fp8 / fp8_recipe follow them)."""
+    at, problems = "policy.megatron_cfg.fp8_cfg.", []
+    if fp8.fp8 not in choices.FP8[1:]:
+        problems.append(problem(at + "fp8", fp8.fp8, choices.one_of(choices.FP8[1:])))
+    if fp8.fp8_recipe not in choices.FP8_RECIPES:
+        problems.append(
+            problem(
+                at + "fp8_recipe",
+                fp8.fp8_recipe,
+                choices.one_of(choices.FP8_RECIPES),
+                "jax_sft scales per tensor (blockwise and mxfp8 scale per block, which XLA's FP8 matmuls do not take)",
+            )
+        )
+    if fp8.fp8_param:
+        problems.append(
+            problem(at + "fp8_param", True, "false", "FP8 weight storage is not supported: master weights stay float32")
+        )
+    return problems
+
+
 def _check_megatron(c: ConfigDict, derived: set[str]) -> list[str]:
     """The problems of an enabled policy.megatron_cfg (`MEGATRON_CHECKS`, and the weight decay
     ramp)."""
@@ -233,6 +257,8 @@ def _check_megatron(c: ConfigDict, derived: set[str]) -> list[str]:
         value = get(m, key)
         if not ok(value, o, s):
             problems.append(problem(at + key, value, expected if isinstance(expected, str) else expected(o)))
+    if m.fp8_cfg.enabled:
+        problems += _check_fp8_cfg(m.fp8_cfg)
     start, end = s.start_weight_decay, s.end_weight_decay
     if not 0 <= start <= end:
         given = f"{at}scheduler.start_weight_decay" not in derived

@@ -220,6 +220,13 @@ def _megatron_cfg() -> ConfigDict:
                 a2a_experimental=False,  # Megatron's all-to-all strategy: listed as ignored when true
                 lora_dtype=placeholder(str),  # null / "float32": adapters are always float32 here
             ),
+            # FP8 matmuls in the projection layers (maps to jax_cfg.fp8 / fp8_recipe when those are null).
+            fp8_cfg=dict(
+                enabled=False,
+                fp8="e4m3",  # "e4m3" (forward and gradients) or "hybrid" (e5m2 gradients)
+                fp8_recipe="blockwise",  # jax_sft takes "tensorwise" or "delayed" (per-tensor scales)
+                fp8_param=False,  # FP8 weight storage: not supported (master weights stay float32)
+            ),
         )
     )
     return c
@@ -243,6 +250,13 @@ def _jax_cfg() -> ConfigDict:
             remat=placeholder(str),
             scan_layers=False,  # true: one lax.scan over stacked layers (compile time flat in depth)
             loss_chunk_size=1024,  # tokens per chunk of the fp32 log-softmax
+            # FP8 matmuls in the attention and MLP projections (jax_sft/models/fp8.py): "none", "hybrid"
+            # (e4m3 forward, e5m2 gradients) or "e4m3"; null: megatron_cfg.fp8_cfg.fp8 when it is enabled.
+            fp8=placeholder(str),
+            # "delayed" (scales from an amax history) or "tensorwise" (current scaling); null:
+            # megatron_cfg.fp8_cfg.fp8_recipe when it is enabled, else "delayed".
+            fp8_recipe=placeholder(str),
+            fp8_amax_history=1,  # delayed scaling: steps of amax history (Megatron's default: 1)
             compilation_cache_dir=placeholder(str),
         )
     )

@@ -54,7 +54,6 @@ OPEN = ("policy.optimizer.kwargs",)
 # An enabled policy.megatron_cfg: keys (below megatron_cfg) that must keep a value, with the reason;
 # at that value they are listed as ignored.
 MEGATRON_FIXED: dict[str, tuple[Any, str]] = {
-    "fp8_cfg.enabled": (False, "FP8 training is not supported by jax_sft"),
     "optimizer.fp16": (False, "fp16 is not supported; policy.precision sets the compute dtype (bfloat16 or float32)"),
     "optimizer.decoupled_weight_decay": (True, "only decoupled (AdamW) weight decay is supported"),
     "optimizer.decoupled_lr": (None, "a separate LR for embedding/output layers is not supported"),
@@ -118,6 +117,22 @@ def _remat(c: ConfigDict) -> str:
     return "full" if checkpointing else "none"
 
 
+def _fp8_cfg(c: ConfigDict) -> ConfigDict | None:
+    """An enabled policy.megatron_cfg.fp8_cfg of an enabled megatron_cfg (else None)."""
+    m = c.policy.megatron_cfg
+    return m.fp8_cfg if m.enabled and m.fp8_cfg.enabled else None
+
+
+def _fp8(c: ConfigDict) -> str:
+    fp8 = _fp8_cfg(c)
+    return "none" if fp8 is None else fp8.fp8
+
+
+def _fp8_recipe(c: ConfigDict) -> str:
+    fp8 = _fp8_cfg(c)
+    return "delayed" if fp8 is None else fp8.fp8_recipe
+
+
 def _megatron_wd(c: ConfigDict) -> float:
     return c.policy.megatron_cfg.optimizer.weight_decay
 
@@ -133,6 +148,8 @@ DERIVED: dict[str, Callable[[ConfigDict], Any]] = {
     "policy.jax_cfg.mesh.expert": lambda c: c.policy.dtensor_cfg.expert_parallel_size,
     "policy.jax_cfg.mesh.data": lambda c: c.policy.dtensor_cfg.dp_replicate_size,
     "policy.jax_cfg.remat": _remat,
+    "policy.jax_cfg.fp8": _fp8,
+    "policy.jax_cfg.fp8_recipe": _fp8_recipe,
     "policy.megatron_cfg.optimizer.clip_grad": lambda c: c.policy.max_grad_norm,
     "policy.megatron_cfg.scheduler.start_weight_decay": _megatron_wd,
     "policy.megatron_cfg.scheduler.end_weight_decay": _megatron_wd,

@@ -33,7 +33,7 @@ from jax_sft.models import counts
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.decoder import CausalLM
 from jax_sft.models.hf_write import export_target_problem
-from jax_sft.models.options import LoraConfig, ModelOptions
+from jax_sft.models.options import Fp8Config, LoraConfig, ModelOptions
 from jax_sft.models.sharding import mesh_shape, split_problems
 
 __all__ = [
@@ -157,6 +157,7 @@ def model_options(cfg: ConfigDict) -> ModelOptions:
         scan_layers=bool(jc.scan_layers),
         max_segments=jc.max_segments_per_row,
         lora=lora_config(cfg),
+        fp8=None if jc.fp8 == "none" else Fp8Config(jc.fp8, jc.fp8_recipe, jc.fp8_amax_history),
     )
 
 

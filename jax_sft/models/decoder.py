@@ -41,7 +41,7 @@ from jax_sft.models.config import ModelConfig
 from jax_sft.models.layers import MLP, Attention, RMSNorm, meta, normal_init, projection
 from jax_sft.models.lora import LoRA
 from jax_sft.models.moe import MoE
-from jax_sft.models.options import LM_HEAD, LoraConfig, ModelOptions
+from jax_sft.models.options import LM_HEAD, Fp8Config, LoraConfig, ModelOptions
 from jax_sft.models.rope import rope_inv_freq
 
 # The norms of a layer by ModelConfig.norm_placement: which attribute (HF name) normalises the
@@ -75,6 +75,7 @@ class DecoderLayer(nnx.Module):
         mesh=None,
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
+        fp8: Fp8Config | None = None,
     ):
         norm = partial(
             RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset
@@ -93,11 +94,12 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
             lora=lora,
             adapted=adapted,
+            fp8=fp8,
         )
         if cfg.num_experts > 0 and cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
         else:
-            self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora, adapted=adapted)
+            self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, lora=lora, adapted=adapted, fp8=fp8)
         self.num_experts = cfg.num_experts
 
     def _norm(self, slot: int, x: jax.Array) -> jax.Array:
@@ -161,6 +163,7 @@ def _layers(config, options: ModelOptions, adapted: dict, dtype, param_dtype, me
         max_segments=options.max_segments,
         mesh=mesh,
         lora=options.lora,
+        fp8=options.fp8,
     )
     if not options.scan_layers:
         return nnx.List([layer(i, rngs=rngs, adapted=adapted[i]) for i in range(config.num_layers)])

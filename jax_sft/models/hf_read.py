@@ -40,6 +40,7 @@ from jax_sft.models import lora as lora_lib
 from jax_sft.models.config import ModelConfig, apply_overrides
 from jax_sft.models.decoder import CausalLM
 from jax_sft.models.errors import CheckpointError
+from jax_sft.models.fp8 import Fp8History
 from jax_sft.models.hf_names import SAFE_INDEX, SAFE_WEIGHTS, hf_names
 from jax_sft.models.lora import LoRAParam
 from jax_sft.models.options import ModelOptions
@@ -226,20 +227,25 @@ def from_pretrained(
         shardings = {}
         if mesh is not None:
             shardings = {p: v.get_value() for p, v in nnx.to_flat_state(param_shardings(abs_state, mesh))}
-        plan, adapters = _plan(config, files, abs_state)
+        plan, adapters, histories = _plan(config, files, abs_state)
         np_dtype = np.dtype(options.param_dtype)
         filled = [(p.path, p.var.replace(_fill(p, files, np_dtype, shardings.get(p.path)))) for p in plan]
         filled += _initial_adapters(config, options, adapters, shardings)
+        filled += [(path, var.replace(_zeros(var, shardings.get(path)))) for path, var in histories]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def _plan(config: ModelConfig, files: SafetensorFiles, abs_state) -> tuple[list[_Planned], list[tuple]]:
+def _plan(config: ModelConfig, files: SafetensorFiles, abs_state) -> tuple[list[_Planned], list[tuple], list[tuple]]:
     """The parameters to read, every tensor checked (present, shaped as config.json implies, fused
-    blocks adding up, nothing left unused) before any data is read; and the LoRA adapters."""
-    plan, adapters = [], []
+    blocks adding up, nothing left unused) before any data is read; the LoRA adapters; and the FP8
+    amax histories (not in HF checkpoints: they start empty)."""
+    plan, adapters, histories = [], [], []
     for path, var in nnx.to_flat_state(abs_state):
         if isinstance(var, LoRAParam):
             adapters.append((path, var))
+            continue
+        if isinstance(var, Fp8History):
+            histories.append((path, var))
             continue
         names, entry = hf_names(config, path)
         for index in np.ndindex(names.shape):
@@ -260,7 +266,12 @@ def _plan(config: ModelConfig, files: SafetensorFiles, abs_state) -> tuple[list[
             f"{files.dir}: checkpoint tensors not used by {config.architecture}: "
             + ", ".join(f"{n} ({files.file_of[n]})" for n in unused)
         )
-    return plan, adapters
+    return plan, adapters, histories
+
+
+def _zeros(var: nnx.Variable, sharding) -> jax.Array:
+    zeros = np.zeros(var.shape, var.dtype)
+    return jax.device_put(zeros) if sharding is None else jax.device_put(zeros, sharding)
 
 
 def _check_shapes(plan: list[_Planned], files: SafetensorFiles) -> None:

@@ -18,8 +18,9 @@ from flax import nnx
 from jax_sft.models import attention as attention_lib
 from jax_sft.models import kv_cache as kv_cache_lib
 from jax_sft.models.config import ModelConfig
+from jax_sft.models.fp8 import Fp8History, fp8_einsum
 from jax_sft.models.lora import LoRA
-from jax_sft.models.options import LoraConfig
+from jax_sft.models.options import Fp8Config, LoraConfig
 from jax_sft.models.rope import apply_rope
 
 normal_init = nnx.initializers.normal(0.02)  # HF's initializer_range default
@@ -60,14 +61,27 @@ class RMSNorm(nnx.Module):
 
 
 class Projection(nnx.Einsum):
-    """`nnx.Einsum` plus an optional LoRA adapter (`lora`; None: the plain projection)."""
+    """`nnx.Einsum` plus an optional LoRA adapter (`lora`; None: the plain projection) and optional
+    FP8 matmuls (`fp8`; `jax_sft.models.fp8`: delayed scaling keeps an `Fp8History` here).
+    The bias, when there is one, spans trailing output dimensions."""
 
-    def __init__(self, *args, lora: LoRA | None = None, **kwargs):
+    def __init__(self, *args, lora: LoRA | None = None, fp8: Fp8Config | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lora = nnx.data(lora)
+        self.fp8 = fp8
+        delayed = fp8 is not None and fp8.recipe == "delayed"
+        self.fp8_history = Fp8History(jnp.zeros((3, fp8.history), jnp.float32), **meta(None, None)) if delayed else None
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        y = super().__call__(x)
+        if self.fp8 is None:
+            y = super().__call__(x)
+        else:
+            history = None if self.fp8_history is None else self.fp8_history[...]
+            y = fp8_einsum(
+                self.einsum_str, x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.fp8, history
+            )
+            if self.bias is not None:
+                y = y + self.bias[...].astype(self.dtype)
         return y if self.lora is None else y + self.lora(x, dropout_key).astype(y.dtype)
 
 
@@ -82,8 +96,10 @@ def projection(
     param_dtype,
     rngs: nnx.Rngs,
     lora: LoraConfig | None = None,
+    fp8: Fp8Config | None = None,
 ) -> Projection:
-    """A projection; with `lora`, plus an adapter over the kernel's input and output dimensions."""
+    """A projection; with `lora`, plus an adapter over the kernel's input and output dimensions;
+    with `fp8`, FP8 matmuls."""
     adapter = None
     if lora is not None:
         x_sub, rest = einsum.split(",")
@@ -106,6 +122,7 @@ def projection(
         bias_metadata=meta(*bias_names),
         rngs=rngs,
         lora=adapter,
+        fp8=fp8,
     )
 
 
@@ -127,9 +144,10 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
+        fp8: Fp8Config | None = None,
     ):
         e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8)
         qkv_bias = cfg.qkv_bias
         ad = lambda name: lora if name in adapted else None  # noqa: E731
         self.q_proj = dense(
@@ -228,9 +246,10 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
+        fp8: Fp8Config | None = None,
     ):
         e, m = cfg.hidden_size, cfg.intermediate_size
-        dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8)
         bias = cfg.mlp_bias
         ad = lambda name: lora if name in adapted else None  # noqa: E731
         self.gate_proj = dense(

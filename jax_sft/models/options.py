@@ -61,6 +61,25 @@ def dtype_name(dtype: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """FP8 matmuls in the projection layers (`jax_sft.models.fp8`): `format` "hybrid" (e4m3 forward,
+    e5m2 gradients) or "e4m3" (both); `recipe` "delayed" (scales from an amax history of
+    `history` steps) or "tensorwise" (current scaling: each tensor's own amax)."""
+
+    format: str = "hybrid"
+    recipe: str = "delayed"
+    history: int = 16
+
+    def __post_init__(self):
+        if self.format not in choices.FP8 or self.format == "none":
+            raise ValueError(f"fp8 format={self.format!r}; choose one of {choices.FP8[1:]}")
+        if self.recipe not in choices.FP8_RECIPES:
+            raise ValueError(f"fp8 recipe={self.recipe!r}; choose one of {choices.FP8_RECIPES}")
+        if not (isinstance(self.history, int) and self.history >= 1):
+            raise ValueError(f"fp8 history={self.history!r} must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """How a `CausalLM` is built and run, apart from its architecture (hashable).
 
@@ -68,7 +87,8 @@ class ModelOptions:
     attention: the kernel (`choices.ATTENTION`, see models/attention.py); remat: activation
     checkpointing per layer (`choices.REMAT`); scan_layers: the layers stacked and run by one
     `lax.scan`; max_segments: packed rows with cuDNN, the most segments per row; lora: adapters
-    (None: none). dtypes may be given as jnp / numpy dtypes; they are stored by name.
+    (None: none); fp8: FP8 matmuls in the projections (None: none). dtypes may be given as jnp /
+    numpy dtypes; they are stored by name.
     """
 
     dtype: Any = "bfloat16"
@@ -78,6 +98,7 @@ class ModelOptions:
     scan_layers: bool = False
     max_segments: int = 64
     lora: LoraConfig | None = None
+    fp8: Fp8Config | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))

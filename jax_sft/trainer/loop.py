@@ -120,18 +120,18 @@ class Loop:
         r, state = self.run, self.run.state
         max_segments = r.plan.model.options.max_segments
         compute = r.fns.cast(state.params, r.frozen)  # the compute-dtype weights, once per step
-        acc = r.fns.init_accumulator(state.params)
+        acc = r.fns.init_accumulator(state.params, state.fp8)
         lengths = []
         for i, mb in enumerate(pad_micro_batches(batch, micro_batches, r.data.layout.pad_id).micro_batches):
             if r.check_rows:
                 attention_lib.check_packed_rows(mb["segment_ids"], max_segments)
             acc = r.fns.micro_step(
-                compute, acc, to_global(mb, r.batch_sharding), jnp.asarray([state.step, i], jnp.int32)
+                compute, state.fp8, acc, to_global(mb, r.batch_sharding), r.fns.counter(state.step, i)
             )
             lengths.append(segment_lengths(mb))
         del compute
-        state.params, state.opt_state, metrics = r.fns.apply(
-            state.params, state.opt_state, acc, jnp.asarray(state.step, jnp.int32)
+        state.params, state.opt_state, state.fp8, metrics = r.fns.apply(
+            state.params, state.opt_state, state.fp8, acc, jnp.asarray(state.step, jnp.int32)
         )
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not (np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"])):
@@ -205,6 +205,7 @@ class Loop:
             state.step,
             params=state.params,  # LoRA: the adapters only (lora.json names the base)
             opt_state=state.opt_state,
+            fp8=state.fp8,
             train_info={"step": state.step, "epoch": state.epoch, "consumed_samples": state.consumed, **last_val},
             data_state=data_state,
             extra_files=self.extra_files,

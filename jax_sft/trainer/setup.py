@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_sft import distributed
 from jax_sft.checkpoint import (
@@ -39,20 +39,21 @@ from jax_sft.models import from_pretrained, read_config
 from jax_sft.models import sharding as sharding_lib
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.hf_read import resolve_model_dir
-from jax_sft.models.lora import LoRAParam
 from jax_sft.models.options import base_problem, base_reference
 from jax_sft.optim import optimizer_from_config
 from jax_sft.run_lock import RunLock, RunLocked
-from jax_sft.step import StepFns, make_step_fns, needs_cast, opt_state_shardings
+from jax_sft.step import StepFns, make_step_fns, needs_cast, opt_state_shardings, split_model
 
 
 @dataclasses.dataclass
 class TrainState:
     """What the steps move and a checkpoint saves: the trainable parameters (every Param, or the
-    LoRA adapters), the optimizer state, and where the run is."""
+    LoRA adapters), the optimizer state, the FP8 amax histories (empty without delayed-scaling
+    FP8), and where the run is."""
 
     params: nnx.State
     opt_state: Any  # optax state of `params`
+    fp8: nnx.State
     step: int = 0
     epoch: int = 0
     consumed: int = 0  # sequences trained on
@@ -83,7 +84,7 @@ class Run:
     resumed_from: int | None = None
 
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.state.params, self.frozen, self.rest)
+        return nnx.merge(self.graphdef, self.state.params, self.state.fp8, self.frozen, self.rest)
 
 
 @contextlib.contextmanager
@@ -142,10 +143,10 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
         model_dir, plan.model.options, mesh=mesh, hf_config_overrides=plan.model.hf_config_overrides
     )
     packed = plan.batch.packing
-    graphdef, params, frozen, rest = nnx.split(model, LoRAParam if plan.lora else nnx.Param, nnx.Param, ...)
+    graphdef, params, fp8, frozen, rest = split_model(model, lora=plan.lora is not None)
     total_steps = min(plan.steps.max_epochs * data.steps_per_epoch, plan.steps.max_steps)
     fns, opt_state, shardings = _compile_steps(
-        cfg, plan, (graphdef, params, rest), mesh, total_steps, moe=model.config.num_experts > 0
+        cfg, plan, (graphdef, params, fp8, rest), mesh, total_steps, moe=model.config.num_experts > 0
     )
     run = Run(
         plan=plan,
@@ -162,7 +163,7 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
         total_steps=total_steps,
         check_rows=packed and "cudnn" in model.attention_kernel(packed),
         attention_line=model.describe_attention(packed),
-        state=TrainState(params, opt_state),
+        state=TrainState(params, opt_state, fp8),
         train_iter=data.train_iterator(),
         lock=lock,
     )
@@ -174,10 +175,11 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
 def _compile_steps(
     cfg: Any, plan: RunPlan, split: tuple, mesh: Mesh, total_steps: int, *, moe: bool
 ) -> tuple[StepFns, Any, tuple[Any, Any]]:
-    """(step functions, initial optimizer state, (parameter, optimizer-state shardings)) of the
-    split model (graphdef, trainable params, rest) over `total_steps` optimizer steps."""
-    graphdef, params, rest = split
+    """(step functions, initial optimizer state, (parameter, optimizer-state, FP8 shardings)) of
+    the split model (graphdef, trainable params, FP8 histories, rest) over `total_steps` steps."""
+    graphdef, params, fp8, rest = split
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    fp8_shardings = jax.tree.map(lambda x: x.sharding, fp8)
     tx, schedule, _ = optimizer_from_config(cfg, total_steps)
     opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -190,27 +192,31 @@ def _compile_steps(
         mesh=mesh,
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
+        fp8_shardings=fp8_shardings,
         chunk_size=cfg.policy.jax_cfg.loss_chunk_size,
         packed=plan.batch.packing,
         compute_dtype=jnp.dtype(plan.precision),
         moe=moe,
         dropout_seed=plan.steps.seed if lora is not None and lora.dropout > 0 else None,
     )
-    return fns, opt_state, (param_shardings, opt_shardings)
+    return fns, opt_state, (param_shardings, opt_shardings, fp8_shardings)
 
 
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Process-local rows [local_rows, seq] -> global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in ARRAY_KEYS}
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> jax.Array:
+    """Process-local rows [local_rows, seq] -> one global int32 array [len(ARRAY_KEYS), rows, seq]
+    (`step.as_batch` reads it), its rows sharded like `sharding`'s batch dimension: one transfer
+    per micro-batch, not one per array."""
+    stacked = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+    return jax.make_array_from_process_local_data(stacked, np.stack([batch[k] for k in ARRAY_KEYS]))
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _resume(run: Run, param_shardings: Any, opt_shardings: Any) -> Run:
-    """Opens checkpoint_dir; when it has a step (below the last), restores params, optimizer and
-    data state. A LoRA checkpoint must match the run's base model and LoRA settings."""
+def _resume(run: Run, param_shardings: Any, opt_shardings: Any, fp8_shardings: Any) -> Run:
+    """Opens checkpoint_dir; when it has a step (below the last), restores params, optimizer, FP8
+    and data state. A LoRA checkpoint must match the run's base model and LoRA settings."""
     spec = run.plan.checkpoint
     ckpt = Checkpointer(
         spec.directory,
@@ -223,19 +229,23 @@ def _resume(run: Run, param_shardings: Any, opt_shardings: Any) -> Run:
     if run.resumed_from is None or run.resumed_from >= run.total_steps:
         return run
     _check_lora_checkpoint(run, ckpt.step_dir(run.resumed_from))
-    params, opt_state, info, data_state = ckpt.restore(
+    restored = ckpt.restore(
         run.resumed_from,
         abstract_params=_abstract(run.state.params, param_shardings),
         abstract_opt_state=_abstract(run.state.opt_state, opt_shardings),
+        abstract_fp8=_abstract(run.state.fp8, fp8_shardings),
     )
-    if opt_state is None:
+    if restored.opt_state is None:
         raise RuntimeError(
             f"{ckpt.step_dir(run.resumed_from)} has no optimizer state (save_optimizer was false); "
             "resuming would reset AdamW's moments. Point checkpointing.checkpoint_dir elsewhere "
             "to start a new run from exported weights instead"
         )
-    run.train_iter.set_state(data_state)
-    run.state.params, run.state.opt_state = params, opt_state
+    run.train_iter.set_state(restored.data_state)
+    run.state.params, run.state.opt_state = restored.params, restored.opt_state
+    if restored.fp8 is not None:  # else a checkpoint saved without FP8: the histories start empty
+        run.state.fp8 = restored.fp8
+    info = restored.train_info
     run.state.step, run.state.epoch, run.state.consumed = info["step"], info["epoch"], info["consumed_samples"]
     return run
 

@@ -29,7 +29,7 @@ class Validator:
         for mb in r.data.val_batches():
             if r.check_rows:
                 attention_lib.check_packed_rows(mb["segment_ids"], r.plan.model.options.max_segments)
-            n, t = r.fns.eval_step(r.state.params, r.frozen, to_global(mb, r.batch_sharding))
+            n, t = r.fns.eval_step(r.state.params, r.state.fp8, r.frozen, to_global(mb, r.batch_sharding))
             nll, tokens = nll + float(n), tokens + float(t)
         val_loss = nll / max(tokens, 1.0)
         metrics = {"validation/val_loss": val_loss, "timing/validation/total_validation_time": time.time() - t0}
