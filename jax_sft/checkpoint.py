@@ -50,6 +50,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jax_sft.checkpoint_shapes import restore_args, vocab_resized
 from jax_sft.errors import InputError, RunFailure
 
 STEP_PREFIX = "step"  # step_N
@@ -222,12 +223,12 @@ def saved_scan_layers(path: Path) -> bool:
     return bool(layers) and not any(str(k).isdigit() for k in layers)
 
 
-def restore_params(path: Path, target: Any) -> Any:
+def restore_params(path: Path, target: Any, vocab_size: int | None = None) -> Any:
     """The `params` item of the complete step_N folder `path`, read-only, in the structure, dtypes
-    and shardings of `target` (a pytree of jax.ShapeDtypeStruct): each process reads only the
-    shards its devices hold; nothing under the checkpoint folder is created or deleted."""
+    and shardings of `target` (a pytree of jax.ShapeDtypeStruct; other vocabulary padding: see
+    `checkpoint_shapes`): each process reads only the shards its devices hold."""
     with ocp.StandardCheckpointer() as reader:
-        return reader.restore(path / "params", target)
+        return reader.restore(path / "params", target, strict=not vocab_resized(path / "params", target, vocab_size))
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -488,15 +489,21 @@ class Checkpointer:
             self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True)
 
     def restore(
-        self, step: int, *, abstract_params: Any, abstract_opt_state: Any | None, with_data: bool = True
+        self,
+        step: int,
+        *,
+        abstract_params: Any,
+        abstract_opt_state: Any | None,
+        with_data: bool = True,
+        vocab_size: int | None = None,
     ) -> tuple[Any, Any | None, dict[str, Any], dict[str, Any] | None]:
         """(params, opt_state or None, train_info, this process's data state) of step_`step`.
 
         `abstract_*` are pytrees of jax.ShapeDtypeStruct carrying the target shardings, so each
-        process reads only the shards its devices hold.
+        process reads only the shards its devices hold (`vocab_size`: see `restore_params`).
         """
         items = {
-            "params": ocp.args.StandardRestore(abstract_params),
+            "params": restore_args(self.step_dir(step) / "params", abstract_params, vocab_size),
             "train_info": ocp.args.JsonRestore(),
         }
         data_file = self._saved_data_file(step)
@@ -504,7 +511,7 @@ class Checkpointer:
             items["data"] = FilesRestore([data_file])
         has_opt = (self.step_dir(step) / "opt_state").exists()
         if abstract_opt_state is not None and has_opt:
-            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            items["opt_state"] = restore_args(self.step_dir(step) / "opt_state", abstract_opt_state, vocab_size)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         data_state = json.loads(restored["data"][data_file]) if with_data else None
         opt_state = restored["opt_state"] if "opt_state" in items else None

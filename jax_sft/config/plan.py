@@ -29,9 +29,10 @@ from jax_sft.data.pipeline import DataPlan
 from jax_sft.errors import ConfigError, InputError
 from jax_sft.models import counts
 from jax_sft.models.config import ModelConfig
+from jax_sft.models.decoder import sharding_problems
 from jax_sft.models.hf_write import export_target_problem
 from jax_sft.models.options import LoraConfig, ModelOptions
-from jax_sft.models.sharding import mesh_shape
+from jax_sft.models.sharding import mesh_shape, padded_vocab_size
 
 __all__ = [
     "RunPlan",
@@ -222,16 +223,20 @@ def make_plan(
     config when they were read (None: not local; its checks are left to the run). ConfigError
     (source `CHECKS`) listing every problem with the mesh, the batch sizes and the model."""
     problems: list[str] = []
+    mesh_ok = True
     try:
         mesh = mesh_plan(cfg, devices)
     except InputError as e:
         problems.append(str(e))
-        mesh = MeshPlan(1, devices, 1, 1)  # to check the rest against
+        mesh, mesh_ok = MeshPlan(1, devices, 1, 1), False  # to check the rest against
     batch = _batch_plan(cfg, mesh.dp, problems)
     p = cfg.policy
     options = model_options(cfg)
     if model_config is not None:
-        problems += _model_problems(cfg, model_config, options)
+        model_problems = _model_problems(cfg, model_config, options)
+        if mesh_ok and not model_problems:  # the parameters against the mesh (vocabulary rows are padded to fit)
+            model_problems = sharding_problems(model_config, options, mesh.data, mesh.fsdp, mesh.expert, mesh.tensor)
+        problems += model_problems
     if problems:
         raise ConfigError(problems, CHECKS)
     lora_key = None if options.lora is None else MEGATRON_LORA if options.lora.naming == "megatron" else DTENSOR_LORA
@@ -268,8 +273,14 @@ def make_plan(
 
 
 def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions) -> list[str]:
-    """The model against the run: sequence length, LoRA targets."""
+    """The model against the run: sequence length, quantized weights, LoRA targets."""
     problems = []
+    if m.quantization is not None and cfg.policy.dequantize_base_checkpoint is False:
+        problems.append(
+            f"policy.dequantize_base_checkpoint=false, but the model stores weights in {m.quantization.upper()} "
+            "(config.json's quantization_config), which jax_sft reads only dequantized (it trains no "
+            "quantized weights); set it to true, as NeMo RL's gpt-oss recipes do, or leave it unset"
+        )
     length = cfg.policy.max_total_sequence_length
     if length > m.context_length:
         problems.append(
@@ -344,6 +355,16 @@ def _model_lines(plan: RunPlan) -> list[str]:
             f"model: mixture of experts: {m.num_experts} experts, top {m.experts_per_token}, "
             f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
             f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}"
+        )
+    if m.quantization is not None:
+        lines.append(
+            f"model: {m.quantization.upper()} weights, dequantized on load to {plan.model.options.param_dtype}"
+        )
+    vocab_rows = padded_vocab_size(m.vocab_size, plan.mesh.tensor)
+    if vocab_rows != m.vocab_size:
+        lines.append(
+            f"model: vocabulary {m.vocab_size} padded to {vocab_rows} rows (a multiple of tensor="
+            f"{plan.mesh.tensor}); the padding is outside the softmax and never exported"
         )
     return lines + _lora_lines(plan)
 

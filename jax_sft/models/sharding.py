@@ -2,17 +2,21 @@
 
 Every parameter of the decoder carries logical axis names in its `out_sharding` metadata:
 
-    embed_tokens.embedding          ("vocab", "embed")
+    embed_tokens.embedding          ("vocab", "embed")                  (vocab rows padded: see below)
     lm_head.kernel                  ("embed", "vocab")
     self_attn.{q}_proj.kernel       ("embed", "q_heads", "head_dim")    bias ("q_heads", "head_dim")
     self_attn.{k,v}_proj.kernel     ("embed", "kv_heads", "head_dim")   bias ("kv_heads", "head_dim")
     self_attn.o_proj.kernel         ("q_heads", "head_dim", "embed")    bias ("embed",)
+    self_attn.sinks (gpt-oss)       ("q_heads",)
     mlp.{gate,up}_proj.kernel       ("embed", "mlp")                    bias ("mlp",)
     mlp.down_proj.kernel            ("mlp", "embed")                    bias ("embed",)
     *norm.weight                    ("norm",)
     mlp.router (MoE)                ("embed", "router")
     mlp.{gate,up}_proj (MoE)        ("expert", "embed", "expert_mlp")
     mlp.down_proj (MoE)             ("expert", "expert_mlp", "embed")
+    mlp.router_bias (gpt-oss)       ("router",)
+    mlp.{gate,up}_bias (gpt-oss)    ("expert", "expert_mlp")
+    mlp.down_bias (gpt-oss)         ("expert", "embed")
     <projection>.lora.lora_a        (<the kernel's input axes>, "lora_rank")    LoRA (lora.py)
     <projection>.lora.lora_b        ("lora_rank", <the kernel's output axes>)
 
@@ -22,6 +26,11 @@ Every parameter of the decoder carries logical axis names in its `out_sharding` 
 expert of them) and, like "data", splits the batch for everything else. "data" only replicates.
 Changing the layout means editing this table only. The expert axis has size 1 unless asked for
 (`policy.jax_cfg.mesh.expert`, or NeMo RL's `policy.dtensor_cfg.expert_parallel_size`).
+
+A vocabulary that the tensor axis does not divide is padded (`padded_vocab_size`: the embedding
+and lm_head rows rounded up to a multiple of the tensor size, as Megatron's
+make_vocab_size_divisible_by); any other dimension that its mesh axes cannot split is reported by
+`shard_problems` (the run plan's checks, before any data or weights are read).
 """
 
 from __future__ import annotations
@@ -89,6 +98,12 @@ def make_mesh(
     return jax.make_mesh((data, fsdp, expert, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
+def padded_vocab_size(vocab_size: int, tensor: int = 1) -> int:
+    """The embedding / lm_head rows of a model on a mesh whose tensor axis has size `tensor`:
+    `vocab_size` rounded up to a multiple of it, since it splits them."""
+    return -(-vocab_size // tensor) * tensor
+
+
 def describe_mesh(mesh: Mesh) -> dict[str, int]:
     """The mesh's axis sizes for the run log; the expert axis only when it is used (> 1)."""
     return {k: v for k, v in mesh.shape.items() if k != "expert" or v > 1}
@@ -127,22 +142,34 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.S
     place such an array), naming the parameter and what to change.
     """
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+    problems = shard_problems(state, dict(mesh.shape))
+    if problems:
+        raise ValueError(problems[0])
+    with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
+        return nnx.get_named_sharding(state, mesh)
+
+
+def shard_problems(state: nnx.State, sizes: dict[str, int]) -> list[str]:
+    """One line per kind of parameter dimension (logical name, size, mesh axes) that the mesh of
+    axis `sizes` cannot split, naming the first such parameter and how many more there are; []
+    when every parameter of `state` (abstract values will do) shards."""
+    found: dict[tuple, list[str]] = {}
     for path, var in nnx.to_flat_state(state):
         names = var.get_metadata().get("out_sharding")
         if names is None:
             raise ValueError(f"parameter {_path_str(path)} has no logical axis names (out_sharding)")
-        spec = logical_to_spec(names)
-        for dim, (size, axes) in enumerate(zip(var.shape, spec)):
+        for dim, (size, axes) in enumerate(zip(var.shape, logical_to_spec(names))):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            parts = math.prod(mesh.shape[a] for a in axes)
+            parts = math.prod(sizes[a] for a in axes)
             if size % parts:
-                raise ValueError(
-                    f"parameter {_path_str(path)} {tuple(var.shape)}: dimension {dim} "
-                    f"({names[dim]!r}, size {size}) cannot be split over mesh axes {axes} "
-                    f"of total size {parts}; choose a mesh whose {'x'.join(axes)} size divides {size}"
-                )
-    with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
-        return nnx.get_named_sharding(state, mesh)
+                where = f"parameter {_path_str(path)} {tuple(var.shape)}: dimension {dim}"
+                found.setdefault((names[dim], size, axes, parts), []).append(where)
+    return [
+        f"{wheres[0]} ({name!r}, size {size}) cannot be split over mesh axes {axes} of total size {parts}"
+        + (f" (nor can {len(wheres) - 1} more parameters)" if len(wheres) > 1 else "")
+        + f"; choose a mesh whose {'x'.join(axes)} size divides {size}"
+        for (name, size, axes, parts), wheres in found.items()
+    ]
 
 
 def _path_str(path: Sequence) -> str:

@@ -213,6 +213,7 @@ def _resume(run: Run, param_shardings: Any, opt_shardings: Any) -> Run:
         run.resumed_from,
         abstract_params=_abstract(run.state.params, param_shardings),
         abstract_opt_state=_abstract(run.state.opt_state, opt_shardings),
+        vocab_size=run.model_config.vocab_size,
     )
     if opt_state is None:
         raise RuntimeError(
