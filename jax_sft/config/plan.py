@@ -46,6 +46,7 @@ __all__ = [
     "output_problems",
     "deadline_seconds",
     "protected_folders",
+    "model_notes",
 ]
 
 CHECKS = "checks against the devices and model"  # the source of make_plan's ConfigError
@@ -356,17 +357,22 @@ def _model_lines(plan: RunPlan) -> list[str]:
             f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
             f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}"
         )
+    return lines + [f"model: {note}" for note in model_notes(plan)] + _lora_lines(plan)
+
+
+def model_notes(plan: RunPlan) -> list[str]:
+    """What the run does to the model's weights as stored (the dry run's and the run log's
+    lines): dequantizing them, padding the vocabulary rows for the tensor axis."""
+    m, notes = plan.model.config, []
     if m.quantization is not None:
-        lines.append(
-            f"model: {m.quantization.upper()} weights, dequantized on load to {plan.model.options.param_dtype}"
-        )
+        notes.append(f"{m.quantization.upper()} weights, dequantized on load to {plan.model.options.param_dtype}")
     vocab_rows = padded_vocab_size(m.vocab_size, plan.mesh.tensor)
     if vocab_rows != m.vocab_size:
-        lines.append(
-            f"model: vocabulary {m.vocab_size} padded to {vocab_rows} rows (a multiple of tensor="
-            f"{plan.mesh.tensor}); the padding is outside the softmax and never exported"
+        notes.append(
+            f"vocabulary {m.vocab_size} padded to {vocab_rows} rows (a multiple of tensor={plan.mesh.tensor}); "
+            "the padding is outside the softmax and never exported"
         )
-    return lines + _lora_lines(plan)
+    return notes
 
 
 def _lora_lines(plan: RunPlan) -> list[str]:
