@@ -73,7 +73,7 @@ def assets(tmp_path_factory) -> Path:
     common = dict(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=1,  # one layer: these tests are about the recipes (compile time grows with depth)
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
@@ -85,6 +85,7 @@ def assets(tmp_path_factory) -> Path:
     qwen2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=vocab, rope_theta=10000.0)
     _model(out / "qwen2", tokenizer, dict(common, **qwen2, num_attention_heads=8, num_key_value_heads=8))
     gpt_oss = dict(FAMILIES["gpt_oss"][2], num_local_experts=8, output_router_logits=False)
+    gpt_oss["layer_types"] = ["sliding_attention"]
     gpt_oss.update(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=len(tokenizer))
     _model(out / "gpt_oss_bf16", tokenizer, dict(common, **gpt_oss, num_attention_heads=4, num_key_value_heads=2))
     save_mxfp4(out / "gpt_oss_bf16", out / "gpt_oss")

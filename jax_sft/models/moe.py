@@ -134,29 +134,25 @@ def expert_parallel(mesh, x, experts, weights, gate, up, down, glu, biases=(None
     whose partial down projections are summed; the down bias is added once, after that sum)."""
     rows = P(BATCH_AXES, None)
     up_spec, down_spec = P("expert", None, "tensor"), P("expert", "tensor", None)
-    gate_bias, up_bias, down_bias = biases
-    has_bias = gate_bias is not None
-    if not has_bias:  # placeholders, so that shard_map's arguments keep one structure
-        gate_bias = up_bias = jnp.zeros((gate.shape[0], gate.shape[2]), jnp.float32)
-        down_bias = jnp.zeros((gate.shape[0], gate.shape[1]), jnp.float32)
+    has_bias = biases[0] is not None
+    bias_specs = (P("expert", "tensor"), P("expert", "tensor"), P("expert", None)) if has_bias else ()
 
-    def local(x, experts, weights, gate, up, down, gate_bias, up_bias, down_bias):
+    def local(x, experts, weights, gate, up, down, *bias):
         gather = partial(jax.lax.all_gather, axis_name="expert", axis=0, tiled=True)
         x, experts, weights = gather(x), gather(experts), gather(weights)
         n_local = gate.shape[0]
         mine = experts - jax.lax.axis_index("expert") * n_local
         mine = jnp.where((mine >= 0) & (mine < n_local), mine, n_local)
-        inner = (gate_bias, up_bias, None) if has_bias else (None, None, None)
+        inner = (bias[0], bias[1], None) if bias else (None, None, None)
         y = jax.lax.psum(grouped_experts(x, mine, weights, gate, up, down, glu, inner), "tensor")
-        if has_bias:  # sum_k w_k * down_bias[expert_k] over the slots routed to this device
+        if bias:  # sum_k w_k * down_bias[expert_k] over the slots routed to this device
             local_w = jnp.where(mine < n_local, weights.astype(jnp.float32), 0.0)
-            y = y + jnp.einsum("nk,nkd->nd", local_w, down_bias[jnp.minimum(mine, n_local - 1)])
+            y = y + jnp.einsum("nk,nkd->nd", local_w, bias[2][jnp.minimum(mine, n_local - 1)])
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
-    bias_spec = P("expert", "tensor")
-    specs = (rows, rows, rows, up_spec, up_spec, down_spec, bias_spec, bias_spec, P("expert", None))
+    specs = (rows, rows, rows, up_spec, up_spec, down_spec, *bias_specs)
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=rows)(
-        x, experts, weights, gate, up, down, gate_bias, up_bias, down_bias
+        x, experts, weights, gate, up, down, *(biases if has_bias else ())
     )
 
 
