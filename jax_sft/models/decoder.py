@@ -410,6 +410,12 @@ def sharding_problems(config: ModelConfig, options: ModelOptions, data: int, fsd
     axis sizes (`sharding.shard_problems`, one line per kind of dimension), the vocabulary padded
     as on that mesh; from an abstract model: nothing is allocated and no device is needed."""
     mesh = jax.sharding.AbstractMesh((data, fsdp, expert, tensor), MESH_AXES)
+    if options.lora is None and len(set(config.moe_layers)) <= 1:
+        # Every layer alike but for its window, which shapes nothing: one stacked layer is traced
+        # instead of each (0.1 s instead of 9 s for a 64-layer model). Layers that differ
+        # otherwise (another per-layer kind) must keep this path off.
+        config = dataclasses.replace(config, sliding_windows=(None,) * config.num_layers)
+        options = dataclasses.replace(options, scan_layers=True)
     abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0), mesh=mesh))
     return shard_problems(nnx.state(abstract), dict(mesh.shape))
 

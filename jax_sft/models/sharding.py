@@ -152,18 +152,21 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.S
 def shard_problems(state: nnx.State, sizes: dict[str, int]) -> list[str]:
     """One line per kind of parameter dimension (logical name, size, mesh axes) that the mesh of
     axis `sizes` cannot split, naming the first such parameter and how many more there are; []
-    when every parameter of `state` (abstract values will do) shards."""
+    when every parameter of `state` (abstract values will do) shards. A scan-stacked parameter
+    (`layers.<name>`, [num_layers, ...]) is named per layer (`layers.*.<name>`)."""
     found: dict[tuple, list[str]] = {}
     for path, var in nnx.to_flat_state(state):
         names = var.get_metadata().get("out_sharding")
         if names is None:
             raise ValueError(f"parameter {_path_str(path)} has no logical axis names (out_sharding)")
+        stacked = len(path) > 1 and path[0] == "layers" and not str(path[1]).isdigit()
+        lead, name = (1, "layers.*." + _path_str(path[1:])) if stacked else (0, _path_str(path))
         for dim, (size, axes) in enumerate(zip(var.shape, logical_to_spec(names))):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
             parts = math.prod(sizes[a] for a in axes)
             if size % parts:
-                where = f"parameter {_path_str(path)} {tuple(var.shape)}: dimension {dim}"
-                found.setdefault((names[dim], size, axes, parts), []).append(where)
+                where = f"parameter {name} {tuple(var.shape)[lead:]}: dimension {dim - lead}"
+                found.setdefault((names[dim], size, axes, parts), []).extend([where] * (var.shape[0] if lead else 1))
     return [
         f"{wheres[0]} ({name!r}, size {size}) cannot be split over mesh axes {axes} of total size {parts}"
         + (f" (nor can {len(wheres) - 1} more parameters)" if len(wheres) > 1 else "")
