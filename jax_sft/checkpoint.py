@@ -50,6 +50,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jax_sft import checkpoint_verify
+from jax_sft.checkpoint_shapes import restore_args, vocab_resized
 from jax_sft.disk_full import QuietFailedWrites, is_disk_full, size_text
 from jax_sft.errors import InputError, RunFailure
 from jax_sft.models.config import ModelConfig
@@ -278,12 +279,12 @@ def saved_scan_layers(path: Path) -> bool:
     return bool(layers) and not any(str(k).isdigit() for k in layers)
 
 
-def restore_params(path: Path, target: Any) -> Any:
+def restore_params(path: Path, target: Any, vocab_size: int | None = None) -> Any:
     """The `params` item of the complete step_N folder `path`, read-only, in the structure, dtypes
-    and shardings of `target` (a pytree of jax.ShapeDtypeStruct): each process reads only the
-    shards its devices hold; nothing under the checkpoint folder is created or deleted."""
+    and shardings of `target` (a pytree of jax.ShapeDtypeStruct; other vocabulary padding: see
+    `checkpoint_shapes`): each process reads only the shards its devices hold."""
     with ocp.StandardCheckpointer() as reader:
-        return reader.restore(path / "params", target)
+        return reader.restore(path / "params", target, strict=not vocab_resized(path / "params", target, vocab_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -495,14 +496,15 @@ class Checkpointer:
         abstract_opt_state: Any | None,
         abstract_fp8: Any = None,
         with_data: bool = True,
+        vocab_size: int | None = None,
     ) -> Restored:
         """Step_`step`'s state (see `Restored`).
 
         `abstract_*` are pytrees of jax.ShapeDtypeStruct carrying the target shardings, so each
-        process reads only the shards its devices hold.
+        process reads only the shards its devices hold (`vocab_size`: see `restore_params`).
         """
         items = {
-            "params": ocp.args.StandardRestore(abstract_params),
+            "params": restore_args(self.step_dir(step) / "params", abstract_params, vocab_size),
             "train_info": ocp.args.JsonRestore(),
         }
         data_file = self._saved_data_file(step)
@@ -510,7 +512,7 @@ class Checkpointer:
             items["data"] = FilesRestore([data_file])
         has_opt = (self.step_dir(step) / "opt_state").exists()
         if abstract_opt_state is not None and has_opt:
-            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            items["opt_state"] = restore_args(self.step_dir(step) / "opt_state", abstract_opt_state, vocab_size)
         if jax.tree.leaves(abstract_fp8) and (self.step_dir(step) / "fp8").exists():
             items["fp8"] = ocp.args.StandardRestore(abstract_fp8)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))

@@ -84,9 +84,10 @@ def saved_config(step_dir: Path) -> ModelConfig:
 def full_model(step_dir: Path) -> CausalLM:
     """A full fine-tune's model, every parameter restored from the checkpoint."""
     options = dataclasses.replace(_F32, scan_layers=saved_scan_layers(step_dir))
-    abstract = nnx.eval_shape(lambda: CausalLM(saved_config(step_dir), options, rngs=nnx.Rngs(0)))
+    config = saved_config(step_dir)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
-    return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_params)), rest)
+    return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_params), config.vocab_size), rest)
 
 
 def _lora_graph(base: CausalLM, lora: LoraConfig) -> tuple[Any, Any]:
@@ -122,7 +123,7 @@ def lora_model(step_dir: Path, reference: dict[str, Any], base: str | None) -> C
     problem = base_problem(reference, name, model.config.to_hf_dict())
     if problem:
         raise BaseMismatch(f"{step_dir}: {problem}; pass --base with the base model it was trained on")
-    adapters = restore_params(step_dir, _on_first_device(abstract_adapters(model, lora)))
+    adapters = restore_params(step_dir, _on_first_device(abstract_adapters(model, lora)), model.config.vocab_size)
     return attach_lora(model, lora, adapters)
 
 
@@ -132,9 +133,10 @@ def adapters_only(step_dir: Path, reference: dict[str, Any]) -> CausalLM:
     options = dataclasses.replace(
         _F32, scan_layers=saved_scan_layers(step_dir), lora=LoraConfig.from_dict(reference["lora"])
     )
-    abstract = nnx.eval_shape(lambda: CausalLM(saved_config(step_dir), options, rngs=nnx.Rngs(0)))
+    config = saved_config(step_dir)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
     graphdef, abs_adapters, rest = nnx.split(abstract, LoRAParam, ...)
-    return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_adapters)), rest)
+    return nnx.merge(graphdef, restore_params(step_dir, _on_first_device(abs_adapters), config.vocab_size), rest)
 
 
 def base_folders(step_dir: Path, reference: dict[str, Any] | None, base: str | None) -> list[Path]:

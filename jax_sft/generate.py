@@ -402,11 +402,11 @@ def _restore_checkpoint(step_dir: Path, mesh, options):
     config = ModelConfig.from_hf_dict(hf_config, source=source)
     if generation is not None:
         config = dataclasses.replace(config, generation_config_json=generation)
-    abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0), mesh=mesh))
     graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = sharding_lib.param_shardings(abs_params, mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_params, shardings)
-    return nnx.merge(graphdef, restore_params(step_dir, target), rest)
+    return nnx.merge(graphdef, restore_params(step_dir, target, config.vocab_size), rest)
 
 
 def _tokenizer(path: Path, cfg, overrides: Sequence[str]):

@@ -16,6 +16,10 @@ gradients in the unembedding's dtype and accumulate in fp32.
 
 Final logit soft-capping (Gemma 2's `final_logit_softcapping` c): the log-softmax runs over
 c * tanh(logits / c) in fp32, and the chunk gradient carries the factor 1 - tanh^2.
+
+Vocabulary padding (`CausalLM.vocab_rows`: the unembedding's columns padded to a multiple of the
+tensor axis): the columns from `vocab_size` on get logit -inf, so they are outside the softmax
+(probability 0, no gradient reaches them) and the NLL is that of the unpadded model.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ def _chunk_logits(hidden: jax.Array, kernel: jax.Array, softcap: float | None = 
     return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
-def _chunk_nll(hidden, kernel, targets, mask, softcap=None):
-    """-> (fp32 nll sum over masked positions, fp32 logits, fp32 log-normaliser [b, c])."""
+def _chunk_nll(hidden, kernel, targets, mask, softcap=None, vocab_size=None):
+    """-> (fp32 nll sum over masked positions, fp32 logits with the padding columns (from
+    `vocab_size` on) at -inf, fp32 log-normaliser [b, c])."""
     logits = _chunk_logits(hidden, kernel, softcap)
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return ((log_z - target_logit) * mask).sum(), logits, log_z
@@ -53,29 +60,29 @@ def _merge(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _nll_sum(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _nll_sum(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None, vocab_size: int | None):
     """Forward only (evaluation): the summed NLL, chunk by chunk."""
     if n_chunks == 1:
-        return _chunk_nll(hidden, kernel, targets, mask, softcap)[0]
+        return _chunk_nll(hidden, kernel, targets, mask, softcap, vocab_size)[0]
 
     def body(total, xs):
-        return total + _chunk_nll(xs[0], kernel, xs[1], xs[2], softcap)[0], None
+        return total + _chunk_nll(xs[0], kernel, xs[1], xs[2], softcap, vocab_size)[0], None
 
     zero = jnp.zeros((), jnp.float32)
     total, _ = jax.lax.scan(body, zero, tuple(_split(x, n_chunks) for x in (hidden, targets, mask)))
     return total
 
 
-def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None):
+def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None, vocab_size: int | None):
     vocab = kernel.shape[-1]
 
     def chunk(h, t, m):
-        nll, logits, log_z = _chunk_nll(h, kernel, t, m, softcap)
-        probs = jnp.exp(logits - log_z[..., None])
+        nll, logits, log_z = _chunk_nll(h, kernel, t, m, softcap, vocab_size)
+        probs = jnp.exp(logits - log_z[..., None])  # 0 on the padding columns
         g = jnp.where(jnp.arange(vocab) == t[..., None], probs - 1.0, probs) * m[..., None]
         if softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2 = 1 - (capped / c)^2
-            g = g * (1.0 - jnp.square(logits / softcap))
+            g = g * jnp.where(jnp.isfinite(logits), 1.0 - jnp.square(logits / softcap), 0.0)
         g = g.astype(kernel.dtype)  # dNLL/dlogits [b, c, vocab]
         d_hidden = jnp.einsum("bcv,dv->bcd", g, kernel, preferred_element_type=jnp.float32)
         d_kernel = jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=jnp.float32)
@@ -97,7 +104,7 @@ def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | 
     return nll, (d_hidden, d_kernel.astype(kernel.dtype))
 
 
-def _nll_sum_bwd(n_chunks, softcap, res, g):
+def _nll_sum_bwd(n_chunks, softcap, vocab_size, res, g):
     d_hidden, d_kernel = res
     return d_hidden * g.astype(d_hidden.dtype), d_kernel * g.astype(d_kernel.dtype), None, None
 
@@ -112,9 +119,11 @@ def masked_nll_sum(
     loss_mask: jax.Array,
     chunk_size: int,
     softcap: float | None = None,
+    vocab_size: int | None = None,
 ) -> jax.Array:
     """Sum over masked positions of -log softmax(hidden @ kernel)[target], in fp32
-    (of softcap * tanh(hidden @ kernel / softcap) when `softcap` is given).
+    (of softcap * tanh(hidden @ kernel / softcap) when `softcap` is given), the softmax over the
+    first `vocab_size` columns of the kernel (None: all; the rest is vocabulary padding).
 
     hidden: [batch, seq, hidden] final-norm activations; kernel: [hidden, vocab] unembedding;
     targets: [batch, seq] int32 next tokens; loss_mask: [batch, seq] (1 = a training target).
@@ -129,4 +138,4 @@ def masked_nll_sum(
             f"sequence length {seq} is not a multiple of policy.jax_cfg.loss_chunk_size={chunk}; "
             "pick a chunk size that divides the padded sequence length"
         )
-    return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, seq // chunk, softcap)
+    return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, seq // chunk, softcap, vocab_size)

@@ -142,6 +142,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
             batch["loss_mask"],
             chunk_size,
             softcap=model.config.final_softcap,
+            vocab_size=model.config.vocab_size,
         )
         coef = model.config.router_aux_loss_coef
         objective = nll + coef * aux * batch["loss_mask"].sum(dtype=jnp.float32) if coef else nll

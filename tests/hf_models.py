@@ -9,14 +9,18 @@ and alternating sliding/full layers; Gemma 3 with q/k norms and linear-scaled gl
 plain local one; OLMo 2 with its norms after attention and MLP and q/k norms over the whole
 projections, with biases; Phi-3 with its fused qkv_proj / gate_up_proj tensors and a window;
 Qwen3-MoE with a dense layer (mlp_only_layers) and top-k without renormalisation; Mixtral
-(renormalised top-2) with a window. This is the one table of families: the parity, packing, bf16,
-round-trip, sharding, generation and training tests run every row. Biases and norm weights are
-randomised (HF initialises them to 0 and 1), so that a wrong mapping of any tensor shows in the
-logits.
+(renormalised top-2) with a window; gpt-oss with a sliding and a full layer, attention sinks,
+biases everywhere, a clamped SwiGLU whose limit bites and YaRN with a small original length
+(its hub checkpoints' MXFP4 experts: tests/test_gpt_oss.py). This is the one table of families:
+the parity, packing, bf16, round-trip, sharding, generation and training tests run every row.
+Biases and norm weights are randomised (HF initialises them to 0 and 1), so that a wrong mapping
+of any tensor shows in the logits.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -135,8 +139,32 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
             rope_theta=1000000.0,
         ),
     ),
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        transformers.GptOssForCausalLM,
+        dict(
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"],
+            swiglu_limit=0.5,
+            output_router_logits=True,
+            router_aux_loss_coef=0.02,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=8.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
 }
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 
 
 def make_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
@@ -184,6 +212,41 @@ def make_gemma3_multimodal(out_dir: Path, seed: int = 0) -> transformers.PreTrai
     model.eval()
     model.save_pretrained(out_dir)
     return model
+
+
+def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HF's [experts, in, out] float -> (blocks [experts, out, in / 32, 16] uint8, scales
+    [experts, out, in / 32] uint8), as the hub's gpt-oss checkpoints store expert weights: per
+    group of 32 inputs a power of two 2^e with the group's largest magnitude / 2^e <= 6, each value
+    rounded to the nearest FP4 (e2m1) value, two a byte (the even one in the low nibble)."""
+    from jax_sft.models.mxfp4 import FP4_VALUES
+
+    rows = np.swapaxes(w, 1, 2).astype(np.float32)  # [experts, out, in]
+    groups = rows.reshape(*rows.shape[:-1], -1, 32)
+    exponent = np.ceil(np.log2(np.maximum(np.abs(groups).max(-1), 1e-30) / 6.0)).astype(np.int32)
+    scaled = groups / np.exp2(exponent)[..., None].astype(np.float32)
+    index = np.abs(scaled[..., None] - FP4_VALUES).argmin(-1).astype(np.uint8)  # nearest, sign included
+    blocks = index[..., 0::2] | (index[..., 1::2] << 4)
+    return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(exponent + 127, np.uint8)
+
+
+def save_mxfp4(src: Path, out: Path) -> Path:
+    """A copy of the gpt-oss folder `src` (one model.safetensors) with its experts' gate_up_proj
+    and down_proj in MXFP4 (`*_blocks` / `*_scales`) and config.json's quantization_config, as the
+    hub's openai/gpt-oss-* are; the other tensors as they are."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(src / "model.safetensors")
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = quantize_mxfp4(state.pop(name).float().numpy())
+        state[f"{name}_blocks"], state[f"{name}_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    modules = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": modules}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 def hf_logits(model, input_ids, position_ids=None):

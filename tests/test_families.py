@@ -28,10 +28,10 @@ from jax_sft.config import make_plan
 from jax_sft.loss import masked_nll_sum
 from jax_sft.models import CausalLM, CheckpointError, ModelConfig, from_pretrained, save_pretrained, sharding
 from jax_sft.models.layers import ACTIVATIONS
-from jax_sft.models.moe import dense_experts, grouped_experts
+from jax_sft.models.moe import dense_experts, glu_of, grouped_experts
 
 VOCAB = 256
-NEW = ("gemma2", "gemma3", "qwen3_moe", "mixtral")
+NEW = ("gemma2", "gemma3", "qwen3_moe", "mixtral", "gpt_oss")
 
 
 def rel_err(a, b) -> float:
@@ -251,27 +251,32 @@ def test_grouped_expert_matmuls_match_a_dense_loop():
     weights, experts = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.normal(size=(n, e)), jnp.float32)), k)
     experts = experts.at[:5].set(jnp.array([0, 1]))  # uneven groups; expert 5 may get none
     act = ACTIVATIONS["silu"]
+    biases = tuple(jnp.asarray(rng.normal(size=(e, n)) * 0.3, jnp.float32) for n in (m, m, d))
+    clamped = ModelConfig.from_hf_dict(dict(BASE, architectures=["GptOssForCausalLM"], swiglu_limit=0.5))
+    cases = [(lambda g, u: act(g) * u, (None, None, None)), (glu_of(clamped), biases)]  # Mixtral's; gpt-oss's
 
-    def loss(fn, *ws):
-        return jnp.sum(jnp.sin(fn(x, experts, weights, *ws, act)))
+    for glu, bias in cases:
 
-    a, ga = jax.value_and_grad(lambda *w: loss(grouped_experts, *w), argnums=(0, 1, 2))(gate, up, down)
-    b, gb = jax.value_and_grad(lambda *w: loss(dense_experts, *w), argnums=(0, 1, 2))(gate, up, down)
-    np.testing.assert_allclose(
-        grouped_experts(x, experts, weights, gate, up, down, act),
-        dense_experts(x, experts, weights, gate, up, down, act),
-        rtol=1e-5,
-        atol=1e-6,
-    )
-    np.testing.assert_allclose(a, b, rtol=1e-5)
-    for u, v in zip(ga, gb):
-        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+        def loss(fn, *ws, glu=glu, bias=bias):
+            return jnp.sum(jnp.sin(fn(x, experts, weights, *ws, glu, bias)))
+
+        a, ga = jax.value_and_grad(lambda *w: loss(grouped_experts, *w), argnums=(0, 1, 2))(gate, up, down)
+        b, gb = jax.value_and_grad(lambda *w: loss(dense_experts, *w), argnums=(0, 1, 2))(gate, up, down)
+        np.testing.assert_allclose(
+            grouped_experts(x, experts, weights, gate, up, down, glu, bias),
+            dense_experts(x, experts, weights, gate, up, down, glu, bias),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+        for u, v in zip(ga, gb):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
     assert "ragged_dot" in str(
-        jax.make_jaxpr(grouped_experts, static_argnums=6)(x, experts, weights, gate, up, down, act)
+        jax.make_jaxpr(grouped_experts, static_argnums=6)(x, experts, weights, gate, up, down, cases[1][0])
     )
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_router_aux_loss_matches_transformers(family, hf_models):
     hf, path = hf_models[family]
     model = from_pretrained(path, dtype=jnp.float32)
@@ -295,11 +300,14 @@ def test_dense_models_have_zero_aux_loss(hf_models):
     assert float(aux) == 0.0
 
 
-@pytest.mark.parametrize("data, fsdp, expert, tensor", [(1, 2, 4, 1), (2, 1, 2, 2)])
-def test_experts_sharded_over_the_expert_axis_match_unsharded(hf_models, data, fsdp, expert, tensor):
+@pytest.mark.parametrize(
+    "family, data, fsdp, expert, tensor",
+    [("qwen3_moe", 1, 2, 4, 1), ("qwen3_moe", 2, 1, 2, 2), ("gpt_oss", 1, 2, 2, 2)],
+)
+def test_experts_sharded_over_the_expert_axis_match_unsharded(hf_models, family, data, fsdp, expert, tensor):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py)")
-    _, path = hf_models["qwen3_moe"]
+    _, path = hf_models[family]
     mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, expert=expert)
     assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     sharded = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
@@ -330,9 +338,7 @@ def test_experts_sharded_over_the_expert_axis_match_unsharded(hf_models, data, f
     assert rel_err(a, b) < 1e-5
     np.testing.assert_allclose(va, vb, rtol=1e-5)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-7), ga, gb)
-    with pytest.raises(
-        ValueError, match=r"mlp\.(gate|up|down)_proj .*dimension 0 \('expert', size 4\) cannot be split"
-    ):
+    with pytest.raises(ValueError, match=r"mlp\.\w+ \(4, .*dimension 0 \('expert', size 4\) cannot be split"):
         sharding.param_shardings(plain, sharding.make_mesh(1, 1, 1, expert=8))
 
 

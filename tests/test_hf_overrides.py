@@ -149,7 +149,7 @@ def test_unknown_rope_type_is_an_error_naming_it(tmp_path):
     [
         ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "a vision-language model"),
         ("NemotronHForCausalLM", "nemotron_h", "a Mamba hybrid"),
-        ("GptOssForCausalLM", "gpt_oss", "a mixture-of-experts model"),
+        ("DeepseekV3ForCausalLM", "deepseek_v3", "a mixture-of-experts model"),
         ("OlmoeForCausalLM", "olmoe", "a mixture-of-experts model"),
         ("Starcoder2ForCausalLM", "starcoder2", None),
     ],

@@ -57,18 +57,18 @@ def rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
-    for family in ("llama", "qwen3"):
+    for family in ("llama", "qwen3", "gpt_oss"):
         make_hf_model(family, root / family)
-    return {f: root / f for f in ("llama", "qwen3")}
+    return {f: root / f for f in ("llama", "qwen3", "gpt_oss")}
 
 
-def lora_model(base: Path, lora: LoraConfig, scan_layers: bool = False, seed: int = 0):
-    """The base with `lora` adapters set to random non-zero values (B too; numpy draws them:
-    jax.random would compile for seconds)."""
+def lora_model(base: Path, lora: LoraConfig, scan_layers: bool = False, seed: int = 0, std: float = 0.1):
+    """The base with `lora` adapters set to random non-zero values of deviation `std` (B too;
+    numpy draws them: jax.random would compile for seconds)."""
     model = from_pretrained(base, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=scan_layers)
     rng = np.random.default_rng(seed)
     flat = nnx.to_flat_state(abstract_adapters(model, lora))
-    values = [(path, var.replace(jnp.asarray(0.1 * rng.standard_normal(var.shape), jnp.float32))) for path, var in flat]
+    values = [(path, var.replace(jnp.asarray(std * rng.standard_normal(var.shape), jnp.float32))) for path, var in flat]
     return attach_lora(model, lora, nnx.from_flat_state(values))
 
 
@@ -123,18 +123,22 @@ CASES = [
     ("qwen3", ALL_LINEAR, False, False),
     ("qwen3", SOME, False, False),
     ("qwen3", ALL_LINEAR, True, True),
+    ("gpt_oss", ALL_LINEAR, False, False),  # attention projections and lm_head; the experts get none
 ]
 
 
 @pytest.mark.parametrize(
-    "family,lora,scan,cli", CASES, ids=["llama-all-cli", "llama-some", "qwen3-all", "qwen3-some", "qwen3-all-scan-cli"]
+    "family,lora,scan,cli",
+    CASES,
+    ids=["llama-all-cli", "llama-some", "qwen3-all", "qwen3-some", "qwen3-all-scan-cli", "gpt_oss-all"],
 )
 def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
     """Logits and adapter gradients as peft computes them; the merged and PEFT exports (written
     directly, or from a LoRA checkpoint by `python -m jax_sft.export`) reproduce the loss."""
     from jax_sft.export import main as export_main
 
-    model = lora_model(bases[family], lora, scan_layers=scan)
+    # gpt-oss: adapters on attention and lm_head only (none on experts), larger so that they matter.
+    model = lora_model(bases[family], lora, scan_layers=scan, std=0.3 if family == "gpt_oss" else 0.1)
     logits, loss, grads = jax_loss_and_grads(model)
     if cli:
         step_dir = save_lora_checkpoint(model, tmp_path / "ckpt", 5, bases[family])
@@ -149,7 +153,7 @@ def test_parity_with_peft_and_exports(bases, tmp_path, family, lora, scan, cli):
 
     # The adapter config selects exactly the adapted modules, in peft's own matching.
     pattern = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["target_modules"]
-    assert isinstance(pattern, list) == (lora is ALL_LINEAR)
+    assert isinstance(pattern, list) == (lora is ALL_LINEAR and family != "gpt_oss")  # MoE layers: a regex
     hf = load_hf(bases[family])
     module_names = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)]
     assert {n for n in module_names if matches(pattern, n)} == {

@@ -272,7 +272,7 @@ def test_dry_run_with_a_bad_lora_value_exits_2_with_one_error_line():
 # ------------------------------------------------------------------ parameter counts (jax_sft.models.counts)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "qwen3_moe", "mixtral", "gpt_oss"])
 def test_parameter_counts_match_hf_and_the_model_built_with_adapters(family):
     """base_param_count == the HF model's parameter count; lora_param_count == the LoRAParams
     (and all Params) of the CausalLM built with the adapters (abstractly: no arrays)."""

@@ -87,13 +87,7 @@ def _policy() -> ConfigDict:
     c = ConfigDict(
         dict(
             model_name="meta-llama/Llama-3.2-1B",
-            tokenizer=dict(
-                name=placeholder(str),  # null: policy.model_name
-                # "default": the tokenizer's own; None: passthrough; "*.jinja": a file; else Jinja text.
-                chat_template=placeholder(str),  # set below to NeMo RL's squad template
-                chat_template_kwargs=placeholder(dict),
-                custom_template=placeholder(str),  # the guide's key; when set it wins over chat_template
-            ),
+            tokenizer=_tokenizer(),
             train_global_batch_size=32,
             train_micro_batch_size=1,
             max_total_sequence_length=1024,
@@ -104,6 +98,10 @@ def _policy() -> ConfigDict:
             # Keys merged into the model's config.json before the model is built (and exported), e.g.
             # {rope_scaling: {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32768}}.
             hf_config_overrides=placeholder(dict),
+            # A quantized base checkpoint (gpt-oss's MXFP4 experts) is dequantized on load when this
+            # is null (as Automodel: when config.json has a quantization_config) or true; false is
+            # refused for one (jax_sft trains no quantized weights).
+            dequantize_base_checkpoint=placeholder(bool),
             # NeMo RL's Megatron backend settings that mean something here (enabled: true maps them
             # onto this backend; see jax_sft/optim.py make_megatron_optimizer); the rest of NeMo RL's
             # megatron_cfg keys are listed in the IgnoredKeysWarning.
@@ -141,6 +139,16 @@ def _policy() -> ConfigDict:
     c.megatron_cfg.scheduler.lr_decay_iters = 1000  # NeMo RL's sft.yaml
     c.tokenizer.chat_template = SQUAD_TEMPLATE
     return c
+
+
+def _tokenizer() -> dict:
+    return dict(
+        name=placeholder(str),  # null: policy.model_name
+        # "default": the tokenizer's own; None: passthrough; "*.jinja": a file; else Jinja text.
+        chat_template=placeholder(str),  # set in _policy to NeMo RL's squad template
+        chat_template_kwargs=placeholder(dict),
+        custom_template=placeholder(str),  # the guide's key; when set it wins over chat_template
+    )
 
 
 def _dtensor_cfg() -> ConfigDict:

@@ -28,7 +28,6 @@ IGNORED = (
     "checkpointing.save_consolidated",
     "cluster.segment_size",  # Ray placement by NVLink domain; the mesh follows jax.devices()
     "policy.sequence_packing.microbatch_order",  # packed micro-batches run in the packer's order
-    "policy.dequantize_base_checkpoint",  # quantised (MXFP4) base checkpoints are not supported
     "policy.tokenizer.video",  # vision-language processing
 )
 MUST_BE_DISABLED = {

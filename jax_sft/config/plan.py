@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
 from ml_collections import ConfigDict
 
 from jax_sft.checkpoint import is_checkpoint_folder
@@ -31,10 +30,10 @@ from jax_sft.data.pipeline import DataPlan
 from jax_sft.errors import ConfigError, InputError
 from jax_sft.models import counts
 from jax_sft.models.config import ModelConfig
-from jax_sft.models.decoder import CausalLM
+from jax_sft.models.decoder import sharding_problems
 from jax_sft.models.hf_write import export_target_problem
 from jax_sft.models.options import Fp8Config, LoraConfig, ModelOptions
-from jax_sft.models.sharding import mesh_shape, split_problems
+from jax_sft.models.sharding import mesh_shape, padded_vocab_size
 
 __all__ = [
     "RunPlan",
@@ -48,6 +47,7 @@ __all__ = [
     "output_problems",
     "deadline_seconds",
     "protected_folders",
+    "model_notes",
 ]
 
 CHECKS = "checks against the devices and model"  # the source of make_plan's ConfigError
@@ -226,6 +226,7 @@ def make_plan(
     config when they were read (None: not local; its checks are left to the run). ConfigError
     (source `CHECKS`) listing every problem with the mesh, the batch sizes and the model."""
     problems: list[str] = []
+    mesh_ok = True
     try:
         mesh, mesh_ok = mesh_plan(cfg, devices), True
     except InputError as e:
@@ -236,9 +237,9 @@ def make_plan(
     options = model_options(cfg)
     if model_config is not None:
         model_problems = _model_problems(cfg, model_config, options)
+        if mesh_ok and not model_problems:  # the parameters against the mesh (vocabulary rows are padded to fit)
+            model_problems = sharding_problems(model_config, options, mesh.data, mesh.fsdp, mesh.expert, mesh.tensor)
         problems += model_problems
-        if mesh_ok and not model_problems:  # the model builds: every parameter must split over the mesh
-            problems += _split_problems(model_config, options, mesh)
     if problems:
         raise ConfigError(problems, CHECKS)
     lora_key = None if options.lora is None else MEGATRON_LORA if options.lora.naming == "megatron" else DTENSOR_LORA
@@ -275,8 +276,14 @@ def make_plan(
 
 
 def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions) -> list[str]:
-    """The model against the run: sequence length, LoRA targets."""
+    """The model against the run: sequence length, quantized weights, LoRA targets."""
     problems = []
+    if m.quantization is not None and cfg.policy.dequantize_base_checkpoint is False:
+        problems.append(
+            f"policy.dequantize_base_checkpoint=false, but the model stores weights in {m.quantization.upper()} "
+            "(config.json's quantization_config), which jax_sft reads only dequantized (it trains no "
+            "quantized weights); set it to true, as NeMo RL's gpt-oss recipes do, or leave it unset"
+        )
     length = cfg.policy.max_total_sequence_length
     if length > m.context_length:
         problems.append(
@@ -289,14 +296,6 @@ def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions) -> l
         except InputError as e:
             problems.append(str(e))
     return problems
-
-
-def _split_problems(m: ModelConfig, options: ModelOptions, mesh: MeshPlan) -> list[str]:
-    """The parameter dimensions (LoRA adapters included) that the mesh cannot split, from the
-    model's abstract shapes (nothing is computed or allocated)."""
-    abstract = nnx.eval_shape(lambda: CausalLM(m, options, rngs=nnx.Rngs(0)))
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "expert": mesh.expert, "tensor": mesh.tensor}
-    return split_problems(nnx.state(abstract, nnx.Param), sizes)
 
 
 def _writable(key: str, path: Path) -> list[str]:
@@ -364,7 +363,22 @@ def _model_lines(plan: RunPlan) -> list[str]:
             f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
             f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}"
         )
-    return lines + _lora_lines(plan)
+    return lines + [f"model: {note}" for note in model_notes(plan)] + _lora_lines(plan)
+
+
+def model_notes(plan: RunPlan) -> list[str]:
+    """What the run does to the model's weights as stored (the dry run's and the run log's
+    lines): dequantizing them, padding the vocabulary rows for the tensor axis."""
+    m, notes = plan.model.config, []
+    if m.quantization is not None:
+        notes.append(f"{m.quantization.upper()} weights, dequantized on load to {plan.model.options.param_dtype}")
+    vocab_rows = padded_vocab_size(m.vocab_size, plan.mesh.tensor)
+    if vocab_rows != m.vocab_size:
+        notes.append(
+            f"vocabulary {m.vocab_size} padded to {vocab_rows} rows (a multiple of tensor={plan.mesh.tensor}); "
+            "the padding is outside the softmax and never exported"
+        )
+    return notes
 
 
 def _lora_lines(plan: RunPlan) -> list[str]:

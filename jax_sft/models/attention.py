@@ -1,14 +1,18 @@
 """Causal self-attention with a selectable kernel.
 
     attention(q, k, v, segment_ids=None, sliding_window=None, implementation="auto",
-              max_segments=64, scale=None, softcap=None) -> out
+              max_segments=64, scale=None, softcap=None, sinks=None) -> out
 
 q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (q_heads a multiple of
 kv_heads: GQA); out like q. Query i attends key j when j <= i, and, with `sliding_window` W (HF's
 meaning, as transformers' sdpa/eager mask `kv_idx > q_idx - W`), when i - j < W; with
 `segment_ids` [batch, seq] int, only when both tokens have the same segment id. Scores are
 q.k * `scale` (None: head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5), then with `softcap`
-c (Gemma 2) c * tanh(scores / c), before the mask and the fp32 softmax.
+c (Gemma 2) c * tanh(scores / c), before the mask and the fp32 softmax. `sinks` [q_heads]
+(gpt-oss's attention sinks) is a learned logit per head that joins each softmax's denominator and
+nothing else: probs_ij = exp(s_ij) / (exp(sink_h) + sum_j' exp(s_ij')), so a query may attend to
+"nothing" (its weights sum to less than 1). It applies per query row, so packed rows and GQA
+(query heads grouped over their kv head) need nothing special.
 
 Packing convention: real tokens of the k-th sequence in a row have segment id k >= 1; padding has
 segment id 0. Padding therefore attends (causally) only to padding, real tokens never see it, and
@@ -31,9 +35,16 @@ Kernels:
            since a jitted kernel cannot raise. Packed rows with a sliding window raise (cuDNN
            takes the window, but that combination is not verified against "xla" here).
   "auto":  "cudnn" on a GPU where dtype, head_dim and the batch layout allow (packed rows: Hopper
-           or newer, no sliding window; no soft-capping, which cuDNN's kernel lacks), else "xla";
-           decided per layer, so a model whose layers differ in window may mix them.
-           `resolve_implementation` says which one a call gets.
+           or newer, no sliding window; no soft-capping and no attention sinks, which cuDNN's
+           kernel lacks), else "xla"; decided per layer, so a model whose layers differ in window
+           may mix them. `resolve_implementation` says which one a call gets.
+
+Attention sinks on the GPU: cuDNN's flash attention (and jax.nn.dot_product_attention) computes
+softmax(s) V with no term for a logit outside the keys, so its output for a sink layer would be
+wrong (every query's weights would sum to 1). "xla" is exact (the sink enters the fp32 log-sum-exp
+of each row), so "auto" runs sink layers (all of gpt-oss's) with "xla", and "cudnn" is refused
+for them with one line. (An exact cuDNN formulation would rescale each row by
+sigmoid(lse - sink), which needs the kernel's softmax statistics; jax does not return them.)
 
 Checked on an H100 (cuDNN 9.19, jax 0.11.2) against "xla", forward and gradients, bf16 inputs:
 padded rows with MHA/GQA/MQA, head_dim 64 and 128, no window and windows 40 and 100; packed rows
@@ -102,15 +113,27 @@ def check_implementation(implementation: str, dtype, head_dim: int) -> None:
 
 
 def resolve_implementation(
-    implementation: str, dtype, head_dim: int, packed: bool, windowed: bool = False, softcap: bool = False
+    implementation: str,
+    dtype,
+    head_dim: int,
+    packed: bool,
+    windowed: bool = False,
+    softcap: bool = False,
+    sinks: bool = False,
 ) -> str:
     """The kernel ("cudnn" or "xla") a call gets; "cudnn" that cannot honour the layout raises.
-    `windowed`: the layer has a sliding window; `softcap`: its scores are soft-capped."""
+    `windowed`: the layer has a sliding window; `softcap`: its scores are soft-capped; `sinks`: it
+    has attention sinks."""
     hopper = (_compute_capability() or (0, 0)) >= (9, 0)
     if implementation == "cudnn" and softcap:
         raise ValueError(
             "attention='cudnn' with attention logit soft-capping (Gemma 2's attn_logit_softcapping): "
             "cuDNN's flash attention does not soft-cap; use attention='auto' or 'xla'"
+        )
+    if implementation == "cudnn" and sinks:
+        raise ValueError(
+            "attention='cudnn' with attention sinks (gpt-oss): cuDNN's flash attention has no sink "
+            "term in its softmax, so its output would be wrong; use attention='auto' or 'xla'"
         )
     if implementation == "cudnn" and packed and windowed:
         raise ValueError(
@@ -137,6 +160,7 @@ def resolve_implementation(
         and (hopper or not packed)
         and not (packed and windowed)
         and not softcap
+        and not sinks
     )
     return "cudnn" if cudnn_ok else "xla"
 
@@ -149,18 +173,20 @@ def describe(
     max_segments: int,
     windows: Sequence[int | None] = (None,),
     softcap: bool = False,
+    sinks: bool = False,
 ) -> str:
     """One line for the run log: which kernel the layers (their `windows`) run, and why."""
     names = {
         "xla": "xla (fp32 softmax over materialised [batch, heads, seq, seq] scores"
         + (", soft-capped scores: no cudnn kernel" if softcap else "")
+        + (", attention sinks: no cudnn kernel" if sinks else "")
         + ")",
         "cudnn": "cudnn flash attention" + (f", packed layout (<= {max_segments} segments per row)" if packed else ""),
     }
     by_kind = {}
     for w in windows:
         kind = "sliding-window layers" if w is not None else "full-attention layers"
-        by_kind[kind] = resolve_implementation(implementation, dtype, head_dim, packed, w is not None, softcap)
+        by_kind[kind] = resolve_implementation(implementation, dtype, head_dim, packed, w is not None, softcap, sinks)
     chosen = f"attention={implementation!r} -> "
     if len(set(by_kind.values())) == 1:
         return chosen + names[next(iter(by_kind.values()))]
@@ -178,12 +204,19 @@ def attention(
     max_segments: int = DEFAULT_MAX_SEGMENTS,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention, see the module docstring. Softmax scale: `scale`, default head_dim ** -0.5."""
     head_dim = q.shape[-1]
     scale = float(head_dim) ** -0.5 if scale is None else float(scale)
     impl = resolve_implementation(
-        implementation, q.dtype, head_dim, segment_ids is not None, sliding_window is not None, softcap is not None
+        implementation,
+        q.dtype,
+        head_dim,
+        segment_ids is not None,
+        sliding_window is not None,
+        softcap is not None,
+        sinks is not None,
     )
     if impl == "cudnn" and segment_ids is not None:
         return _cudnn_packed(q, k, v, segment_ids, sliding_window, max_segments, scale)
@@ -198,7 +231,7 @@ def attention(
             local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
             implementation="cudnn",
         )
-    return _xla_attention(q, k, v, segment_ids, sliding_window, scale, softcap)
+    return _xla_attention(q, k, v, segment_ids, sliding_window, scale, softcap, sinks)
 
 
 def cached_attention(
@@ -210,16 +243,17 @@ def cached_attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of new queries over a KV cache (generation; `kv_cache.py`).
 
     q: [b, t, heads, d] at positions q_positions [b, t]; k_cache, v_cache: [b, S, kv_heads, d],
     slot j holding the key/value of position j of that row. A query at position i attends slot j
     when j <= i (and i - j < sliding_window): slots past a row's current position (padding, or
-    not yet generated) are never seen. fp32 logits and softmax, as the "xla" kernel; `scale` and
-    `softcap` as in `attention`.
+    not yet generated) are never seen. fp32 logits and softmax, as the "xla" kernel; `scale`,
+    `softcap` and `sinks` as in `attention`.
     """
-    return _xla_attention(q, k_cache, v_cache, None, sliding_window, scale, softcap, q_positions=q_positions)
+    return _xla_attention(q, k_cache, v_cache, None, sliding_window, scale, softcap, sinks, q_positions=q_positions)
 
 
 # ----------------------------------------------------------------------------- packed rows
@@ -314,6 +348,7 @@ def _xla_attention(
     sliding_window: int | None,
     scale: float | None = None,  # None: head_dim ** -0.5
     softcap: float | None = None,
+    sinks: jax.Array | None = None,  # [n]: a logit per query head in the softmax's denominator
     q_positions: jax.Array | None = None,  # [b, t]: cached attention (see `cached_attention`)
 ) -> jax.Array:
     b, t, n, d = q.shape
@@ -335,6 +370,11 @@ def _xla_attention(
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [b, t, s]
     # Finite fill: a row that were fully masked would give a uniform softmax, never NaN.
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    else:  # the sink joins each row's log-sum-exp only: head h = kv head k, group member g
+        sink = sinks.astype(jnp.float32).reshape(1, kv, n // kv, 1)
+        log_z = jnp.logaddexp(jax.nn.logsumexp(logits, axis=-1), sink)  # [b, kv, g, t]
+        probs = jnp.exp(logits - log_z[..., None]).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, d).astype(q.dtype)

@@ -25,6 +25,7 @@ __all__ = ["ModelConfig", "ModelConfigError", "RopeConfig", "apply_overrides", "
 
 NORM_PLACEMENTS = ("pre", "sandwich", "post")  # see models/decoder.py DecoderLayer
 QK_NORMS = (None, "head", "projection")
+EXPERT_GLUS = ("gated", "clamped_swiglu")  # see models/moe.py
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # Fields that may differ between a checkpoint's model and the run that continues from it: the
 # checkpoint's storage dtype, the files' text, the context length and its RoPE (extending the context
@@ -88,6 +89,14 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE block (True) or dense MLP
     router_aux_loss_coef: float = 0.0  # 0 unless config.json's output_router_logits is true
+    moe_bias: bool = False  # biases on the router and on the experts' gate/up/down projections (gpt-oss)
+    # The experts' activation: "gated" act(gate) * up; "clamped_swiglu" gpt-oss's
+    # (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+    expert_glu: str = "gated"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_sinks: bool = False  # a learned logit per head in each softmax's denominator (gpt-oss)
+    quantization: str | None = None  # config.json's quantization_config quant_method ("mxfp4": dequantized on load)
     hf_config_json: str = dataclasses.field(default="{}", repr=False)
     generation_config_json: str | None = dataclasses.field(default=None, repr=False)
 
@@ -97,6 +106,8 @@ class ModelConfig:
                 f"norm_placement={self.norm_placement!r}, qk_norm={self.qk_norm!r}: expected one of "
                 f"{NORM_PLACEMENTS}, {QK_NORMS}"
             )
+        if self.expert_glu not in EXPERT_GLUS:
+            raise ValueError(f"expert_glu={self.expert_glu!r}: expected one of {EXPERT_GLUS}")
 
     def differences(self, other: ModelConfig) -> list[str]:
         """ "<field>: <self's> vs <other's>" for each field of the model that differs, except those a
@@ -145,8 +156,10 @@ class ModelConfig:
         return cls(architecture=arch, **fields, hf_config_json=json.dumps(d, sort_keys=True))
 
     def to_hf_dict(self, dtype: str | None = None) -> dict[str, Any]:
-        """The original config.json with `architectures`, `tie_word_embeddings` and `dtype` set."""
+        """The original config.json with `architectures`, `tie_word_embeddings` and `dtype` set, and
+        without `quantization_config`: jax_sft's weights (and exports) are dequantized."""
         d = json.loads(self.hf_config_json)
+        d.pop("quantization_config", None)
         d["architectures"] = [self.architecture]
         d["tie_word_embeddings"] = self.tie_word_embeddings
         if dtype is not None:

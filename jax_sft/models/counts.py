@@ -5,10 +5,12 @@ for every family whose layers they describe (`jax_sft.models.registry.Family.par
 
 The counts follow the decoder of `jax_sft.models.decoder` parameter for parameter (tests compare
 them with an abstract `CausalLM`): embeddings [vocab, hidden]; per layer the RMSNorm weights,
-q/k/v/o kernels (and biases), q/k norms (over head_dim, or over the whole projection), a dense MLP
-(gate, up, down) or a mixture of experts (router [hidden, experts], experts' gate/up/down); the
-final norm; an untied lm_head [hidden, vocab]. A LoRA adapter on a projection whose kernel maps
-input dims I to output dims O has dim * (prod(I) + prod(O)) parameters (A [*I, dim], B [dim, *O]).
+q/k/v/o kernels (and biases), q/k norms (over head_dim, or over the whole projection), attention
+sinks [heads], a dense MLP (gate, up, down) or a mixture of experts (router [hidden, experts],
+experts' gate/up/down, and with `moe_bias` the router's and experts' biases); the final norm; an
+untied lm_head [hidden, vocab] (vocabulary padding, which depends on the mesh, is not counted). A
+LoRA adapter on a projection whose kernel maps input dims I to output dims O has
+dim * (prod(I) + prod(O)) parameters (A [*I, dim], B [dim, *O]).
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ def base_param_count(m: ModelConfig) -> int:
     shapes = projection_shapes(m)
     attention = sum(i * o for i, o in (shapes[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj")))
     attention += (m.num_heads + 2 * m.num_kv_heads) * d * m.qkv_bias + e * m.o_bias + _qk_norm_params(m)
+    attention += m.num_heads * m.attention_sinks
     dense = 3 * e * m.intermediate_size + (2 * m.intermediate_size + e) * m.mlp_bias
     sparse = e * m.num_experts + 3 * m.num_experts * e * m.moe_intermediate_size
+    sparse += m.num_experts * (1 + 2 * m.moe_intermediate_size + e) * m.moe_bias  # router and expert biases
     norms = NORMS_PER_LAYER[m.norm_placement] * e
     layers = sum(attention + norms + (dense if is_dense else sparse) for is_dense in dense_mlp_layers(m))
     lm_head = 0 if m.tie_word_embeddings else e * m.vocab_size

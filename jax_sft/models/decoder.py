@@ -18,6 +18,13 @@ applies per layer. `hidden_states_and_aux(...)` also returns the router's load-b
 (mixture-of-experts models, `moe.py`), as transformers' `load_balancing_loss_func` computes it
 over the real tokens (segment id > 0) of all MoE layers.
 
+Vocabulary padding: built with a `mesh` whose tensor axis does not divide config.vocab_size, the
+embedding and lm_head rows (and an lm_head adapter's) are padded to `vocab_rows`, the next
+multiple of the tensor size (as Megatron's make_vocab_size_divisible_by), so that they shard over
+it. The padding is no token: `unembed` returns config.vocab_size logits, the training loss masks
+the padded columns out of its softmax (`jax_sft.loss`), `hf_write` never writes them and
+`hf_read` fills them with zeros.
+
 `options.scan_layers` stores the layers stacked (every layer parameter gets a leading
 [num_layers] axis, path `layers.<name>` instead of `layers.<i>.<name>`) and runs them with one
 `jax.lax.scan`, so compile time does not grow with depth; the values are the same as unrolled.
@@ -43,6 +50,7 @@ from jax_sft.models.lora import LoRA
 from jax_sft.models.moe import MoE
 from jax_sft.models.options import LM_HEAD, Fp8Config, LoraConfig, ModelOptions
 from jax_sft.models.rope import rope_inv_freq
+from jax_sft.models.sharding import MESH_AXES, padded_vocab_size, shard_problems
 
 # The norms of a layer by ModelConfig.norm_placement: which attribute (HF name) normalises the
 # attention input / output and the MLP input / output (None: no norm there).
@@ -151,6 +159,17 @@ def _check_scannable(config: ModelConfig) -> None:
         )
 
 
+def _check_attention(config: ModelConfig, implementation: str, dtype) -> None:
+    """Raises at construction for a kernel choice this model cannot run ("cudnn" has neither
+    soft-capping nor attention sinks)."""
+    attention_lib.check_implementation(implementation, dtype, config.head_dim)
+    if config.attn_softcap is not None or config.attention_sinks:
+        softcap, sinks = config.attn_softcap is not None, config.attention_sinks
+        attention_lib.resolve_implementation(
+            implementation, dtype, config.head_dim, False, softcap=softcap, sinks=sinks
+        )
+
+
 def _layers(config, options: ModelOptions, adapted: dict, dtype, param_dtype, mesh, rngs: nnx.Rngs):
     """The decoder layers: an nnx.List, or with scan_layers one DecoderLayer whose parameters are
     stacked [num_layers, ...] (its initial values drawn per layer, as unrolled)."""
@@ -194,16 +213,15 @@ class CausalLM(nnx.Module):
     ):
         options = ModelOptions.of(options, **option_fields)
         dtype, param_dtype = jnp.dtype(options.dtype), jnp.dtype(options.param_dtype)
-        attention_lib.check_implementation(options.attention, dtype, config.head_dim)
-        if config.attn_softcap is not None:  # raises for "cudnn", which cannot soft-cap
-            attention_lib.resolve_implementation(options.attention, dtype, config.head_dim, False, softcap=True)
+        _check_attention(config, options.attention, dtype)
         if options.scan_layers:
             _check_scannable(config)
         self.config = config
         self.options = options
+        self.vocab_rows = padded_vocab_size(config.vocab_size, 1 if mesh is None else dict(mesh.shape).get("tensor", 1))
         adapted = lora_sites(config, options.lora, options.scan_layers)
         self.embed_tokens = nnx.Embed(
-            config.vocab_size,
+            self.vocab_rows,
             config.hidden_size,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -220,7 +238,7 @@ class CausalLM(nnx.Module):
             if config.tie_word_embeddings
             else projection(
                 "bte,ev->btv",
-                (config.hidden_size, config.vocab_size),
+                (config.hidden_size, self.vocab_rows),
                 ("embed", "vocab"),
                 None,
                 (),
@@ -230,7 +248,7 @@ class CausalLM(nnx.Module):
             )
         )
         # The lm_head's adapter (tied or not), folded into `lm_head_kernel()`.
-        e, v = config.hidden_size, config.vocab_size
+        e, v = config.hidden_size, self.vocab_rows
         self.lm_head_lora = nnx.data(
             LoRA(options.lora, ((e, "embed"),), ((v, "vocab"),), "e", "v", dtype=dtype, rngs=rngs)
             if LM_HEAD in adapted[None]
@@ -341,6 +359,7 @@ class CausalLM(nnx.Module):
                 packed,
                 w is not None,
                 self.config.attn_softcap is not None,
+                self.config.attention_sinks,
             )
             for w in self.config.sliding_windows
         }
@@ -356,11 +375,13 @@ class CausalLM(nnx.Module):
             self.max_segments,
             self.config.sliding_windows,
             self.config.attn_softcap is not None,
+            self.config.attention_sinks,
         )
 
     def lm_head_kernel(self) -> jax.Array:
-        """[hidden, vocab] unembedding in the compute dtype (the embedding transposed when tied),
-        with the lm_head adapter's scale * A @ B added when there is one."""
+        """[hidden, vocab_rows] unembedding in the compute dtype (the embedding transposed when
+        tied), with the lm_head adapter's scale * A @ B added when there is one. Columns from
+        config.vocab_size on are padding (`vocab_rows`): the loss masks them, `unembed` drops them."""
         if self.lm_head is None:
             kernel = self.embed_tokens.embedding[...].T
         else:
@@ -375,6 +396,8 @@ class CausalLM(nnx.Module):
         logits = jnp.einsum(
             "...e,ev->...v", hidden.astype(self.dtype), self.lm_head_kernel(), preferred_element_type=jnp.float32
         )
+        if self.vocab_rows != self.config.vocab_size:  # the padding rows are no tokens
+            logits = logits[..., : self.config.vocab_size]
         cap = self.config.final_softcap
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
@@ -385,10 +408,26 @@ class CausalLM(nnx.Module):
         return self.unembed(self.hidden_states(input_ids, positions, segment_ids))
 
 
+def sharding_problems(config: ModelConfig, options: ModelOptions, data: int, fsdp: int, expert: int, tensor: int):
+    """What keeps the model of `config` (built with `options`) from sharding over a mesh of these
+    axis sizes (`sharding.shard_problems`, one line per kind of dimension), the vocabulary padded
+    as on that mesh; from an abstract model: nothing is allocated and no device is needed."""
+    mesh = jax.sharding.AbstractMesh((data, fsdp, expert, tensor), MESH_AXES)
+    if options.lora is None and len(set(config.moe_layers)) <= 1:
+        # Every layer alike but for its window, which shapes nothing: one stacked layer is traced
+        # instead of each (0.1 s instead of 9 s for a 64-layer model). Layers that differ
+        # otherwise (another per-layer kind) must keep this path off.
+        config = dataclasses.replace(config, sliding_windows=(None,) * config.num_layers)
+        options = dataclasses.replace(options, scan_layers=True)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0), mesh=mesh))
+    return shard_problems(nnx.state(abstract), dict(mesh.shape))
+
+
 def merge_lora(model: CausalLM) -> CausalLM:
     """The model with every adapter folded into its base kernel (W + scale * A @ B, float32), as
-    a CausalLM without LoRA; `model` itself when it has none. A tied model whose lm_head has an
-    adapter comes back untied (its lm_head = embedding^T + the adapter's delta)."""
+    a CausalLM without LoRA (and without vocabulary padding); `model` itself when it has none. A
+    tied model whose lm_head has an adapter comes back untied (its lm_head = embedding^T + the
+    adapter's delta)."""
     if model.lora is None:
         return model
     untie = model.lm_head is None and model.lm_head_lora is not None
@@ -410,6 +449,8 @@ def merge_lora(model: CausalLM) -> CausalLM:
             elif path == ("lm_head", "kernel") and model.lm_head_lora is not None:
                 value = value.astype(jnp.float32) + model.lm_head_lora.delta_kernel()
             value = value.astype(jnp.float32) if isinstance(var, nnx.Param) else value
+        if value.shape != var.shape:  # the vocabulary padding, dropped
+            value = value[tuple(slice(n) for n in var.shape)]
         filled.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 

@@ -4,7 +4,9 @@ A mixture-of-experts weight is one jax parameter [experts, ...] and one HF tenso
 (`...experts.{j}.gate_proj.weight`). With `scan_layers` a layer parameter is stacked
 ([num_layers, ...], path `layers.<name>`): it maps to the per-layer HF tensors
 (`model.layers.{i}.<name>`), so the files are the same either way. A fused HF tensor (Phi-3's
-`qkv_proj`) holds several jax parameters as consecutive blocks of its dim 0 (`HfTensor.part`).
+`qkv_proj`) holds several jax parameters as consecutive blocks of its dim 0 (`HfTensor.part`), or
+interleaved along its last dim (gpt-oss's `gate_up_proj`, `HfTensor.interleaved`). gpt-oss's
+expert tensors are one per layer ([experts, ...], no "{j}").
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ embedding is ignored, one that differs makes the model untied (warning; config.j
 untied), and a checkpoint with only `lm_head.weight` ties to it. Old `*.rotary_emb.inv_freq`
 buffers are ignored. A Gemma3ForConditionalGeneration folder is read through its text model's
 tensors (`model.language_model.*` or the older `language_model.model.*`; the vision tower and
-projector are not read).
+projector are not read). A tensor stored in MXFP4 (`X_blocks` + `X_scales`, the hub's gpt-oss
+experts) is read as the dequantized `X` (`jax_sft.models.mxfp4`), into the parameters' dtype.
+Parameters whose vocabulary rows the model pads (`CausalLM.vocab_rows`: a multiple of the mesh's
+tensor axis) get zeros in the padding.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ from jax_sft.models.errors import CheckpointError
 from jax_sft.models.fp8 import Fp8History
 from jax_sft.models.hf_names import SAFE_INDEX, SAFE_WEIGHTS, hf_names
 from jax_sft.models.lora import LoRAParam
+from jax_sft.models.mxfp4 import BLOCKS, SCALES, Mxfp4Slice
 from jax_sft.models.options import ModelOptions
 from jax_sft.models.sharding import param_shardings
-from jax_sft.models.weights import FusedRows, HfTensor
+from jax_sft.models.weights import FusedRows, HfTensor, InterleavedPart
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +153,19 @@ class SafetensorFiles:
                 raise CheckpointError(f"{model_dir / file}: tensor {name} (listed in {self.index}) is missing")
         self.dir = model_dir
         self.stored: dict[str, str] = {}  # name as read -> name in the file, where they differ
-        self.fused: dict[str, tuple[int, int]] = {}  # jax path -> (start, rows) of its block of a fused tensor
+        self.fused: dict[tuple, Any] = {}  # jax path -> the view of its part of a fused tensor (hf_slice -> view)
+        self.mxfp4 = self._mxfp4_pairs()  # name -> ((blocks name, its file), (scales name, its file))
+
+    def _mxfp4_pairs(self) -> dict[str, tuple[tuple[str, str], tuple[str, str]]]:
+        """The MXFP4 tensors (X_blocks with X_scales), seen as X from now on."""
+        pairs = {}
+        for name in list(self.file_of):
+            base = name.removesuffix(BLOCKS)
+            if name.endswith(BLOCKS) and base + SCALES in self.file_of:
+                scales = base + SCALES
+                pairs[base] = ((name, self.file_of[name]), (scales, self.file_of.pop(scales)))
+                self.file_of[base] = self.file_of.pop(name)
+        return pairs
 
     def view_text_of_multimodal(self) -> None:
         """Gemma3ForConditionalGeneration: its text tensors under their text-model names
@@ -180,17 +196,21 @@ class SafetensorFiles:
         return str(self.index or self.dir / SAFE_WEIGHTS)
 
     def slice(self, name: str):
+        if name in self.mxfp4:
+            return Mxfp4Slice(name, *(self.handles[file].get_slice(n) for n, file in self.mxfp4[name]))
         return self.handles[self.file_of[name]].get_slice(self.stored.get(name, name))
 
 
 @dataclasses.dataclass
 class _Planned:
-    """One parameter to fill: its abstract variable, HF tensor names ([stacked dims]) and entry."""
+    """One parameter to fill: its abstract variable, HF tensor names ([stacked dims]) and entry,
+    and its shape in the checkpoint (`var`'s, less any vocabulary padding)."""
 
     path: tuple
     var: Any
     names: np.ndarray
     entry: HfTensor
+    stored_shape: tuple[int, ...]
 
 
 def from_pretrained(
@@ -253,7 +273,7 @@ def _plan(config: ModelConfig, files: SafetensorFiles, abs_state) -> tuple[list[
                 names[index] = _LM_HEAD  # transformers ties to whichever of the two it has
             if names[index] not in files.file_of:
                 raise CheckpointError(f"{files.where(names[index])}: tensor {names[index]} is missing")
-        plan.append(_Planned(path, var, names, entry))
+        plan.append(_Planned(path, var, names, entry, unpadded_shape(var, config.vocab_size)))
     _check_shapes(plan, files)
     used = {n for p in plan for n in p.names.flat}
     unused = sorted(
@@ -274,15 +294,23 @@ def _zeros(var: nnx.Variable, sharding) -> jax.Array:
     return jax.device_put(zeros) if sharding is None else jax.device_put(zeros, sharding)
 
 
+def unpadded_shape(var: Any, vocab_size: int) -> tuple[int, ...]:
+    """The shape of a parameter without vocabulary padding: its dims named "vocab" (logical axis
+    names, sharding.py) at `vocab_size`."""
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return tuple(vocab_size if n == "vocab" else size for size, n in zip(var.shape, names))
+
+
 def _check_shapes(plan: list[_Planned], files: SafetensorFiles) -> None:
     """Each tensor's shape against what config.json implies; the blocks of a fused tensor must
-    stack (in part order, along dim 0) to its shape, and their offsets are recorded in `files`."""
-    fused: dict[str, list[tuple[int, tuple, tuple]]] = {}  # name -> [(part, path, implied block shape)]
+    stack (in part order, along dim 0, or interleaved along the last dim) to its shape, and the
+    view of each part is recorded in `files`."""
+    fused: dict[str, list[tuple[int, tuple, tuple, bool]]] = {}  # name -> [(part, path, block shape, interleaved)]
     for p in plan:
-        inner = p.entry.layout.hf_shape(tuple(p.var.shape[p.names.ndim :]))
+        inner = p.entry.layout.hf_shape(p.stored_shape[p.names.ndim :])
         for name in p.names.flat:
             if p.entry.part is not None:
-                fused.setdefault(name, []).append((p.entry.part, p.path, inner))
+                fused.setdefault(name, []).append((p.entry.part, p.path, inner, p.entry.interleaved))
                 continue
             found = tuple(files.slice(name).get_shape())
             if found != inner:
@@ -291,33 +319,51 @@ def _check_shapes(plan: list[_Planned], files: SafetensorFiles) -> None:
                 )
     for name, parts in fused.items():
         parts.sort(key=lambda part: part[0])
-        implied = (sum(shape[0] for _, _, shape in parts), *parts[0][2][1:])
+        interleaved = parts[0][3]
+        axis = -1 if interleaved else 0
+        shape = list(parts[0][2])
+        shape[axis] = sum(block[axis] for _, _, block, _ in parts)
         found = tuple(files.slice(name).get_shape())
-        if found != implied or [part for part, _, _ in parts] != list(range(len(parts))):
+        if found != tuple(shape) or [part for part, *_ in parts] != list(range(len(parts))):
+            how = "interleaved along the last dim" if interleaved else "stacked along dim 0"
             raise CheckpointError(
                 f"{files.where(name)}: fused tensor {name} has shape {found}, but config.json "
-                f"implies {implied} (its parts stacked along dim 0)"
+                f"implies {tuple(shape)} (its parts {how})"
             )
         start = 0
-        for _, path, shape in parts:
-            files.fused[path] = (start, shape[0])
-            start += shape[0]
+        for part, path, block, _ in parts:
+            if interleaved:
+                files.fused[path] = partial(InterleavedPart, part=part, parts=len(parts))
+            else:
+                files.fused[path] = partial(FusedRows, start=start, rows=block[0])
+            start += block[0]
 
 
 def _fill(p: _Planned, files: SafetensorFiles, np_dtype: np.dtype, sharding) -> jax.Array:
-    """The value of one planned parameter, read block by block into `sharding` (None: one device)."""
+    """The value of one planned parameter, read block by block into `sharding` (None: one device);
+    vocabulary padding (beyond `p.stored_shape`) is zeros."""
     shape, names, layout = tuple(p.var.shape), p.names, p.entry.layout
 
     def source(name: str):
         hf_slice = files.slice(name)
-        return FusedRows(hf_slice, *files.fused[p.path]) if p.path in files.fused else hf_slice
+        return files.fused[p.path](hf_slice) if p.path in files.fused else hf_slice
 
-    def read(index):
-        """Block `index` of the parameter: leading stacked dims pick HF tensors."""
+    def stored(index):
+        """Block `index` within the stored shape: leading stacked dims pick HF tensors."""
         lead, inner = index[: names.ndim], index[names.ndim :]
         picked = np.asarray(names[tuple(lead)], dtype=object)
-        blocks = [layout.read(source(n), shape[names.ndim :], inner) for n in picked.flat]
+        blocks = [layout.read(source(n), p.stored_shape[names.ndim :], inner) for n in picked.flat]
         return np.stack(blocks).reshape(picked.shape + blocks[0].shape).astype(np_dtype)
+
+    def read(index):
+        spans = [s.indices(n)[:2] for s, n in zip(index, shape)]
+        clipped = [(min(lo, real), min(hi, real)) for (lo, hi), real in zip(spans, p.stored_shape)]
+        if clipped == spans:
+            return stored(tuple(slice(*c) for c in clipped))
+        block = np.zeros([hi - lo for lo, hi in spans], np_dtype)
+        if all(hi > lo for lo, hi in clipped):
+            block[tuple(slice(0, hi - lo) for lo, hi in clipped)] = stored(tuple(slice(*c) for c in clipped))
+        return block
 
     if sharding is None:
         return jax.device_put(read(tuple(slice(None) for _ in shape)))

@@ -13,7 +13,10 @@ the base model) or inside one, a training checkpoint or a folder inside one (`is
 the caller passes: the checkpoint layout is not this package's), nor a folder holding any of them.
 Only process 0 writes; every process takes part in gathering sharded parameters.
 LoRA adapters are merged into the weights first; the parts of a fused HF tensor (Phi-3's
-`qkv_proj`) are concatenated along its dim 0.
+`qkv_proj`) are concatenated along its dim 0 (interleaved along its last dim where the family's
+table says so: gpt-oss's `gate_up_proj`). The model's vocabulary padding (`CausalLM.vocab_rows`)
+is never written: the tensors have config.json's vocab_size rows. A checkpoint read from MXFP4 is
+written dequantized, in `dtype`, without config.json's quantization_config.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from jax_sft.errors import InputError
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.decoder import CausalLM, merge_lora
 from jax_sft.models.hf_names import SAFE_INDEX, SAFE_WEIGHTS, hf_names, is_stacked, layer_paths
+from jax_sft.models.weights import interleave
 
 EXPORT_MARKER = ".jax_sft_export"  # written into every export: marks a folder export may replace
 
@@ -176,12 +180,16 @@ def _units(model: CausalLM) -> list[_Unit]:
     """The model's parameters as per-layer (path, shape, getter), in the order of an unstacked
     model's parameters, grouped into write units: the parts of a fused HF tensor together."""
     params: list[tuple[tuple, tuple[int, ...], Any]] = []
+    vocab = model.config.vocab_size
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        unpadded = tuple(slice(vocab) if n == "vocab" else slice(None) for n in names)  # no vocab padding
+        shape = tuple(len(range(n)[s]) for n, s in zip(var.shape, unpadded))
         if is_stacked(path):
             for i, layer_path in enumerate(layer_paths(path, var.shape[0])):
-                params.append((layer_path, tuple(var.shape[1:]), lambda v=var, i=i: v[...][i]))
+                params.append((layer_path, shape[1:], lambda v=var, i=i, u=unpadded: v[...][u][i]))
         else:
-            params.append((path, tuple(var.shape), lambda v=var: v[...]))
+            params.append((path, shape, lambda v=var, u=unpadded: v[...][u]))
     params.sort(key=lambda p: tuple((0, x) if isinstance(x, int) else (1, str(x)) for x in p[0]))
     units: dict[Any, _Unit] = {}
     for path, shape, get in params:
@@ -218,7 +226,8 @@ def _tensors(config: ModelConfig, unit: _Unit, np_dtype: np.dtype) -> dict[str, 
         for index in np.ndindex(names.shape):
             out[names[index]] = entry.layout.to_hf(value[index]).astype(np_dtype)
     if parts:
-        out[names.item()] = np.concatenate([v for _, v in sorted(parts, key=lambda p: p[0])]).astype(np_dtype)
+        ordered = [v for _, v in sorted(parts, key=lambda p: p[0])]
+        out[names.item()] = (interleave(ordered) if entry.interleaved else np.concatenate(ordered)).astype(np_dtype)
     return out
 
 

@@ -183,6 +183,7 @@ class Attention(nnx.Module):
             lora=ad("o_proj"),
         )
         self.q_norm, self.k_norm = _qk_norms(cfg, dtype=dtype, param_dtype=param_dtype)
+        self.sinks = _sinks(cfg, param_dtype=param_dtype, rngs=rngs)
         self.sliding_window = cfg.sliding_windows[layer]
         self.scale = cfg.query_scale
         self.softcap = cfg.attn_softcap
@@ -209,6 +210,7 @@ class Attention(nnx.Module):
                     sliding_window=self.sliding_window,
                     scale=self.scale,
                     softcap=self.softcap,
+                    sinks=self._sinks(),
                 )
                 return self.o_proj(out, ko)
         out = attention_lib.attention(
@@ -221,8 +223,19 @@ class Attention(nnx.Module):
             max_segments=self.max_segments,
             scale=self.scale,
             softcap=self.softcap,
+            sinks=self._sinks(),
         )
         return self.o_proj(out, ko)
+
+    def _sinks(self) -> jax.Array | None:
+        return None if self.sinks is None else self.sinks[...]
+
+
+def _sinks(cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs) -> nnx.Param | None:
+    """gpt-oss's attention sinks: one logit per query head (attention.py), or None."""
+    if not cfg.attention_sinks:
+        return None
+    return nnx.Param(normal_init(rngs.params(), (cfg.num_heads,), param_dtype), **meta("q_heads"))
 
 
 def _qk_norms(cfg: ModelConfig, *, dtype, param_dtype) -> tuple[RMSNorm | None, RMSNorm | None]:

@@ -128,13 +128,17 @@ def to_peft(matrix: str, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value.reshape(value.shape[0], -1).T)
 
 
-def peft_tensors(adapters: nnx.State) -> dict[str, np.ndarray]:
+def peft_tensors(adapters: nnx.State, vocab_size: int | None = None) -> dict[str, np.ndarray]:
     """{peft tensor name: float32 array} of every matrix in `adapters` (`nnx.state(model,
-    LoRAParam)`, or a gradient of it), gathered onto every process."""
+    LoRAParam)`, or a gradient of it), gathered onto every process; dims named "vocab" cut to
+    `vocab_size` (the model's vocabulary padding is not written)."""
     tensors = {}
     for path, var in nnx.to_flat_state(adapters):
         layer, proj = site_of(path)
         value = to_host(var[...]).astype(np.float32)
+        names = var.get_metadata().get("out_sharding") or ()
+        if vocab_size is not None and "vocab" in names:
+            value = value[tuple(slice(vocab_size) if n == "vocab" else slice(None) for n in names)]
         if is_stacked(path) and proj != LM_HEAD:
             per_layer = [(i, value[i]) for i in range(value.shape[0])]
         else:
@@ -176,7 +180,7 @@ def save_peft_adapter(
         )
     check_export_target(out_dir, overwrite=overwrite, protected=protected, is_checkpoint=is_checkpoint)
     config = adapter_config(model, base_model_name_or_path)
-    tensors = peft_tensors(nnx.state(model, LoRAParam))  # every process gathers
+    tensors = peft_tensors(nnx.state(model, LoRAParam), model.config.vocab_size)  # every process gathers
     writer = jax.process_index() == 0
     with atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext() as tmp:
         if not writer:

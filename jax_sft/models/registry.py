@@ -56,8 +56,8 @@ _UNSUPPORTED_KINDS = (
     ),
     ("a Mamba hybrid", ("nemotron_h", "nemotronh", "mamba", "jamba", "zamba", "falcon_h1")),
     (
-        "a mixture-of-experts model other than Qwen3-MoE and Mixtral",
-        ("moe", "gpt_oss", "gptoss", "mixtral", "deepseek", "dbrx", "olmoe", "granitemoe"),
+        "a mixture-of-experts model other than Qwen3-MoE, Mixtral and gpt-oss",
+        ("moe", "mixtral", "deepseek", "dbrx", "olmoe", "granitemoe"),
     ),
 )
 

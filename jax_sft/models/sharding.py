@@ -2,17 +2,21 @@
 
 Every parameter of the decoder carries logical axis names in its `out_sharding` metadata:
 
-    embed_tokens.embedding          ("vocab", "embed")
+    embed_tokens.embedding          ("vocab", "embed")                  (vocab rows padded: see below)
     lm_head.kernel                  ("embed", "vocab")
     self_attn.{q}_proj.kernel       ("embed", "q_heads", "head_dim")    bias ("q_heads", "head_dim")
     self_attn.{k,v}_proj.kernel     ("embed", "kv_heads", "head_dim")   bias ("kv_heads", "head_dim")
     self_attn.o_proj.kernel         ("q_heads", "head_dim", "embed")    bias ("embed",)
+    self_attn.sinks (gpt-oss)       ("q_heads",)
     mlp.{gate,up}_proj.kernel       ("embed", "mlp")                    bias ("mlp",)
     mlp.down_proj.kernel            ("mlp", "embed")                    bias ("embed",)
     *norm.weight                    ("norm",)
     mlp.router (MoE)                ("embed", "router")
     mlp.{gate,up}_proj (MoE)        ("expert", "embed", "expert_mlp")
     mlp.down_proj (MoE)             ("expert", "expert_mlp", "embed")
+    mlp.router_bias (gpt-oss)       ("router",)
+    mlp.{gate,up}_bias (gpt-oss)    ("expert", "expert_mlp")
+    mlp.down_bias (gpt-oss)         ("expert", "embed")
     <projection>.lora.lora_a        (<the kernel's input axes>, "lora_rank")    LoRA (lora.py)
     <projection>.lora.lora_b        ("lora_rank", <the kernel's output axes>)
 
@@ -22,12 +26,17 @@ Every parameter of the decoder carries logical axis names in its `out_sharding` 
 expert of them) and, like "data", splits the batch for everything else. "data" only replicates.
 Changing the layout means editing this table only. The expert axis has size 1 unless asked for
 (`policy.jax_cfg.mesh.expert`, or NeMo RL's `policy.dtensor_cfg.expert_parallel_size`).
+
+A vocabulary that the tensor axis does not divide is padded (`padded_vocab_size`: the embedding
+and lm_head rows rounded up to a multiple of the tensor size, as Megatron's
+make_vocab_size_divisible_by); any other dimension that its mesh axes cannot split is reported by
+`shard_problems` (the run plan's checks, before any data or weights are read).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import nnx
@@ -89,6 +98,12 @@ def make_mesh(
     return jax.make_mesh((data, fsdp, expert, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
 
 
+def padded_vocab_size(vocab_size: int, tensor: int = 1) -> int:
+    """The embedding / lm_head rows of a model on a mesh whose tensor axis has size `tensor`:
+    `vocab_size` rounded up to a multiple of it, since it splits them."""
+    return -(-vocab_size // tensor) * tensor
+
+
 def describe_mesh(mesh: Mesh) -> dict[str, int]:
     """The mesh's axis sizes for the run log; the expert axis only when it is used (> 1)."""
     return {k: v for k, v in mesh.shape.items() if k != "expert" or v > 1}
@@ -120,49 +135,52 @@ def local_dp_ranks(mesh: Mesh) -> tuple[int, ...]:
     return tuple(sorted({idx[0].start or 0 for idx in index_map.values()}))
 
 
-def split_problems(state: nnx.State, axis_sizes: Mapping[str, int]) -> list[str]:
-    """One line per parameter dimension that the mesh axes it is split over (LOGICAL_AXIS_RULES)
-    do not divide, naming the parameter (layer indices folded into "*"), dimension, size and mesh
-    axes. `state`: parameters or their abstract shapes (`nnx.eval_shape`); `axis_sizes`: the mesh
-    axis sizes ({"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}). Pure: no devices touched."""
-    problems = {}
-    for path, var in nnx.to_flat_state(state):
-        names = var.get_metadata().get("out_sharding")
-        if names is None:
-            raise ValueError(f"parameter {_path_str(path)} has no logical axis names (out_sharding)")
-        for dim, (size, axes) in enumerate(zip(var.shape, logical_to_spec(names))):
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            parts = math.prod(axis_sizes[a] for a in axes)
-            if size % parts:
-                name = ".".join("*" if isinstance(p, int) else str(p) for p in path)
-                split = " x ".join(f"{a}={axis_sizes[a]}" for a in axes)
-                fix = (
-                    f"choose policy.jax_cfg.mesh.{axes[0]} dividing {size}"
-                    if len(axes) == 1
-                    else f"choose a mesh whose {'x'.join(axes)} size divides {size}"
-                )
-                problems.setdefault(
-                    (name, dim),
-                    f"parameter {name} {tuple(var.shape)}: dimension {dim} ({names[dim]!r}, size {size}) "
-                    f"cannot be split over mesh axis {split}; {fix}",
-                )
-    return list(problems.values())
-
-
 def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
     """The `NamedSharding` of every parameter, as an `nnx.State` shaped like `nnx.state(model)`.
 
     Raises when a dimension is not divisible by the mesh axes it is split over (jax cannot
-    place such an array), naming the parameter and what to change (`split_problems`; the run
-    plan makes the same check before any work).
+    place such an array), naming the parameter and what to change.
     """
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
-    problems = split_problems(state, dict(mesh.shape))
+    problems = shard_problems(state, dict(mesh.shape))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError(problems[0])
     with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
         return nnx.get_named_sharding(state, mesh)
 
 
-def _path_str(path: Sequence) -> str:
-    return ".".join(str(p) for p in path)
+def shard_problems(state: nnx.State, sizes: dict[str, int]) -> list[str]:
+    """One line per kind of parameter dimension (logical name, size, mesh axes) that the mesh of
+    axis `sizes` cannot split, naming the first such parameter and how many more there are; []
+    when every parameter of `state` (abstract values will do) shards. A scan-stacked parameter
+    (`layers.<name>`, [num_layers, ...]) is named per layer (`layers.*.<name>`)."""
+    found: dict[tuple, list[str]] = {}
+    for path, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding")
+        if names is None:
+            raise ValueError(f"parameter {_path_str(path)} has no logical axis names (out_sharding)")
+        stacked = len(path) > 1 and path[0] == "layers" and not str(path[1]).isdigit()
+        lead, name = (1, "layers.*." + _path_str(path[1:])) if stacked else (0, _path_str(path, fold=True))
+        for dim, (size, axes) in enumerate(zip(var.shape, logical_to_spec(names))):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            parts = math.prod(sizes[a] for a in axes)
+            if size % parts:
+                where = f"parameter {name} {tuple(var.shape)[lead:]}: dimension {dim - lead}"
+                found.setdefault((names[dim], size, axes, parts), []).extend([where] * (var.shape[0] if lead else 1))
+    return [
+        f"{wheres[0]} ({name!r}, size {size}) cannot be split over mesh axis "
+        + " x ".join(f"{a}={sizes[a]}" for a in axes)
+        + (f" (nor can {len(wheres) - 1} more parameters)" if len(wheres) > 1 else "")
+        + "; "
+        + (
+            f"choose policy.jax_cfg.mesh.{axes[0]} dividing {size}"
+            if len(axes) == 1
+            else f"choose a mesh whose {'x'.join(axes)} size divides {size}"
+        )
+        for (name, size, axes, _), wheres in found.items()
+    ]
+
+
+def _path_str(path: Sequence, fold: bool = False) -> str:
+    """path as dotted text; `fold`: layer indices as "*"."""
+    return ".".join("*" if fold and isinstance(p, int) else str(p) for p in path)

@@ -4,7 +4,9 @@ A family's weight table (`jax_sft.models.families`) maps each jax parameter path
 "{j}" = expert) to an `HfTensor`: the HF name, the `TensorLayout` and, for a fused HF tensor
 (Phi-3's `qkv_proj`, `gate_up_proj`), which part of it the parameter is. The parts of a fused
 tensor are consecutive blocks of its dim 0 (HF's output dimension), in part order; a block's size
-is its parameter's size along that dimension.
+is its parameter's size along that dimension. With `interleaved` the parts alternate element by
+element along the HF tensor's last dim instead (gpt-oss's `gate_up_proj`: gate at the even
+indices, up at the odd ones).
 """
 
 from __future__ import annotations
@@ -67,11 +69,13 @@ OUT_HEADS = TensorLayout(((0, 1), (2,)), transposed=True)  # [out, heads*d] -> [
 
 class HfTensor(NamedTuple):
     """One entry of a weight table: the HF tensor name (with "{i}", "{j}"), the layout and, for a
-    fused tensor, the index of this parameter's block along HF dim 0 (None: the whole tensor)."""
+    fused tensor, the index of this parameter's block along HF dim 0 (None: the whole tensor), or
+    with `interleaved` its index among the parts that alternate along the last dim."""
 
     name: str
     layout: TensorLayout
     part: int | None = None
+    interleaved: bool = False
 
 
 class FusedRows:
@@ -88,3 +92,28 @@ class FusedRows:
         first, *rest = index
         lo, hi, step = first.indices(self.rows)
         return self.hf_slice[(slice(self.start + lo, self.start + hi, step), *rest)]
+
+
+class InterleavedPart:
+    """A safetensors slice seen as part `part` of `parts` that alternate element by element along
+    its last dim (elements part, part + parts, ...), with the `get_shape` / indexing interface of
+    `TensorLayout.read`."""
+
+    def __init__(self, hf_slice, part: int, parts: int):
+        self.hf_slice, self.part, self.parts = hf_slice, part, parts
+
+    def get_shape(self) -> list[int]:
+        *lead, last = list(self.hf_slice.get_shape())
+        return [*lead, last // self.parts]
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        *lead, last = index
+        lo, hi, step = last.indices(self.get_shape()[-1])
+        block = self.hf_slice[(*lead, slice(lo * self.parts, hi * self.parts))]
+        return block[..., self.part :: self.parts][..., ::step]
+
+
+def interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """The HF tensor of interleaved `parts` (in part order), alternating along the last dim."""
+    stacked = np.stack(parts, axis=-1)
+    return stacked.reshape(*stacked.shape[:-2], -1)

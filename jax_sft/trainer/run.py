@@ -20,7 +20,7 @@ from jax_sft import distributed
 from jax_sft.checkpoint import is_checkpoint_folder
 from jax_sft.config import to_yaml
 from jax_sft.config.loading import save_config
-from jax_sft.config.plan import protected_folders
+from jax_sft.config.plan import model_notes, protected_folders
 from jax_sft.metrics import MetricsLogger
 from jax_sft.models import save_pretrained
 from jax_sft.models import sharding as sharding_lib
@@ -122,6 +122,8 @@ def _log_start(r: Run, logger: MetricsLogger, run_dir: Path, config_yaml: str) -
         logger.write(sharding_table({"trainable": params, "frozen": r.frozen} if r.plan.lora else params))
         logger.write(memory_line(params, r.frozen, r.state.opt_state, r.plan.precision))
         logger.write(r.attention_line)
+        for note in model_notes(r.plan):
+            logger.write(f"model: {note}")
         if r.resumed_from is not None:
             logger.write(f"resumed from {r.ckpt.step_dir(r.resumed_from)} (step {r.state.step}, epoch {r.state.epoch})")
         logger.write("data: " + ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in r.data.stats.items()))

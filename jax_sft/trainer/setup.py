@@ -234,6 +234,7 @@ def _resume(run: Run, param_shardings: Any, opt_shardings: Any, fp8_shardings: A
         abstract_params=_abstract(run.state.params, param_shardings),
         abstract_opt_state=_abstract(run.state.opt_state, opt_shardings),
         abstract_fp8=_abstract(run.state.fp8, fp8_shardings),
+        vocab_size=run.model_config.vocab_size,
     )
     if restored.opt_state is None:
         raise RuntimeError(
