@@ -11,6 +11,13 @@ whose loss or gradient norm is not finite leaves parameters and optimizer state 
 Batches are dicts of int32 arrays [rows, seq]: input_ids, targets, loss_mask, segment_ids,
 positions (see jax_sft.data).
 
+Context parallelism (a model whose mesh has a context axis n > 1): the loss function permutes
+every array of the batch into the axis's zig-zag layout inside the compiled step (a static
+gather of the int32 rows, which arrive whole on every device of a context group), runs the model
+on that layout and sums the NLL over the permuted targets, chunk by chunk within each device's
+part (`masked_nll_sum(..., context=n)`): sums and token counts do not depend on the order, so
+losses, gradients, validation and the logged token counts are those of the unsplit rows.
+
 Parameters come in two states: `params`, the trainable ones (all `nnx.Param`s for full
 fine-tuning; the `LoRAParam` adapters for LoRA), which get gradients and optimizer state, and
 `frozen`, the rest (the LoRA base; empty for full fine-tuning), passed to every step as an
@@ -43,6 +50,7 @@ import optax
 from flax import nnx
 
 from jax_sft.loss import masked_nll_sum
+from jax_sft.models.context import to_zigzag
 
 Batch = dict[str, jax.Array]
 
@@ -107,12 +115,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
 
     def loss_sum(params: nnx.State, frozen: nnx.State, batch: Batch, dropout_key=None):
         model = nnx.merge(graphdef, params, frozen, rest)
+        n = model.context_size
+        batch = {k: to_zigzag(v, n) for k, v in batch.items()}  # (n == 1: as it is)
         hidden, aux = model.hidden_states_and_aux(
             batch["input_ids"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"] if packed else None,
             token_mask=batch["segment_ids"] > 0,
             dropout_key=dropout_key,
+            context_layout=True,
         )
         nll = masked_nll_sum(
             hidden,
@@ -121,6 +132,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
             batch["loss_mask"],
             chunk_size,
             softcap=model.config.final_softcap,
+            context=n,
         )
         coef = model.config.router_aux_loss_coef
         objective = nll + coef * aux * batch["loss_mask"].sum(dtype=jnp.float32) if coef else nll

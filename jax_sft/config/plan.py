@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from jax_sft.config.lora import DTENSOR_LORA, MEGATRON_LORA, lora_config
 from jax_sft.data.batches import BatchPlan
 from jax_sft.data.pipeline import DataPlan
 from jax_sft.errors import ConfigError, InputError
+from jax_sft.loss import chunk_problem
+from jax_sft.models import context as context_lib
 from jax_sft.models import counts
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.hf_write import export_target_problem
@@ -52,16 +55,18 @@ CHECKS = "checks against the devices and model"  # the source of make_plan's Con
 
 @dataclasses.dataclass(frozen=True)
 class MeshPlan:
-    """The device mesh: data (replicas) x fsdp x expert x tensor over `devices` devices."""
+    """The device mesh: data (replicas) x fsdp x expert x context x tensor over `devices` devices;
+    the context axis splits every row's sequence (it does not add data-parallel ranks)."""
 
     data: int
     fsdp: int
     expert: int
     tensor: int
+    context: int = 1
 
     @property
     def devices(self) -> int:
-        return self.data * self.fsdp * self.expert * self.tensor
+        return self.data * self.fsdp * self.expert * self.context * self.tensor
 
     @property
     def dp(self) -> int:
@@ -139,8 +144,8 @@ def deadline_seconds(value: str | None) -> float | None:
 def mesh_plan(cfg: ConfigDict, devices: int) -> MeshPlan:
     """The mesh of `policy.jax_cfg.mesh` over `devices` devices (UsageError when it does not fit)."""
     m = cfg.policy.jax_cfg.mesh
-    data, fsdp, tensor = mesh_shape(m.data, m.fsdp, m.tensor, devices, m.expert)
-    return MeshPlan(data, fsdp, m.expert, tensor)
+    data, fsdp, tensor = mesh_shape(m.data, m.fsdp, m.tensor, devices, m.expert, m.context)
+    return MeshPlan(data, fsdp, m.expert, tensor, m.context)
 
 
 def model_options(cfg: ConfigDict) -> ModelOptions:
@@ -154,6 +159,7 @@ def model_options(cfg: ConfigDict) -> ModelOptions:
         scan_layers=bool(jc.scan_layers),
         max_segments=jc.max_segments_per_row,
         lora=lora_config(cfg),
+        context_attention=jc.context_attention,
     )
 
 
@@ -200,6 +206,20 @@ def _batch_plan(cfg: ConfigDict, dp: int, problems: list[str]) -> BatchPlan:
     )
 
 
+def _context_problems(cfg: ConfigDict, mesh: MeshPlan, batch: BatchPlan) -> list[str]:
+    """Rows that the context axis cannot split, or whose parts the loss cannot cut into chunks."""
+    n, seq = mesh.context, batch.seq_len
+    if seq % (2 * n):
+        return [
+            f"policy.jax_cfg.mesh.context={n} splits rows into 2 x {n} equal chunks (the zig-zag layout), but rows "
+            f"have {seq} tokens (policy.max_total_sequence_length rounded up to make_sequence_length_divisible_by="
+            f"{cfg.policy.make_sequence_length_divisible_by}); set make_sequence_length_divisible_by to a multiple "
+            f"of {2 * n}"
+        ]
+    problem = chunk_problem(seq, cfg.policy.jax_cfg.loss_chunk_size, n)
+    return [problem] if problem else []
+
+
 def _checkpoint_spec(c: ConfigDict) -> CheckpointSpec:
     metric = c.metric_name
     return CheckpointSpec(
@@ -228,6 +248,7 @@ def make_plan(
         problems.append(str(e))
         mesh = MeshPlan(1, devices, 1, 1)  # to check the rest against
     batch = _batch_plan(cfg, mesh.dp, problems)
+    problems += _context_problems(cfg, mesh, batch)
     p = cfg.policy
     options = model_options(cfg)
     if model_config is not None:
@@ -317,13 +338,64 @@ def protected_folders(plan: RunPlan) -> tuple[Path, ...]:
 def _describe(plan: RunPlan, nodes: int, gpus_per_node: int) -> list[str]:
     m, b = plan.mesh, plan.batch
     micro = b.global_batch // b.dp // b.micro_batch
+    context = f" x context={m.context}" if m.context > 1 else ""
     lines = [
-        f"mesh: data={m.data} x fsdp={m.fsdp} x expert={m.expert} x tensor={m.tensor} over {m.devices} devices "
-        f"({nodes} node(s) x {gpus_per_node}; one process per node)",
+        f"mesh: data={m.data} x fsdp={m.fsdp} x expert={m.expert}{context} x tensor={m.tensor} over {m.devices} "
+        f"devices ({nodes} node(s) x {gpus_per_node}; one process per node)",
         f"batches: {b.global_batch} sequences per step = {b.dp} data-parallel ranks x {micro} micro-batch(es) of "
         f"{b.micro_batch}, rows of {b.max_total_length} tokens" + (" (packed)" if b.packing else ""),
     ]
-    return lines + _model_lines(plan)
+    return lines + _model_lines(plan) + _memory_lines(plan)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _memory_lines(plan: RunPlan) -> list[str]:
+    """With the model's config: the context split (when there is one) and the memory per device,
+    estimated (`counts.state_bytes_per_device`, `counts.activation_bytes_per_device`)."""
+    m, mesh, b, o = plan.model.config, plan.mesh, plan.batch, plan.model.options
+    if m is None:
+        return []
+    n, seq = mesh.context, b.seq_len
+    rows = b.rank_rows if b.packing else b.micro_batch  # per data-parallel rank and micro-batch
+    flash = o.attention == "cudnn" or (o.attention == "auto" and plan.precision == "bfloat16")
+    estimate = partial(
+        counts.activation_bytes_per_device,
+        m,
+        rows=rows,
+        seq=seq,
+        precision=plan.precision,
+        remat=o.remat,
+        loss_chunk=plan.config.policy.jax_cfg.loss_chunk_size,
+        flash=flash,
+    )
+    lines = []
+    if n > 1:
+        chunk = seq // (2 * n)
+        strategy = context_lib.choose_strategy(o.context_attention, m.num_heads, m.num_kv_heads, n)
+        lines.append(
+            f"context: rows of {seq} tokens split over context={n}: {seq // n} tokens per device, zig-zag chunks of "
+            f"{chunk} (device r holds chunks r and {2 * n - 1}-r); attention across it: {strategy} "
+            f"(policy.jax_cfg.context_attention={o.context_attention!r}; kv heads {m.num_kv_heads} x context {n} vs "
+            f"{m.num_heads} q heads), xla blocks of {chunk} x {context_lib.block_size(chunk)}"
+        )
+    acts = estimate(context=n, key_block=context_lib.block_size(seq // (2 * n)) if n > 1 else 0)
+    shards = mesh.fsdp * mesh.context * mesh.tensor
+    state = counts.state_bytes_per_device(
+        m, plan.lora, param_dtype=o.param_dtype, precision=plan.precision, devices=shards
+    )
+    kernel = "flash (cuDNN)" if flash else "xla" if n == 1 else "context blocks"
+    line = (
+        f"memory per device (estimate): training state {_gib(sum(state.values()))} (over fsdp x context x tensor = "
+        f"{shards}) + activations {_gib(sum(acts.values()))} for a micro-batch of {rows} row(s) of {seq} tokens "
+        f"(layers {_gib(acts['layers'])} with remat={o.remat!r}, attention {_gib(acts['attention'])} ({kernel}), "
+        f"loss {_gib(acts['loss'])})"
+    )
+    if n > 1:
+        line += f"; with context=1 the activations would be {_gib(sum(estimate(context=1, key_block=0).values()))}"
+    return lines + [line]
 
 
 def _model_lines(plan: RunPlan) -> list[str]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_sft.models import attention as attention_lib
+from jax_sft.models import context as context_lib
 from jax_sft.models import kv_cache as kv_cache_lib
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.lora import LoRA
@@ -127,6 +128,7 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
+        context: context_lib.ContextParallel | None = None,
     ):
         e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -171,6 +173,7 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.max_segments = max_segments
         self.dtype = dtype
+        self.context = context  # the sequence split over the mesh's context axis (None: whole rows)
         self.kv_cache: kv_cache_lib.LayerCache | None = nnx.data(None)  # generation only (kv_cache.py)
 
     def __call__(self, x, cos, sin, segment_ids, dropout_key=None):
@@ -193,6 +196,18 @@ class Attention(nnx.Module):
                     softcap=self.softcap,
                 )
                 return self.o_proj(out, ko)
+        elif self.context is not None:  # rows in the context axis's zig-zag layout (decoder.py)
+            out = context_lib.attention(
+                q,
+                k,
+                v,
+                segment_ids,
+                self.context,
+                sliding_window=self.sliding_window,
+                scale=self.scale,
+                softcap=self.softcap,
+            )
+            return self.o_proj(out, ko)
         out = attention_lib.attention(
             q,
             k,
