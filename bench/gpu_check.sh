@@ -8,8 +8,12 @@
 #     bash bench/gpu_check.sh [bench time budget in seconds, default 340]
 #
 # Wall time: ~3-4 min of tests (each GPU test compiles its kernels) + the bench budget + ~2 min of
-# step_overhead + QWEN_BUDGET (default 240 s) + <= 90 s of test_model.py: more than one 10-minute
-# device call; give it two (`QWEN_BUDGET=0 bash bench/gpu_check.sh 200`, then the Qwen3 part alone) or a shorter budget. The 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
+# step_overhead + QWEN_BUDGET (default 240 s) + LONG_BUDGET (default 200 s) + <= 90 s of
+# test_model.py: more than one 10-minute device call; give it two (`QWEN_BUDGET=0 LONG_BUDGET=0 bash
+# bench/gpu_check.sh 200`, then the Qwen3 and long-context parts alone) or a shorter budget. The
+# 2026-11-26 run used 100 s / 40 s test timeouts and lost the tail of both.
+# Long context alone (issue 24): `BUDGET_ONLY_LONG=1 bash bench/gpu_check.sh` runs the env lines and
+# the long-context part only (~3-4 min on one GPU).
 set -u -o pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${1:-340}
@@ -24,6 +28,21 @@ PY=${PYTHON:-python3}
   $PY -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__); print(jax.devices(), jax.devices()[0].device_kind, jax.devices()[0].compute_capability)"
   $PY -c "from jax._src.lib import cuda_versions as c; print('cudnn', c.cudnn_get_version())"
 } 2>&1 | tee "$OUT/env.txt"
+
+# Long context (issue 24): one row of 32768 and of 131072 tokens per step (Llama-1B shape, remat
+# full), whole on one GPU (cuDNN flash attention) against split over a context axis of every GPU
+# (ring / all-gather attention, models/context.py; only where there is more than one GPU).
+long_context() {
+  LONG_BUDGET=${LONG_BUDGET:-200}
+  if [ "$LONG_BUDGET" -gt 0 ]; then
+    timeout $((LONG_BUDGET + 15)) $PY bench/train_step.py --long --warmup 1 --steps 2 --out "$OUT/long" \
+      --time-budget "$LONG_BUDGET" 2>&1 | tee "$OUT/bench_long.log"
+  fi
+}
+if [ "${BUDGET_ONLY_LONG:-0}" = 1 ]; then
+  long_context
+  exit 0
+fi
 
 # fp32 parity tests need true fp32 matmuls (XLA's GPU default is TF32).
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 $PY -m pytest -q -p no:cacheprovider \
@@ -44,6 +63,8 @@ if [ "$QWEN_BUDGET" -gt 0 ]; then
     --time-budget "$QWEN_BUDGET" --only jax:padded-4096 torch-eager:padded-4096 torch-compile:padded-4096 \
     2>&1 | tee "$OUT/bench_qwen3_4b.log"
 fi
+
+long_context
 
 # The model tests on the GPU (parity with transformers), if time remains in the caller's limit.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $PY -m pytest -q -p no:cacheprovider -x \

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import shutil
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax_sft import train
+from jax_sft.config import IgnoredKeysWarning, load_config
 from jax_sft.models import CausalLM, ModelConfig, sharding
 from jax_sft.models import context as context_lib
 from jax_sft.models.attention import _xla_attention
@@ -68,6 +74,7 @@ QWEN3_MOE = {
 SHAPES = {"llama": LLAMA, "qwen3_yarn": QWEN3_YARN, "qwen3_moe": QWEN3_MOE}
 OPT = {"name": "torch.optim.AdamW", "kwargs": {"lr": 1e-3}}
 SEQ, ROWS = 64, 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rows(packed: bool, seed: int = 0) -> dict[str, np.ndarray]:
@@ -248,3 +255,148 @@ def test_split_rows_need_a_quarter_of_the_temporary_memory_at_32k():
         "\ntemporary memory per device: " + ", ".join(f"context={n}: {b / 2**20:.1f} MiB" for n, b in figures.items())
     )
     assert figures[8] < figures[1] / 4, figures
+
+
+# ----------------------------------------------------------------------------- runs
+
+RECIPE = (
+    Path(__file__).resolve().parents[2]
+    / "shared/reference/nemo-rl-configs/examples/configs/recipes/llm/sft-qwen3-0.6B-1n8g-megatron-yarn-128k.yaml"
+)
+# Qwen3-0.6B's kind of model (q/k norms, GQA, tied embeddings, no biases, 40960 positions that the
+# recipe's YaRN stretches 3.2 times), tiny.
+TINY_QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,  # (every head costs 16384^2 / 2 scores per row and layer on the CPU)
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def long_math_assets(out: Path) -> tuple[Path, Path]:
+    """(a tiny Qwen3 with a BPE tokenizer, 40 conversations of 500-900 tokens in
+    Nemotron-Cascade-2-SFT-Math's columns), from the quickstart's arithmetic."""
+    from jax_sft.models import save_pretrained
+    from jax_sft.quickstart import make_dataset, make_tokenizer
+
+    out.mkdir()
+    make_dataset(out, train=2000, val=1)
+    turns = [json.loads(line)["messages"] for line in open(out / "train.jsonl")]
+    tokenizer = make_tokenizer([m["content"] for t in turns for m in t], vocab_size=320)
+    rng = np.random.default_rng(0)
+    with open(out / "math.jsonl", "w") as f:
+        for _ in range(40):
+            pick = [turns[i] for i in rng.integers(0, len(turns), rng.integers(25, 45))]
+            user = "Solve each: " + " ; ".join(t[0]["content"] for t in pick)
+            answer = " ; ".join(t[1]["content"] for t in pick)
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+            )
+            f.write("\n")
+    hf = {**TINY_QWEN3, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id}
+    hf["eos_token_id"] = tokenizer.eos_token_id
+    model = CausalLM(ModelConfig.from_hf_dict(hf), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    save_pretrained(model, out / "model", tokenizer=tokenizer)
+    return out / "model", out / "math.jsonl"
+
+
+@pytest.mark.skipif(not RECIPE.is_file(), reason="../shared/reference/nemo-rl-configs is absent")
+def test_nemo_rl_128k_recipe_plans_and_trains_split_over_context_8(tmp_path, capsys):
+    """NeMo RL's sft-qwen3-0.6B-1n8g-megatron-yarn-128k.yaml as it is (Megatron, context_parallel_size
+    8, packing, YaRN, bfloat16), a tiny Qwen3 and only paths and sizes overridden: its --dry_run
+    plan at 131072 tokens per row, then 2 steps on 8 CPU devices at 16384 tokens per row."""
+    model, data = long_math_assets(tmp_path / "assets")
+    paths = [
+        f"policy.model_name={model}",
+        f"data.train.data_path={data}",
+        f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"logger.log_dir={tmp_path / 'logs'}",
+        "logger.wandb_enabled=false",
+        "logger.tensorboard_enabled=false",
+        "logger.monitor_gpus=false",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IgnoredKeysWarning)
+        train.main(["--config", str(RECIPE), *paths, "--dry_run"])  # (exits 2 on a problem)
+        plan = capsys.readouterr().out
+        assert "  mesh: data=1 x fsdp=1 x expert=1 x context=8 x tensor=1 over 8 devices" in plan, plan
+        assert "  context: rows of 131072 tokens split over context=8: 16384 tokens per device" in plan, plan
+        assert "attention across it: ring" in plan and "  memory per device (estimate): training state" in plan
+        sizes = ["policy.max_total_sequence_length=16384", "sft.max_num_steps=2", "sft.val_batches=1"]
+        cfg = load_config(RECIPE, [*paths, *sizes, "sft.val_global_batch_size=1"])
+    result = train.run(cfg)
+    out = capsys.readouterr().out
+    assert "mesh: {'data': 1, 'fsdp': 1, 'context': 8, 'tensor': 1} over 8 cpu devices" in out, out
+    assert "context=8: rows of 16384 tokens in 16 chunks of 1024 (2048 tokens per device)" in out, out
+    rows = [json.loads(line) for line in open(result.run_dir / "metrics.jsonl")]
+    tokens = [r["train/global_valid_toks"] for r in rows if "train/loss" in r]
+    print(f"\nlosses {result.train_losses}, tokens per step {tokens}, validation {result.val_losses}")
+    assert result.final_step == 2 and all(np.isfinite(list(result.train_losses.values())))
+    assert min(tokens) > 8192  # a row of 16 packed sequences per step
+    assert (tmp_path / "ckpt" / "step_2").is_dir()
+
+
+def test_a_checkpoint_saved_with_context_4_resumes_with_context_1(tmp_path):
+    """The tiny Llama run: 4 steps split over context 4 (saved every 2), and a run with whole rows
+    resumed from its step 2: steps 3 and 4 have the same losses."""
+    from tiny_run import make_tiny_run_assets
+
+    assets = make_tiny_run_assets(tmp_path / "assets")
+    common = [
+        f"policy.model_name={assets / 'model'}",
+        "data.dataset_name=openai_format",
+        "policy.tokenizer.chat_template=default",
+        f"data.train_data_path={assets / 'data' / 'train.jsonl'}",
+        f"data.val_data_path={assets / 'data' / 'val.jsonl'}",
+        f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
+        "checkpointing.save_period=2",
+        f"logger.log_dir={tmp_path / 'logs'}",
+        "logger.tensorboard_enabled=false",
+        "logger.monitor_gpus=false",
+        "cluster.gpus_per_node=8",
+        "sft.val_period=0",
+        "sft.val_at_start=false",
+        "sft.max_num_steps=4",
+        "policy.train_global_batch_size=16",
+        "policy.train_micro_batch_size=2",
+        "policy.max_total_sequence_length=96",
+        "policy.precision=float32",
+        "policy.jax_cfg.loss_chunk_size=32",
+        "policy.sequence_packing.enabled=true",
+        "policy.sequence_packing.train_mb_tokens=192",
+    ]
+    split = train.run(load_config(ROOT / "configs" / "sft.py", [*common, "policy.jax_cfg.mesh.context=4"]))
+    assert split.final_step == 4
+    shutil.rmtree(tmp_path / "ckpt" / "step_4")
+    whole = train.run(load_config(ROOT / "configs" / "sft.py", [*common, "policy.jax_cfg.mesh.context=1"]))
+    assert sorted(whole.train_losses) == [3, 4]
+    print(
+        f"\nsteps 3, 4: context 4 {[split.train_losses[s] for s in (3, 4)]}, resumed at context 1 {whole.train_losses}"
+    )
+    np.testing.assert_allclose(
+        [whole.train_losses[s] for s in (3, 4)], [split.train_losses[s] for s in (3, 4)], rtol=1e-5
+    )
+
+
+def test_the_plan_refuses_rows_the_context_axis_cannot_split():
+    from jax_sft.config.plan import make_plan
+    from jax_sft.errors import ConfigError
+
+    def plan(*overrides):
+        return make_plan(load_config(None, ["policy.jax_cfg.mesh.context=8", *overrides]), devices=8)
+
+    assert plan().mesh.context == 8 and plan().mesh.dp == 1  # (derived: rows a multiple of 16)
+    with pytest.raises(ConfigError, match="splits rows into 2 x 8 equal chunks .* rows have 1000 tokens"):
+        plan("policy.make_sequence_length_divisible_by=8", "policy.max_total_sequence_length=1000")
+    with pytest.raises(ConfigError, match="2080 / context=8 = 260 tokens per device is not a multiple of .*=100"):
+        plan("policy.max_total_sequence_length=2080", "policy.jax_cfg.loss_chunk_size=100")
