@@ -346,16 +346,37 @@ def _describe(plan: RunPlan, nodes: int, gpus_per_node: int) -> list[str]:
         f"batches: {b.global_batch} sequences per step = {b.dp} data-parallel ranks x {micro} micro-batch(es) of "
         f"{b.micro_batch}, rows of {b.max_total_length} tokens" + (" (packed)" if b.packing else ""),
     ]
-    return lines + _model_lines(plan) + _memory_lines(plan)
+    return lines + _context_lines(plan) + _model_lines(plan) + _memory_lines(plan)
 
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
+def _context_lines(plan: RunPlan) -> list[str]:
+    """The context split, when there is one: tokens per device, chunks, and (with the model's
+    config) the attention strategy across the axis."""
+    m, n, seq, o = plan.model.config, plan.mesh.context, plan.batch.seq_len, plan.model.options
+    if n == 1:
+        return []
+    chunk = seq // (2 * n)
+    how = "attention across it: decided when the model's config.json is read"
+    if m is not None:
+        strategy = context_lib.choose_strategy(o.context_attention, m.num_heads, m.num_kv_heads, n)
+        how = (
+            f"attention across it: {strategy} (policy.jax_cfg.context_attention={o.context_attention!r}; kv heads "
+            f"{m.num_kv_heads} x context {n} vs {m.num_heads} q heads)"
+        )
+    return [
+        f"context: rows of {seq} tokens split over context={n}: {seq // n} tokens per device, zig-zag chunks of "
+        f"{chunk} (device r holds chunks r and {2 * n - 1}-r); {how}, xla blocks of {chunk} x "
+        f"{context_lib.block_size(chunk)}"
+    ]
+
+
 def _memory_lines(plan: RunPlan) -> list[str]:
-    """With the model's config: the context split (when there is one) and the memory per device,
-    estimated (`counts.state_bytes_per_device`, `counts.activation_bytes_per_device`)."""
+    """With the model's config: the memory per device, estimated (`counts.state_bytes_per_device`,
+    `counts.activation_bytes_per_device`), with a context axis against the activations without."""
     m, mesh, b, o = plan.model.config, plan.mesh, plan.batch, plan.model.options
     if m is None:
         return []
@@ -372,22 +393,12 @@ def _memory_lines(plan: RunPlan) -> list[str]:
         loss_chunk=plan.config.policy.jax_cfg.loss_chunk_size,
         flash=flash,
     )
-    lines = []
-    if n > 1:
-        chunk = seq // (2 * n)
-        strategy = context_lib.choose_strategy(o.context_attention, m.num_heads, m.num_kv_heads, n)
-        lines.append(
-            f"context: rows of {seq} tokens split over context={n}: {seq // n} tokens per device, zig-zag chunks of "
-            f"{chunk} (device r holds chunks r and {2 * n - 1}-r); attention across it: {strategy} "
-            f"(policy.jax_cfg.context_attention={o.context_attention!r}; kv heads {m.num_kv_heads} x context {n} vs "
-            f"{m.num_heads} q heads), xla blocks of {chunk} x {context_lib.block_size(chunk)}"
-        )
     acts = estimate(context=n, key_block=context_lib.block_size(seq // (2 * n)) if n > 1 else 0)
     shards = mesh.fsdp * mesh.context * mesh.tensor
     state = counts.state_bytes_per_device(
         m, plan.lora, param_dtype=o.param_dtype, precision=plan.precision, devices=shards
     )
-    kernel = "flash (cuDNN)" if flash else "xla" if n == 1 else "context blocks"
+    kernel = "context blocks" if n > 1 else "flash (cuDNN)" if flash else "xla"
     line = (
         f"memory per device (estimate): training state {_gib(sum(state.values()))} (over fsdp x context x tensor = "
         f"{shards}) + activations {_gib(sum(acts.values()))} for a micro-batch of {rows} row(s) of {seq} tokens "
@@ -396,7 +407,7 @@ def _memory_lines(plan: RunPlan) -> list[str]:
     )
     if n > 1:
         line += f"; with context=1 the activations would be {_gib(sum(estimate(context=1, key_block=0).values()))}"
-    return lines + [line]
+    return [line]
 
 
 def _model_lines(plan: RunPlan) -> list[str]:
