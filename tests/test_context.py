@@ -310,6 +310,7 @@ def long_math_assets(out: Path) -> tuple[Path, Path]:
     return out / "model", out / "math.jsonl"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not RECIPE.is_file(), reason="../shared/reference/nemo-rl-configs is absent")
 def test_nemo_rl_128k_recipe_plans_and_trains_split_over_context_8(tmp_path, capsys):
     """NeMo RL's sft-qwen3-0.6B-1n8g-megatron-yarn-128k.yaml as it is (Megatron, context_parallel_size
@@ -346,6 +347,7 @@ def test_nemo_rl_128k_recipe_plans_and_trains_split_over_context_8(tmp_path, cap
     assert (tmp_path / "ckpt" / "step_2").is_dir()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_with_context_4_resumes_with_context_1(tmp_path):
     """The tiny Llama run: 4 steps split over context 4 (saved every 2), and a run with whole rows
     resumed from its step 2: steps 3 and 4 have the same losses."""

@@ -36,8 +36,9 @@ Every block runs XLA operations: fp32 scores over at most `MAX_BLOCK` keys at a 
 cut into sub-blocks of the largest divisor of c up to it), masks from the tokens' natural
 indices: causal, HF's sliding window (i - j < W), equal segment ids, soft-capping
 c * tanh(s / c) before the mask, exactly as `attention.py`'s "xla" kernel computes them. (A cuDNN
-kernel per block is not implemented: jax has no public flash attention that returns the softmax
-statistics a ring needs.)
+kernel per block is not implemented: jax's cuDNN attention returns a block's softmax statistics,
+but its backward pass recomputes the probabilities from the block's own statistics, and a ring
+needs them from the merged ones of all blocks; and it could not be checked here without a GPU.)
 """
 
 from __future__ import annotations
