@@ -398,6 +398,10 @@ def test_the_plan_refuses_rows_the_context_axis_cannot_split():
         return make_plan(load_config(None, ["policy.jax_cfg.mesh.context=8", *overrides]), devices=8)
 
     assert plan().mesh.context == 8 and plan().mesh.dp == 1  # (derived: rows a multiple of 16)
+    # The axis does not split the batch: the data-parallel ranks are fsdp's, whole rows each.
+    mesh = sharding.make_mesh(1, 2, 1, context=4)
+    assert sharding.dp_size(mesh) == 2 and sharding.local_dp_ranks(mesh) == (0, 1)
+    assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None)
     with pytest.raises(ConfigError, match="splits rows into 2 x 8 equal chunks .* rows have 1000 tokens"):
         plan("policy.make_sequence_length_divisible_by=8", "policy.max_total_sequence_length=1000")
     with pytest.raises(ConfigError, match="2080 / context=8 = 260 tokens per device is not a multiple of .*=100"):
