@@ -17,9 +17,14 @@
 #     bash bench/gpu_check.sh --dry           # here, on the CPU: every part starts (tests/test_bench.py)
 #
 # Part budgets (seconds): versions 30, bench 250, trainer 170, quickstart 80: 530 s in all.
+#
+#     bash bench/gpu_check.sh --long          # issue 24's long context, its own device call instead:
+#                                             # versions 30, bench/train_step.py --long 400 (rows of
+#                                             # 32k and 128k tokens, context 1 vs every GPU)
 set -u -o pipefail
-DRY=0
+DRY=0 LONG=0
 [ "${1:-}" = "--dry" ] && DRY=1
+[ "${1:-}" = "--long" ] && LONG=1
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -61,7 +66,9 @@ BENCH_CASES="jax:padded-4096 torch-eager:padded-4096 torch-compile:padded-4096 j
 torch-eager:padded-1024 torch-compile:padded-1024 jax:packed-4096 jax:padded-4096-fp8 jax:padded-1024-mb1"
 : > "$OUT/parts.txt"
 part versions 30 bash -c "$VERSIONS"
-if [ "$DRY" = 1 ]; then
+if [ "$LONG" = 1 ]; then
+  part long 400 $PY bench/train_step.py --long --warmup 1 --steps 2 --out "$OUT/long" --time-budget 380
+elif [ "$DRY" = 1 ]; then
   part bench 60 $PY bench/train_step.py --dry --out "$OUT" --only $BENCH_CASES
   part trainer 120 $PY bench/trainer_step.py --dry --config "$SFT_YAML" --out "$OUT" --work "$WORK"
   part quickstart 60 $PY -m jax_sft.quickstart --help

@@ -4,6 +4,7 @@
     python bench/train_step.py --only jax:padded-4096:scan torch-eager:padded-4096
     python bench/train_step.py --cpu-tiny          # a tiny model on the CPU, for CI (< 2 min)
     python bench/train_step.py --model qwen3-4b --only jax:padded-4096 torch-eager:padded-4096
+    python bench/train_step.py --long --warmup 1 --steps 2   # rows of 32k and 128k tokens
 
 The model is Llama-3.2-1B-shaped with random weights (vocab 128256, hidden 2048, 16 layers,
 32 heads, 8 kv heads, intermediate 8192, tied embeddings; `--model qwen3-4b`: Qwen3-4B's shape,
@@ -24,6 +25,12 @@ clipping at 1.0. Every optimizer step sees ~32768 tokens:
   padded-4096-lora  padded-4096 training LoRA adapters (rank 16, every linear layer incl. lm_head)
                     on a frozen bf16 base (jax_sft only; its MFU counts full-training FLOPs, so
                     read its tokens/s and peak memory)
+
+Long context (`--long`, or `--only jax:long-32k:ctx1 jax:long-32k:ctxall`): one full row of 32768
+(long-32k) or 131072 (long-128k) tokens per step, remat "full", split over a context axis of
+every device available (variant ctxall: the ring or all-gather attention of
+`jax_sft.models.context`) against the whole row on one device (ctx1: cuDNN flash attention on a
+GPU); MFU counts the devices the row ran on. On a one-GPU machine only ctx1 runs.
 
 "padded" rows are full (no padding), so the padded cases give the dense-step ceiling that the
 packed case is measured against. jax_sft runs its real step functions (`jax_sft.step`): one
@@ -117,6 +124,16 @@ class Case:
     loss_chunk: int | None = None  # None: --loss-chunk
     lora: int = 0  # LoRA rank on every linear layer (alpha = 2 x rank), bf16 frozen base; 0: full
     fp8: str | None = None  # FP8 projections: "delayed" or "tensorwise" scaling ("hybrid" format); None: bf16
+    remat: str | None = None  # None: --remat
+    context: int = 1  # the mesh's context axis (the row split over that many devices)
+
+
+def long_cases(tiny: bool) -> list[Case]:
+    """One full row per step, remat "full" (a 1B model at 128k tokens keeps ~9 GiB of layer inputs
+    and one layer's ~11 GiB working set that way; without remat ~180 GiB)."""
+    if tiny:
+        return [Case("long-32k", 1024, 1, 1, remat="full"), Case("long-128k", 2048, 1, 1, remat="full")]
+    return [Case("long-32k", 32768, 1, 1, remat="full"), Case("long-128k", 131072, 1, 1, remat="full")]
 
 
 def cases(tiny: bool) -> list[Case]:
@@ -233,21 +250,22 @@ def jax_worker(case: Case, args) -> dict:
     arch, shape = model_shape(args)
     cfg = flops_config(shape, arch)
     t0 = time.perf_counter()
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[: case.context], context=case.context)
     lora = LoraConfig(dim=case.lora, alpha=2 * case.lora, match_all_linear=True) if case.lora else None
     model = CausalLM(
         cfg,
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16 if lora else jnp.float32,
         attention=args.attention,
-        remat=args.remat,
+        remat=case.remat or args.remat,
         scan_layers=case.scan,
         max_segments=MAX_SEGMENTS,
         rngs=nnx.Rngs(0),
         lora=lora,
         fp8=Fp8Config("hybrid", case.fp8) if case.fp8 else None,
+        mesh=mesh,
     )
-    kernel = model.describe_attention(case.packed)
+    kernel = model.describe_attention(case.packed, case.seq)
     graphdef, params, fp8, frozen, rest = split_model(model, lora=lora is not None)
     del model
     shardings = sharding.param_shardings(params, mesh)
@@ -315,6 +333,7 @@ def jax_worker(case: Case, args) -> dict:
         framework="jax_sft",
         case=case.name,
         variant="scan" if case.scan else "unrolled",
+        context=case.context,
         device=jax.devices()[0].device_kind,
         kernel=kernel,
         seq=case.seq,
@@ -322,7 +341,7 @@ def jax_worker(case: Case, args) -> dict:
         fill=float(np.sum(tokens) / (np.sum(rows) * case.seq)),
         step_s=step_s,
         tokens_per_s=float(np.sum(tokens) / np.sum(times)),
-        mfu=None if peak is None else float(np.sum(flops) / np.sum(times) / peak),
+        mfu=None if peak is None else float(np.sum(flops) / np.sum(times) / peak / case.context),
         peak_gib=(peak_memory_bytes() or 0) / 2**30,
         compile_s=compile_s,
         init_s=init_s,
@@ -407,6 +426,20 @@ def torch_worker(case: Case, compiled: bool, args) -> dict:
 # ----------------------------------------------------------------------------- orchestration
 
 
+def _context_variant(spec: str) -> int:
+    """ "ctx4" -> 4; "ctxall" -> every device of this process (the worker's)."""
+    import jax
+
+    return jax.device_count() if spec == "ctxall" else int(spec.removeprefix("ctx"))
+
+
+def device_count() -> int:
+    """The devices a worker sees (asked in a fresh process: the orchestrator never starts JAX)."""
+    code = "import jax; print(jax.device_count())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
 def run_worker(spec: list[str], args, timeout: float) -> dict | None:
     """Runs this script as `--worker ...` in a fresh process; its last stdout line is JSON."""
     cmd = [
@@ -484,6 +517,12 @@ def table(results: list[dict]) -> str:
             t = by.get((fw, case, ""))
             ratio = "-" if not (j and t) else f"{j['tokens_per_s'] / t['tokens_per_s']:.2f}x"
             lines.append(f"  {case:<12} vs {fw:<14} {ratio}")
+    long = [r for r in results if r["case"].startswith("long-")]
+    if long:
+        lines += ["", "long context, tokens/s per device (the row over `context` devices; peak GiB: device 0):"]
+        for r in long:
+            per = r["tokens_per_s"] / r.get("context", 1)
+            lines.append(f"  {r['case']:<10} context {r.get('context', 1):<3} {per:>10,.0f}   {r['kernel']}")
     lines.append("")
     lines.append("targets (one H200, issue 25; n/a on a CPU or another model):")
     j4, j1, jp = (by.get(("jax_sft", c, "unrolled")) for c in ("padded-4096", "padded-1024", "packed-4096"))
@@ -561,10 +600,15 @@ def main(argv=None) -> None:
         help="run just these, e.g. jax:padded-4096:scan torch-eager:padded-1024",
     )
     p.add_argument("--dry", action="store_true", help="check the plan and the imports, run nothing")
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="only the long-context cases: rows of 32k and 128k tokens, context 1 vs every device",
+    )
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    all_cases = {c.name: c for c in cases(args.cpu_tiny)}
+    all_cases = {c.name: c for c in cases(args.cpu_tiny) + long_cases(args.cpu_tiny)}
 
     if args.worker:
         kind, name, *rest = args.worker
@@ -572,6 +616,9 @@ def main(argv=None) -> None:
         if "scan" in rest:
             case = dataclasses.replace(case, scan=True)
         variant = "scan" if case.scan else "unrolled"
+        if any(r.startswith("ctx") for r in rest):
+            case = dataclasses.replace(case, context=_context_variant(next(r for r in rest if r.startswith("ctx"))))
+            variant = f"context {case.context}"
         if "flags" in rest:
             variant += " " + os.environ.get("XLA_FLAGS", "")
         if kind == "jax":
@@ -613,6 +660,11 @@ def main(argv=None) -> None:
         plan.append((["jax", "padded-4096", "scan"], 40))
         if not args.cpu_tiny:  # (the CPU test runs the scanned worker once)
             plan.append((["jax", "padded-1024", "scan"], 40))
+    if args.long:
+        n = device_count()
+        plan = [(["jax", c.name, ctx], 0) for c in long_cases(args.cpu_tiny) for ctx in ["ctx1"] + ["ctxall"] * (n > 1)]
+        if n == 1:
+            print("[bench] long context: one device here, so only context 1 runs", flush=True)
     if args.only:
         plan = [(spec.split(":"), 0) for spec in args.only]
     unknown = [spec for spec, _ in plan if spec[1].removesuffix("-warm") not in all_cases]

@@ -16,6 +16,8 @@ OVERLENGTH = ("truncate", "drop", "mask")
 TOKENIZE = ("upfront", "lazy")
 # policy.jax_cfg.attention: the attention kernel.
 ATTENTION = ("auto", "xla", "cudnn")
+# policy.jax_cfg.context_attention: attention across the mesh's context axis (models/context.py).
+CONTEXT_ATTENTION = ("auto", "ring", "all_gather")
 # policy.jax_cfg.remat: activation checkpointing per layer ("none", "full", or a
 # jax.checkpoint_policies name).
 REMAT = (

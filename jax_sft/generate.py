@@ -369,7 +369,8 @@ def load_for_generation(source: str, overrides: Sequence[str]):
     cluster_set = any(o.lstrip("+~").startswith("cluster.") for o in overrides)
     devices = distributed.select_devices(cfg.cluster) if cluster_set else jax.devices()
     m = plan_lib.mesh_plan(cfg, len(devices))
-    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, expert=m.expert)
+    # Generation attends within whole rows: a context axis of the config serves as more fsdp.
+    mesh = sharding_lib.make_mesh(m.data, m.fsdp * m.context, m.tensor, devices=devices, expert=m.expert)
     # Inference: the weights in the compute dtype, no LoRA of the trained run (an export merges it).
     options = plan_lib.model_options(cfg)
     options = dataclasses.replace(options, param_dtype=options.dtype, remat="none", lora=None, fp8=None)

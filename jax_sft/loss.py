@@ -10,6 +10,11 @@ logits (the unembedding matmul runs once forward and twice for gradients, the mi
 It returns the *sum* of the NLL over loss tokens: the train step divides by the number of loss
 tokens of the whole global batch, so the update does not depend on the micro-batch split.
 
+Under context parallelism (`context` n > 1: the sequence split over the mesh's context axis in n
+equal parts, `jax_sft.models.context`) the chunks are cut within each part ([batch, n, chunks,
+chunk] -> scan over chunks), so every device walks over its own tokens and no hidden state moves;
+the sum does not depend on the order of the tokens, so the zig-zag layout needs no undoing.
+
 Precision: logits come out of the matmul in the compute dtype and are upcast to fp32 for the
 log-softmax (as torch autocast + NeMo RL's fp32 loss do); the gradient matmuls take the logit
 gradients in the unembedding's dtype and accumulate in fp32.
@@ -31,9 +36,9 @@ import jax.numpy as jnp
 
 
 def _chunk_logits(hidden: jax.Array, kernel: jax.Array, softcap: float | None = None) -> jax.Array:
-    """hidden [b, c, d] (compute dtype), kernel [d, vocab] -> fp32 logits [b, c, vocab],
+    """hidden [..., c, d] (compute dtype), kernel [d, vocab] -> fp32 logits [..., c, vocab],
     soft-capped to c * tanh(logits / c) when `softcap` is c."""
-    logits = jnp.einsum("bcd,dv->bcv", hidden, kernel).astype(jnp.float32)
+    logits = jnp.einsum("...cd,dv->...cv", hidden, kernel).astype(jnp.float32)
     return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
@@ -48,20 +53,21 @@ def _chunk_nll(hidden, kernel, targets, mask, softcap=None, vocab_size=None):
     return ((log_z - target_logit) * mask).sum(), logits, log_z
 
 
-def _split(x: jax.Array, n: int) -> jax.Array:
-    """[batch, seq, ...] -> [n, batch, seq / n, ...]."""
+def _split(x: jax.Array, parts: int, n: int) -> jax.Array:
+    """[batch, seq, ...] -> [n, batch, parts, seq / parts / n, ...]: n chunks of each of `parts`
+    equal parts of the sequence."""
     b, seq = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, n, seq // n, *x.shape[2:]), 1, 0)
+    return jnp.moveaxis(x.reshape(b, parts, n, seq // parts // n, *x.shape[2:]), 2, 0)
 
 
 def _merge(x: jax.Array) -> jax.Array:
-    """[n, batch, chunk, ...] -> [batch, n * chunk, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+    """[n, batch, parts, chunk, ...] -> [batch, parts * n * chunk, ...]."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2] * x.shape[3], *x.shape[4:])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _nll_sum(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None, vocab_size: int | None):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _nll_sum(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None, parts: int, vocab_size: int | None):
     """Forward only (evaluation): the summed NLL, chunk by chunk."""
     if n_chunks == 1:
         return _chunk_nll(hidden, kernel, targets, mask, softcap, vocab_size)[0]
@@ -70,11 +76,13 @@ def _nll_sum(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None
         return total + _chunk_nll(xs[0], kernel, xs[1], xs[2], softcap, vocab_size)[0], None
 
     zero = jnp.zeros((), jnp.float32)
-    total, _ = jax.lax.scan(body, zero, tuple(_split(x, n_chunks) for x in (hidden, targets, mask)))
+    total, _ = jax.lax.scan(body, zero, tuple(_split(x, parts, n_chunks) for x in (hidden, targets, mask)))
     return total
 
 
-def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | None, vocab_size: int | None):
+def _nll_sum_fwd(
+    hidden, kernel, targets, mask, n_chunks: int, softcap: float | None, parts: int, vocab_size: int | None
+):
     vocab = kernel.shape[-1]
 
     def chunk(h, t, m):
@@ -84,8 +92,8 @@ def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | 
         if softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2 = 1 - (capped / c)^2
             g = g * jnp.where(jnp.isfinite(logits), 1.0 - jnp.square(logits / softcap), 0.0)
         g = g.astype(kernel.dtype)  # dNLL/dlogits [b, c, vocab]
-        d_hidden = jnp.einsum("bcv,dv->bcd", g, kernel, preferred_element_type=jnp.float32)
-        d_kernel = jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=jnp.float32)
+        d_hidden = jnp.einsum("...cv,dv->...cd", g, kernel, preferred_element_type=jnp.float32)
+        d_kernel = jnp.einsum("...cd,...cv->dv", h, g, preferred_element_type=jnp.float32)
         return nll, d_hidden.astype(hidden.dtype), d_kernel
 
     if n_chunks == 1:
@@ -98,13 +106,13 @@ def _nll_sum_fwd(hidden, kernel, targets, mask, n_chunks: int, softcap: float | 
             return (total + nll, dk + dk_chunk), dh
 
         zero = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
-        xs = tuple(_split(x, n_chunks) for x in (hidden, targets, mask))
+        xs = tuple(_split(x, parts, n_chunks) for x in (hidden, targets, mask))
         (nll, d_kernel), d_hidden = jax.lax.scan(body, zero, xs)
         d_hidden = _merge(d_hidden)
     return nll, (d_hidden, d_kernel.astype(kernel.dtype))
 
 
-def _nll_sum_bwd(n_chunks, softcap, vocab_size, res, g):
+def _nll_sum_bwd(n_chunks, softcap, parts, vocab_size, res, g):
     d_hidden, d_kernel = res
     return d_hidden * g.astype(d_hidden.dtype), d_kernel * g.astype(d_kernel.dtype), None, None
 
@@ -119,6 +127,7 @@ def masked_nll_sum(
     loss_mask: jax.Array,
     chunk_size: int,
     softcap: float | None = None,
+    context: int = 1,
     vocab_size: int | None = None,
 ) -> jax.Array:
     """Sum over masked positions of -log softmax(hidden @ kernel)[target], in fp32
@@ -126,16 +135,30 @@ def masked_nll_sum(
     first `vocab_size` columns of the kernel (None: all; the rest is vocabulary padding).
 
     hidden: [batch, seq, hidden] final-norm activations; kernel: [hidden, vocab] unembedding;
-    targets: [batch, seq] int32 next tokens; loss_mask: [batch, seq] (1 = a training target).
-    Returns the fp32 scalar NLL sum. `seq` must be a multiple of `chunk_size`
-    when it is larger than it. Differentiable in `hidden` and `kernel` (see the module docstring).
+    targets: [batch, seq] int32 next tokens; loss_mask: [batch, seq] (1 = a training target);
+    `context`: the parts the sequence is split in over the context axis (chunks are cut within
+    each). Returns the fp32 scalar NLL sum. `seq / context` must be a multiple of `chunk_size`
+    when it is larger than it (`chunk_problem`). Differentiable in `hidden` and `kernel` (see the
+    module docstring).
     """
     batch, seq, dim = hidden.shape
     mask = loss_mask.astype(jnp.float32)
-    chunk = min(chunk_size, seq)
-    if seq % chunk:
-        raise ValueError(
-            f"sequence length {seq} is not a multiple of policy.jax_cfg.loss_chunk_size={chunk}; "
-            "pick a chunk size that divides the padded sequence length"
+    problem = chunk_problem(seq, chunk_size, context)
+    if problem:
+        raise ValueError(problem)
+    n_chunks = seq // context // min(chunk_size, seq // context)
+    return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, n_chunks, softcap, context, vocab_size)
+
+
+def chunk_problem(seq: int, chunk_size: int, context: int = 1) -> str | None:
+    """What keeps rows of `seq` tokens (split in `context` parts) from being cut into loss chunks
+    of `chunk_size` tokens, or None."""
+    part = seq // context
+    chunk = min(chunk_size, part)
+    if seq % context or part % chunk:
+        where = f"sequence length {seq}" + (f" / context={context} = {part} tokens per device" if context > 1 else "")
+        return (
+            f"{where} is not a multiple of policy.jax_cfg.loss_chunk_size={chunk}; "
+            "pick a chunk size that divides the padded sequence length" + (" per device" if context > 1 else "")
         )
-    return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, seq // chunk, softcap, vocab_size)
+    return None

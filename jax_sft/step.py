@@ -19,6 +19,13 @@ the FP8 amax histories (`models.fp8.Fp8History`; empty without delayed-scaling F
 into the histories; and `frozen`, the rest (the LoRA base; empty for full fine-tuning). All are
 passed to every step as arguments (never baked into the compiled code); `frozen` is never updated.
 
+Context parallelism (a model whose mesh has a context axis n > 1): the loss function permutes
+every array of the batch into the axis's zig-zag layout inside the compiled step (a static
+gather of the int32 rows, which arrive whole on every device of a context group), runs the model
+on that layout and sums the NLL over the permuted targets, chunk by chunk within each device's
+part (`masked_nll_sum(..., context=n)`): sums and token counts do not depend on the order, so
+losses, gradients, validation and the logged token counts are those of the unsplit rows.
+
 The fixed cost per micro-batch is kept small: `cast` turns the fp32 master weights into the
 compute dtype once per step (`compute = fns.cast(params, frozen)`), and the micro-steps take that
 copy. Only the weights the model would cast anyway are cast (kernels, embeddings, biases, expert
@@ -47,6 +54,7 @@ from flax import nnx
 
 from jax_sft.data.batches import ARRAY_KEYS
 from jax_sft.loss import masked_nll_sum
+from jax_sft.models.context import to_zigzag
 from jax_sft.models.fp8 import Fp8History, roll_history
 from jax_sft.models.lora import LoRAParam
 
@@ -127,13 +135,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
 
     def loss_sum(params: nnx.State, fp8: nnx.State, frozen: nnx.State, batch: Batch | jax.Array, dropout_key=None):
         model = nnx.merge(graphdef, params, fp8, frozen, rest)
-        batch = as_batch(batch)
+        n = model.context_size
+        batch = {k: to_zigzag(v, n) for k, v in as_batch(batch).items()}  # (n == 1: as it is)
         hidden, aux = model.hidden_states_and_aux(
             batch["input_ids"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"] if packed else None,
             token_mask=batch["segment_ids"] > 0,
             dropout_key=dropout_key,
+            context_layout=True,
         )
         nll = masked_nll_sum(
             hidden,
@@ -142,6 +152,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, *, chunk_size: int, pa
             batch["loss_mask"],
             chunk_size,
             softcap=model.config.final_softcap,
+            context=n,
             vocab_size=model.config.vocab_size,
         )
         coef = model.config.router_aux_loss_coef

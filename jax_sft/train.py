@@ -86,7 +86,7 @@ Main keys (all of NeMo RL's SFT keys apply; defaults in jax_sft/config/defaults.
   sft.max_num_steps / sft.max_num_epochs / sft.val_period
   policy.train_global_batch_size / policy.train_micro_batch_size / policy.max_total_sequence_length
   policy.optimizer.kwargs.lr   policy.precision (bfloat16 | float32)
-  policy.jax_cfg.mesh.{data,fsdp,tensor}
+  policy.jax_cfg.mesh.{data,fsdp,tensor,context}
   checkpointing.checkpoint_dir (a rerun resumes) / checkpointing.hf_export_dir
   logger.log_dir / logger.tensorboard_enabled / logger.wandb_enabled / logger.num_val_samples_to_print
 Flags: --dry_run (check the config and plan without devices), --coordinator_address,

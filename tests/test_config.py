@@ -428,7 +428,6 @@ def test_todays_nemo_rl_keys_without_meaning_here_are_named_in_the_warning():
         "policy.sequence_packing.microbatch_order=packer",
         "policy.dtensor_cfg.sequence_parallel=true",
         "policy.dynamic_batching.enabled=true",
-        "policy.dtensor_cfg.context_parallel_size=2",
         "policy.dtensor_cfg.cpu_offload=true",
         "policy.tokenizer.video.num_frames=16",
     ]
@@ -439,6 +438,23 @@ def test_todays_nemo_rl_keys_without_meaning_here_are_named_in_the_warning():
         assert key.split("=")[0].removesuffix(".num_frames") in message
     # A key that means something here (MXFP4 checkpoints: tests/test_gpt_oss.py), not warned about.
     assert load_config(None, ["policy.dequantize_base_checkpoint=true"]).policy.dequantize_base_checkpoint is True
+
+
+def test_context_parallel_size_maps_to_the_context_mesh_axis():
+    cfg = load_config(None, [])
+    assert cfg.policy.jax_cfg.mesh.context == 1 and cfg.policy.make_sequence_length_divisible_by == 1
+    cfg = load_config(None, ["policy.dtensor_cfg.context_parallel_size=4", "policy.dtensor_cfg.tensor_parallel_size=2"])
+    # The zig-zag layout cuts rows in 2 x context chunks: the derived divisor is a multiple of 8.
+    assert cfg.policy.jax_cfg.mesh.context == 4 and cfg.policy.make_sequence_length_divisible_by == 8
+    megatron = ["policy.megatron_cfg.enabled=true", "policy.megatron_cfg.context_parallel_size=8"]
+    cfg = load_config(None, [*megatron, "policy.dtensor_cfg.context_parallel_size=2"])
+    assert cfg.policy.jax_cfg.mesh.context == 8 and cfg.policy.make_sequence_length_divisible_by == 16
+    cfg = load_config(None, ["policy.dtensor_cfg.context_parallel_size=4", "policy.jax_cfg.mesh.context=2"])
+    assert cfg.policy.jax_cfg.mesh.context == 2 and cfg.policy.make_sequence_length_divisible_by == 4
+    with pytest.raises(ConfigError, match="policy.jax_cfg.mesh.context=0"):
+        load_config(None, ["policy.jax_cfg.mesh.context=0"])
+    with pytest.raises(ConfigError, match="policy.jax_cfg.context_attention='ringg'"):
+        load_config(None, ["policy.jax_cfg.context_attention=ringg"])
 
 
 def test_expert_parallel_size_maps_to_the_expert_mesh_axis():

@@ -309,7 +309,7 @@ def test_experts_sharded_over_the_expert_axis_match_unsharded(hf_models, family,
         pytest.skip("needs 8 devices (tests/conftest.py)")
     _, path = hf_models[family]
     mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, expert=expert)
-    assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "expert": expert, "context": 1, "tensor": tensor}
     sharded = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
     plain = from_pretrained(path, dtype=jnp.float32)
     gate = sharded.layers[0].mlp.gate_proj[...]

@@ -212,7 +212,7 @@ def test_make_mesh_and_param_shardings(hf_models):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
     mesh = sharding.make_mesh(data=2, fsdp=-1, tensor=1)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(ValueError, match="data=3 x tensor=1 = 3 does not divide the 8 devices"):
         sharding.make_mesh(data=3, fsdp=-1, tensor=1)

@@ -357,7 +357,6 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
     megatron_ignored = [k for k in ignored if k.startswith("policy.megatron_cfg")]
     for key in (
         "pipeline_model_parallel_size",
-        "context_parallel_size",
         "sequence_parallel",
         "expert_model_parallel_size",
         "distributed_data_parallel_config",
@@ -373,6 +372,7 @@ def test_nemo_rl_megatron_section_lists_unused_keys_in_the_one_warning(tmp_path)
     used = (
         "enabled",
         "tensor_model_parallel_size",
+        "context_parallel_size",
         "activation_checkpointing",
         "optimizer.lr",
         "scheduler.lr_decay_style",

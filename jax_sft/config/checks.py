@@ -68,6 +68,8 @@ _POSITIVE = (
     "policy.jax_cfg.loss_chunk_size",
     "policy.jax_cfg.mesh.expert",
     "policy.dtensor_cfg.expert_parallel_size",
+    "policy.jax_cfg.mesh.context",
+    "policy.megatron_cfg.context_parallel_size",
     "policy.jax_cfg.max_segments_per_row",
     "policy.jax_cfg.fp8_amax_history",
     "policy.optimizer.kwargs.lr",
@@ -95,7 +97,7 @@ def _range_problems(c: ConfigDict, derived: set[str]) -> list[str]:
     need(
         "policy.jax_cfg.mesh.fsdp",
         lambda v: v > 0 or v == -1,
-        "a positive number, or -1 for all devices left after data and tensor",
+        "a positive number, or -1 for all devices left after data, expert, context and tensor",
     )
     need("sft.max_num_steps", lambda v: v >= 0, "a number >= 0 (0: only validate)")
     need("sft.val_period", lambda v: v >= 0, "a number >= 0 (0: no periodic validation)")
@@ -110,6 +112,7 @@ def _range_problems(c: ConfigDict, derived: set[str]) -> list[str]:
     one_of("policy.precision", choices.PRECISIONS)
     one_of("policy.jax_cfg.param_dtype", choices.PARAM_DTYPES)
     one_of("policy.jax_cfg.attention", choices.ATTENTION)
+    one_of("policy.jax_cfg.context_attention", choices.CONTEXT_ATTENTION)
     one_of("policy.jax_cfg.remat", choices.REMAT)
     one_of("policy.jax_cfg.fp8", choices.FP8)
     one_of("policy.jax_cfg.fp8_recipe", choices.FP8_RECIPES)

@@ -161,7 +161,7 @@ def _dtensor_cfg() -> ConfigDict:
             activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
             tensor_parallel_size=1,  # maps to the mesh's tensor axis
             expert_parallel_size=1,  # maps to the mesh's expert axis (mixture-of-experts models)
-            context_parallel_size=1,
+            context_parallel_size=1,  # maps to the mesh's context axis (each row's sequence split over it)
             dp_replicate_size=1,  # HSDP: maps to the mesh's data axis (replicas; fsdp shards within)
             custom_parallel_plan=placeholder(str),
             # LoRA on the DTensor (Automodel) path, NeMo RL's keys: see README "LoRA" and
@@ -189,6 +189,7 @@ def _megatron_cfg() -> ConfigDict:
         dict(
             enabled=False,
             tensor_model_parallel_size=1,  # maps to the mesh's tensor axis
+            context_parallel_size=1,  # maps to the mesh's context axis (each row's sequence split over it)
             activation_checkpointing=False,  # maps to jax_cfg.remat="full" when remat is null
             optimizer=dict(
                 optimizer="adam",  # "adam" (AdamW, decoupled weight decay) or "sgd"
@@ -246,10 +247,16 @@ def _jax_cfg() -> ConfigDict:
         dict(
             mesh=dict(
                 data=placeholder(int),  # replicas (HSDP); null: dtensor_cfg.dp_replicate_size
-                fsdp=-1,  # -1: every device left after data and tensor
+                fsdp=-1,  # -1: every device left after data, expert, context and tensor
                 tensor=placeholder(int),  # null: dtensor_cfg.tensor_parallel_size
                 expert=placeholder(int),  # null: dtensor_cfg.expert_parallel_size; shards MoE experts
+                # Splits every row's sequence (long context; README "Long context"); null:
+                # dtensor_cfg.context_parallel_size, or megatron_cfg's with Megatron enabled.
+                context=placeholder(int),
             ),
+            # Attention across mesh.context > 1: "ring" (K/V passed around the axis), "all_gather"
+            # (K/V gathered once), "auto" (all_gather when kv_heads x context <= q heads, else ring).
+            context_attention="auto",
             param_dtype="float32",  # master weights; compute dtype comes from policy.precision
             attention="auto",  # "auto", "xla" or "cudnn" (GPU flash attention, padded and packed rows)
             max_segments_per_row=64,  # packed rows, cudnn: static bound on sequences per row

@@ -4,6 +4,7 @@ others (DERIVED, NeMo RL's `${...}` interpolations of sft.yaml), and an enabled
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,12 +38,12 @@ MUST_BE_DISABLED = {
 # NeMo RL keys kept with their defaults (NeMo RL's sft.yaml has them) that change how NeMo RL lays
 # out memory or work, not what is computed, and have no counterpart here: named in the warning when
 # set to anything else. FSDP over the mesh (and jax_cfg.remat) takes the place of CPU offload,
-# sequence and context parallelism and custom TP plans; dynamic batching (micro-batches by token
-# budget) gives the same gradient as fixed micro-batches (policy.sequence_packing packs rows).
+# sequence parallelism and custom TP plans (context parallelism is the mesh's context axis);
+# dynamic batching (micro-batches by token budget) gives the same gradient as fixed micro-batches
+# (policy.sequence_packing packs rows).
 INERT = {
     "policy.dtensor_cfg.cpu_offload": False,
     "policy.dtensor_cfg.sequence_parallel": False,
-    "policy.dtensor_cfg.context_parallel_size": 1,
     "policy.dtensor_cfg.custom_parallel_plan": None,
     "policy.dynamic_batching.enabled": False,
     "policy.megatron_cfg.peft.a2a_experimental": False,  # Megatron's all-to-all for LoRA
@@ -110,6 +111,22 @@ def _tensor_size(c: ConfigDict) -> int:
     return m.tensor_model_parallel_size if m.enabled else c.policy.dtensor_cfg.tensor_parallel_size
 
 
+def _context_size(c: ConfigDict) -> int:
+    """The mesh's context axis: jax_cfg.mesh.context, null meaning NeMo RL's context_parallel_size
+    (megatron_cfg's with Megatron enabled, else dtensor_cfg's)."""
+    m, given = c.policy.megatron_cfg, c.policy.jax_cfg.mesh.context
+    if given is not None:
+        return given
+    return m.context_parallel_size if m.enabled else c.policy.dtensor_cfg.context_parallel_size
+
+
+def _divisible_by(c: ConfigDict) -> int:
+    """make_sequence_length_divisible_by's null: the tensor size (NeMo RL's sft.yaml), and with a
+    context axis n > 1 a multiple of 2n too (its zig-zag layout cuts rows in 2n equal chunks)."""
+    tensor, context = _tensor_size(c), _context_size(c)
+    return tensor if context == 1 else math.lcm(tensor, 2 * context)
+
+
 def _remat(c: ConfigDict) -> str:
     m, d = c.policy.megatron_cfg, c.policy.dtensor_cfg
     checkpointing = m.activation_checkpointing if m.enabled else d.activation_checkpointing
@@ -142,8 +159,9 @@ DERIVED: dict[str, Callable[[ConfigDict], Any]] = {
     "data.max_input_seq_length": lambda c: c.policy.max_total_sequence_length,
     "policy.sequence_packing.train_mb_tokens": _mb_tokens,
     "policy.dynamic_batching.train_mb_tokens": _mb_tokens,
-    "policy.make_sequence_length_divisible_by": _tensor_size,
+    "policy.make_sequence_length_divisible_by": _divisible_by,
     "policy.jax_cfg.mesh.tensor": _tensor_size,
+    "policy.jax_cfg.mesh.context": _context_size,
     "policy.jax_cfg.mesh.expert": lambda c: c.policy.dtensor_cfg.expert_parallel_size,
     "policy.jax_cfg.mesh.data": lambda c: c.policy.dtensor_cfg.dp_replicate_size,
     "policy.jax_cfg.remat": _remat,
@@ -175,8 +193,8 @@ def megatron_section(tree: Mapping, section: ConfigDict, ignored: list[str], pro
     """The part of a `policy.megatron_cfg` tree to write onto `section` (None: all of it ignored).
 
     Enabled: the keys of `section` are kept (with any unknown optimizer / scheduler key, which
-    `loading` reports); `MEGATRON_INERT` keys and every other top-level key (pipeline, context,
-    sequence and expert parallelism, fusions, DDP, ...; FSDP takes their place) are recorded as
+    `loading` reports); `MEGATRON_INERT` keys and every other top-level key (pipeline, sequence
+    and expert parallelism, fusions, DDP, ...; FSDP takes their place) are recorded as
     ignored; `MEGATRON_FIXED` keys at another value are problems. Disabled: ignored as a whole,
     unless it has only jax_sft's keys (a saved config.yaml), which are written as they are.
     """

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from jax_sft.config.lora import DTENSOR_LORA, MEGATRON_LORA, lora_config
 from jax_sft.data.batches import BatchPlan
 from jax_sft.data.pipeline import DataPlan
 from jax_sft.errors import ConfigError, InputError
+from jax_sft.loss import chunk_problem
+from jax_sft.models import context as context_lib
 from jax_sft.models import counts
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.decoder import sharding_problems
@@ -55,21 +58,33 @@ CHECKS = "checks against the devices and model"  # the source of make_plan's Con
 
 @dataclasses.dataclass(frozen=True)
 class MeshPlan:
-    """The device mesh: data (replicas) x fsdp x expert x tensor over `devices` devices."""
+    """The device mesh: data (replicas) x fsdp x expert x context x tensor over `devices` devices;
+    the context axis splits every row's sequence (it does not add data-parallel ranks)."""
 
     data: int
     fsdp: int
     expert: int
     tensor: int
+    context: int = 1
 
     @property
     def devices(self) -> int:
-        return self.data * self.fsdp * self.expert * self.tensor
+        return self.data * self.fsdp * self.expert * self.context * self.tensor
 
     @property
     def dp(self) -> int:
         """Data-parallel ranks: how many different row blocks a batch is split into."""
         return self.data * self.fsdp * self.expert
+
+    def sizes(self) -> dict[str, int]:
+        """{mesh axis: size} (`models.sharding.MESH_AXES`)."""
+        return {
+            "data": self.data,
+            "fsdp": self.fsdp,
+            "expert": self.expert,
+            "context": self.context,
+            "tensor": self.tensor,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +157,8 @@ def deadline_seconds(value: str | None) -> float | None:
 def mesh_plan(cfg: ConfigDict, devices: int) -> MeshPlan:
     """The mesh of `policy.jax_cfg.mesh` over `devices` devices (UsageError when it does not fit)."""
     m = cfg.policy.jax_cfg.mesh
-    data, fsdp, tensor = mesh_shape(m.data, m.fsdp, m.tensor, devices, m.expert)
-    return MeshPlan(data, fsdp, m.expert, tensor)
+    data, fsdp, tensor = mesh_shape(m.data, m.fsdp, m.tensor, devices, m.expert, m.context)
+    return MeshPlan(data, fsdp, m.expert, tensor, m.context)
 
 
 def model_options(cfg: ConfigDict) -> ModelOptions:
@@ -158,6 +173,7 @@ def model_options(cfg: ConfigDict) -> ModelOptions:
         max_segments=jc.max_segments_per_row,
         lora=lora_config(cfg),
         fp8=None if jc.fp8 == "none" else Fp8Config(jc.fp8, jc.fp8_recipe, jc.fp8_amax_history),
+        context_attention=jc.context_attention,
     )
 
 
@@ -204,6 +220,21 @@ def _batch_plan(cfg: ConfigDict, dp: int, problems: list[str]) -> BatchPlan:
     )
 
 
+def _context_problems(cfg: ConfigDict, mesh: MeshPlan, batch: BatchPlan) -> list[str]:
+    """Rows that the context axis cannot split, or whose parts the loss cannot cut into chunks."""
+    n, seq = mesh.context, batch.seq_len
+    if seq % (2 * n):
+        return [
+            f"policy.jax_cfg.mesh.context={n} splits rows into 2 x {n} equal chunks (the zig-zag layout), but rows "
+            f"have {seq} tokens (policy.max_total_sequence_length rounded up to make_sequence_length_divisible_by="
+            f"{cfg.policy.make_sequence_length_divisible_by}); set make_sequence_length_divisible_by to a multiple "
+            f"of {2 * n}"
+        ]
+    # (Whole rows whose length the chunk does not divide fail when the step is compiled, as before.)
+    problem = chunk_problem(seq, cfg.policy.jax_cfg.loss_chunk_size, n) if n > 1 else None
+    return [problem] if problem else []
+
+
 def _checkpoint_spec(c: ConfigDict) -> CheckpointSpec:
     metric = c.metric_name
     return CheckpointSpec(
@@ -233,12 +264,13 @@ def make_plan(
         problems.append(str(e))
         mesh, mesh_ok = MeshPlan(1, devices, 1, 1), False  # to check the rest against
     batch = _batch_plan(cfg, mesh.dp, problems)
+    problems += _context_problems(cfg, mesh, batch)
     p = cfg.policy
     options = model_options(cfg)
     if model_config is not None:
         model_problems = _model_problems(cfg, model_config, options)
         if mesh_ok and not model_problems:  # the parameters against the mesh (vocabulary rows are padded to fit)
-            model_problems = sharding_problems(model_config, options, mesh.data, mesh.fsdp, mesh.expert, mesh.tensor)
+            model_problems = sharding_problems(model_config, options, mesh.sizes())
         problems += model_problems
     if problems:
         raise ConfigError(problems, CHECKS)
@@ -335,13 +367,75 @@ def protected_folders(plan: RunPlan) -> tuple[Path, ...]:
 def _describe(plan: RunPlan, nodes: int, gpus_per_node: int) -> list[str]:
     m, b = plan.mesh, plan.batch
     micro = b.global_batch // b.dp // b.micro_batch
+    context = f" x context={m.context}" if m.context > 1 else ""
     lines = [
-        f"mesh: data={m.data} x fsdp={m.fsdp} x expert={m.expert} x tensor={m.tensor} over {m.devices} devices "
-        f"({nodes} node(s) x {gpus_per_node}; one process per node)",
+        f"mesh: data={m.data} x fsdp={m.fsdp} x expert={m.expert}{context} x tensor={m.tensor} over {m.devices} "
+        f"devices ({nodes} node(s) x {gpus_per_node}; one process per node)",
         f"batches: {b.global_batch} sequences per step = {b.dp} data-parallel ranks x {micro} micro-batch(es) of "
         f"{b.micro_batch}, rows of {b.max_total_length} tokens" + (" (packed)" if b.packing else ""),
     ]
-    return lines + _model_lines(plan)
+    return lines + _context_lines(plan) + _model_lines(plan) + _memory_lines(plan)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _context_lines(plan: RunPlan) -> list[str]:
+    """The context split, when there is one: tokens per device, chunks, and (with the model's
+    config) the attention strategy across the axis."""
+    m, n, seq, o = plan.model.config, plan.mesh.context, plan.batch.seq_len, plan.model.options
+    if n == 1:
+        return []
+    chunk = seq // (2 * n)
+    how = "attention across it: decided when the model's config.json is read"
+    if m is not None:
+        strategy = context_lib.choose_strategy(o.context_attention, m.num_heads, m.num_kv_heads, n)
+        how = (
+            f"attention across it: {strategy} (policy.jax_cfg.context_attention={o.context_attention!r}; kv heads "
+            f"{m.num_kv_heads} x context {n} vs {m.num_heads} q heads)"
+        )
+    return [
+        f"context: rows of {seq} tokens split over context={n}: {seq // n} tokens per device, zig-zag chunks of "
+        f"{chunk} (device r holds chunks r and {2 * n - 1}-r); {how}, xla blocks of {chunk} x "
+        f"{context_lib.block_size(chunk)}"
+    ]
+
+
+def _memory_lines(plan: RunPlan) -> list[str]:
+    """With the model's config: the memory per device, estimated (`counts.state_bytes_per_device`,
+    `counts.activation_bytes_per_device`), with a context axis against the activations without."""
+    m, mesh, b, o = plan.model.config, plan.mesh, plan.batch, plan.model.options
+    if m is None:
+        return []
+    n, seq = mesh.context, b.seq_len
+    rows = b.rank_rows if b.packing else b.micro_batch  # per data-parallel rank and micro-batch
+    flash = o.attention == "cudnn" or (o.attention == "auto" and plan.precision == "bfloat16")
+    estimate = partial(
+        counts.activation_bytes_per_device,
+        m,
+        rows=rows,
+        seq=seq,
+        precision=plan.precision,
+        remat=o.remat,
+        loss_chunk=plan.config.policy.jax_cfg.loss_chunk_size,
+        flash=flash,
+    )
+    acts = estimate(context=n, key_block=context_lib.block_size(seq // (2 * n)) if n > 1 else 0)
+    shards = mesh.fsdp * mesh.context * mesh.tensor
+    state = counts.state_bytes_per_device(
+        m, plan.lora, param_dtype=o.param_dtype, precision=plan.precision, devices=shards
+    )
+    kernel = "context blocks" if n > 1 else "flash (cuDNN)" if flash else "xla"
+    line = (
+        f"memory per device (estimate): training state {_gib(sum(state.values()))} (over fsdp x context x tensor = "
+        f"{shards}) + activations {_gib(sum(acts.values()))} for a micro-batch of {rows} row(s) of {seq} tokens "
+        f"(layers {_gib(acts['layers'])} with remat={o.remat!r}, attention {_gib(acts['attention'])} ({kernel}), "
+        f"loss {_gib(acts['loss'])})"
+    )
+    if n > 1:
+        line += f"; with context=1 the activations would be {_gib(sum(estimate(context=1, key_block=0).values()))}"
+    return [line]
 
 
 def _model_lines(plan: RunPlan) -> list[str]:

@@ -29,6 +29,7 @@ __all__ = [
     "lora_sites",
     "projection_shapes",
     "state_bytes_per_device",
+    "activation_bytes_per_device",
     "training_flops",
     "dense_mlp_layers",
 ]
@@ -115,6 +116,61 @@ def state_bytes_per_device(
     )
     parts = {"weights": weights, "gradients": 4 * trainable, "optimizer": 2 * master * trainable, "compute copy": copy}
     return {k: v / devices for k, v in parts.items()}
+
+
+# Remat policies that keep only each layer's input for the backward pass (the others keep, at
+# most, what no remat keeps: counted as "none").
+_LAYER_INPUT_ONLY = ("full", "nothing_saveable")
+
+
+def activation_bytes_per_device(
+    m: ModelConfig,
+    *,
+    rows: int,
+    seq: int,
+    context: int,
+    precision: str,
+    remat: str,
+    loss_chunk: int,
+    flash: bool,
+    key_block: int,
+) -> dict[str, float]:
+    """An estimate of one micro-batch's activations per device: `rows` rows of `seq` tokens, each
+    split over `context` devices (models/context.py). Parts:
+
+    layers     what the backward pass keeps, per token and layer in the compute dtype: the norms'
+               and residuals' [hidden] x 4, q and the attention output, k and v, the MLP's gate,
+               up and product (dense: intermediate_size; MoE: top-k x moe_intermediate_size),
+               plus the fp32 softmax statistics; with `remat` "full" only the layers' inputs and
+               one layer's working set
+    attention  the scores a layer holds at once: context > 1, three fp32 [heads, chunk,
+               key_block] blocks per row (models/context.py); context 1, none with a flash kernel
+               (`flash`: cuDNN) and with "xla" the [heads, seq, seq] probabilities of every layer
+               kept for the backward pass (compute dtype) plus three fp32 copies in flight
+    loss       three fp32 [loss chunk, vocab] arrays per row (logits, probabilities, gradient)
+    """
+    size = {"float32": 4, "bfloat16": 2}[precision]
+    e, heads = m.hidden_size, m.num_heads
+    q, kv = heads * m.head_dim, m.num_kv_heads * m.head_dim
+    moe = sum(m.moe_layers) if m.num_experts else 0
+    mlp = ((m.num_layers - moe) * m.intermediate_size + moe * m.experts_per_token * m.moe_intermediate_size) / max(
+        m.num_layers, 1
+    )
+    tokens = rows * seq / context
+    per_token = size * (4 * e + 2 * q + 2 * kv + 3 * mlp) + 4 * 2 * heads
+    if remat in _LAYER_INPUT_ONLY:
+        layers = tokens * (m.num_layers * size * e + per_token)
+    else:
+        layers = tokens * m.num_layers * per_token
+    if context > 1:
+        attention = 3.0 * rows * heads * (seq / (2 * context)) * key_block * 4
+    elif flash:
+        attention = 0.0
+    else:
+        kept = 1 if remat in _LAYER_INPUT_ONLY else m.num_layers
+        attention = rows * heads * float(seq) ** 2 * (kept * size + 3 * 4)
+    loss = 3.0 * rows * min(loss_chunk, seq / context) * m.vocab_size * 4
+    return {"layers": layers, "attention": attention, "loss": loss}
 
 
 def training_flops(m: ModelConfig, sequence_lengths: np.ndarray) -> float:

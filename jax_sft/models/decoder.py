@@ -42,15 +42,17 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jax_sft.models import attention as attention_lib
+from jax_sft.models import context as context_lib
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.layers import MLP, Attention, RMSNorm, meta, normal_init, projection
 from jax_sft.models.lora import LoRA
 from jax_sft.models.moe import MoE
 from jax_sft.models.options import LM_HEAD, Fp8Config, LoraConfig, ModelOptions
 from jax_sft.models.rope import rope_inv_freq
-from jax_sft.models.sharding import MESH_AXES, padded_vocab_size, shard_problems
+from jax_sft.models.sharding import MESH_AXES, activation_sharding, logical_to_spec, padded_vocab_size, shard_problems
 
 # The norms of a layer by ModelConfig.norm_placement: which attribute (HF name) normalises the
 # attention input / output and the MLP input / output (None: no norm there).
@@ -84,6 +86,7 @@ class DecoderLayer(nnx.Module):
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
         fp8: Fp8Config | None = None,
+        context: context_lib.ContextParallel | None = None,
     ):
         norm = partial(
             RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset
@@ -103,6 +106,7 @@ class DecoderLayer(nnx.Module):
             lora=lora,
             adapted=adapted,
             fp8=fp8,
+            context=context,
         )
         if cfg.num_experts > 0 and cfg.moe_layers[layer]:
             self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
@@ -170,7 +174,7 @@ def _check_attention(config: ModelConfig, implementation: str, dtype) -> None:
         )
 
 
-def _layers(config, options: ModelOptions, adapted: dict, dtype, param_dtype, mesh, rngs: nnx.Rngs):
+def _layers(config, options: ModelOptions, adapted: dict, dtype, param_dtype, mesh, context, rngs: nnx.Rngs):
     """The decoder layers: an nnx.List, or with scan_layers one DecoderLayer whose parameters are
     stacked [num_layers, ...] (its initial values drawn per layer, as unrolled)."""
     layer = partial(
@@ -183,6 +187,7 @@ def _layers(config, options: ModelOptions, adapted: dict, dtype, param_dtype, me
         mesh=mesh,
         lora=options.lora,
         fp8=options.fp8,
+        context=context,
     )
     if not options.scan_layers:
         return nnx.List([layer(i, rngs=rngs, adapted=adapted[i]) for i in range(config.num_layers)])
@@ -200,7 +205,8 @@ class CausalLM(nnx.Module):
 
     `options` (a `ModelOptions`) says how it is built and run; the keyword form
     (`CausalLM(config, dtype=jnp.float32, rngs=...)`) replaces fields of `options` (default: the
-    defaults). `mesh`: the device mesh, for expert parallelism."""
+    defaults). `mesh`: the device mesh, for expert and context parallelism (its "context" axis
+    > 1 splits every row's sequence over it, see `hidden_states_and_aux`)."""
 
     def __init__(
         self,
@@ -219,6 +225,13 @@ class CausalLM(nnx.Module):
         self.config = config
         self.options = options
         self.vocab_rows = padded_vocab_size(config.vocab_size, 1 if mesh is None else dict(mesh.shape).get("tensor", 1))
+        context = context_lib.context_parallel(mesh, options.context_attention, config.num_heads, config.num_kv_heads)
+        if context is not None and options.attention == "cudnn":
+            raise ValueError(
+                f"attention='cudnn' with a context axis of {context.size}: attention across the context axis runs "
+                "its blocks with XLA operations (models/context.py); use policy.jax_cfg.attention='auto' or 'xla'"
+            )
+        self.context = context
         adapted = lora_sites(config, options.lora, options.scan_layers)
         self.embed_tokens = nnx.Embed(
             self.vocab_rows,
@@ -229,7 +242,7 @@ class CausalLM(nnx.Module):
             embedding_metadata=meta("vocab", "embed"),
             rngs=rngs,
         )
-        self.layers = _layers(config, options, adapted, dtype, param_dtype, mesh, rngs)
+        self.layers = _layers(config, options, adapted, dtype, param_dtype, mesh, context, rngs)
         self.norm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, offset=config.norm_offset
         )
@@ -277,20 +290,35 @@ class CausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         token_mask: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
+        *,
+        context_layout: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """-> (hidden states, router load-balancing loss: fp32 scalar, 0 for dense models).
         `token_mask` [b, t]: the tokens the loss averages over (None: all; HF's attention_mask).
-        `dropout_key`: LoRA dropout while training (None: no dropout)."""
+        `dropout_key`: LoRA dropout while training (None: no dropout).
+
+        Context parallelism (`context_size` n > 1, no KV cache attached): the rows are laid out
+        in the context axis's zig-zag order (`context.to_zigzag`: every [b, t] input alike) and
+        their sequence split over the axis; the hidden states come back in natural order. With
+        `context_layout=True` the inputs are in that layout already and the hidden states stay
+        in it (the train step, whose loss is a sum over tokens, permutes its targets instead)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         b, t = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         for name, arr in (("positions", positions), ("segment_ids", segment_ids), ("token_mask", token_mask)):
             if arr is not None and arr.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {arr.shape} != input_ids shape {input_ids.shape}")
+        n = self.context_size if self._splits_rows() else 1
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions = context_lib.to_zigzag(positions, n) if context_layout else positions
+        if not context_layout:
+            input_ids, positions, segment_ids, token_mask = (
+                None if x is None else context_lib.to_zigzag(x, n)
+                for x in (input_ids, positions, segment_ids, token_mask)
+            )
         rope_of = partial(self._rope_tables, positions, {})
-        x = self.embed_tokens(input_ids)
+        x = self._embed(input_ids, n)
         if self.config.embed_scale:
             x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_layers)
@@ -303,7 +331,36 @@ class CausalLM(nnx.Module):
                 key = None if keys is None else keys[i]
                 x, layer_stats = layer_fn(layer, x, *rope_of(i), segment_ids, token_mask, key)
                 stats = stats + layer_stats
-        return self.norm(x), self._aux_loss(stats, b * t if token_mask is None else token_mask.sum())
+        hidden = self.norm(x)
+        hidden = hidden if context_layout else context_lib.from_zigzag(hidden, n)
+        return hidden, self._aux_loss(stats, b * t if token_mask is None else token_mask.sum())
+
+    def _embed(self, input_ids: jax.Array, n: int) -> jax.Array:
+        """The embeddings of the ids; rows split over the context axis (n > 1) look them up in the
+        table gathered over fsdp x context (as FSDP gathers every weight before use), so that the
+        lookup comes out split like the rows and not like the table's embed dimension."""
+        if n == 1:
+            return self.embed_tokens(input_ids)
+        mesh = self.context.mesh
+        table = jax.lax.with_sharding_constraint(
+            self.embed_tokens.embedding[...].astype(self.dtype),
+            NamedSharding(mesh, logical_to_spec(("vocab", None), mesh)),
+        )
+        ids = jax.lax.with_sharding_constraint(input_ids, activation_sharding(mesh, 2))
+        return jax.lax.with_sharding_constraint(jnp.take(table, ids, axis=0), activation_sharding(mesh))
+
+    @property
+    def context_size(self) -> int:
+        """How many parts each row's sequence is split in (the mesh's context axis; 1: none)."""
+        return 1 if self.context is None else self.context.size
+
+    def _splits_rows(self) -> bool:
+        """Whether calls split rows over the context axis: it is > 1 and no KV cache is attached
+        (generation attends within whole rows)."""
+        if self.context is None:
+            return False
+        first = self.layers if self.scan_layers else self.layers[0]
+        return first.self_attn.kv_cache is None
 
     def _rope_tables(self, positions: jax.Array, tables: dict, layer: int) -> tuple[jax.Array, jax.Array]:
         """(cos, sin) [b, t, d/2] fp32 of `layer`'s RoPE (Gemma 3: the sliding layers' own), computed
@@ -350,7 +407,10 @@ class CausalLM(nnx.Module):
 
     def attention_kernel(self, packed: bool) -> str:
         """The attention kernel this model runs for padded or packed rows: "cudnn", "xla", or
-        "cudnn+xla" when its full-attention and sliding-window layers differ."""
+        "cudnn+xla" when its full-attention and sliding-window layers differ; "xla" across a
+        context axis (models/context.py)."""
+        if self.context is not None:
+            return "xla"
         kernels = {
             attention_lib.resolve_implementation(
                 self.attention,
@@ -365,8 +425,10 @@ class CausalLM(nnx.Module):
         }
         return "+".join(sorted(kernels))
 
-    def describe_attention(self, packed: bool) -> str:
-        """One log line: the kernel chosen for this batch layout."""
+    def describe_attention(self, packed: bool, seq: int | None = None) -> str:
+        """One log line: the kernel chosen for this batch layout (rows of `seq` tokens)."""
+        if self.context is not None:
+            return f"attention={self.attention!r} -> {context_lib.describe(self.context, seq)}"
         return attention_lib.describe(
             self.attention,
             self.dtype,
@@ -408,11 +470,12 @@ class CausalLM(nnx.Module):
         return self.unembed(self.hidden_states(input_ids, positions, segment_ids))
 
 
-def sharding_problems(config: ModelConfig, options: ModelOptions, data: int, fsdp: int, expert: int, tensor: int):
+def sharding_problems(config: ModelConfig, options: ModelOptions, sizes: dict[str, int]):
     """What keeps the model of `config` (built with `options`) from sharding over a mesh of these
-    axis sizes (`sharding.shard_problems`, one line per kind of dimension), the vocabulary padded
-    as on that mesh; from an abstract model: nothing is allocated and no device is needed."""
-    mesh = jax.sharding.AbstractMesh((data, fsdp, expert, tensor), MESH_AXES)
+    axis sizes ({axis: size} of `sharding.MESH_AXES`, 1 where absent; `sharding.shard_problems`,
+    one line per kind of dimension), the vocabulary padded as on that mesh; from an abstract
+    model: nothing is allocated and no device is needed."""
+    mesh = jax.sharding.AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
     if options.lora is None and len(set(config.moe_layers)) <= 1:
         # Every layer alike but for its window, which shapes nothing: one stacked layer is traced
         # instead of each (0.1 s instead of 9 s for a 64-layer model). Layers that differ
@@ -420,7 +483,7 @@ def sharding_problems(config: ModelConfig, options: ModelOptions, data: int, fsd
         config = dataclasses.replace(config, sliding_windows=(None,) * config.num_layers)
         options = dataclasses.replace(options, scan_layers=True)
     abstract = nnx.eval_shape(lambda: CausalLM(config, options, rngs=nnx.Rngs(0), mesh=mesh))
-    return shard_problems(nnx.state(abstract), dict(mesh.shape))
+    return shard_problems(nnx.state(abstract), mesh)
 
 
 def merge_lora(model: CausalLM) -> CausalLM:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_sft.models import attention as attention_lib
+from jax_sft.models import context as context_lib
 from jax_sft.models import kv_cache as kv_cache_lib
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.fp8 import Fp8History, fp8_einsum
@@ -145,43 +146,22 @@ class Attention(nnx.Module):
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
         fp8: Fp8Config | None = None,
+        context: context_lib.ContextParallel | None = None,
     ):
         e, n, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dense = partial(projection, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8)
         qkv_bias = cfg.qkv_bias
         ad = lambda name: lora if name in adapted else None  # noqa: E731
-        self.q_proj = dense(
-            "bte,ehd->bthd",
-            (e, n, d),
-            ("embed", "q_heads", "head_dim"),
-            (n, d) if qkv_bias else None,
-            ("q_heads", "head_dim"),
-            lora=ad("q_proj"),
-        )
-        self.k_proj = dense(
-            "bte,ehd->bthd",
-            (e, kv, d),
-            ("embed", "kv_heads", "head_dim"),
-            (kv, d) if qkv_bias else None,
-            ("kv_heads", "head_dim"),
-            lora=ad("k_proj"),
-        )
-        self.v_proj = dense(
-            "bte,ehd->bthd",
-            (e, kv, d),
-            ("embed", "kv_heads", "head_dim"),
-            (kv, d) if qkv_bias else None,
-            ("kv_heads", "head_dim"),
-            lora=ad("v_proj"),
-        )
-        self.o_proj = dense(
-            "bthd,hde->bte",
-            (n, d, e),
-            ("q_heads", "head_dim", "embed"),
-            (e,) if cfg.o_bias else None,
-            ("embed",),
-            lora=ad("o_proj"),
-        )
+        heads = ("embed", "q_heads", "head_dim")
+        kv_heads = ("embed", "kv_heads", "head_dim")
+        projections = {  # name: (einsum, kernel shape, its logical axes, bias shape (None: no bias), its axes)
+            "q_proj": ("bte,ehd->bthd", (e, n, d), heads, (n, d) if qkv_bias else None, heads[1:]),
+            "k_proj": ("bte,ehd->bthd", (e, kv, d), kv_heads, (kv, d) if qkv_bias else None, kv_heads[1:]),
+            "v_proj": ("bte,ehd->bthd", (e, kv, d), kv_heads, (kv, d) if qkv_bias else None, kv_heads[1:]),
+            "o_proj": ("bthd,hde->bte", (n, d, e), heads[1:] + heads[:1], (e,) if cfg.o_bias else None, ("embed",)),
+        }
+        for name, (einsum, shape, axes, bias, bias_axes) in projections.items():
+            setattr(self, name, dense(einsum, shape, axes, bias, bias_axes, lora=ad(name)))
         self.q_norm, self.k_norm = _qk_norms(cfg, dtype=dtype, param_dtype=param_dtype)
         self.sinks = _sinks(cfg, param_dtype=param_dtype, rngs=rngs)
         self.sliding_window = cfg.sliding_windows[layer]
@@ -190,6 +170,7 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.max_segments = max_segments
         self.dtype = dtype
+        self.context = context  # the sequence split over the mesh's context axis (None: whole rows)
         self.kv_cache: kv_cache_lib.LayerCache | None = nnx.data(None)  # generation only (kv_cache.py)
 
     def __call__(self, x, cos, sin, segment_ids, dropout_key=None):
@@ -213,6 +194,18 @@ class Attention(nnx.Module):
                     sinks=self._sinks(),
                 )
                 return self.o_proj(out, ko)
+        elif self.context is not None:  # rows in the context axis's zig-zag layout (decoder.py)
+            out = context_lib.attention(
+                q,
+                k,
+                v,
+                segment_ids,
+                self.context,
+                sliding_window=self.sliding_window,
+                scale=self.scale,
+                softcap=self.softcap,
+            )
+            return self.o_proj(out, ko)
         out = attention_lib.attention(
             q,
             k,

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.layers import ACTIVATIONS, meta, normal_init
-from jax_sft.models.sharding import BATCH_AXES
+from jax_sft.models.sharding import BATCH_AXES, CONTEXT, context_size, dp_size
 
 
 def glu_of(cfg: ModelConfig):
@@ -88,7 +88,10 @@ class MoE(nnx.Module):
         if self.mesh is None:
             out = grouped_experts(x2d, experts, weights, *mats, self.glu, biases)
         else:
-            out = expert_parallel(self.mesh, x2d, experts, weights, *mats, self.glu, biases)
+            # Tokens of rows split over a context axis stay on their devices.
+            n = context_size(self.mesh)
+            split = n > 1 and t % n == 0 and b % dp_size(self.mesh) == 0
+            out = expert_parallel(self.mesh, x2d, experts, weights, *mats, self.glu, biases, split_context=split)
         mask = jnp.ones((b * t,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
         slot_mask = jnp.broadcast_to(mask[:, None], experts.shape).reshape(-1)
         counts = jnp.zeros((probs.shape[-1],), jnp.float32).at[experts.reshape(-1)].add(slot_mask)
@@ -124,15 +127,19 @@ def grouped_experts(x, experts, weights, gate, up, down, glu, biases=(None, None
     return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32))
 
 
-def expert_parallel(mesh, x, experts, weights, gate, up, down, glu, biases=(None, None, None)):
+def expert_parallel(
+    mesh, x, experts, weights, gate, up, down, glu, biases=(None, None, None), split_context: bool = False
+):
     """`grouped_experts` with the experts split over the mesh's "expert" axis (shard_map).
 
     Each device gathers the tokens (and their routing) of its expert-axis group, runs the pairs
     that go to its own num_experts / expert experts, and the partial outputs are summed and
     scattered back to the devices the tokens came from (all-gather / reduce-scatter, dropless).
-    Expert weights arrive gathered over "fsdp" and split over "tensor" (their mlp dimension,
-    whose partial down projections are summed; the down bias is added once, after that sum)."""
-    rows = P(BATCH_AXES, None)
+    Expert weights arrive gathered over "fsdp" (and "context") and split over "tensor" (their mlp
+    dimension, whose partial down projections are summed; the down bias is added once, after that
+    sum). `split_context`: the tokens [b * t] are split over "context" too (rows whose sequence is
+    split over it)."""
+    rows = P((*BATCH_AXES, CONTEXT) if split_context else BATCH_AXES, None)
     up_spec, down_spec = P("expert", None, "tensor"), P("expert", "tensor", None)
     has_bias = biases[0] is not None
     bias_specs = (P("expert", "tensor"), P("expert", "tensor"), P("expert", None)) if has_bias else ()

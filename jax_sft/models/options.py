@@ -87,8 +87,9 @@ class ModelOptions:
     attention: the kernel (`choices.ATTENTION`, see models/attention.py); remat: activation
     checkpointing per layer (`choices.REMAT`); scan_layers: the layers stacked and run by one
     `lax.scan`; max_segments: packed rows with cuDNN, the most segments per row; lora: adapters
-    (None: none); fp8: FP8 matmuls in the projections (None: none). dtypes may be given as jnp /
-    numpy dtypes; they are stored by name.
+    (None: none); fp8: FP8 matmuls in the projections (None: none); context_attention: attention
+    across the mesh's context axis when it is > 1 (`choices.CONTEXT_ATTENTION`, see
+    models/context.py). dtypes may be given as jnp / numpy dtypes; they are stored by name.
     """
 
     dtype: Any = "bfloat16"
@@ -99,6 +100,7 @@ class ModelOptions:
     max_segments: int = 64
     lora: LoraConfig | None = None
     fp8: Fp8Config | None = None
+    context_attention: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -107,6 +109,8 @@ class ModelOptions:
             raise ValueError(f"remat={self.remat!r}; choose one of {choices.REMAT}")
         if self.attention not in choices.ATTENTION:
             raise ValueError(f"attention={self.attention!r}; choose one of {choices.ATTENTION}")
+        if self.context_attention not in choices.CONTEXT_ATTENTION:
+            raise ValueError(f"context_attention={self.context_attention!r}; choose one of {choices.CONTEXT_ATTENTION}")
         if not (isinstance(self.max_segments, int) and self.max_segments >= 1):
             raise ValueError(f"max_segments={self.max_segments!r} must be a positive integer")
 

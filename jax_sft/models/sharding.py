@@ -21,11 +21,16 @@ Every parameter of the decoder carries logical axis names in its `out_sharding` 
     <projection>.lora.lora_b        ("lora_rank", <the kernel's output axes>)
 
 `LOGICAL_AXIS_RULES` below is the one place that maps them to the mesh axes ("data", "fsdp",
-"expert", "tensor"): FSDP shards the model dimension, tensor parallelism shards heads / mlp / vocab
-(Megatron layout), "expert" shards the experts of MoE layers (each device holds num_experts /
-expert of them) and, like "data", splits the batch for everything else. "data" only replicates.
-Changing the layout means editing this table only. The expert axis has size 1 unless asked for
-(`policy.jax_cfg.mesh.expert`, or NeMo RL's `policy.dtensor_cfg.expert_parallel_size`).
+"expert", "context", "tensor"): FSDP shards the model dimension, tensor parallelism shards heads /
+mlp / vocab (Megatron layout), "expert" shards the experts of MoE layers (each device holds
+num_experts / expert of them) and, like "data", splits the batch for everything else. "data" only
+replicates. "context" splits the sequence of every row (`jax_sft.models.context`): activations
+[batch, seq, ...] are split over it on seq, and parameters are sharded over fsdp x context (the
+logical axes of `CONTEXT_SHARDED`: FSDP over the whole group of devices that share a row, as
+torchtitan does), so a context group holds one copy of the training state, not one per device.
+Changing the layout means editing these tables only. The expert and context axes have size 1
+unless asked for (`policy.jax_cfg.mesh.expert` / `.context`, or NeMo RL's
+`policy.dtensor_cfg.expert_parallel_size` / `.context_parallel_size`).
 
 A vocabulary that the tensor axis does not divide is padded (`padded_vocab_size`: the embedding
 and lm_head rows rounded up to a multiple of the tensor size, as Megatron's
@@ -44,8 +49,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jax_sft.errors import UsageError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # the data-parallel axes: each holds different rows
+CONTEXT = "context"  # the axis that splits each row's sequence
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),  # activations: [batch, seq, ...]
@@ -60,19 +66,38 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert_mlp", "tensor"),
     ("router", None),
     ("lora_rank", None),
+    ("length", CONTEXT),  # activations' sequence dimension
 )
+# Logical axes that are also split over "context" when it is > 1 (after the axes above).
+CONTEXT_SHARDED = ("embed",)
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes over `n_devices` with an `expert` axis of the given size;
-    `fsdp=-1` takes the devices left over. Pure arithmetic (no devices touched): `--dry_run`
-    checks a layout with it."""
-    for name, size in (("data", data), ("tensor", tensor), ("expert", expert)):
+def axis_rules(mesh: Mesh | None = None) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """`LOGICAL_AXIS_RULES` for `mesh`: with a context axis > 1, the `CONTEXT_SHARDED` logical
+    axes split over it too (the specs of a mesh without one stay as the table says)."""
+    if mesh is None or context_size(mesh) == 1:
+        return LOGICAL_AXIS_RULES
+    out = []
+    for name, axes in LOGICAL_AXIS_RULES:
+        if name in CONTEXT_SHARDED:
+            axes = (*((axes,) if isinstance(axes, str) else axes or ()), CONTEXT)
+        out.append((name, axes))
+    return tuple(out)
+
+
+def mesh_shape(
+    data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1, context: int = 1
+) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes over `n_devices` with `expert` and `context` axes of the given
+    sizes; `fsdp=-1` takes the devices left over. Pure arithmetic (no devices touched):
+    `--dry_run` checks a layout with it."""
+    for name, size in (("data", data), ("tensor", tensor), ("expert", expert), ("context", context)):
         if not (isinstance(size, int) and size >= 1):
             raise UsageError(f"policy.jax_cfg.mesh {name}={size!r} must be a positive integer")
-    others = data * tensor * expert
-    named = f"data={data} x tensor={tensor}" + (f" x expert={expert}" if expert > 1 else "")
+    others = data * tensor * expert * context
+    extra = (f" x expert={expert}" if expert > 1 else "") + (f" x context={context}" if context > 1 else "")
+    named = f"data={data} x tensor={tensor}" + extra
     if fsdp == -1:
         if n_devices % others:
             raise UsageError(f"policy.jax_cfg.mesh {named} = {others} does not divide the {n_devices} devices")
@@ -80,22 +105,30 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 
     elif not (isinstance(fsdp, int) and fsdp >= 1):
         raise UsageError(f"policy.jax_cfg.mesh fsdp={fsdp!r} must be a positive integer or -1 (the remaining devices)")
     if fsdp * others != n_devices:
-        ep = f" x expert={expert}" if expert > 1 else ""
         raise UsageError(
-            f"policy.jax_cfg.mesh data={data} x fsdp={fsdp} x tensor={tensor}{ep} = {fsdp * others} "
+            f"policy.jax_cfg.mesh data={data} x fsdp={fsdp} x tensor={tensor}{extra} = {fsdp * others} "
             f"does not match the {n_devices} devices"
         )
     return data, fsdp, tensor
 
 
 def make_mesh(
-    data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None, *, expert: int = 1
+    data: int,
+    fsdp: int,
+    tensor: int,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    expert: int = 1,
+    context: int = 1,
 ) -> Mesh:
-    """A ("data", "fsdp", "expert", "tensor") mesh with Auto axes; `fsdp=-1` takes the devices
-    left over; the expert axis has size `expert` (1: no expert parallelism)."""
+    """A ("data", "fsdp", "expert", "context", "tensor") mesh with Auto axes; `fsdp=-1` takes the
+    devices left over; the expert and context axes have sizes `expert` and `context` (1: no
+    expert / context parallelism). Tensor is the innermost axis, context the next: the devices
+    that exchange the most sit closest."""
     devices = list(jax.devices() if devices is None else devices)
-    data, fsdp, tensor = mesh_shape(data, fsdp, tensor, len(devices), expert)
-    return jax.make_mesh((data, fsdp, expert, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
+    data, fsdp, tensor = mesh_shape(data, fsdp, tensor, len(devices), expert, context)
+    shape = (data, fsdp, expert, context, tensor)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def padded_vocab_size(vocab_size: int, tensor: int = 1) -> int:
@@ -105,8 +138,13 @@ def padded_vocab_size(vocab_size: int, tensor: int = 1) -> int:
 
 
 def describe_mesh(mesh: Mesh) -> dict[str, int]:
-    """The mesh's axis sizes for the run log; the expert axis only when it is used (> 1)."""
-    return {k: v for k, v in mesh.shape.items() if k != "expert" or v > 1}
+    """The mesh's axis sizes for the run log; the expert and context axes only when used (> 1)."""
+    return {k: v for k, v in mesh.shape.items() if k not in ("expert", CONTEXT) or v > 1}
+
+
+def context_size(mesh: Mesh | None) -> int:
+    """The size of the mesh's context axis (1 without a mesh or without the axis)."""
+    return 1 if mesh is None else dict(mesh.shape).get(CONTEXT, 1)
 
 
 def dp_size(mesh: Mesh) -> int:
@@ -114,17 +152,26 @@ def dp_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
-    """PartitionSpec of an array whose dimensions carry these logical names (None: replicated)."""
+def logical_to_spec(names: Sequence[str | None], mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec of an array whose dimensions carry these logical names (None: replicated),
+    on `mesh` (`axis_rules`; None: the table as it is)."""
     unknown = [n for n in names if n is not None and n not in _RULES]
     if unknown:
         raise ValueError(f"logical axis names {unknown} are not in LOGICAL_AXIS_RULES {sorted(_RULES)}")
-    return PartitionSpec(*(None if n is None else _RULES[n] for n in names))
+    rules = dict(axis_rules(mesh))
+    return PartitionSpec(*(None if n is None else rules[n] for n in names))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[batch, seq] inputs: the batch dimension split over BATCH_AXES ("data", "fsdp", "expert")."""
+    """[batch, seq] inputs: the batch dimension split over BATCH_AXES ("data", "fsdp", "expert").
+    The sequence stays whole (the context axis replicates the int32 rows; the model lays them out
+    over it, `jax_sft.models.context`), so each process supplies whole rows."""
     return NamedSharding(mesh, logical_to_spec(("batch", None)))
+
+
+def activation_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+    """[batch, seq, ...] activations: batch over BATCH_AXES, seq over "context", the rest whole."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length", *(None,) * (ndim - 2))))
 
 
 def local_dp_ranks(mesh: Mesh) -> tuple[int, ...]:
@@ -142,18 +189,19 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.S
     place such an array), naming the parameter and what to change.
     """
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
-    problems = shard_problems(state, dict(mesh.shape))
+    problems = shard_problems(state, mesh)
     if problems:
         raise ValueError(problems[0])
-    with nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with nnx.logical_axis_rules(axis_rules(mesh)):
         return nnx.get_named_sharding(state, mesh)
 
 
-def shard_problems(state: nnx.State, sizes: dict[str, int]) -> list[str]:
-    """One line per kind of parameter dimension (logical name, size, mesh axes) that the mesh of
-    axis `sizes` cannot split, naming the first such parameter and how many more there are; []
+def shard_problems(state: nnx.State, mesh: Mesh | jax.sharding.AbstractMesh) -> list[str]:
+    """One line per kind of parameter dimension (logical name, size, mesh axes) that `mesh` (an
+    abstract one will do) cannot split, naming the first such parameter and how many more there are; []
     when every parameter of `state` (abstract values will do) shards. A scan-stacked parameter
     (`layers.<name>`, [num_layers, ...]) is named per layer (`layers.*.<name>`)."""
+    sizes = dict(mesh.shape)
     found: dict[tuple, list[str]] = {}
     for path, var in nnx.to_flat_state(state):
         names = var.get_metadata().get("out_sharding")
@@ -161,7 +209,7 @@ def shard_problems(state: nnx.State, sizes: dict[str, int]) -> list[str]:
             raise ValueError(f"parameter {_path_str(path)} has no logical axis names (out_sharding)")
         stacked = len(path) > 1 and path[0] == "layers" and not str(path[1]).isdigit()
         lead, name = (1, "layers.*." + _path_str(path[1:])) if stacked else (0, _path_str(path, fold=True))
-        for dim, (size, axes) in enumerate(zip(var.shape, logical_to_spec(names))):
+        for dim, (size, axes) in enumerate(zip(var.shape, logical_to_spec(names, mesh))):
             axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
             parts = math.prod(sizes[a] for a in axes)
             if size % parts:

@@ -105,7 +105,9 @@ class Loop:
                 lock_lost,
                 values=[int(lengths.sum()), batch.num_micro_batches if batch else 0],
             )
-            self.log_step(metrics, lengths, int(counts[:, 0].sum()), elapsed, t_data, last)
+            # Processes that share data-parallel ranks (tensor or context axes across hosts) hold the same rows.
+            copies = max(1, jax.process_count() // r.plan.batch.dp)
+            self.log_step(metrics, lengths, int(counts[:, 0].sum()) // copies, elapsed, t_data, last)
             if self.stop_after_step(said, past_deadline, lock_lost, last, data_state):
                 return
             counts = counts[:, 1:]
@@ -160,8 +162,11 @@ class Loop:
             }
         )
         if self.peak is not None:
+            # This process's rows ran on every device of its data-parallel ranks (a rank: all
+            # devices / dp, its context and tensor axes included), whichever process holds them.
             flops = r.model_config.training_flops(lengths)
-            metrics["train/mfu"] = flops / elapsed / (self.peak * len(jax.local_devices()))
+            devices = len(r.data.layout.dp_ranks) * len(r.devices) // r.plan.batch.dp
+            metrics["train/mfu"] = flops / elapsed / (self.peak * devices)
         peak_mem = metrics_lib.peak_memory_bytes()
         if peak_mem is not None:
             metrics["memory/peak_bytes"] = float(peak_mem)

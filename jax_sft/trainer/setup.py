@@ -133,7 +133,7 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
     devices = distributed.select_devices(cfg.cluster)
     plan, model_dir = plan_run(cfg, devices)
     m = plan.mesh
-    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, expert=m.expert)
+    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, expert=m.expert, context=m.context)
     lock = None  # one run per checkpoint_dir: refused here, before the model is loaded
     if plan.checkpoint.enabled:
         lock = stack.enter_context(hold_run_lock(plan.checkpoint.directory))
@@ -162,7 +162,7 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
         batch_sharding=sharding_lib.batch_sharding(mesh),
         total_steps=total_steps,
         check_rows=packed and "cudnn" in model.attention_kernel(packed),
-        attention_line=model.describe_attention(packed),
+        attention_line=model.describe_attention(packed, plan.batch.seq_len),
         state=TrainState(params, opt_state, fp8),
         train_iter=data.train_iterator(),
         lock=lock,
