@@ -23,10 +23,9 @@ from jax_sft.config import IgnoredKeysWarning, load_config
 from jax_sft.models import CausalLM, ModelConfig, sharding
 from jax_sft.models import context as context_lib
 from jax_sft.models.attention import _xla_attention
-from jax_sft.models.lora import LoRAParam
 from jax_sft.models.options import LoraConfig, ModelOptions
 from jax_sft.optim import make_optimizer
-from jax_sft.step import make_loss_fn, make_step_fns, opt_state_shardings
+from jax_sft.step import make_loss_fn, make_step_fns, opt_state_shardings, split_model
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -111,7 +110,8 @@ def initial_state(shape: str, options: ModelOptions) -> tuple:
     """(trainable parameters, frozen ones, the rest) of the model, drawn once per shape and options
     (the values do not depend on the mesh)."""
     model = CausalLM(ModelConfig.from_hf_dict(SHAPES[shape]), options, rngs=nnx.Rngs(0))
-    return nnx.split(model, LoRAParam if options.lora else nnx.Param, nnx.Param, ...)[1:]
+    _, params, _, frozen, rest = split_model(model, lora=options.lora is not None)
+    return params, frozen, rest
 
 
 def loss_and_grads(shape: str, options: ModelOptions, packed: bool, mesh=None):
@@ -123,13 +123,14 @@ def loss_and_grads(shape: str, options: ModelOptions, packed: bool, mesh=None):
     abstract = nnx.eval_shape(
         lambda: CausalLM(ModelConfig.from_hf_dict(SHAPES[shape]), options, rngs=nnx.Rngs(0), mesh=mesh)
     )
-    graphdef = nnx.split(abstract, LoRAParam if options.lora else nnx.Param, nnx.Param, ...)[0]
+    graphdef = split_model(abstract, lora=options.lora is not None)[0]
     params = jax.device_put(params, sharding.param_shardings(params, mesh))
     frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
     loss_fn = make_loss_fn(graphdef, rest, chunk_size=16, packed=packed)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in rows(packed).items()}
-    step = compiled(jax.value_and_grad(loss_fn, has_aux=True), params, frozen, batch)
-    (_, (nll, aux)), grads = step(params, frozen, batch)
+    no_fp8 = nnx.State({})
+    step = compiled(jax.value_and_grad(loss_fn, has_aux=True), params, no_fp8, frozen, batch)
+    (_, (nll, aux)), grads = step(params, no_fp8, frozen, batch)
     line = nnx.merge(graphdef, params, frozen, rest).describe_attention(packed, SEQ)
     return jax.tree.map(np.asarray, (nll, aux, grads)), line
 
@@ -221,7 +222,7 @@ def temporary_bytes(context: int, seq: int) -> int:
     a tiny Llama and one packed row of `seq` tokens, split over `context` devices (fp32)."""
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:context], context=context)
     model = CausalLM(ModelConfig.from_hf_dict(LLAMA), ModelOptions(**F32), rngs=nnx.Rngs(0), mesh=mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, no_fp8, _, rest = split_model(model, lora=False)
     shardings = sharding.param_shardings(params, mesh)
     tx, schedule = make_optimizer(OPT, None, 1.0)
     fns = make_step_fns(
@@ -240,11 +241,11 @@ def temporary_bytes(context: int, seq: int) -> int:
     def abstract(tree):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-    acc = jax.eval_shape(fns.init_accumulator, params)
-    acc = type(acc)(abstract(acc.grads), *(jax.ShapeDtypeStruct((), jnp.float32) for _ in range(3)))
+    acc = jax.eval_shape(fns.init_accumulator, params, no_fp8)
+    acc = type(acc)(abstract(acc.grads), *(jax.ShapeDtypeStruct((), jnp.float32) for _ in range(3)), no_fp8)
     row = jax.ShapeDtypeStruct((1, seq), jnp.int32, sharding=sharding.batch_sharding(mesh))
     batch = dict.fromkeys(("input_ids", "targets", "loss_mask", "segment_ids", "positions"), row)
-    lowered = fns.micro_step.lower((abstract(params), nnx.State({})), acc, batch, jnp.zeros(2, jnp.int32))
+    lowered = fns.micro_step.lower((abstract(params), nnx.State({})), no_fp8, acc, batch, None)
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
