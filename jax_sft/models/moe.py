@@ -74,14 +74,18 @@ def grouped_experts(x, experts, weights, gate, up, down, act):
 
     The n * k (token, expert) pairs are sorted by expert and each expert's contiguous rows go
     through its matrices in one `jax.lax.ragged_dot` per projection. Expert ids >= the number of
-    experts given (another device's, under expert parallelism) contribute zero."""
+    experts given (another device's, under expert parallelism) contribute zero. `gate` None: the
+    experts are not gated, act(x @ up) @ down (Nemotron-H)."""
     n, k = experts.shape
-    groups = gate.shape[0]
+    groups = up.shape[0]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # foreign ids (>= groups) sort last
     rows = x[order // k]  # [n * k, embed], grouped by expert
     sizes = jnp.zeros((groups,), jnp.int32).at[flat].add(1, mode="drop")
-    h = act(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+    if gate is None:
+        h = act(jax.lax.ragged_dot(rows, up, sizes))
+    else:
+        h = act(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
     y = jax.lax.ragged_dot(h.astype(x.dtype), down, sizes, preferred_element_type=jnp.float32)
     y = jnp.where((flat[order] < groups)[:, None], y, 0.0)  # rows outside every group
     y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)  # back to (token, slot) order
@@ -98,24 +102,27 @@ def expert_parallel(mesh, x, experts, weights, gate, up, down, act):
     whose partial down projections are summed)."""
     rows = P(BATCH_AXES, None)
     up_spec, down_spec = P("expert", None, "tensor"), P("expert", "tensor", None)
+    gate_spec = None if gate is None else up_spec  # not gated (gate None): nothing to split
 
     def local(x, experts, weights, gate, up, down):
         gather = partial(jax.lax.all_gather, axis_name="expert", axis=0, tiled=True)
         x, experts, weights = gather(x), gather(experts), gather(weights)
-        n_local = gate.shape[0]
+        n_local = up.shape[0]
         mine = experts - jax.lax.axis_index("expert") * n_local
         mine = jnp.where((mine >= 0) & (mine < n_local), mine, n_local)
         y = jax.lax.psum(grouped_experts(x, mine, weights, gate, up, down, act), "tensor")
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, up_spec, up_spec, down_spec), out_specs=rows)(
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, gate_spec, up_spec, down_spec), out_specs=rows)(
         x, experts, weights, gate, up, down
     )
 
 
 def dense_experts(x, experts, weights, gate, up, down, act):
     """Reference for `grouped_experts` (tests, benchmarks): every expert on every token."""
-    h = act(jnp.einsum("nd,xdm->xnm", x, gate)) * jnp.einsum("nd,xdm->xnm", x, up)
+    h = act(jnp.einsum("nd,xdm->xnm", x, up))
+    if gate is not None:
+        h = act(jnp.einsum("nd,xdm->xnm", x, gate)) * jnp.einsum("nd,xdm->xnm", x, up)
     y = jnp.einsum("xnm,xmd->xnd", h, down, preferred_element_type=jnp.float32)  # [experts, n, d]
-    w = (jax.nn.one_hot(experts, gate.shape[0], dtype=jnp.float32) * weights[..., None]).sum(1)
+    w = (jax.nn.one_hot(experts, up.shape[0], dtype=jnp.float32) * weights[..., None]).sum(1)
     return jnp.einsum("xnd,nx->nd", y, w)

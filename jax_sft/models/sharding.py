@@ -15,11 +15,24 @@ Every parameter of the decoder carries logical axis names in its `out_sharding` 
     mlp.down_proj (MoE)             ("expert", "expert_mlp", "embed")
     <projection>.lora.lora_a        (<the kernel's input axes>, "lora_rank")    LoRA (lora.py)
     <projection>.lora.lora_b        ("lora_rank", <the kernel's output axes>)
+    Mamba-2 (mamba.py; hybrid layers' `mixer`):
+    in_proj.kernel_{z,x}            ("embed", "mamba_heads", "mamba_head_dim")
+    in_proj.kernel_bc               ("embed", "ssm_bc", "ssm_groups", "ssm_state")     B and C
+    in_proj.kernel_dt               ("embed", "mamba_heads")
+    conv1d.kernel_x                 ("mamba_heads", "mamba_head_dim", "conv_in", "conv_kernel")
+    conv1d.kernel_bc                ("ssm_bc", "ssm_groups", "ssm_state", "conv_in", "conv_kernel")
+    dt_bias, A_log, D               ("mamba_heads",)
+    norm.weight                     ("mamba_heads", "mamba_head_dim")
+    out_proj.kernel                 ("mamba_heads", "mamba_head_dim", "embed")
+    gate.weight (sigmoid MoE)       ("embed", "router")      gate.e_score_correction_bias ("router",)
+    experts.{up,down}_proj          ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
 
 `LOGICAL_AXIS_RULES` below is the one place that maps them to the mesh axes ("data", "fsdp",
 "expert", "tensor"): FSDP shards the model dimension, tensor parallelism shards heads / mlp / vocab
-(Megatron layout), "expert" shards the experts of MoE layers (each device holds num_experts /
-expert of them) and, like "data", splits the batch for everything else. "data" only replicates.
+(Megatron layout) and Mamba heads with their B / C groups (the heads of a group stay on the
+group's device: the tensor size must divide n_groups), "expert" shards the experts of MoE layers
+(each device holds num_experts / expert of them) and, like "data", splits the batch for everything
+else. "data" only replicates.
 Changing the layout means editing this table only. The expert axis has size 1 unless asked for
 (`policy.jax_cfg.mesh.expert`, or NeMo RL's `policy.dtensor_cfg.expert_parallel_size`).
 """
@@ -51,6 +64,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert_mlp", "tensor"),
     ("router", None),
     ("lora_rank", None),
+    ("mamba_heads", "tensor"),
+    ("mamba_head_dim", None),
+    ("ssm_groups", "tensor"),
+    ("ssm_bc", None),
+    ("ssm_state", None),
+    ("conv_in", None),
+    ("conv_kernel", None),
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
