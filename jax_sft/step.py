@@ -19,7 +19,8 @@ argument (never baked into the compiled code) and never updated.
 The fixed cost per micro-batch is kept small: `cast` turns the fp32 master weights into the
 compute dtype once per step (`compute = fns.cast(params, frozen)`), and the micro-steps take that
 copy. Only the weights the model would cast anyway are cast (kernels, embeddings, biases, expert
-weights; RMSNorm weights and the lm_head adapter stay fp32, as the model uses them in fp32), so
+weights; RMSNorm weights, the lm_head adapter and `options.BUFFERS` stay fp32, as the model uses
+them in fp32), so
 the forward values are the same as casting inside every micro-step; the gradients with respect to
 the compute copy are accumulated in fp32.
 
@@ -43,6 +44,7 @@ import optax
 from flax import nnx
 
 from jax_sft.loss import masked_nll_sum
+from jax_sft.models.options import BUFFERS
 
 Batch = dict[str, jax.Array]
 
@@ -78,7 +80,7 @@ def needs_cast(path: tuple, x: jax.Array, dtype) -> bool:
     dtype, nor for the weights the model uses in fp32 (RMSNorm weights; the lm_head adapter,
     folded into the unembedding in fp32)."""
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    keep = "weight" in names[-2:] or "lm_head_lora" in names
+    keep = "weight" in names[-2:] or "lm_head_lora" in names or any(b in names[-2:] for b in BUFFERS)
     return not keep and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype)
 
 

@@ -28,7 +28,7 @@ from jax_sft.data.batches import BatchPlan
 from jax_sft.data.pipeline import DataPlan
 from jax_sft.errors import ConfigError, InputError
 from jax_sft.models import counts
-from jax_sft.models.config import ModelConfig
+from jax_sft.models.config import LAYER_PATTERN, ModelConfig
 from jax_sft.models.hf_write import export_target_problem
 from jax_sft.models.options import LoraConfig, ModelOptions
 from jax_sft.models.sharding import mesh_shape
@@ -337,12 +337,23 @@ def _model_lines(plan: RunPlan) -> list[str]:
     lines = [
         f"model: {m.architecture} ({m.family} family) from {plan.model.directory}: {m.num_layers} layers, "
         f"hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
-        f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"
+        f"rope {m.rope.rope_type if m.use_rope else 'none'}, max positions {m.max_position_embeddings}"
     ]
+    if m.layer_kinds:
+        kinds = ", ".join(f"{m.layer_kinds.count(k)} {k}" for k in dict.fromkeys(m.layer_kinds))
+        pattern = "".join(LAYER_PATTERN[k] for k in m.layer_kinds)
+        lines.append(f"model: hybrid layers: {kinds} ({pattern})")
     if m.num_experts:
+        sigmoid = m.moe_router == "sigmoid"
+        routing = (
+            f"sigmoid routing over {m.topk_groups} of {m.expert_groups} groups, scaled by {m.routed_scaling_factor:g}, "
+            f"a shared expert of {m.shared_expert_intermediate_size}; "
+            if sigmoid
+            else ""
+        )
         lines.append(
             f"model: mixture of experts: {m.num_experts} experts, top {m.experts_per_token}, "
-            f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
+            f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; {routing}router aux loss coef "
             f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}"
         )
     return lines + _lora_lines(plan)
