@@ -225,7 +225,34 @@ def test_lora_with_nanov3_exclusions_sites_counts_and_peft_adapter(hf, tmp_path)
 # --- counts --------------------------------------------------------------------------------------
 
 
-def test_training_flops_count_every_block_by_hand():
+# Nemotron-3-Nano-30B-A3B's config.json, the keys its readers use (hub spelling).
+NANO_V3 = dict(
+    architectures=["NemotronHForCausalLM"],
+    hidden_size=2688,
+    hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+    num_hidden_layers=52,
+    intermediate_size=1856,
+    mamba_head_dim=64,
+    mamba_num_heads=64,
+    n_groups=8,
+    ssm_state_size=128,
+    moe_intermediate_size=1856,
+    moe_shared_expert_intermediate_size=3712,
+    n_routed_experts=128,
+    num_experts_per_tok=6,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    routed_scaling_factor=2.5,
+    vocab_size=131072,
+    tie_word_embeddings=False,
+)
+
+
+def test_parameter_and_flop_counts():
+    v3 = ModelConfig.from_hf_dict(NANO_V3)
+    assert v3.layer_kinds.count("mamba") == v3.layer_kinds.count("moe") == 23 and v3.layer_kinds.count("attention") == 6
+    assert round(v3.param_count() / 1e9, 1) == 31.6  # NVIDIA's "31.6B total parameters"
     m = ModelConfig.from_hf_dict(hf_config_dict())
     n = np.array([10, 30])
     e, v, mb = 64, VOCAB, m.mamba
