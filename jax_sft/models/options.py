@@ -15,7 +15,9 @@ Which projections get LoRA adapters (`LoraConfig.adapted`), as NeMo RL matches m
   adapts every linear layer, lm_head included (Automodel's rule); else a module matches a
   `target_modules` entry equal to its name or a wildcard pattern of its full name
   (`*.layers.0.*.q_proj`; `*` matches any characters); `exclude_modules` removes modules the same
-  way. Neither given: `*_proj` (every projection, not lm_head), as Automodel defaults.
+  way. Neither given: `*_proj` (every projection, not lm_head), as Automodel defaults. Hybrid
+  layers (Nemotron-H, `HYBRID_PROJECTIONS`) are named as transformers names them:
+  `model.layers.3.mixer.in_proj`, `model.layers.5.mixer.shared_experts.up_proj`.
 - Megatron's `policy.megatron_cfg.peft` (`naming="megatron"`): `linear_qkv` (q, k, v), `linear_proj`
   (o), `linear_fc1` (gate, up), `linear_fc2` (down), `output_layer` (lm_head); full names
   `decoder.layers.3.self_attention.linear_qkv`, `decoder.layers.3.mlp.linear_fc1`. No targets: the
