@@ -79,9 +79,10 @@ def attach(model: nnx.Module, batch: int, length: int, mesh: jax.sharding.Mesh |
     lead = (cfg.num_layers,) if model.scan_layers else ()
     kv_shape = (*lead, batch, length, cfg.num_kv_heads, cfg.head_dim)
     names = (*((None,) if lead else ()), "batch", None, "kv_heads", "head_dim")
-    sharding = lambda names: (
-        None if mesh is None else jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(names))
-    )  # noqa: E731
+
+    def sharding(names):  # activations' layout (None without a mesh)
+        return None if mesh is None else jax.sharding.NamedSharding(mesh, sharding_lib.logical_to_spec(names))
+
     for module in _attention_modules(model):
         k, v = (jnp.zeros(kv_shape, module.dtype, device=sharding(names)) for _ in range(2))
         index = jnp.zeros((*lead, batch), jnp.int32, device=sharding(names[: len(lead) + 1]))
