@@ -103,7 +103,7 @@ def generate_ids(graphdef, params, cache, rest, input_ids, lengths, active, stop
     """
     from jax_sft.models import kv_cache
 
-    model = nnx.merge(graphdef, params, cache, rest)
+    model = nnx.merge(graphdef, params, kv_cache.set_prompt_lengths(cache, lengths), rest)
     b, p = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     hidden = model.hidden_states(input_ids, positions)

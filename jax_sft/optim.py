@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jax_sft.errors import SettingError
+from jax_sft.models.options import BUFFERS
 
 # torch kwargs that describe an implementation, not the maths; accepted and ignored.
 _IMPLEMENTATION_KWARGS = {"foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad"}
@@ -129,6 +130,7 @@ def make_optimizer(
         b2=b2,
         eps=float(kwargs.get("eps", 1e-8)),
         weight_decay=float(kwargs.get("weight_decay", 0.01)),
+        mask=decay_mask,
     )
     if max_grad_norm is None:
         return adamw, schedule
@@ -217,6 +219,11 @@ def megatron_wd_schedule(sched: Mapping[str, Any], *, total_steps: int, global_b
 def _leaf_name(path: tuple) -> str:
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
     return [n for n in names if n != "value"][-1]
+
+
+def decay_mask(params: Any) -> Any:
+    """True for every parameter torch's AdamW decays: all but `options.BUFFERS` (HF buffers)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in BUFFERS, params)
 
 
 def megatron_decay_mask(params: Any) -> Any:

@@ -29,7 +29,8 @@ losses, gradients, validation and the logged token counts are those of the unspl
 The fixed cost per micro-batch is kept small: `cast` turns the fp32 master weights into the
 compute dtype once per step (`compute = fns.cast(params, frozen)`), and the micro-steps take that
 copy. Only the weights the model would cast anyway are cast (kernels, embeddings, biases, expert
-weights; RMSNorm weights and the lm_head adapter stay fp32, as the model uses them in fp32), so
+weights; RMSNorm weights, the lm_head adapter and `options.BUFFERS` stay fp32, as the model uses
+them in fp32), so
 the forward values are the same as casting inside every micro-step; the gradients with respect to
 the compute copy are accumulated in fp32.
 
@@ -57,6 +58,7 @@ from jax_sft.loss import masked_nll_sum
 from jax_sft.models.context import to_zigzag
 from jax_sft.models.fp8 import Fp8History, roll_history
 from jax_sft.models.lora import LoRAParam
+from jax_sft.models.options import BUFFERS
 
 Batch = dict[str, jax.Array]
 
@@ -106,7 +108,7 @@ def needs_cast(path: tuple, x: jax.Array, dtype) -> bool:
     dtype, nor for the weights the model uses in fp32 (RMSNorm weights; the lm_head adapter,
     folded into the unembedding in fp32)."""
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    keep = "weight" in names[-2:] or "lm_head_lora" in names
+    keep = "weight" in names[-2:] or "lm_head_lora" in names or any(b in names[-2:] for b in BUFFERS)
     return not keep and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype)
 
 

@@ -11,10 +11,12 @@ projections, with biases; Phi-3 with its fused qkv_proj / gate_up_proj tensors a
 Qwen3-MoE with a dense layer (mlp_only_layers) and top-k without renormalisation; Mixtral
 (renormalised top-2) with a window; gpt-oss with a sliding and a full layer, attention sinks,
 biases everywhere, a clamped SwiGLU whose limit bites and YaRN with a small original length
-(its hub checkpoints' MXFP4 experts: tests/test_gpt_oss.py). This is the one table of families:
-the parity, packing, bf16, round-trip, sharding, generation and training tests run every row.
-Biases and norm weights are randomised (HF initialises them to 0 and 1), so that a wrong mapping
-of any tensor shows in the logits.
+(its hub checkpoints' MXFP4 experts: tests/test_gpt_oss.py); Nemotron-H with a layer of each kind
+(Mamba-2, attention, MLP, MoE: "M*-E"), several scan chunks per sequence (chunk_size 8), B/C in
+two groups, biases on in_proj / out_proj / conv / MLPs, grouped sigmoid routing with a random
+correction bias. This is the one table of families: the parity, packing, bf16, round-trip,
+sharding, generation and training tests run every row. Biases and norm weights are randomised (HF
+initialises them to 0 and 1), so that a wrong mapping of any tensor shows in the logits.
 """
 
 from __future__ import annotations
@@ -163,8 +165,31 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
             ),
         ),
     ),
+    "nemotron_h": (
+        transformers.NemotronHConfig,
+        transformers.NemotronHForCausalLM,
+        dict(
+            hybrid_override_pattern="M*-E",
+            head_dim=16,
+            mamba_num_heads=8,
+            mamba_head_dim=8,
+            n_groups=2,
+            ssm_state_size=8,
+            chunk_size=8,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=48,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            use_bias=True,
+            mlp_bias=True,
+            layer_norm_epsilon=1e-5,
+        ),
+    ),
 }
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "nemotron_h")
 
 
 def make_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
@@ -175,12 +200,15 @@ def make_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.Pre
     model = model_cls(config).to(torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "norm_f.weight")):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # Nemotron-H's router correction bias
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     model.config._attn_implementation = "eager"
     model.eval()
     model.save_pretrained(out_dir)

@@ -148,7 +148,7 @@ def test_unknown_rope_type_is_an_error_naming_it(tmp_path):
     "arch, model_type, kind",
     [
         ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "a vision-language model"),
-        ("NemotronHForCausalLM", "nemotron_h", "a Mamba hybrid"),
+        ("JambaForCausalLM", "jamba", "a Mamba hybrid other than Nemotron-H"),
         ("DeepseekV3ForCausalLM", "deepseek_v3", "a mixture-of-experts model"),
         ("OlmoeForCausalLM", "olmoe", "a mixture-of-experts model"),
         ("Starcoder2ForCausalLM", "starcoder2", None),

@@ -13,24 +13,24 @@ from jax_sft.models import CausalLM, ModelConfig, save_pretrained
 from jax_sft.quickstart import make_dataset, make_tokenizer
 
 
-def family_config(family: str) -> dict:
+def family_config(family: str, **changes) -> dict:
     """What `family` (a row of hf_models.FAMILIES) adds to the tiny Llama's config.json: its
-    architecture, model_type and the row's settings."""
+    architecture, model_type and the row's settings (with `changes`)."""
     if family == "llama":
-        return {}
+        return dict(changes)
     config_cls, model_cls, extra = FAMILIES[family]
-    out = {"architectures": [model_cls.__name__], "model_type": config_cls.model_type, **extra}
+    out = {"architectures": [model_cls.__name__], "model_type": config_cls.model_type, **extra, **changes}
     if "rope_parameters" in extra:
         out["rope_theta"] = None  # the row's rope_parameters say it all
     return out
 
 
-def make_tiny_run_assets(out: Path, family: str = "llama") -> Path:
-    """out/model: a 2-layer model of `family` (Llama: tied embeddings, GQA; others: `family_config`)
-    with its tokenizer; out/data/{train,val}.jsonl: 512 / 64 conversations (the quickstart's
-    generator)."""
+def make_tiny_run_assets(out: Path, family: str = "llama", rows: tuple[int, int] = (512, 64), **changes) -> Path:
+    """out/model: a 2-layer model of `family` (Llama: tied embeddings, GQA; others: `family_config`,
+    with `changes` to its config) with its tokenizer; out/data/{train,val}.jsonl: `rows` (512 / 64)
+    conversations (the quickstart's generator)."""
     (out / "data").mkdir(parents=True)
-    make_dataset(out / "data", train=512, val=64)
+    make_dataset(out / "data", train=rows[0], val=rows[1])
     rows = [json.loads(line) for line in open(out / "data" / "train.jsonl")]
     tokenizer = make_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=320)
     hf = {
@@ -51,7 +51,7 @@ def make_tiny_run_assets(out: Path, family: str = "llama") -> Path:
         "eos_token_id": tokenizer.eos_token_id,
         "torch_dtype": "float32",
     }
-    hf = {k: v for k, v in {**hf, **family_config(family)}.items() if v is not None}
+    hf = {k: v for k, v in {**hf, **family_config(family, **changes)}.items() if v is not None}
     model = CausalLM(ModelConfig.from_hf_dict(hf), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     save_pretrained(model, out / "model", tokenizer=tokenizer)
     return out

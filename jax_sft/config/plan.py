@@ -32,7 +32,7 @@ from jax_sft.errors import ConfigError, InputError
 from jax_sft.loss import chunk_problem
 from jax_sft.models import context as context_lib
 from jax_sft.models import counts
-from jax_sft.models.config import ModelConfig
+from jax_sft.models.config import LAYER_PATTERN, ModelConfig
 from jax_sft.models.decoder import sharding_problems
 from jax_sft.models.hf_write import export_target_problem
 from jax_sft.models.options import Fp8Config, LoraConfig, ModelOptions
@@ -268,7 +268,7 @@ def make_plan(
     p = cfg.policy
     options = model_options(cfg)
     if model_config is not None:
-        model_problems = _model_problems(cfg, model_config, options)
+        model_problems = _model_problems(cfg, model_config, options, mesh.context)
         if mesh_ok and not model_problems:  # the parameters against the mesh (vocabulary rows are padded to fit)
             model_problems = sharding_problems(model_config, options, mesh.sizes())
         problems += model_problems
@@ -307,9 +307,14 @@ def make_plan(
     )
 
 
-def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions) -> list[str]:
-    """The model against the run: sequence length, quantized weights, LoRA targets."""
+def _model_problems(cfg: ConfigDict, m: ModelConfig, options: ModelOptions, context: int) -> list[str]:
+    """The model against the run: sequence length, quantized weights, LoRA targets, the context axis."""
     problems = []
+    if context > 1 and "mamba" in m.layer_kinds:
+        problems.append(
+            f"policy.jax_cfg.mesh.context={context}: {m.architecture} has Mamba layers, whose scan runs over each "
+            "whole row (context parallelism splits attention only); set policy.jax_cfg.mesh.context=1"
+        )
     if m.quantization is not None and cfg.policy.dequantize_base_checkpoint is False:
         problems.append(
             f"policy.dequantize_base_checkpoint=false, but the model stores weights in {m.quantization.upper()} "
@@ -449,12 +454,23 @@ def _model_lines(plan: RunPlan) -> list[str]:
     lines = [
         f"model: {m.architecture} ({m.family} family) from {plan.model.directory}: {m.num_layers} layers, "
         f"hidden {m.hidden_size}, {m.num_heads} heads ({m.num_kv_heads} kv), vocab {m.vocab_size}, "
-        f"rope {m.rope.rope_type}, max positions {m.max_position_embeddings}"
+        f"rope {m.rope.rope_type if m.use_rope else 'none'}, max positions {m.max_position_embeddings}"
     ]
+    if m.layer_kinds:
+        kinds = ", ".join(f"{m.layer_kinds.count(k)} {k}" for k in dict.fromkeys(m.layer_kinds))
+        pattern = "".join(LAYER_PATTERN[k] for k in m.layer_kinds)
+        lines.append(f"model: hybrid layers: {kinds} ({pattern})")
     if m.num_experts:
+        sigmoid = m.moe_router == "sigmoid"
+        routing = (
+            f"sigmoid routing over {m.topk_groups} of {m.expert_groups} groups, scaled by {m.routed_scaling_factor:g}, "
+            f"a shared expert of {m.shared_expert_intermediate_size}; "
+            if sigmoid
+            else ""
+        )
         lines.append(
             f"model: mixture of experts: {m.num_experts} experts, top {m.experts_per_token}, "
-            f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; router aux loss coef "
+            f"{sum(m.moe_layers)} of {m.num_layers} layers sparse; {routing}router aux loss coef "
             f"{m.router_aux_loss_coef}; experts over mesh expert={plan.mesh.expert}"
         )
     return lines + [f"model: {note}" for note in model_notes(plan)] + _lora_lines(plan)

@@ -21,12 +21,26 @@ from jax_sft.models import registry
 from jax_sft.models.errors import ModelConfigError
 from jax_sft.models.rope import RopeConfig
 
-__all__ = ["ModelConfig", "ModelConfigError", "RopeConfig", "apply_overrides", "NORM_PLACEMENTS", "QK_NORMS"]
+__all__ = [
+    "ModelConfig",
+    "ModelConfigError",
+    "MambaConfig",
+    "RopeConfig",
+    "apply_overrides",
+    "NORM_PLACEMENTS",
+    "QK_NORMS",
+    "LAYER_KINDS",
+    "LAYER_PATTERN",
+]
 
 NORM_PLACEMENTS = ("pre", "sandwich", "post")  # see models/decoder.py DecoderLayer
 QK_NORMS = (None, "head", "projection")
 EXPERT_GLUS = ("gated", "clamped_swiglu")  # see models/moe.py
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# A hybrid model's blocks (models/hybrid.py): each layer is one of them, with its own pre-norm and
+# residual; LAYER_PATTERN: each one's character in Nemotron-H's hybrid_override_pattern.
+LAYER_KINDS = ("mamba", "attention", "mlp", "moe")
+LAYER_PATTERN = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "relu2": "relu2"}
 # Fields that may differ between a checkpoint's model and the run that continues from it: the
 # checkpoint's storage dtype, the files' text, the context length and its RoPE (extending the context
 # of a model under training), the router loss coefficient (a training setting).
@@ -41,6 +55,38 @@ CHANGEABLE_FIELDS = frozenset(
         "router_aux_loss_coef",
     }
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """A Mamba-2 mixer (models/mamba.py), as transformers' NemotronHConfig names its keys in
+    comments: inner channels num_heads x head_dim, B and C of `groups` groups x `state_size`."""
+
+    num_heads: int  # mamba_num_heads
+    head_dim: int  # mamba_head_dim
+    state_size: int  # ssm_state_size
+    groups: int  # n_groups
+    conv_kernel: int  # conv_kernel
+    chunk_size: int  # chunk_size: tokens per chunk of the chunked scan
+    conv_bias: bool  # use_conv_bias
+    proj_bias: bool  # use_bias: biases on in_proj and out_proj
+    dt_limit: tuple[float, float]  # time_step_limit: dt is clamped to it
+    eps: float  # the gated norm's epsilon (layer_norm_epsilon)
+
+    @property
+    def inner(self) -> int:
+        """Channels of x (and of z and the gated norm): num_heads x head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def in_proj_size(self) -> int:
+        """Rows of transformers' in_proj: z, x, B, C and dt."""
+        return 2 * self.inner + 2 * self.groups * self.state_size + self.num_heads
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels of the depthwise conv1d: x, B and C."""
+        return self.inner + 2 * self.groups * self.state_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +143,21 @@ class ModelConfig:
     swiglu_limit: float = 7.0
     attention_sinks: bool = False  # a learned logit per head in each softmax's denominator (gpt-oss)
     quantization: str | None = None  # config.json's quantization_config quant_method ("mxfp4": dequantized on load)
+    # Hybrid models (Nemotron-H). layer_kinds: one of LAYER_KINDS per layer (() : every layer is
+    # attention + MLP, DecoderLayer); mamba: the Mamba-2 mixers' settings; use_rope False: attention
+    # without position embeddings. Sigmoid routing ("sigmoid", Nemotron-H / DeepSeek-V3): sigmoid
+    # scores plus e_score_correction_bias choose the top-k among the best `topk_groups` of
+    # `expert_groups` groups, weighted by the plain scores (renormalised when norm_topk_prob) times
+    # `routed_scaling_factor`; the experts' MLPs are not gated (up, activation, down) and a shared
+    # expert of `shared_expert_intermediate_size` runs on every token.
+    layer_kinds: tuple[str, ...] = ()
+    mamba: MambaConfig | None = None
+    use_rope: bool = True
+    moe_router: str = "softmax"
+    expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_intermediate_size: int = 0
     hf_config_json: str = dataclasses.field(default="{}", repr=False)
     generation_config_json: str | None = dataclasses.field(default=None, repr=False)
 
@@ -117,6 +178,12 @@ class ModelConfig:
             for f in dataclasses.fields(self)
             if f.name not in CHANGEABLE_FIELDS and getattr(self, f.name) != getattr(other, f.name)
         ]
+        if self.layer_kinds and (
+            len(self.layer_kinds) != self.num_layers or not set(self.layer_kinds) <= set(LAYER_KINDS)
+        ):
+            raise ValueError(
+                f"layer_kinds={self.layer_kinds}: expected one of {LAYER_KINDS} per layer ({self.num_layers})"
+            )
 
     @property
     def family(self) -> str:
@@ -130,6 +197,11 @@ class ModelConfig:
     def training_flops(self, sequence_lengths) -> float:
         """Forward + backward FLOPs for sequences of these lengths (the MFU's numerator)."""
         return registry.family_of(self.architecture).training_flops(self, sequence_lengths)
+
+    def projection_shapes(self, layer: int | None) -> dict[str, tuple[int, int]]:
+        """(input size, output size) of each linear projection of `layer` that LoRA may adapt
+        (None: {"lm_head": ...}), as its family counts them."""
+        return registry.family_of(self.architecture).projection_shapes(self, layer)
 
     @property
     def context_length(self) -> int:
@@ -152,7 +224,8 @@ class ModelConfig:
             text = cls.from_hf_dict(family.text_config(d, source), source=f"{source} (text_config)")
             return dataclasses.replace(text, text_of_multimodal=True)
         d = {**family.defaults, **d}  # keys config.json leaves to the HF class
-        fields = {**_common_fields(d, arch, family, source), **family.fields(d, source)}
+        read = d if family.prepare is None else family.prepare(d, source)  # what is read, not written back
+        fields = {**_common_fields(read, arch, family, source), **family.fields(read, source)}
         return cls(architecture=arch, **fields, hf_config_json=json.dumps(d, sort_keys=True))
 
     def to_hf_dict(self, dtype: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "base_param_count",
+    "layer_projection_shapes",
     "lora_param_count",
     "lora_sites",
     "projection_shapes",
@@ -53,6 +54,18 @@ def projection_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
         "down_proj": (mlp, e),
         "lm_head": (e, m.vocab_size),
     }
+
+
+def layer_projection_shapes(m: ModelConfig, layer: int | None) -> dict[str, tuple[int, int]]:
+    """(input size, output size) of the projections of `layer` that LoRA may adapt: q/k/v/o and a
+    dense MLP's gate/up/down; layer None: lm_head."""
+    shapes = projection_shapes(m)
+    if layer is None:
+        return {"lm_head": shapes["lm_head"]}
+    names = ("q_proj", "k_proj", "v_proj", "o_proj") + (
+        ("gate_proj", "up_proj", "down_proj") if dense_mlp_layers(m)[layer] else ()
+    )
+    return {p: shapes[p] for p in names}
 
 
 def dense_mlp_layers(m: ModelConfig) -> tuple[bool, ...]:
@@ -86,14 +99,13 @@ def base_param_count(m: ModelConfig) -> int:
 
 def lora_sites(m: ModelConfig, lora: LoraConfig) -> frozenset[tuple[int | None, str]]:
     """The (layer, projection) sites of `m` that get adapters ((None, "lm_head") for the head)."""
-    return lora.adapted(m.num_layers, dense_mlp_layers(m), True)
+    return lora.sites(m)
 
 
 def lora_param_count(m: ModelConfig, lora: LoraConfig) -> tuple[int, int]:
     """(trainable adapter parameters, total parameters: the base's plus the adapters') of the model
     `m` with `lora`'s adapters."""
-    shapes = projection_shapes(m)
-    trainable = sum(lora.dim * sum(shapes[proj]) for _, proj in lora_sites(m, lora))
+    trainable = sum(lora.dim * sum(m.projection_shapes(layer)[proj]) for layer, proj in lora_sites(m, lora))
     return trainable, m.param_count() + trainable
 
 

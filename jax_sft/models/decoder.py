@@ -1,6 +1,8 @@
 """The decoder: one Flax NNX model for every registered family (`jax_sft.models.registry`), whose
 `ModelConfig` selects the layer kinds: norm placement, q/k norms, activation, soft-capping, RoPE
-per layer type and mixture-of-experts layers.
+per layer type and mixture-of-experts layers. A hybrid model (`ModelConfig.layer_kinds`, Nemotron-H)
+has instead one block per layer, Mamba-2, attention, MLP or MoE (`hybrid.HybridLayer`); its
+Mamba layers restart their state at each segment of a packed row.
 
     model = CausalLM(config, ModelOptions(dtype="float32"), rngs=nnx.Rngs(0))   # or dtype=jnp.float32
     logits = model(input_ids, positions=None, segment_ids=None)   # [b, t, vocab] float32
@@ -28,7 +30,7 @@ the padded columns out of its softmax (`jax_sft.loss`), `hf_write` never writes 
 `options.scan_layers` stores the layers stacked (every layer parameter gets a leading
 [num_layers] axis, path `layers.<name>` instead of `layers.<i>.<name>`) and runs them with one
 `jax.lax.scan`, so compile time does not grow with depth; the values are the same as unrolled.
-It needs the same attention window and MLP kind on every layer. `hf_read` / `hf_write` read and write both
+It needs the same attention window, MLP and layer kind on every layer. `hf_read` / `hf_write` read and write both
 layouts (HF files are per layer). `options.attention` picks the kernel (see `attention.py`);
 `options.max_segments` bounds the segments per packed row for the cuDNN packed layout.
 """
@@ -47,6 +49,7 @@ from jax.sharding import NamedSharding
 from jax_sft.models import attention as attention_lib
 from jax_sft.models import context as context_lib
 from jax_sft.models.config import ModelConfig
+from jax_sft.models.hybrid import HybridLayer
 from jax_sft.models.layers import MLP, Attention, RMSNorm, meta, normal_init, projection
 from jax_sft.models.lora import LoRA
 from jax_sft.models.moe import MoE
@@ -141,14 +144,24 @@ def _remat_policy(remat: str):
     return None if remat in ("none", "full") else getattr(jax.checkpoint_policies, remat)
 
 
-def _layer_fn(remat: str):
-    """DecoderLayer.__call__, wrapped in nnx.remat with the named policy unless remat == "none"."""
+def _layer_fn(remat: str, layer_class: type = DecoderLayer):
+    """The layer class's __call__, wrapped in nnx.remat with the named policy unless remat == "none"."""
     if remat == "none":
-        return DecoderLayer.__call__
-    return nnx.remat(DecoderLayer.__call__, policy=_remat_policy(remat), prevent_cse=True)
+        return layer_class.__call__
+    return nnx.remat(layer_class.__call__, policy=_remat_policy(remat), prevent_cse=True)
+
+
+def _layer_class(config: ModelConfig) -> type:
+    """DecoderLayer (attention + MLP), or for a hybrid model (config.layer_kinds) HybridLayer."""
+    return HybridLayer if config.layer_kinds else DecoderLayer
 
 
 def _check_scannable(config: ModelConfig) -> None:
+    if len(set(config.layer_kinds)) > 1:
+        raise ValueError(
+            f"scan_layers=True needs the same layer on every layer, but this {config.architecture} mixes "
+            f"{', '.join(sorted(set(config.layer_kinds)))} layers; set policy.jax_cfg.scan_layers=false"
+        )
     if len(set(config.sliding_windows)) != 1:
         raise ValueError(
             f"scan_layers=True needs the same attention window on every layer, but this "
@@ -178,7 +191,7 @@ def _layers(config, options: ModelOptions, adapted: dict, dtype, param_dtype, me
     """The decoder layers: an nnx.List, or with scan_layers one DecoderLayer whose parameters are
     stacked [num_layers, ...] (its initial values drawn per layer, as unrolled)."""
     layer = partial(
-        DecoderLayer,
+        _layer_class(config),
         config,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -325,7 +338,7 @@ class CausalLM(nnx.Module):
         if self.scan_layers:
             x, stats = self._scan_layers(x, *rope_of(0), segment_ids, token_mask, keys)
         else:
-            layer_fn = _layer_fn(self.remat)
+            layer_fn = _layer_fn(self.remat, _layer_class(self.config))
             stats = jnp.zeros((2, self.config.num_experts), jnp.float32)
             for i, layer in enumerate(self.layers):
                 key = None if keys is None else keys[i]
@@ -364,7 +377,9 @@ class CausalLM(nnx.Module):
 
     def _rope_tables(self, positions: jax.Array, tables: dict, layer: int) -> tuple[jax.Array, jax.Array]:
         """(cos, sin) [b, t, d/2] fp32 of `layer`'s RoPE (Gemma 3: the sliding layers' own), computed
-        once per RopeConfig into `tables`."""
+        once per RopeConfig into `tables`; (None, None) for a model without RoPE (use_rope false)."""
+        if not self.config.use_rope:
+            return None, None
         rope = self.config.rope
         if self.config.local_rope is not None and self.config.sliding_windows[layer] is not None:
             rope = self.config.local_rope
@@ -506,8 +521,10 @@ def merge_lora(model: CausalLM) -> CausalLM:
             value = value + model.lm_head_lora.delta_kernel()
         else:
             value = source[path][...]
-            a, b = source.get(path[:-1] + ("lora", "lora_a")), source.get(path[:-1] + ("lora", "lora_b"))
-            if path[-1] == "kernel" and a is not None:
+            # A projection's kernel and its adapter's B; a fused projection's kernel_<part> and lora_b_<part>.
+            part = str(path[-1]).removeprefix("kernel")
+            a, b = source.get(path[:-1] + ("lora", "lora_a")), source.get(path[:-1] + ("lora", "lora_b" + part))
+            if str(path[-1]).startswith("kernel") and a is not None:
                 value = value.astype(jnp.float32) + model.lora.scale * _lora_delta(a[...], b[...], value.ndim)
             elif path == ("lm_head", "kernel") and model.lm_head_lora is not None:
                 value = value.astype(jnp.float32) + model.lm_head_lora.delta_kernel()

@@ -60,6 +60,8 @@ def hf_names(config: ModelConfig, path: tuple) -> tuple[np.ndarray, HfTensor]:
 
 
 def fused_projections(config: ModelConfig) -> frozenset[str]:
-    """The projections ("q_proj", ...) whose kernels a fused HF tensor holds in this family."""
+    """The projections ("q_proj", ...) whose kernels a fused HF tensor holds with other projections'
+    in this family (Phi-3's qkv_proj). A projection stored as blocks of its own HF tensor
+    (Mamba-2's in_proj: kernel_z, kernel_x, ...) is one module, one adapter, and not listed."""
     weights = family_of(config.architecture).weights
-    return frozenset(key.split(".")[-2] for key, t in weights.items() if t.part is not None)
+    return frozenset(key.split(".")[-2] for key, t in weights.items() if t.part is not None and key.endswith(".kernel"))

@@ -178,8 +178,9 @@ class Attention(nnx.Module):
         q, k, v = self.q_proj(x, kq), self.k_proj(x, kk), self.v_proj(x, kv)  # [b, t, heads, d]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin).astype(self.dtype)
-        k = apply_rope(k, cos, sin).astype(self.dtype)
+        if cos is not None:  # None: no position embeddings (ModelConfig.use_rope false)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.astype(self.dtype), k.astype(self.dtype)
         if self.kv_cache is not None:
             k_all, v_all, q_positions = self.kv_cache.write(k, v)
             if q.shape[1] == 1:  # decode; more tokens: a prefill from slot 0, attended below
@@ -274,4 +275,8 @@ class MLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x, kg)) * self.up_proj(x, ku), kd), None
 
 
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),  # transformers' ReLUSquaredActivation
+}

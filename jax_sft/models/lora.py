@@ -91,6 +91,36 @@ class LoRA(nnx.Module):
         )
 
 
+class FusedLoRA(nnx.Module):
+    """The adapter of a projection whose HF module is one linear layer but whose kernel is stored
+    as several blocks of its output (Mamba-2's in_proj, models/mamba.py): one A [embed, dim] and a B
+    per block, `lora_b_<part>` [dim, *shape] (PEFT's lora_B is their rows concatenated in order)."""
+
+    def __init__(self, cfg: LoraConfig, e: int, parts: dict, *, dtype, rngs: nnx.Rngs):
+        r = cfg.dim
+        meta = lambda *names: {"out_sharding": names, "eager_sharding": False}  # noqa: E731
+        self.lora_a = LoRAParam(init_a(cfg.a_init, rngs.params(), (e, r)), **meta("embed", "lora_rank"))
+        for name, (shape, names) in parts.items():
+            setattr(self, f"lora_b_{name}", LoRAParam(jnp.zeros((r, *shape), jnp.float32), **meta("lora_rank", *names)))
+        self.parts = tuple(parts)
+        self.scale, self.dropout, self.dropout_position = cfg.scale, float(cfg.dropout), cfg.dropout_position
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+        """x [..., embed] -> {part: [..., *shape]} in the compute dtype (dropout as `LoRA`)."""
+        drop = dropout_key is not None and self.dropout > 0.0
+        if drop and self.dropout_position == "pre":
+            x = _dropout(x, self.dropout, dropout_key)
+        h = jnp.einsum("...e,er->...r", x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+        h = h * jnp.asarray(self.scale, self.dtype)
+        keys = jax.random.split(dropout_key, len(self.parts)) if drop else [None] * len(self.parts)
+        out = {}
+        for name, key in zip(self.parts, keys):
+            y = jnp.tensordot(h, getattr(self, f"lora_b_{name}")[...].astype(self.dtype), axes=1)
+            out[name] = _dropout(y, self.dropout, key) if drop and self.dropout_position == "post" else y
+        return out
+
+
 def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
@@ -125,7 +155,7 @@ def site_of(path: tuple) -> tuple[int | None, str]:
 def initial_value(cfg: LoraConfig, path: tuple, shape: tuple[int, ...], num_layers: int) -> jax.Array:
     """An adapter's starting value (float32): B zeros, A drawn with `site_key` per layer (a
     scan-stacked A [num_layers, ...] stacks the per-layer draws, so it equals the unrolled one)."""
-    if path[-1] == "lora_b":
+    if str(path[-1]).startswith("lora_b"):  # lora_b, or a FusedLoRA's lora_b_<part>
         return jnp.zeros(shape, jnp.float32)
     layer, proj = site_of(path)
     stacked = path[0] == "layers" and layer is None

@@ -25,6 +25,12 @@ from jax_sft.models.layers import ACTIVATIONS, meta, normal_init
 from jax_sft.models.sharding import BATCH_AXES, CONTEXT, context_size, dp_size
 
 
+def ungated(act):
+    """The glu of experts that are not gated (`grouped_experts` with gate None): act(up x)
+    (Nemotron-H: relu^2)."""
+    return lambda gate, up: act(up)
+
+
 def glu_of(cfg: ModelConfig):
     """The experts' h = glu(gate x, up x) of `cfg.expert_glu` (fp32 or compute-dtype inputs)."""
     if cfg.expert_glu == "clamped_swiglu":
@@ -103,18 +109,20 @@ def grouped_experts(x, experts, weights, gate, up, down, glu, biases=(None, None
     """Dropless expert MLPs: x [n, embed]; experts, weights [n, k] -> [n, embed] fp32.
 
     The n * k (token, expert) pairs are sorted by expert and each expert's contiguous rows go
-    through its matrices in one `jax.lax.ragged_dot` per projection, h = glu(gate x, up x).
+    through its matrices in one `jax.lax.ragged_dot` per projection, h = glu(gate x, up x) (`gate`
+    None: the experts are not gated, glu gets None for gate x; `ungated`, Nemotron-H).
     `biases`: the experts' (gate [experts, mlp], up [experts, mlp], down [experts, embed]) biases
     or None each. Expert ids >= the number of experts given (another device's, under expert
     parallelism) contribute zero."""
     n, k = experts.shape
-    groups = gate.shape[0]
+    groups = up.shape[0]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # foreign ids (>= groups) sort last
     rows = x[order // k]  # [n * k, embed], grouped by expert
     owner = jnp.minimum(flat[order], groups - 1)  # each row's expert (clipped for foreign rows)
     sizes = jnp.zeros((groups,), jnp.int32).at[flat].add(1, mode="drop")
-    g, u = jax.lax.ragged_dot(rows, gate, sizes), jax.lax.ragged_dot(rows, up, sizes)
+    g = None if gate is None else jax.lax.ragged_dot(rows, gate, sizes)
+    u = jax.lax.ragged_dot(rows, up, sizes)
     gate_bias, up_bias, down_bias = biases
     if gate_bias is not None:
         g, u = g.astype(jnp.float32) + gate_bias[owner], u.astype(jnp.float32) + up_bias[owner]
@@ -143,11 +151,12 @@ def expert_parallel(
     up_spec, down_spec = P("expert", None, "tensor"), P("expert", "tensor", None)
     has_bias = biases[0] is not None
     bias_specs = (P("expert", "tensor"), P("expert", "tensor"), P("expert", None)) if has_bias else ()
+    gate_spec = None if gate is None else up_spec  # not gated (gate None): nothing to split
 
     def local(x, experts, weights, gate, up, down, *bias):
         gather = partial(jax.lax.all_gather, axis_name="expert", axis=0, tiled=True)
         x, experts, weights = gather(x), gather(experts), gather(weights)
-        n_local = gate.shape[0]
+        n_local = up.shape[0]
         mine = experts - jax.lax.axis_index("expert") * n_local
         mine = jnp.where((mine >= 0) & (mine < n_local), mine, n_local)
         inner = (bias[0], bias[1], None) if bias else (None, None, None)
@@ -157,7 +166,7 @@ def expert_parallel(
             y = y + jnp.einsum("nk,nkd->nd", local_w, bias[2][jnp.minimum(mine, n_local - 1)])
         return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
-    specs = (rows, rows, rows, up_spec, up_spec, down_spec, *bias_specs)
+    specs = (rows, rows, rows, gate_spec, up_spec, down_spec, *bias_specs)
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=rows)(
         x, experts, weights, gate, up, down, *(biases if has_bias else ())
     )
@@ -165,7 +174,8 @@ def expert_parallel(
 
 def dense_experts(x, experts, weights, gate, up, down, glu, biases=(None, None, None)):
     """Reference for `grouped_experts` (tests, benchmarks): every expert on every token."""
-    g, u = jnp.einsum("nd,xdm->xnm", x, gate), jnp.einsum("nd,xdm->xnm", x, up)
+    g = None if gate is None else jnp.einsum("nd,xdm->xnm", x, gate)
+    u = jnp.einsum("nd,xdm->xnm", x, up)
     gate_bias, up_bias, down_bias = biases
     if gate_bias is not None:
         g, u = g + gate_bias[:, None], u + up_bias[:, None]
@@ -173,5 +183,5 @@ def dense_experts(x, experts, weights, gate, up, down, glu, biases=(None, None, 
     y = jnp.einsum("xnm,xmd->xnd", h, down, preferred_element_type=jnp.float32)  # [experts, n, d]
     if down_bias is not None:
         y = y + down_bias[:, None]
-    w = (jax.nn.one_hot(experts, gate.shape[0], dtype=jnp.float32) * weights[..., None]).sum(1)
+    w = (jax.nn.one_hot(experts, up.shape[0], dtype=jnp.float32) * weights[..., None]).sum(1)
     return jnp.einsum("xnd,nx->nd", y, w)

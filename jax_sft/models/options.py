@@ -15,7 +15,9 @@ Which projections get LoRA adapters (`LoraConfig.adapted`), as NeMo RL matches m
   adapts every linear layer, lm_head included (Automodel's rule); else a module matches a
   `target_modules` entry equal to its name or a wildcard pattern of its full name
   (`*.layers.0.*.q_proj`; `*` matches any characters); `exclude_modules` removes modules the same
-  way. Neither given: `*_proj` (every projection, not lm_head), as Automodel defaults.
+  way. Neither given: `*_proj` (every projection, not lm_head), as Automodel defaults. Hybrid
+  layers (Nemotron-H, `HYBRID_PROJECTIONS`) are named as transformers names them:
+  `model.layers.3.mixer.in_proj`, `model.layers.5.mixer.shared_experts.up_proj`.
 - Megatron's `policy.megatron_cfg.peft` (`naming="megatron"`): `linear_qkv` (q, k, v), `linear_proj`
   (o), `linear_fc1` (gate, up), `linear_fc2` (down), `output_layer` (lm_head); full names
   `decoder.layers.3.self_attention.linear_qkv`, `decoder.layers.3.mlp.linear_fc1`. No targets: the
@@ -51,6 +53,11 @@ _MEGATRON_DEFAULT = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 Site = tuple[int | None, str]  # (layer index, projection name); (None, "lm_head")
+
+# Parameters that transformers holds as float32 buffers (Nemotron-H's router correction bias): read
+# and exported like weights, never trained. No gradient reaches them; the compute copy of the
+# weights keeps them in float32 (step.py) and weight decay skips them (optim.py).
+BUFFERS = ("e_score_correction_bias",)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -168,25 +175,38 @@ class LoraConfig:
         return out
 
     def adapted(self, num_layers: int, dense_mlp: tuple[bool, ...], has_lm_head: bool = True) -> frozenset[Site]:
-        """The (layer, projection) sites that get adapters. `dense_mlp[i]`: layer i has a dense
-        MLP (MoE layers have none to adapt)."""
-        sites = [(i, p) for i in range(num_layers) for p in ATTENTION + (MLP if dense_mlp[i] else ())]
+        """The (layer, projection) sites of a decoder (attention + MLP layers) that get adapters.
+        `dense_mlp[i]`: layer i has a dense MLP (MoE layers have none to adapt)."""
+        return self.adapted_in(decoder_projections(dense_mlp[:num_layers]), has_lm_head)
+
+    def adapted_in(self, layers: tuple[tuple[tuple[str, str], ...], ...], has_lm_head: bool = True) -> frozenset[Site]:
+        """The sites that get adapters among `layers`: per layer its (projection, HF parent module)
+        pairs (`layer_projections`)."""
+        sites = [(i, proj, parent) for i, projs in enumerate(layers) for proj, parent in projs]
         if has_lm_head:
-            sites.append((None, LM_HEAD))
-        return frozenset(s for s in sites if self._matches(*s))
+            sites.append((None, LM_HEAD, None))
+        return frozenset((layer, proj) for layer, proj, parent in sites if self._matches(layer, proj, parent))
+
+    def sites(self, config: Any) -> frozenset[Site]:
+        """The adapted sites of the model of `config` (a ModelConfig), lm_head included."""
+        if self.naming == "megatron" and config.layer_kinds:
+            raise SettingError(
+                f"LoRA with Megatron module names (policy.megatron_cfg.peft) on a {config.architecture}: its "
+                "Mamba / hybrid layers have no Megatron names here; use policy.dtensor_cfg.lora_cfg (HF names)"
+            )
+        return self.adapted_in(layer_projections(config))
 
     def by_layer(self, config: Any, scan_layers: bool) -> dict[int | None, frozenset[str]]:
         """{layer index: its adapted projections, None: {"lm_head"} or {}} on the model of
         `config` (a ModelConfig); SettingError when nothing matches, when scan_layers needs the
         same adapters on every layer, or for dropout with an adapter on lm_head."""
-        dense = tuple(not (config.num_experts > 0 and config.moe_layers[i]) for i in range(config.num_layers))
-        sites = self.adapted(config.num_layers, dense)
+        sites = self.sites(config)
         if not sites:
             raise SettingError(
                 f"LoRA target_modules={list(self.target_modules)}, exclude_modules="
                 f"{list(self.exclude_modules)} match no linear layer of this {config.architecture}"
             )
-        unmatched = self.unmatched_targets(config.num_layers)
+        unmatched = self.unmatched_targets(config)
         if unmatched:
             example = sorted(
                 {self.module_name(0, p)[0] for p in ATTENTION + MLP} | {self.module_name(None, LM_HEAD)[0]}
@@ -213,22 +233,23 @@ class LoraConfig:
             )
         return by_layer
 
-    def unmatched_targets(self, num_layers: int, has_lm_head: bool = True) -> list[str]:
-        """The `target_modules` entries that match no module of the model (whether or not
-        exclude_modules then removes what they match, and although the experts of MoE layers,
-        whose projections carry the MLP's names, get no adapters). Automodel ignores such an entry
-        and Megatron-Bridge warns; here it is an error (a typo would silently train fewer
-        adapters)."""
-        sites = [(i, p) for i in range(num_layers) for p in ATTENTION + MLP]
-        names = [self.module_name(*site) for site in sites + ([(None, LM_HEAD)] if has_lm_head else [])]
+    def unmatched_targets(self, config: Any, has_lm_head: bool = True) -> list[str]:
+        """The `target_modules` entries that match no module of the model of `config` (a
+        ModelConfig; whether or not exclude_modules then removes what they match, and although the
+        experts of a decoder's MoE layers, whose projections carry the MLP's names, get no
+        adapters). Automodel ignores such an entry and Megatron-Bridge warns; here it is an error
+        (a typo would silently train fewer adapters)."""
+        layers = layer_projections(config) if config.layer_kinds else decoder_projections((True,) * config.num_layers)
+        names = [self.module_name(i, p, parent) for i, projs in enumerate(layers) for p, parent in projs]
+        names += [self.module_name(None, LM_HEAD)] if has_lm_head else []
         return [
             t
             for t in self.target_modules
             if not any(name is not None and (name == t or wildcard_match(t, full)) for name, full in names)
         ]
 
-    def _matches(self, layer: int | None, proj: str) -> bool:
-        name, full = self.module_name(layer, proj)
+    def _matches(self, layer: int | None, proj: str, parent: str | None = None) -> bool:
+        name, full = self.module_name(layer, proj, parent)
         if name is None:
             return False
         if self.match_all_linear:
@@ -242,14 +263,15 @@ class LoraConfig:
             selected = self.exclude_modules != () or wildcard_match("*_proj", full)
         return selected and not hit(self.exclude_modules)
 
-    def module_name(self, layer: int | None, proj: str) -> tuple[str | None, str]:
-        """(module name, full module name) of a site in this config's naming (HF or Megatron)."""
+    def module_name(self, layer: int | None, proj: str, parent: str | None = None) -> tuple[str | None, str]:
+        """(module name, full module name) of a site in this config's naming (HF or Megatron);
+        `parent`: its HF parent module (None: a decoder's, `hf_module_name`)."""
         if self.naming == "megatron":
             if proj == LM_HEAD:
                 return "output_layer", "output_layer"
-            name, parent = _MEGATRON[proj]
-            return name, f"decoder.layers.{layer}.{parent}.{name}"
-        return proj, hf_module_name(layer, proj)
+            name, megatron_parent = _MEGATRON[proj]
+            return name, f"decoder.layers.{layer}.{megatron_parent}.{name}"
+        return proj, hf_module_name(layer, proj, parent)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -300,12 +322,40 @@ def config_hash(hf_config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(hf_config, sort_keys=True).encode()).hexdigest()
 
 
-def hf_module_name(layer: int | None, proj: str) -> str:
-    """The projection's module name in a transformers causal LM (PEFT's key names build on it)."""
+def hf_module_name(layer: int | None, proj: str, parent: str | None = None) -> str:
+    """The projection's module name in a transformers causal LM (PEFT's key names build on it);
+    `parent` its module under the layer (None: a decoder's self_attn / mlp)."""
     if proj == LM_HEAD:
         return LM_HEAD
-    parent = "self_attn" if proj in ATTENTION else "mlp"
+    parent = parent or ("self_attn" if proj in ATTENTION else "mlp")
     return f"model.layers.{layer}.{parent}.{proj}"
+
+
+# The projections LoRA may adapt in each layer kind of a hybrid model (ModelConfig.layer_kinds), with
+# their module under transformers' model.layers.<i> (Nemotron-H: every block's is "mixer"). The
+# MoE router and routed experts are not linear layers there and get none.
+HYBRID_PROJECTIONS = {
+    "mamba": (("in_proj", "mixer"), ("out_proj", "mixer")),
+    "attention": tuple((p, "mixer") for p in ATTENTION),
+    "mlp": (("up_proj", "mixer"), ("down_proj", "mixer")),
+    "moe": (("up_proj", "mixer.shared_experts"), ("down_proj", "mixer.shared_experts")),
+}
+
+
+def decoder_projections(dense_mlp: tuple[bool, ...]) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """Per decoder layer: (projection, HF parent) of q/k/v/o and, when its MLP is dense, gate/up/down."""
+    attention = tuple((p, "self_attn") for p in ATTENTION)
+    return tuple(attention + (tuple((p, "mlp") for p in MLP) if dense else ()) for dense in dense_mlp)
+
+
+def layer_projections(config: Any) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """Per layer of the model of `config` (a ModelConfig): the (projection, HF parent module) pairs
+    LoRA may adapt."""
+    if config.layer_kinds:
+        return tuple(HYBRID_PROJECTIONS[kind] for kind in config.layer_kinds)
+    return decoder_projections(
+        tuple(not (config.num_experts > 0 and config.moe_layers[i]) for i in range(config.num_layers))
+    )
 
 
 @lru_cache(maxsize=256)

@@ -15,8 +15,12 @@ per layer. lm_head's adapter (tied embeddings too) is `base_model.model.lm_head.
 
 target_modules says exactly which modules have adapters, in peft's terms: a list of module names
 (peft matches a module whose name ends with `.<entry>`) when every layer has the same adapted
-projections and every layer's MLP is dense; otherwise one regular expression that fully matches
-exactly the adapted modules' names (peft applies `re.fullmatch` to a string).
+projections and every layer's MLP is dense; otherwise (hybrid models always) one regular
+expression that fully matches exactly the adapted modules' names (peft applies `re.fullmatch` to
+a string). Hybrid layers' modules are named as transformers names them (Nemotron-H:
+`model.layers.<i>.mixer.in_proj`, `...mixer.shared_experts.up_proj`); Mamba-2's in_proj adapter,
+held as one A and a B per block of its kernel, is written as PEFT's one lora_B (the blocks' rows
+in the order of transformers' in_proj rows).
 
 lora_dropout is the training setting; peft applies dropout to the adapter's input (NeMo RL's
 dropout_position "pre"); at inference neither applies it. Writing follows save_pretrained's rules
@@ -41,15 +45,14 @@ from safetensors.numpy import save_file
 
 from jax_sft.errors import SettingError
 from jax_sft.models.decoder import CausalLM
-from jax_sft.models.hf_names import fused_projections, is_stacked
+from jax_sft.models.hf_names import fused_projections, hf_tensor, is_stacked
 from jax_sft.models.hf_write import EXPORT_MARKER, atomic_dir, check_export_target, to_host
 from jax_sft.models.lora import LoRAParam, site_of
-from jax_sft.models.options import ATTENTION, LM_HEAD, MLP, hf_module_name
+from jax_sft.models.options import LM_HEAD, hf_module_name, layer_projections
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft's prefix of the wrapped model's module names
-_ORDER = ATTENTION + MLP + (LM_HEAD,)
 
 
 def adapter_sites(model: CausalLM) -> frozenset[tuple[int | None, str]]:
@@ -66,24 +69,25 @@ def adapter_sites(model: CausalLM) -> frozenset[tuple[int | None, str]]:
 
 def target_modules(config, sites: frozenset[tuple[int | None, str]]) -> list[str] | str:
     """peft's target_modules matching exactly `sites` (see the module docstring)."""
-    names = sorted({p for _, p in sites}, key=_ORDER.index)
+    layers = layer_projections(config)
+    order = [*dict.fromkeys(p for projs in layers for p, _ in projs), LM_HEAD]
+    names = sorted({p for _, p in sites}, key=order.index)
     every_layer = {(None if p == LM_HEAD else i, p) for p in names for i in range(config.num_layers)}
-    dense = config.num_experts == 0 or not any(config.moe_layers)
-    if sites == every_layer and dense:
+    plain = not config.layer_kinds and (config.num_experts == 0 or not any(config.moe_layers))
+    if sites == every_layer and plain:
         return names
-    by_layer: dict[tuple[str, ...], list[int]] = {}
-    for i in range(config.num_layers):
-        projs = tuple(p for p in _ORDER if (i, p) in sites)
-        if projs:
-            by_layer.setdefault(projs, []).append(i)
+    by_layer: dict[tuple[tuple[str, str], ...], list[int]] = {}
+    for i, projs in enumerate(layers):
+        chosen = tuple((p, parent) for p, parent in projs if (i, p) in sites)
+        if chosen:
+            by_layer.setdefault(chosen, []).append(i)
     alternatives = []
-    for projs, layers in by_layer.items():
-        parents = []
-        for parent, group in (("self_attn", ATTENTION), ("mlp", MLP)):
-            chosen = [p for p in projs if p in group]
-            if chosen:
-                parents.append(rf"{parent}\.(?:{'|'.join(chosen)})")
-        alternatives.append(rf"model\.layers\.(?:{'|'.join(map(str, layers))})\.(?:{'|'.join(parents)})")
+    for chosen, indices in by_layer.items():
+        parents: dict[str, list[str]] = {}
+        for p, parent in chosen:
+            parents.setdefault(parent, []).append(p)
+        inner = "|".join(rf"{re.escape(parent)}\.(?:{'|'.join(ps)})" for parent, ps in parents.items())
+        alternatives.append(rf"model\.layers\.(?:{'|'.join(map(str, indices))})\.(?:{inner})")
     if (None, LM_HEAD) in sites:
         alternatives.append(LM_HEAD)
     return "|".join(alternatives)
@@ -116,9 +120,10 @@ def adapter_config(model: CausalLM, base_model_name_or_path: str) -> dict[str, A
     }
 
 
-def peft_name(layer: int | None, proj: str, matrix: str) -> str:
-    """peft's tensor name of one adapter matrix (matrix: "lora_a" or "lora_b")."""
-    return f"{PREFIX}{hf_module_name(layer, proj)}.{'lora_A' if matrix == 'lora_a' else 'lora_B'}.weight"
+def peft_name(layer: int | None, proj: str, matrix: str, parent: str | None = None) -> str:
+    """peft's tensor name of one adapter matrix (matrix: "lora_a" or "lora_b"; parent: the
+    projection's module under the layer, None: a decoder's)."""
+    return f"{PREFIX}{hf_module_name(layer, proj, parent)}.{'lora_A' if matrix == 'lora_a' else 'lora_B'}.weight"
 
 
 def to_peft(matrix: str, value: np.ndarray) -> np.ndarray:
@@ -128,13 +133,22 @@ def to_peft(matrix: str, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value.reshape(value.shape[0], -1).T)
 
 
-def peft_tensors(adapters: nnx.State, vocab_size: int | None = None) -> dict[str, np.ndarray]:
+def peft_tensors(adapters: nnx.State, config=None) -> dict[str, np.ndarray]:
     """{peft tensor name: float32 array} of every matrix in `adapters` (`nnx.state(model,
-    LoRAParam)`, or a gradient of it), gathered onto every process; dims named "vocab" cut to
-    `vocab_size` (the model's vocabulary padding is not written)."""
-    tensors = {}
+    LoRAParam)`, or a gradient of it), gathered onto every process. `config` (the model's
+    ModelConfig; None: a decoder's names) names hybrid layers' modules and orders the blocks of a
+    fused projection's B (`FusedLoRA`: its lora_b_<part> rows concatenated as HF's in_proj rows);
+    dims named "vocab" are cut to its vocab_size (the model's vocabulary padding is not written)."""
+    parents = (
+        {}
+        if config is None
+        else {(i, p): parent for i, projs in enumerate(layer_projections(config)) for p, parent in projs}
+    )
+    tensors, blocks = {}, {}
+    vocab_size = None if config is None else config.vocab_size
     for path, var in nnx.to_flat_state(adapters):
         layer, proj = site_of(path)
+        matrix = str(path[-1])
         value = to_host(var[...]).astype(np.float32)
         names = var.get_metadata().get("out_sharding") or ()
         if vocab_size is not None and "vocab" in names:
@@ -144,8 +158,27 @@ def peft_tensors(adapters: nnx.State, vocab_size: int | None = None) -> dict[str
         else:
             per_layer = [(layer, value)]
         for i, v in per_layer:
-            tensors[peft_name(i, proj, path[-1])] = to_peft(path[-1], v)
+            if matrix.startswith("lora_b_"):  # one block of a fused projection's B
+                blocks.setdefault((i, proj), []).append((_block_index(config, path, matrix), v))
+            else:
+                tensors[peft_name(i, proj, matrix, parents.get((i, proj)))] = to_peft(matrix, v)
+    for (i, proj), parts in blocks.items():
+        rows = np.concatenate([to_peft("lora_b", v) for _, v in sorted(parts, key=lambda part: part[0])])
+        tensors[peft_name(i, proj, "lora_b", parents.get((i, proj)))] = rows
     return dict(sorted(tensors.items()))
+
+
+def _block_index(config, path: tuple, matrix: str) -> int:
+    """The position of a fused projection's block (lora_b_<part>) among its HF tensor's rows: its
+    kernel's part in the family's weight table."""
+    if config is None:
+        raise ValueError(
+            f"adapter {'.'.join(map(str, path))}: the blocks of a fused projection need the model's config"
+        )
+    kernel = (*path[:-2], "kernel" + matrix.removeprefix("lora_b"))
+    if is_stacked(kernel):
+        kernel = ("layers", 0, *kernel[1:])
+    return hf_tensor(config, kernel).part
 
 
 def save_peft_adapter(
@@ -180,7 +213,7 @@ def save_peft_adapter(
         )
     check_export_target(out_dir, overwrite=overwrite, protected=protected, is_checkpoint=is_checkpoint)
     config = adapter_config(model, base_model_name_or_path)
-    tensors = peft_tensors(nnx.state(model, LoRAParam), model.config.vocab_size)  # every process gathers
+    tensors = peft_tensors(nnx.state(model, LoRAParam), model.config)  # every process gathers
     writer = jax.process_index() == 0
     with atomic_dir(Path(out_dir)) if writer else contextlib.nullcontext() as tmp:
         if not writer:

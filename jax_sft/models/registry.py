@@ -41,8 +41,12 @@ class Family:
     activation_key: str = "hidden_act"  # the config key of the MLP activation
     rope: Callable[[dict[str, Any], str], RopeConfig] = read_rope
     text_config: Callable[[dict[str, Any], str], dict[str, Any]] | None = None
+    # The config dict as the readers see it (keys derived from others, e.g. num_hidden_layers from
+    # a layer pattern); config.json is written back as given.
+    prepare: Callable[[dict[str, Any], str], dict[str, Any]] | None = None
     param_count: Callable[[Any], int] = counts.base_param_count
     training_flops: Callable[[Any, Any], float] = counts.training_flops
+    projection_shapes: Callable[[Any, int | None], dict[str, tuple[int, int]]] = counts.layer_projection_shapes
 
 
 FAMILIES: dict[str, Family] = {}  # name -> entry, in registration order
@@ -54,7 +58,7 @@ _UNSUPPORTED_KINDS = (
         "a vision-language model",
         ("ForConditionalGeneration", "_vl", "vl_", "llava", "vision", "idefics", "smolvlm", "mllama", "paligemma"),
     ),
-    ("a Mamba hybrid", ("nemotron_h", "nemotronh", "mamba", "jamba", "zamba", "falcon_h1")),
+    ("a Mamba hybrid other than Nemotron-H", ("mamba", "jamba", "zamba", "falcon_h1")),
     (
         "a mixture-of-experts model other than Qwen3-MoE, Mixtral and gpt-oss",
         ("moe", "mixtral", "deepseek", "dbrx", "olmoe", "granitemoe"),

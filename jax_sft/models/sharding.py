@@ -19,10 +19,22 @@ Every parameter of the decoder carries logical axis names in its `out_sharding` 
     mlp.down_bias (gpt-oss)         ("expert", "embed")
     <projection>.lora.lora_a        (<the kernel's input axes>, "lora_rank")    LoRA (lora.py)
     <projection>.lora.lora_b        ("lora_rank", <the kernel's output axes>)
+    Mamba-2 (mamba.py; hybrid layers' `mixer`):
+    in_proj.kernel_{z,x}            ("embed", "mamba_heads", "mamba_head_dim")
+    in_proj.kernel_bc               ("embed", "ssm_bc", "ssm_groups", "ssm_state")     B and C
+    in_proj.kernel_dt               ("embed", "mamba_heads")
+    conv1d.kernel_x                 ("mamba_heads", "mamba_head_dim", "conv_in", "conv_kernel")
+    conv1d.kernel_bc                ("ssm_bc", "ssm_groups", "ssm_state", "conv_in", "conv_kernel")
+    dt_bias, A_log, D               ("mamba_heads",)
+    norm.weight                     ("mamba_heads", "mamba_head_dim")
+    out_proj.kernel                 ("mamba_heads", "mamba_head_dim", "embed")
+    gate.weight (sigmoid MoE)       ("embed", "router")      gate.e_score_correction_bias ("router",)
+    experts.{up,down}_proj          ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
 
 `LOGICAL_AXIS_RULES` below is the one place that maps them to the mesh axes ("data", "fsdp",
 "expert", "context", "tensor"): FSDP shards the model dimension, tensor parallelism shards heads /
-mlp / vocab (Megatron layout), "expert" shards the experts of MoE layers (each device holds
+mlp / vocab (Megatron layout) and Mamba heads with their B / C groups (the heads of a group stay on
+the group's device: the tensor size must divide n_groups), "expert" shards the experts of MoE layers (each device holds
 num_experts / expert of them) and, like "data", splits the batch for everything else. "data" only
 replicates. "context" splits the sequence of every row (`jax_sft.models.context`): activations
 [batch, seq, ...] are split over it on seq, and parameters are sharded over fsdp x context (the
@@ -67,6 +79,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("router", None),
     ("lora_rank", None),
     ("length", CONTEXT),  # activations' sequence dimension
+    ("mamba_heads", "tensor"),
+    ("mamba_head_dim", None),
+    ("ssm_groups", "tensor"),
+    ("ssm_bc", None),
+    ("ssm_state", None),
+    ("conv_in", None),
+    ("conv_kernel", None),
 )
 # Logical axes that are also split over "context" when it is > 1 (after the axes above).
 CONTEXT_SHARDED = ("embed",)
