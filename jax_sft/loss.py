@@ -138,27 +138,44 @@ def masked_nll_sum(
     targets: [batch, seq] int32 next tokens; loss_mask: [batch, seq] (1 = a training target);
     `context`: the parts the sequence is split in over the context axis (chunks are cut within
     each). Returns the fp32 scalar NLL sum. `seq / context` must be a multiple of `chunk_size`
-    when it is larger than it (`chunk_problem`). Differentiable in `hidden` and `kernel` (see the
+    when it is larger than it (`loss_chunk` gives one). Differentiable in `hidden` and `kernel` (see the
     module docstring).
     """
     batch, seq, dim = hidden.shape
     mask = loss_mask.astype(jnp.float32)
-    problem = chunk_problem(seq, chunk_size, context)
-    if problem:
-        raise ValueError(problem)
-    n_chunks = seq // context // min(chunk_size, seq // context)
+    part = seq // context
+    chunk = min(chunk_size, part)
+    if seq % context or part % chunk:
+        raise ValueError(
+            f"rows of {seq} tokens in {context} part(s) of {part} are not a multiple of the loss chunk {chunk_size}; "
+            "pass a chunk that divides them (`loss_chunk`; the run plan's is)"
+        )
+    n_chunks = part // chunk
     return _nll_sum(hidden, kernel, targets.astype(jnp.int32), mask, n_chunks, softcap, context, vocab_size)
+
+
+def loss_chunk(seq: int, chunk_size: int, context: int = 1) -> int:
+    """Tokens per loss chunk for rows of `seq` tokens split in `context` parts: `chunk_size` (at
+    most the part), or the largest divisor of the part below it (the chunks must tile each part:
+    rows of 16000 tokens with chunk_size 1024 give chunks of 1000)."""
+    part = seq // context
+    return next(c for c in range(min(chunk_size, part), 0, -1) if part % c == 0)
 
 
 def chunk_problem(seq: int, chunk_size: int, context: int = 1) -> str | None:
     """What keeps rows of `seq` tokens (split in `context` parts) from being cut into loss chunks
-    of `chunk_size` tokens, or None."""
-    part = seq // context
-    chunk = min(chunk_size, part)
-    if seq % context or part % chunk:
-        where = f"sequence length {seq}" + (f" / context={context} = {part} tokens per device" if context > 1 else "")
+    of at most `chunk_size` tokens without a chunk far smaller (`loss_chunk` below an eighth of
+    it: a long scan of tiny matmuls), or None."""
+    part, where = seq // context, f"rows of {seq} tokens"
+    if context > 1:
+        where += f" / context={context} = {part} tokens per device"
+    if seq % context:
+        return f"{where}: {seq} is not a multiple of policy.jax_cfg.mesh.context={context}"
+    chunk, limit = loss_chunk(seq, chunk_size, context), min(chunk_size, part)
+    if chunk * 8 < limit:
         return (
-            f"{where} is not a multiple of policy.jax_cfg.loss_chunk_size={chunk}; "
-            "pick a chunk size that divides the padded sequence length" + (" per device" if context > 1 else "")
+            f"{where}: no divisor of {part} between {limit // 8} and policy.jax_cfg.loss_chunk_size={limit} "
+            f"(the loss would run in chunks of {chunk} tokens); set policy.make_sequence_length_divisible_by to a "
+            "power of two (e.g. 64), or loss_chunk_size to a divisor of the tokens per device"
         )
     return None

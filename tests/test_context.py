@@ -405,5 +405,14 @@ def test_the_plan_refuses_rows_the_context_axis_cannot_split():
     assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None)
     with pytest.raises(ConfigError, match="splits rows into 2 x 8 equal chunks .* rows have 1000 tokens"):
         plan("policy.make_sequence_length_divisible_by=8", "policy.max_total_sequence_length=1000")
-    with pytest.raises(ConfigError, match="2080 / context=8 = 260 tokens per device is not a multiple of .*=100"):
-        plan("policy.max_total_sequence_length=2080", "policy.jax_cfg.loss_chunk_size=100")
+    # 260 tokens per device: chunks of 65 (the largest divisor up to 100); 262 = 2 x 131: only 2.
+    chunked = plan("policy.max_total_sequence_length=2080", "policy.jax_cfg.loss_chunk_size=100")
+    assert chunked.loss_chunk == 65
+    assert (
+        "loss: chunks of 65 tokens (policy.jax_cfg.loss_chunk_size=100 does not divide the 260 tokens per row "
+        "and device" in "\n".join(chunked.describe(1, 8))
+    )
+    with pytest.raises(
+        ConfigError, match="2096 tokens / context=8 = 262 tokens per device: no divisor of 262 between 12 and"
+    ):
+        plan("policy.max_total_sequence_length=2096", "policy.jax_cfg.loss_chunk_size=100")

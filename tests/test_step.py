@@ -220,7 +220,7 @@ def test_chunked_loss_never_holds_whole_fp32_logits():
 
 
 def test_chunk_size_must_divide_sequence():
-    with pytest.raises(ValueError, match="loss_chunk_size=24"):
+    with pytest.raises(ValueError, match="not a multiple of the loss chunk 24"):
         masked_nll_sum(jnp.zeros((1, 64, 4)), jnp.zeros((4, 8)), jnp.zeros((1, 64), jnp.int32), jnp.ones((1, 64)), 24)
 
 
@@ -260,3 +260,39 @@ def test_the_trainers_one_transfer_per_micro_batch_gives_the_same_step():
     assert float(one.loss_sum) == float(five.loss_sum) and float(one.num_tokens) == float(five.num_tokens)
     for a, b in zip(jax.tree.leaves(one.grads), jax.tree.leaves(five.grads)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_plan_cuts_the_loss_into_chunks_that_tile_the_rows():
+    """NeMo RL's recipes with rows of 16000 (sft-qwen2.5-32b-4n8g) and 3200 tokens
+    (sft-qwen2.5-math7b-1n8g-megatron_fused_linear_logprobs) and the default loss_chunk_size 1024:
+    chunks of 1000 and 800 tokens, said in the plan; rows with no fitting divisor are refused."""
+    from jax_sft.config import ConfigError, load_config, make_plan
+    from jax_sft.loss import loss_chunk
+
+    assert (loss_chunk(16000, 1024), loss_chunk(3200, 1024), loss_chunk(4096, 1024), loss_chunk(96, 1024)) == (
+        1000,
+        800,
+        1024,
+        96,
+    )
+    plan = make_plan(load_config(None, ["policy.max_total_sequence_length=16000"]), devices=1)
+    assert plan.loss_chunk == 1000
+    assert (
+        "loss: chunks of 1000 tokens (policy.jax_cfg.loss_chunk_size=1024 does not divide the 16000 tokens per row; "
+        "the largest divisor below it)" in plan.describe(1, 1)
+    )
+    assert make_plan(load_config(None), devices=1).loss_chunk == 1024
+    with pytest.raises(ConfigError, match="rows of 2062 tokens: no divisor of 2062 between 128 and"):
+        make_plan(load_config(None, ["policy.max_total_sequence_length=2062"]), devices=1)
+    # The chunked loss over rows of 48 tokens in chunks of 24 (not 32) equals the whole log-softmax.
+    rng = np.random.default_rng(0)
+    h, w = (
+        jnp.asarray(rng.standard_normal((2, 48, 8)), jnp.float32),
+        jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+    )
+    t, m = jnp.asarray(rng.integers(0, 16, (2, 48)), jnp.int32), jnp.ones((2, 48), jnp.int32)
+    whole = -jnp.take_along_axis(
+        jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w, precision="highest")), t[..., None], -1
+    ).sum()
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(float(masked_nll_sum(h, w, t, m, loss_chunk(48, 32))), float(whole), rtol=1e-6)

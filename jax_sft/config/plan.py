@@ -29,7 +29,7 @@ from jax_sft.config.lora import DTENSOR_LORA, MEGATRON_LORA, lora_config
 from jax_sft.data.batches import BatchPlan
 from jax_sft.data.pipeline import DataPlan
 from jax_sft.errors import ConfigError, InputError
-from jax_sft.loss import chunk_problem
+from jax_sft.loss import chunk_problem, loss_chunk
 from jax_sft.models import context as context_lib
 from jax_sft.models import counts
 from jax_sft.models.config import LAYER_PATTERN, ModelConfig
@@ -136,6 +136,7 @@ class RunPlan:
     steps: StepsPlan
     checkpoint: CheckpointSpec
     data: DataPlan
+    loss_chunk: int  # tokens per chunk of the loss: policy.jax_cfg.loss_chunk_size, or the largest divisor below it
 
     @property
     def lora(self) -> LoraConfig | None:
@@ -230,8 +231,7 @@ def _context_problems(cfg: ConfigDict, mesh: MeshPlan, batch: BatchPlan) -> list
             f"{cfg.policy.make_sequence_length_divisible_by}); set make_sequence_length_divisible_by to a multiple "
             f"of {2 * n}"
         ]
-    # (Whole rows whose length the chunk does not divide fail when the step is compiled, as before.)
-    problem = chunk_problem(seq, cfg.policy.jax_cfg.loss_chunk_size, n) if n > 1 else None
+    problem = chunk_problem(seq, cfg.policy.jax_cfg.loss_chunk_size, n)
     return [problem] if problem else []
 
 
@@ -304,6 +304,7 @@ def make_plan(
             val_period=s.val_period,
             val_batches=s.val_batches,
         ),
+        loss_chunk=loss_chunk(batch.seq_len, p.jax_cfg.loss_chunk_size, mesh.context),
     )
 
 
@@ -379,6 +380,13 @@ def _describe(plan: RunPlan, nodes: int, gpus_per_node: int) -> list[str]:
         f"batches: {b.global_batch} sequences per step = {b.dp} data-parallel ranks x {micro} micro-batch(es) of "
         f"{b.micro_batch}, rows of {b.max_total_length} tokens" + (" (packed)" if b.packing else ""),
     ]
+    chunk_size = plan.config.policy.jax_cfg.loss_chunk_size
+    if plan.loss_chunk != min(chunk_size, b.seq_len // m.context):
+        lines.append(
+            f"loss: chunks of {plan.loss_chunk} tokens (policy.jax_cfg.loss_chunk_size={chunk_size} does not divide "
+            f"the {b.seq_len // m.context} tokens per row{' and device' if m.context > 1 else ''}; the largest "
+            "divisor below it)"
+        )
     return lines + _context_lines(plan) + _model_lines(plan) + _memory_lines(plan)
 
 
@@ -423,7 +431,7 @@ def _memory_lines(plan: RunPlan) -> list[str]:
         seq=seq,
         precision=plan.precision,
         remat=o.remat,
-        loss_chunk=plan.config.policy.jax_cfg.loss_chunk_size,
+        loss_chunk=plan.loss_chunk,
         flash=flash,
     )
     acts = estimate(context=n, key_block=context_lib.block_size(seq // (2 * n)) if n > 1 else 0)

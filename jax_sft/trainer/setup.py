@@ -193,7 +193,7 @@ def _compile_steps(
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
         fp8_shardings=fp8_shardings,
-        chunk_size=cfg.policy.jax_cfg.loss_chunk_size,
+        chunk_size=plan.loss_chunk,
         packed=plan.batch.packing,
         compute_dtype=jnp.dtype(plan.precision),
         moe=moe,
