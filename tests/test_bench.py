@@ -58,6 +58,7 @@ def test_gpu_check_runs_through_in_its_dry_mode(tmp_path):
     """bench/gpu_check.sh --dry on the CPU: every part (versions, the bench's plan and imports, the
     trainer's two runs of NeMo RL's sft.yaml as --dry_run, the quickstart) starts and exits 0."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "XLA_FLAGS": ""}
+    env["PYTHON"] = sys.executable  # the interpreter running the tests, venv activated or not
     proc = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--dry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
