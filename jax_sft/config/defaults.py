@@ -113,12 +113,7 @@ def _policy() -> ConfigDict:
                 train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
                 sequence_length_round=64,
             ),
-            sequence_packing=dict(
-                enabled=False,
-                train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
-                algorithm="modified_first_fit_decreasing",  # or first_fit, best_fit, first_fit_decreasing
-                sequence_length_round=64,
-            ),
+            sequence_packing=_sequence_packing(),
             optimizer=dict(
                 name="torch.optim.AdamW",
                 kwargs=dict(
@@ -141,6 +136,20 @@ def _policy() -> ConfigDict:
     c.megatron_cfg.scheduler.lr_decay_iters = 1000  # NeMo RL's sft.yaml
     c.tokenizer.chat_template = SQUAD_TEMPLATE
     return c
+
+
+def _sequence_packing() -> ConfigDict:
+    """policy.sequence_packing.*: packed rows."""
+    return ConfigDict(
+        dict(
+            enabled=False,
+            train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
+            algorithm="modified_first_fit_decreasing",  # or first_fit, best_fit, first_fit_decreasing
+            sequence_length_round=64,
+            # NeMo RL's newest key (after 7ea279ab): at most this many sequences in a packed row; null: no bound.
+            max_sequences_per_bin=placeholder(int),
+        )
+    )
 
 
 def _dtensor_cfg() -> ConfigDict:
@@ -289,9 +298,12 @@ def _data() -> ConfigDict:
             skip_examples_without_loss=False,  # false: a conversation with no loss token is an error
             num_workers=0,  # Grain worker processes for templating/tokenising (0: in-process)
             # "lazy": each step's examples are templated and tokenised when the step is assembled (start-up
-            # and memory independent of the dataset's size; a bad row fails when reached). "upfront": this
-            # process's shards are tokenised at start-up (bad rows fail before the first step).
-            tokenize="upfront",
+            # and memory independent of the dataset's size; a bad row fails when reached, or before training
+            # with --validate_data). "upfront": this process's shards are tokenised at start-up.
+            tokenize="lazy",
+            # With a `weight` on every data.train entry: what the weights share out, "examples" (sequences)
+            # or "tokens"; without weights the train datasets are concatenated.
+            mixture_by="examples",
         )
     )
     return c
