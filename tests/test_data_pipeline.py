@@ -593,6 +593,8 @@ def test_a_mixture_draws_its_weights_over_10k_sequences(fixture_tokenizer_path, 
     for rows, n in ((drawn[is_a], 40), (drawn[~is_a], 25)):
         counts = np.bincount(rows - rows.min(), minlength=n)
         assert counts.max() - counts.min() <= 1, counts
+    shares = "75.00% of the sequences" if by == "examples" else "75.00% of the tokens"
+    assert shares in data.describe_mixture()[1]  # the start-up log's line of train[0]
     if by == "tokens":  # longer conversations of b: fewer of its sequences for a quarter of the tokens
         assert is_a.mean() > 0.8 and data.mixture.mean_tokens[1] > data.mixture.mean_tokens[0]
 

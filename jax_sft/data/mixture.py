@@ -166,9 +166,8 @@ class MixturePicks:
 
     def _order(self, d: int, epoch: int) -> np.ndarray:
         key = (d, epoch)
-        if key not in self._orders:
-            if len(self._orders) > 2 * len(self.sizes):  # at most two epochs per dataset in use
-                self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
+        if key not in self._orders:  # keep this dataset's previous epoch (a step may straddle two)
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != d or k[1] >= epoch - 1}
             n = self.sizes[d]
             rng = np.random.default_rng([self.seed, _ORDER, d, epoch])
             self._orders[key] = rng.permutation(n) if self.shuffle else np.arange(n)

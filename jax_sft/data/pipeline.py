@@ -1,16 +1,16 @@
 """From formatted conversations to device-ready batches, with Grain.
 
-`data.tokenize=upfront` (default): construction (`SFTData`) templates, tokenises and loss-masks this
-process's share of both splits once, into flat int32/uint8 arrays (the cache), so that bad input
-fails at start-up and the training loop only gathers, packs and pads; the work runs in
-`data.num_workers` Grain worker processes (`mp_prefetch`; 0: in-process). `data.tokenize=lazy`:
-construction encodes nothing; each step encodes its own examples when it is assembled (in the
-workers, ahead of the training loop), so start-up time and memory do not depend on the dataset's
-size (bench/data_scale.py) and a bad row fails when its step is reached, naming its file and line
-(`python -m jax_sft.inspect_data --validate_data` checks every row beforehand). Both give the same
-batches, except that a lazily dropped or skipped example leaves its step one sequence short
-instead of being taken out of its shard. One core does the whole pipeline at a few hundred
-thousand tokens per second (bench/data_pipeline.py), far beyond what a training step consumes.
+`data.tokenize=lazy` (default): construction (`SFTData`) encodes nothing; each step templates,
+tokenises and loss-masks its own examples when it is assembled (in `data.num_workers` Grain worker
+processes, `mp_prefetch`, ahead of the training loop; 0: a thread of this process), so start-up
+time and memory do not depend on the dataset's size (bench/data_scale.py) and a bad row fails when
+its step is reached, naming its file and line (`--validate_data`, `check_dataset`, checks every row
+beforehand). `data.tokenize=upfront`: construction encodes this process's share of both splits
+once, into flat int32/uint8 arrays (the cache), so that bad input fails at start-up and the
+training loop only gathers, packs and pads. Both give the same batches, except that a lazily
+dropped or skipped example leaves its step one sequence short instead of being taken out of its
+shard. One core does the whole pipeline at a few hundred thousand tokens per second
+(bench/data_pipeline.py), far beyond what a training step consumes.
 
 The iterator state is the index of the next step (and what the stream depends on): the same on
 every process, so a run resumes on any number of processes and devices.
@@ -25,6 +25,10 @@ smallest shard has examples (NeMo RL drops the last partial batch too). Data-par
 dp supplies shards [r G/dp, (r+1) G/dp), and a process tokenises only the examples of the shards
 of its ranks (`dp_ranks`). Validation is cut likewise into val_global_batch_size shards without
 permutation, so that validation batch b is examples [b Gv, (b+1) Gv) as in NeMo RL.
+
+A weighted mixture (a `weight` on every `data.train` entry) replaces the shards of the train split
+by draws that are a pure function of the seed and the step (`jax_sft.data.mixture`), so that the
+state stays the next step's index.
 
 Rows have the plan's fixed length (`BatchPlan.seq_len`), so that the train step compiles once;
 micro-batches and their arrays: `jax_sft.data.batches`.
