@@ -57,6 +57,8 @@ def _not_installed(module: str, key: str, package: str) -> list[str]:
 class Sink(Protocol):
     """A destination of the run's metrics. `scalars` gets finite floats only."""
 
+    label: str  # its name in messages
+
     def scalars(self, metrics: Mapping[str, float], step: int) -> None: ...
 
     def text(self, name: str, text: str, step: int) -> None: ...
@@ -78,6 +80,8 @@ class Sink(Protocol):
 
 class JsonlSink:
     """run_dir/metrics.jsonl, one line per `scalars` call (line-buffered: readable while training)."""
+
+    label = "metrics.jsonl"
 
     def __init__(self, run_dir: Path):
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115  (closed in close())
@@ -102,6 +106,8 @@ def tensorboard_dir(cfg: Any, run_dir: Path) -> Path:
 
 class TensorBoardSink:
     """TensorBoard event files in `tensorboard_dir` (logger.tensorboard.log_dir, else run_dir/tensorboard)."""
+
+    label = "TensorBoard"
 
     def __init__(self, cfg: Any, run_dir: Path):
         from tensorboardX import SummaryWriter  # noqa: PLC0415  (only when enabled)
@@ -134,6 +140,8 @@ class TensorBoardSink:
 
 class WandbSink:
     """Weights & Biases: project logger.wandb.project, run name logger.wandb.name, files in run_dir."""
+
+    label = "W&B"
 
     def __init__(self, cfg: Any, run_dir: Path):
         try:
@@ -170,6 +178,8 @@ class WandbSink:
 class MlflowSink:
     """MLflow: logger.mlflow.tracking_uri, else a sqlite store and artifacts in the run folder
     (MLflow's default would be ./mlruns in the working directory)."""
+
+    label = "MLflow"
 
     def __init__(self, cfg: Any, run_dir: Path):
         try:

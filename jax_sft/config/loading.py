@@ -359,7 +359,9 @@ def validate(cfg: ConfigDict | Mapping, source: str = "config", added: Set[str] 
     """A new, locked ConfigDict: `cfg` written onto the defaults (keys and types checked), its null
     `DERIVED` keys filled from their source, every value checked. Raises ConfigError listing all
     problems found. Unknown keys in `added` (overrides given with '+') are dropped with the
-    warning, as NeMo RL accepts new keys that way."""
+    warning, as NeMo RL accepts new keys that way. An `OPEN` section (`policy.optimizer.kwargs`)
+    is taken as written: a default key it lacks is absent, so its reader's (torch's) default
+    applies, as in NeMo RL."""
     c = _build(cfg.to_dict() if isinstance(cfg, ConfigDict) else cfg, source, added)
     derived = {key for key in DERIVED if get(c, key) is None}
     for key in derived:
