@@ -39,6 +39,9 @@ def get_config():
     ]
     c.policy.jax_cfg.loss_chunk_size = 32
 
+    # 8,000 conversations seen over 3 epochs: tokenising them once at start-up costs less CPU than the
+    # default (lazy: each step encodes its own), and gives the same batches.
+    c.data.tokenize = "upfront"
     c.data.dataset_name = "openai_format"
     c.data.train_data_path = ".quickstart/data/train.jsonl"
     c.data.val_data_path = ".quickstart/data/val.jsonl"

@@ -13,7 +13,9 @@ PARAM_DTYPES = ("float32", "bfloat16")
 # data.overlength: what happens to an example longer than data.max_input_seq_length.
 OVERLENGTH = ("truncate", "drop", "mask")
 # data.tokenize: when examples are templated and tokenised.
-TOKENIZE = ("upfront", "lazy")
+TOKENIZE = ("lazy", "upfront")
+# data.mixture_by: what the weights of data.train entries share out.
+MIXTURE_BY = ("examples", "tokens")
 # policy.jax_cfg.attention: the attention kernel.
 ATTENTION = ("auto", "xla", "cudnn")
 # policy.jax_cfg.context_attention: attention across the mesh's context axis (models/context.py).

@@ -27,6 +27,7 @@ from jax_sft.models import read_config
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.hf_read import local_model_dir
 from jax_sft.optim import optimizer_from_config
+from jax_sft.sinks import SINKS
 
 __all__ = ["plan"]
 
@@ -103,5 +104,11 @@ def _steps_and_outputs(cfg: Any, model_config: ModelConfig | None) -> list[str]:
             raise CheckpointMismatch(mismatch)
         resume = f"; resumes from {newest.name}" if newest else ""
         lines.append(f"checkpoints: {ck.checkpoint_dir} every {ck.save_period} steps{resume}")
-    lines.append(f"logs: {cfg.logger.log_dir}")
+    lg = cfg.logger
+    sinks = [sink.label for key, sink in SINKS if lg.get(key)]
+    tensorboard = f"; TensorBoard events in {lg.tensorboard.log_dir or 'the run folder/tensorboard'}"
+    lines.append(
+        f"logs: {lg.log_dir}/exp_NNN (metrics.jsonl{''.join(', ' + n for n in sinks)})"
+        + (tensorboard if lg.tensorboard_enabled else "")
+    )
     return lines

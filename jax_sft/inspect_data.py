@@ -33,8 +33,9 @@ from jax_sft.config import load_config, make_plan, parse_args
 from jax_sft.config.plan import RunPlan
 from jax_sft.data.build import build_dataset
 from jax_sft.data.chat import ConversationEncoder, load_tokenizer
+from jax_sft.data.pipeline import check_dataset
 from jax_sft.data.readers import Place
-from jax_sft.data.tokens import LazySplit, apply_overlength, dataset_place
+from jax_sft.data.tokens import apply_overlength, dataset_place
 from jax_sft.errors import USAGE_EXIT_CODE, DataError, exit_on_input_error
 
 _OPTIONS = {"num": "1", "format": "text", "split": "train", "color": "auto", "validate_data": "false"}
@@ -80,26 +81,15 @@ def _options(extra: dict) -> dict[str, str]:
 
 
 def validate(plan: RunPlan, dataset, encoder) -> int:
-    """Encodes every row of both splits as training does (data.overlength, the no-loss rule) and
-    prints an `error:` line for each that fails; returns how many failed."""
+    """Encodes every row of both splits as training does (`jax_sft.data.pipeline.check_dataset`,
+    in `data.num_workers` workers) and prints an `error:` line for each that fails; returns how
+    many failed."""
     failed = 0
-    for split in ("train", "validation"):
-        rows = dataset.formatted_ds[split]
-        lazy = LazySplit(
-            rows,
-            encoder,
-            dataset_place(dataset, split),
-            max_length=plan.batch.max_input_length,
-            overlength=plan.data.overlength,
-            skip_without_loss=plan.data.skip_without_loss,
-        )
-        for i in range(len(rows)):
-            try:
-                lazy.examples([i])
-            except DataError as error:
-                print(f"error: {error}", file=sys.stderr)
-                failed += 1
-        print(f"{split}: {len(rows)} rows checked", file=sys.stderr)
+    for message in check_dataset(plan.data, dataset, encoder):
+        print(f"error: {message}", file=sys.stderr)
+        failed += 1
+    n = {split: len(dataset.formatted_ds[split]) for split in ("train", "validation")}
+    print(f"rows checked: {n['train']} train, {n['validation']} validation", file=sys.stderr)
     return failed
 
 

@@ -106,6 +106,15 @@ def make_schedule(base_lr: float, scheduler: Sequence[Mapping[str, Any]] | None)
     return schedule
 
 
+# torch.optim.AdamW's defaults: what a kwarg absent from policy.optimizer.kwargs (removed with `~`) is.
+TORCH_ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+
+
+def adamw_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """lr, betas, eps and weight_decay of `policy.optimizer.kwargs`, torch's default where absent."""
+    return {k: kwargs.get(k, default) for k, default in TORCH_ADAMW_DEFAULTS.items()}
+
+
 def make_optimizer(
     optimizer_cfg: Mapping[str, Any],
     scheduler_cfg: Sequence[Mapping[str, Any]] | None,
@@ -121,15 +130,15 @@ def make_optimizer(
     unknown = set(kwargs) - {"lr", "weight_decay", "betas", "eps"} - _IMPLEMENTATION_KWARGS
     if unknown:
         raise SettingError(f"policy.optimizer.kwargs: unknown AdamW arguments {sorted(unknown)}")
-    lr = float(kwargs.get("lr", 1e-3))
-    b1, b2 = (float(b) for b in kwargs.get("betas", (0.9, 0.999)))
-    schedule = make_schedule(lr, scheduler_cfg)
+    k = adamw_kwargs(kwargs)
+    b1, b2 = (float(b) for b in k["betas"])
+    schedule = make_schedule(float(k["lr"]), scheduler_cfg)
     adamw = optax.adamw(
         learning_rate=schedule,
         b1=b1,
         b2=b2,
-        eps=float(kwargs.get("eps", 1e-8)),
-        weight_decay=float(kwargs.get("weight_decay", 0.01)),
+        eps=float(k["eps"]),
+        weight_decay=float(k["weight_decay"]),
         mask=decay_mask,
     )
     if max_grad_norm is None:
@@ -294,11 +303,11 @@ def optimizer_from_config(cfg: Any, total_steps: int) -> tuple[optax.GradientTra
     opt = p.optimizer.to_dict()
     scheduler = [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in p.scheduler or []]
     tx, schedule = make_optimizer(opt, scheduler or None, p.max_grad_norm)
-    k = opt.get("kwargs") or {}
+    k = adamw_kwargs(opt.get("kwargs") or {})
     names = [str(e.get("name", "")).rsplit(".", 1)[-1] for e in scheduler if "name" in e]
     description = (
-        f"AdamW lr={k.get('lr')} betas={list(k.get('betas', ()))} eps={k.get('eps')} "
-        f"weight_decay={k.get('weight_decay')}, clip grad norm {p.max_grad_norm}, "
+        f"AdamW lr={k['lr']} betas={list(k['betas'])} eps={k['eps']} "
+        f"weight_decay={k['weight_decay']}, clip grad norm {p.max_grad_norm}, "
         f"schedule {' then '.join(names) or 'constant'}"
     )
     return tx, schedule, description

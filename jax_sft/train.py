@@ -89,7 +89,8 @@ Main keys (all of NeMo RL's SFT keys apply; defaults in jax_sft/config/defaults.
   policy.jax_cfg.mesh.{data,fsdp,tensor,context}
   checkpointing.checkpoint_dir (a rerun resumes) / checkpointing.hf_export_dir
   logger.log_dir / logger.tensorboard_enabled / logger.wandb_enabled / logger.num_val_samples_to_print
-Flags: --dry_run (check the config and plan without devices), --coordinator_address,
+Flags: --dry_run (check the config and plan without devices), --validate_data (encode every row
+before training; bad rows as error: lines), --coordinator_address,
 --num_processes, --process_id (several hosts; see launch/README.md).
 
 Example:
@@ -114,9 +115,18 @@ def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> 
         return None
     _stop_if_signalled(stop_signals, "while starting")
     config_path, overrides, extra = config_lib.parse_args(argv)
-    dry_run = extra.pop("dry_run", False)
-    if dry_run not in (False, True):
-        raise ConfigError([f"--dry_run={dry_run}: takes no value"], "command line")
+    dry_run, validate_data = extra.pop("dry_run", False), extra.pop("validate_data", False)
+    for flag, value in (("dry_run", dry_run), ("validate_data", validate_data)):
+        if value not in (False, True):
+            raise ConfigError([f"--{flag}={value}: takes no value"], "command line")
+    if dry_run and validate_data:
+        raise ConfigError(
+            [
+                "--validate_data reads every row and --dry_run none: run one of them (or python -m "
+                "jax_sft.inspect_data --validate_data)"
+            ],
+            "command line",
+        )
     distributed.parse_flags(extra)  # bad flags fail before the config is read
     cfg = config_lib.load_config(config_path, overrides)  # plain Python: no JAX backend yet
     if dry_run:
@@ -128,10 +138,11 @@ def _main(argv: Sequence[str] | None, stop_signals: distributed.StopSignals) -> 
     distributed.initialize(extra, gpus_per_node=cfg.cluster.gpus_per_node)
     quiet_library_progress_bars()  # in log files: our whole lines only
     stop_signals.reinstall()  # jax.distributed.initialize installs its own SIGTERM handler
-    result = run(cfg, stop_signals)
+    result = run(cfg, stop_signals, validate_data=validate_data)
     if jax.process_index() == 0:
         if result.run_dir is not None:
-            print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'} (TensorBoard: {result.run_dir})")
+            tensorboard = f" (TensorBoard: {result.tensorboard_dir})" if result.tensorboard_dir else ""
+            print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'}{tensorboard}")
         if result.checkpoint_dir:
             print(f"checkpoints: {result.checkpoint_dir}")
         if result.export_dir:

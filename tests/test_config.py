@@ -159,7 +159,7 @@ def test_nemo_rl_sft_yaml_loads_with_exactly_one_warning_listing_ignored_keys():
 
 def test_unknown_key_suggests_the_nearest_valid_key(tmp_path):
     e = errors(None, ["policy.optimzer.kwargs.lr=1e-5"])
-    assert e.problems == ["policy.optimzer.kwargs.lr='1e-5': unknown key; did you mean policy.optimizer.kwargs.lr?"]
+    assert e.problems == ["policy.optimzer.kwargs.lr=1e-05: unknown key; did you mean policy.optimizer.kwargs.lr?"]
     e = errors(None, ["cluster.foo=1"])  # nothing near: the keys of the section
     assert e.problems == ["cluster.foo=1: unknown key; keys here: gpus_per_node, num_nodes"]
     typo = tmp_path / "typo.yaml"
@@ -465,3 +465,79 @@ def test_expert_parallel_size_maps_to_the_expert_mesh_axis():
     assert cfg.policy.jax_cfg.mesh.expert == 2
     with pytest.raises(ConfigError, match="policy.jax_cfg.mesh.expert=0"):
         load_config(None, ["policy.jax_cfg.mesh.expert=0"])
+
+
+# ----------------------------------------------------------------------------- overrides as Hydra reads them
+
+SCHEDULE = (
+    "policy.scheduler=[{name:torch.optim.lr_scheduler.LinearLR,kwargs:{start_factor:0.1,end_factor:1.0,"
+    "total_iters:10}},{name:torch.optim.lr_scheduler.CosineAnnealingLR,kwargs:{T_max:90}},{milestones:[10]}]"
+)
+
+
+def test_override_values_are_read_with_hydras_grammar(tmp_path):
+    """NeMo RL's docs write dicts without a space after the colon; Hydra reads them as dicts (YAML
+    would make "rope_theta:1000" a key); lists, quoted strings, null, numbers as Hydra does."""
+    from tiny_run import write_model_config
+
+    from jax_sft.config.keys import plain
+    from jax_sft.models import read_config
+
+    cfg = load_quiet(
+        None,
+        [
+            "+policy.hf_config_overrides={rope_theta:1000,rope_scaling:null}",
+            SCHEDULE,
+            "policy.optimizer.kwargs={lr:2e-5,betas:[0.9,0.95]}",
+            "policy.tokenizer.chat_template_kwargs={enable_thinking:false,name:'a, b'}",
+            "sft.max_num_steps=1_000",
+        ],
+    )
+    assert plain(cfg.policy.hf_config_overrides) == {"rope_theta": 1000, "rope_scaling": None}
+    assert plain(cfg.policy.scheduler) == [
+        {
+            "name": "torch.optim.lr_scheduler.LinearLR",
+            "kwargs": {"start_factor": 0.1, "end_factor": 1.0, "total_iters": 10},
+        },
+        {"name": "torch.optim.lr_scheduler.CosineAnnealingLR", "kwargs": {"T_max": 90}},
+        {"milestones": [10]},
+    ]
+    k = cfg.policy.optimizer.kwargs
+    assert (k.lr, list(k.betas), k.weight_decay) == (2e-5, [0.9, 0.95], 0.1)  # a dict merges into the section
+    assert plain(cfg.policy.tokenizer.chat_template_kwargs) == {"enable_thinking": False, "name": "a, b"}
+    assert cfg.sft.max_num_steps == 1000
+    # The RoPE change reaches the model's config.
+    model = read_config(write_model_config(tmp_path / "model"), plain(cfg.policy.hf_config_overrides))
+    assert model.rope.theta == 1000.0
+    # A str key keeps its text (a Jinja template, a path) unless quoted or null.
+    cfg = load_quiet(None, ["policy.tokenizer.chat_template={% for m in messages %}{{ m.content }}{% endfor %}"])
+    assert cfg.policy.tokenizer.chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert load_quiet(None, ["policy.tokenizer.chat_template=null"]).policy.tokenizer.chat_template is None
+    for bad, why in (("sft.max_num_steps=1,2", "multirun sweep"), ("sft.seed=int(3)", "functions"), ("a.b=[1", "list")):
+        assert why in str(errors(None, [bad])), bad
+
+
+def test_tilde_on_an_optimizer_kwarg_leaves_torchs_default(tmp_path):
+    """NeMo RL drops the key and torch's AdamW default applies (weight_decay 0.01, not sft.yaml's
+    0.1); the saved config keeps it absent."""
+    from jax_sft.optim import TORCH_ADAMW_DEFAULTS, optimizer_from_config
+
+    cfg = load_quiet(None, ["~policy.optimizer.kwargs.weight_decay", "~policy.optimizer.kwargs.eps"])
+    assert "weight_decay" not in cfg.policy.optimizer.kwargs and cfg.policy.optimizer.kwargs.lr == 5e-6
+    description = optimizer_from_config(cfg, 10)[2]
+    assert f"weight_decay={TORCH_ADAMW_DEFAULTS['weight_decay']}" in description and "eps=1e-08" in description
+    assert TORCH_ADAMW_DEFAULTS["weight_decay"] == 0.01
+    again = load_quiet(None, [])
+    assert again.policy.optimizer.kwargs.weight_decay == 0.1  # untouched: sft.yaml's value
+    assert "_override_: true" in to_yaml(cfg)
+    assert load_quiet(save_config(cfg, tmp_path / "c.yaml")).to_dict() == cfg.to_dict()
+
+
+def test_max_sequences_per_bin_and_mixture_by_are_checked():
+    cfg = load_quiet(None, ["policy.sequence_packing.max_sequences_per_bin=4", "data.mixture_by=tokens"])
+    assert cfg.policy.sequence_packing.max_sequences_per_bin == 4 and cfg.data.mixture_by == "tokens"
+    assert default_config().policy.sequence_packing.max_sequences_per_bin is None
+    assert default_config().data.tokenize == "lazy"
+    e = errors(None, ["policy.sequence_packing.max_sequences_per_bin=0", "data.mixture_by=rows"])
+    assert any("max_sequences_per_bin=0: expected a positive number" in p for p in e.problems)
+    assert any("data.mixture_by='rows': expected one of examples, tokens" in p for p in e.problems)

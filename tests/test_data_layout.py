@@ -284,12 +284,12 @@ def test_mixed_train_datasets_carved_then_config_validation_and_task_specs(tmp_p
     val = [conv(f"A: a{i}", f"a{i}!") for i in carve["test"]["i"]] + [conv(f"V: v{i}", f"v{i}!") for i in range(2)]
     assert messages(ds.formatted_ds["validation"]) == val
     assert [d.task_name for d in ds.datasets] == [f"{tmp_path.name}-{n}" for n in "abv"]
+    sys_prompt = f"system_prompt_file {tmp_path / 'sys.txt'} (a system message; NeMo RL's SFT ignores the key)"
     assert describe_data(c) == [
         f"train[0]: ResponseDataset (local {a}, 10% carved for validation, seed 1, "
-        f"prompt_file {tmp_path / 'pa.txt'}, system_prompt_file {tmp_path / 'sys.txt'})",
-        f"train[1]: ResponseDataset (local {b}, system_prompt_file {tmp_path / 'sys.txt'})",
-        f"validation: ResponseDataset (local {v}, prompt_file {tmp_path / 'pv.txt'}, "
-        f"system_prompt_file {tmp_path / 'sys.txt'})",
+        f"prompt_file {tmp_path / 'pa.txt'}, {sys_prompt})",
+        f"train[1]: ResponseDataset (local {b}, {sys_prompt})",
+        f"validation: ResponseDataset (local {v}, prompt_file {tmp_path / 'pv.txt'}, {sys_prompt})",
     ]
 
 
@@ -374,7 +374,7 @@ def test_bad_section_keys_names_and_processors_are_one_line_each(tmp_path):
     assert e.value.problems == [
         "data.train[1].outptu_key: unknown key for dataset 'ResponseDataset'; it takes data_path, dataset_name, "
         "input_key, output_key, processor, prompt_file, seed, split, split_validation_size, subset, "
-        "system_prompt_file"
+        "system_prompt_file, weight"
     ]
     with pytest.raises(ConfigError) as e:
         cfg(

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from jax_sft.config import load_config, make_plan
+from jax_sft.config import default_config, load_config, make_plan
 from jax_sft.data import ARRAY_KEYS, SFTData, load_tokenizer, pad_micro_batches
 from jax_sft.data.batches import pack, process_dp_ranks
 from jax_sft.errors import DataError
@@ -51,6 +51,7 @@ def overrides(qwen_path, train, val, **kw):
         "sft.val_global_batch_size": 4,
         "sft.val_micro_batch_size": 2,
         "data.overlength": "truncate",
+        "data.tokenize": "upfront",  # the token cache (the default, lazy, has its tests below)
     }
     base.update(kw)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
@@ -202,6 +203,27 @@ def test_pack_algorithms():
         assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
     with pytest.raises(ValueError, match="does not fit a row of 10"):
         pack([11], 10, "first_fit")
+    # policy.sequence_packing.max_sequences_per_bin: a row holding that many takes no more.
+    assert pack([1] * 5, 10, "first_fit", 2) == [[0, 1], [2, 3], [4]]
+    assert pack([5, 1, 1, 1, 1], 10, "best_fit", 3) == [[0, 1, 2], [3, 4]]
+    assert pack(lengths, 10, "first_fit", 1) == [[i] for i in range(6)]
+
+
+def test_max_sequences_per_bin_bounds_the_sequences_of_a_packed_row(fixture_tokenizer_path, files):
+    kw = {
+        "policy.sequence_packing.enabled": True,
+        "policy.sequence_packing.train_mb_tokens": 256,
+        "policy.max_total_sequence_length": 128,
+    }
+    data = build(fixture_tokenizer_path, files, **kw, **{"policy.sequence_packing.max_sequences_per_bin": 1})
+    assert data.layout.batch.max_sequences_per_bin == 1
+    free = build(fixture_tokenizer_path, files, **kw).train_iterator()
+    it = data.train_iterator()
+    for _ in range(3):
+        bound, unbound = next(it), next(free)
+        rows = [mb["segment_ids"][r].max() for mb in bound.micro_batches for r in range(mb["segment_ids"].shape[0])]
+        assert max(rows) == 1 and bound.indices.tolist() == unbound.indices.tolist()
+        assert max(mb["segment_ids"].max() for mb in unbound.micro_batches) > 1  # the bound changed the rows
 
 
 def _long(tmp_path, train):
@@ -314,7 +336,7 @@ def test_workers_give_the_same_cache_and_name_bad_examples(fixture_tokenizer_pat
 _RESUME = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from jax_sft.config import load_config, make_plan
+    from jax_sft.config import default_config, load_config, make_plan
     from jax_sft.data import SFTData, load_tokenizer
     overrides, state, n, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     cfg = load_config(None, overrides)
@@ -474,12 +496,16 @@ def _assert_same_steps(a, b, n):
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_lazy_gives_the_same_batches_as_upfront(fixture_tokenizer_path, files, packing):
+def test_the_default_lazy_gives_the_same_batches_as_upfront(fixture_tokenizer_path, files, packing):
+    """The default start-up (data.tokenize=lazy) trains on today's batches for the same seed (no row
+    dropped or skipped), on one process and on one of two."""
+    default = default_config().data.tokenize
+    assert default == "lazy"
     kw = {"policy.sequence_packing.enabled": packing, "policy.sequence_packing.train_mb_tokens": 128}
     for dp_size, process_index, process_count in ((1, 0, 1), (2, 1, 2)):
         up = build(fixture_tokenizer_path, files, dp_size, process_index, process_count, **kw)
         lazy = build(
-            fixture_tokenizer_path, files, dp_size, process_index, process_count, **kw, **{"data.tokenize": "lazy"}
+            fixture_tokenizer_path, files, dp_size, process_index, process_count, **kw, **{"data.tokenize": default}
         )
         assert lazy.steps_per_epoch == up.steps_per_epoch == 3
         _assert_same_steps(up.train_iterator(), lazy.train_iterator(), 2 * up.steps_per_epoch + 1)
@@ -516,3 +542,81 @@ def test_lazy_bad_row_fails_when_reached_naming_its_line(fixture_tokenizer_path,
     it = data.train_iterator()  # built: nothing encoded yet
     with pytest.raises(DataError, match=r"t.jsonl:6 \(train\): message 0: unknown role 'narrator'"):
         next(it)  # step 0: rows 0..7, one in each of the 8 shards
+
+
+# ----------------------------------------------------------------------------- weighted mixtures
+
+
+def mixture(fixture_tokenizer_path, tmp_path, by="examples", dp_size=1, ranks=None, **kw) -> SFTData:
+    """Two train files, weights 3 : 1: 40 short conversations and 25 longer ones."""
+    a = write_jsonl(tmp_path / "a.jsonl", [conversation(3 * i) for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [conversation(1000 + i) for i in range(25)])
+    for row in (b,):
+        rows = [json.loads(line) for line in open(row)]
+        for i, r in enumerate(rows):
+            r["messages"][1]["content"] += " longer" * (10 + i % 7)
+        write_jsonl(tmp_path / "b.jsonl", rows)
+    sections = [
+        {"dataset_name": "openai_format", "data_path": a, "weight": 3, "use_preserving_dataset": True},
+        {"dataset_name": "openai_format", "data_path": b, "weight": 1, "use_preserving_dataset": True},
+    ]
+    base = {
+        "policy.tokenizer.name": str(fixture_tokenizer_path("qwen3")),
+        "policy.tokenizer.chat_template": "default",
+        "data.train": json.dumps(sections),
+        "data.validation": "null",
+        "sft.val_period": 0,
+        "data.mixture_by": by,
+        "policy.max_total_sequence_length": 128,
+        "policy.train_global_batch_size": 50,
+        "policy.train_micro_batch_size": 25,
+        **kw,
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    ranks = list(range(dp_size)) if ranks is None else ranks
+    return SFTData(make_plan(cfg, devices=dp_size).data, load_tokenizer(cfg), dp_ranks=ranks)
+
+
+@pytest.mark.parametrize("by", ["examples", "tokens"])
+def test_a_mixture_draws_its_weights_over_10k_sequences(fixture_tokenizer_path, tmp_path, by):
+    """3 : 1 of the sequences, or of the tokens, within 1% over 10,000 draws (200 steps of 50);
+    each dataset is passed over in epochs of its own (every row drawn as often, +-1)."""
+    data = mixture(fixture_tokenizer_path, tmp_path, by, **{"data.tokenize": "upfront"})
+    assert data.mixture.sizes == (40, 25) and data.steps_per_epoch == 65 // 50
+    lengths = dict(zip(data.train_split.source.tolist(), data.train_split.lengths.tolist()))
+    it = data.train_iterator()
+    drawn = np.concatenate([next(it).indices for _ in range(200)])
+    assert len(drawn) == 10_000
+    is_a = drawn < 40
+    share = is_a.mean() if by == "examples" else sum(lengths[i] for i in drawn[is_a]) / sum(map(lengths.get, drawn))
+    assert abs(share - 0.75) < 0.01, share
+    for rows, n in ((drawn[is_a], 40), (drawn[~is_a], 25)):
+        counts = np.bincount(rows - rows.min(), minlength=n)
+        assert counts.max() - counts.min() <= 1, counts
+    shares = "75.00% of the sequences" if by == "examples" else "75.00% of the tokens"
+    assert shares in data.describe_mixture()[1]  # the start-up log's line of train[0]
+    if by == "tokens":  # longer conversations of b: fewer of its sequences for a quarter of the tokens
+        assert is_a.mean() > 0.8 and data.mixture.mean_tokens[1] > data.mixture.mean_tokens[0]
+
+
+def test_a_mixture_resumes_on_another_layout_at_the_same_batches(fixture_tokenizer_path, tmp_path):
+    """Saved on 2 processes x 2 devices (data-parallel ranks 0-1 and 2-3 of 4), resumed on one
+    process with 4 devices: the steps after the saved one equal the uninterrupted run's, and each
+    process of the 2 x 2 run supplied its half of the 1 x 4 rows (the default, lazy)."""
+    kw = {"policy.train_global_batch_size": 8, "policy.train_micro_batch_size": 1}
+    whole = mixture(fixture_tokenizer_path, tmp_path, dp_size=4, **kw).train_iterator()
+    halves = [
+        mixture(fixture_tokenizer_path, tmp_path, dp_size=4, ranks=r, **kw).train_iterator() for r in ([0, 1], [2, 3])
+    ]
+    for _ in range(3):
+        full, parts = next(whole), [next(h) for h in halves]
+        assert np.concatenate([p.indices for p in parts]).tolist() == full.indices.tolist()
+        assert parts[0].dataset_epochs == full.dataset_epochs
+    state = json.loads(json.dumps(halves[1].get_state()))
+    assert state["next_step"] == 3 and state["data"]["mixture"]["labels"] == ["train[0]", "train[1]"]
+    resumed = mixture(fixture_tokenizer_path, tmp_path, dp_size=4, **kw).train_iterator()
+    resumed.set_state(state)
+    _assert_same_steps(whole, resumed, 4)
+    other = mixture(fixture_tokenizer_path, tmp_path, dp_size=4, **kw, **{"data.mixture_by": "tokens"}).train_iterator()
+    with pytest.raises(ValueError, match="saved for different data or settings"):
+        other.set_state(state)

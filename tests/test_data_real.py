@@ -13,7 +13,7 @@ from jax_sft.data import build_dataset
 from jax_sft.data.chat import ConversationEncoder
 from jax_sft.data.formats import OpenAIFormatRows as OpenAIFormatDataset
 from jax_sft.data.readers import read_json_records
-from jax_sft.errors import DataError
+from jax_sft.errors import DataError, exit_on_input_error
 from jax_sft.inspect_data import main as inspect_main
 
 TOOL = {
@@ -42,6 +42,18 @@ CALLS_IF_NONE = (
     "{{ t['function']['name'] }}({{ t['function']['arguments'] | tojson }}){% endfor %}</calls><|im_end|>"
     "{% elif m['role'] == 'assistant' %}<A>{{ m['content'] }}<|im_end|>"
     "{% elif m['role'] == 'tool' %}<T>{{ m['content'] }}{% endif %}{% endfor %}"
+)
+# DeepSeek-V3's shape, in a template of our own: the calls only when content is none, and the
+# arguments concatenated as text (`+`), so an object would fail and "" would drop the calls.
+DEEPSEEK_SHAPE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' and m['content'] is none %}<｜Assistant｜><｜tool▁calls▁begin｜>"
+    "{% for t in m['tool_calls'] %}{{ '<｜tool▁call▁begin｜>' + t['type'] + '<｜tool▁sep｜>' + t['function']['name']"
+    " + '\\n```json\\n' + t['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' }}{% endfor %}"
+    "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'tool' %}<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>{% endif %}"
+    "{% endfor %}"
 )
 PARTS_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{{ p['text'] }}|{% endfor %}{% endfor %}"
@@ -112,6 +124,35 @@ def test_tool_call_with_null_content_renders_as_the_template_does(tmp_path, fixt
     assert loss_text(tok, e) == (
         '?<A><calls>get_weather({"city": "Paris"})</calls><|im_end|><A>It is 22C and sunny.<|im_end|>'
     )
+
+
+@pytest.mark.parametrize("preserving", [False, True])
+def test_tool_calls_survive_a_template_that_renders_them_only_for_null_content(
+    tmp_path, fixture_tokenizer_path, preserving
+):
+    """The encoder renders a probe turn in each form and picks the one whose rendering holds the
+    call: here content None and arguments as JSON text, from an object or a JSON string, with
+    the default loader and the preserving one."""
+    tok = tokenizer(fixture_tokenizer_path, "qwen3", DEEPSEEK_SHAPE)
+    enc = encoder(tok)
+    assert (enc.null_content, enc.string_arguments) == (True, True)
+    as_text = {**CALL, "function": {**CALL["function"], "arguments": '{"city": "Paris"}'}}
+    user, assistant = TOOL_ROW["messages"][:2]
+    rows = [{"messages": [user, {**assistant, "tool_calls": [call]}]} for call in (CALL, as_text)]
+    path = write_jsonl(tmp_path / "calls.jsonl", rows)
+    loaded = OpenAIFormatDataset.load(path, {"use_preserving_dataset": preserving}, "data_path")
+    expected = render_jinja_template(
+        conversations=[[user, {**assistant, "tool_calls": [as_text]}]],
+        chat_template=DEEPSEEK_SHAPE,
+        **tok.special_tokens_map,
+    )[0][0]
+    call = (
+        "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>'
+    )
+    for e in enc.encode([loaded[0], loaded[1]], ["object", "string"]):
+        assert e.text == expected and e.text.endswith(call)
+        assert loss_text(tok, e).endswith(call)  # trained, up to the end-of-turn token
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3_1"])
@@ -318,3 +359,48 @@ def test_places_in_a_saved_dataset_folder_are_its_rows(tmp_path):
             m = re.fullmatch(rf"train \({re.escape(str(folder))}\) row (\d+)", ds.place(split, i))
             assert m, ds.place(split, i)
             assert rows[i]["messages"][0]["content"] == f"q{m.group(1)}"
+
+
+def eight_lines_with_a_bad_byte_on_line_5(tmp_path) -> str:
+    rows = [
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+        for i in range(8)
+    ]
+    rows[4] = rows[4].replace('"a4"', '"caf\\u00e9"')
+    data = "\n".join(rows).encode().replace(b"caf\\u00e9", b"caf\xe9") + b"\n"
+    path = tmp_path / "bad_bytes.jsonl"
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_a_non_utf8_byte_in_a_message_names_the_file_and_line(tmp_path, fixture_tokenizer_path, capsys, validate):
+    """Arrow reads the byte without complaint and fails only when the row is read: the load names
+    the file and line instead of pyarrow's UnicodeDecodeError (inspect_data, with and without
+    --validate_data; the trainer: tests/test_first_contact.py)."""
+    path = eight_lines_with_a_bad_byte_on_line_5(tmp_path)
+    args = [
+        f"policy.tokenizer.name={fixture_tokenizer_path('qwen3')}",
+        "policy.tokenizer.chat_template=default",
+        "data.dataset_name=openai_format",
+        f"data.train_data_path={path}",
+        f"data.val_data_path={path}",
+    ] + (["--validate_data"] if validate else [])
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_input_error(lambda: inspect_main(args))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert f"error: {path}:5: bytes that are not UTF-8 (b'\\xe9'" in err
+
+
+def test_system_prompt_file_is_applied_and_said_at_start_up(tmp_path, caplog):
+    """NeMo RL's SFT never applies system_prompt_file (at 7ea279ab); jax_sft does, and says so."""
+    prompt = tmp_path / "system.txt"
+    prompt.write_text("Be brief.")
+    path = write_jsonl(tmp_path / "chat.jsonl", [PLAIN])
+    section = {"dataset_name": "openai_format", "data_path": path, "system_prompt_file": str(prompt)}
+    cfg = load_config(None, [f"data.train={json.dumps(section)}", "data.validation=null", "sft.val_period=0"])
+    with caplog.at_level("WARNING"):
+        ds = build_dataset(cfg)
+    assert ds.formatted_ds["train"][0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert any("NeMo RL's SFT does not apply system_prompt_file" in r.message for r in caplog.records)

@@ -1,6 +1,7 @@
 """`python -m jax_sft.train --dry_run` on every SFT config of today's NeMo RL, and input errors as
 one-line messages with exit code 2 (no traceback)."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def nemo_rl_checkout(tmp_path, monkeypatch):
     (tmp_path / "examples" / "prompts").mkdir(parents=True)
     (tmp_path / "examples" / "prompts" / "math.txt").write_text("Solve step by step.\n\n{}\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # NeMo RL's configs enable W&B; no login here
     return tmp_path
 
 
@@ -82,6 +84,49 @@ def test_dry_run_names_a_missing_prompt_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no examples/prompts/math.txt here
     code, out, err = dry_run(["--config", str(NEMO_CONFIGS / "sft_openmathinstruct2.yaml")], capsys)
     assert code == 2 and "examples/prompts/math.txt" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not CONFIGS, reason="../shared/reference/nemo-rl-configs is absent")
+def test_relative_prompt_files_are_found_in_the_checkout_of_the_config(tmp_path, monkeypatch, capsys, caplog):
+    """A recipe run from outside its NeMo RL checkout: examples/prompts/math.txt is taken from the
+    checkout that holds the config (logged); missing there too, the error names both places."""
+    checkout = tmp_path / "RL"
+    shutil.copytree(NEMO_CONFIGS, checkout / "examples" / "configs")
+    (checkout / "examples" / "prompts").mkdir()
+    (checkout / "examples" / "prompts" / "math.txt").write_text("Solve: {}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = ["--config", str(checkout / "examples" / "configs" / "sft_openmathinstruct2.yaml")]
+    with caplog.at_level("WARNING"):
+        code, out, err = dry_run(config, capsys)
+    used = checkout / "examples" / "prompts" / "math.txt"
+    assert code == 0, err
+    assert f"prompt_file {used}" in out
+    assert any(f"not in the working folder; using {used}" in r.getMessage() for r in caplog.records)
+    used.unlink()
+    code, out, err = dry_run(config, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert str(elsewhere / "examples" / "prompts" / "math.txt") in err and str(used) in err, err
+
+
+def test_dry_run_prints_the_proportions_of_a_weighted_mixture(tmp_path, capsys):
+    train = tmp_path / "a.jsonl"
+    train.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    sections = [
+        {"dataset_name": "openai_format", "data_path": str(train), "weight": 3},
+        {"dataset_name": "openai_format", "data_path": str(train), "weight": 1},
+    ]
+    args = ["--config", str(ROOT / "configs" / "sft.py"), f"data.train={json.dumps(sections)}", "data.validation=null"]
+    code, out, err = dry_run([*args, "sft.val_period=0", "data.mixture_by=tokens"], capsys)
+    assert code == 0, err
+    assert "  data: mixture by tokens: train[0] 75.00%, train[1] 25.00% of the tokens" in out
+    sections[1].pop("weight")
+    code, out, err = dry_run([*args[:2], f"data.train={json.dumps(sections)}", "data.validation=null"], capsys)
+    assert (
+        code == 2 and "data.train[1]: no weight; when one data.train entry has a weight, every entry needs one" in err
+    )
 
 
 def test_dry_run_checks_the_mesh_and_reads_a_local_model(tmp_path, capsys):

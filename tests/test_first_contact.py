@@ -51,6 +51,10 @@ def assets(tmp_path_factory) -> Path:
 
 
 def config(assets: Path, run: Path, **extra):
+    return config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), overrides(assets, run, **extra))
+
+
+def overrides(assets: Path, run: Path, **extra) -> list[str]:
     base = {
         "policy.model_name": assets / "model",
         "data.train_data_path": assets / "data" / "train.jsonl",
@@ -72,8 +76,22 @@ def config(assets: Path, run: Path, **extra):
         "policy.scheduler": None,
     }
     base.update({k.replace("__", "."): v for k, v in extra.items()})
-    overrides = [f"{k}={'null' if v is None else v}" for k, v in base.items()]
-    return config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), overrides)
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+def main(assets: Path, run: Path, *flags: str, **extra) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python -m jax_sft.train` in this process."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            train.main(["--config", str(ROOT / "configs" / "quickstart.py"), *overrides(assets, run, **extra), *flags])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_rerun_of_a_finished_run_trains_nothing_and_makes_no_run_folder(assets, tmp_path, capsys):
@@ -101,3 +119,86 @@ def test_validation_prints_and_logs_samples(assets, tmp_path, capsys):
     assert out.count("=== sample ") == 2 and out.count("reference:  ") == 2
     raw = b"".join(p.read_bytes() for p in (result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert b"validation/samples" in raw and b"=== sample 2 ===" in raw  # the text summary, as written
+
+
+# ----------------------------------------------------------------------------- checks before the long work
+
+
+def _no_wandb_login(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_wandb_without_a_login_or_the_package_fails_before_the_data(assets, tmp_path, monkeypatch):
+    """NeMo RL's sft.yaml enables W&B: without a login the run stops in its first seconds with one
+    line naming the ways out, in --dry_run too; the data is never read (its file does not exist)."""
+    _no_wandb_login(monkeypatch, tmp_path)
+    absent = dict(data__train_data_path=tmp_path / "absent.jsonl", logger__wandb_enabled="true")
+    for flags, extra in (((), absent), (("--dry_run",), dict(logger__wandb_enabled="true"))):
+        code, out, err = main(assets, tmp_path, *flags, **extra)
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        for way in ("`wandb login`", "WANDB_API_KEY", "WANDB_MODE=offline", "logger.wandb_enabled=false"):
+            assert way in lines[0], lines[0]
+    assert not (tmp_path / "logs").exists()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    code, out, err = main(assets, tmp_path, **absent)
+    assert code == 2 and "wandb is not installed: pip install 'jax_sft[wandb]'" in err
+    monkeypatch.delitem(sys.modules, "wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a way out: the run gets as far as the data
+    code, out, err = main(assets, tmp_path, **absent)
+    assert code == 2 and "absent.jsonl': no such file" in err and "W&B" not in err
+
+
+def test_validate_data_and_a_bad_byte_stop_the_trainer_before_the_model(assets, tmp_path):
+    """--validate_data encodes every row first and lists each bad one; a byte that is not UTF-8
+    names its file and line (not pyarrow's traceback)."""
+    lines = (assets / "data" / "train.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        "\n".join(
+            [
+                *lines[:3],
+                lines[3].replace('"user"', '"narrator"'),
+                *lines[4:9],
+                '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
+            ]
+        )
+        + "\n"
+    )
+    code, out, err = main(
+        assets, tmp_path, "--validate_data", data__train_data_path=bad, data__use_preserving_dataset="true"
+    )
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(errors) == 3, err
+    assert f"{bad}:4 (train): message 0: unknown role 'narrator'" in errors[0]
+    assert f"{bad}:10 (train): message 0 (user): 'content' must be a string" in errors[1], errors
+    assert "2 of 74 rows failed to encode" in errors[2] and len(errors) == 3, errors
+    raw = [line.encode() for line in lines[:8]]
+    raw[4] = raw[4].replace(b'"content": "', b'"content": "\xe9', 1)  # line 5, inside a message
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b"\n".join(raw) + b"\n")
+    code, out, err = main(assets, tmp_path, data__train_data_path=broken)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"{broken}:5: bytes that are not UTF-8 (b'\\xe9'" in errors[0], errors
+    assert not (tmp_path / "logs").exists()
+
+
+def test_validate_data_passes_and_the_end_line_names_the_tensorboard_folder(assets, tmp_path):
+    board = tmp_path / "board"
+    code, out, err = main(
+        assets,
+        tmp_path,
+        "--validate_data",
+        logger__tensorboard_enabled="true",
+        logger__tensorboard__log_dir=board,
+        sft__max_num_steps=1,
+        checkpointing__enabled="false",
+    )
+    assert code == 0, err
+    assert "validate_data: all 576 rows encode" in out
+    assert f"(TensorBoard: {board})" in out and list(board.glob("events.out.tfevents.*"))
+    assert not list((tmp_path / "logs").glob("exp_*/tensorboard"))

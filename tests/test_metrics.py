@@ -100,3 +100,33 @@ def test_progress_off_a_terminal_is_whole_lines_at_most_every_30_s(tmp_path, mon
     assert "\r" not in err
     assert err.splitlines() == ["step 5/10: loss 0.2, lr 0.001", "step 10/10: loss 0.1, lr 0.001"]
     assert capsys.readouterr().out == "step 3: val_loss 0.5\n"
+
+
+def test_each_enabled_sink_is_checked_before_the_run(tmp_path, monkeypatch):
+    """`check` and `folders` of the SINKS rows: a package that is missing, the W&B login, and the
+    folders a sink writes besides the run folder (checked by the run plan, --dry_run too)."""
+    from jax_sft.config import load_config, make_plan
+    from jax_sft.config.plan import output_problems
+    from jax_sft.sinks import sink_folders, sink_problems
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    cfg = load_config(
+        None, ["logger.mlflow_enabled=true", "logger.wandb_enabled=true", f"logger.tensorboard.log_dir={blocked}/tb"]
+    )
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert sink_problems(cfg.logger) == [
+        "logger.mlflow_enabled=true but mlflow is not installed: pip install 'jax_sft[mlflow]' or set "
+        "logger.mlflow_enabled=false"
+    ]
+    assert sink_folders(cfg.logger) == {"logger.tensorboard.log_dir": blocked / "tb"}
+    problems = output_problems(make_plan(cfg, devices=1))
+    assert f"logger.tensorboard.log_dir={blocked}/tb is not writable ({blocked} is not a writable folder)" in problems
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert any("no W&B login was found" in p for p in sink_problems(cfg.logger))
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert not any("W&B" in p for p in sink_problems(cfg.logger))  # `wandb login` writes this

@@ -14,6 +14,7 @@ from jax_sft import choices
 from jax_sft.config.defaults import get_config as default_config
 from jax_sft.config.keys import get, problem
 from jax_sft.config.lora import lora_problems
+from jax_sft.config.nemo_rl import OPEN
 from jax_sft.data.sections import FLAT_KEYS, check_data, today_name
 
 
@@ -86,6 +87,9 @@ def _range_problems(c: ConfigDict, derived: set[str]) -> list[str]:
     problems: list[str] = []
 
     def need(key: str, ok: Callable[[Any], Any], expected: str, fix: str = "") -> None:
+        parent, _, leaf = key.rpartition(".")
+        if parent in OPEN and leaf not in get(c, parent):
+            return  # removed with `~`: the reader's default (torch's) applies
         if key not in derived and not ok(get(c, key)):
             problems.append(problem(key, get(c, key), expected, fix))
 
@@ -119,6 +123,8 @@ def _range_problems(c: ConfigDict, derived: set[str]) -> list[str]:
     one_of("policy.sequence_packing.algorithm", choices.PACKING)
     one_of("data.overlength", choices.OVERLENGTH)
     one_of("data.tokenize", choices.TOKENIZE)
+    one_of("data.mixture_by", choices.MIXTURE_BY)
+    need("policy.sequence_packing.max_sequences_per_bin", _null_or_positive, "a positive number, or null for no bound")
     need("checkpointing.checkpoint_must_save_by", is_deadline, '"DD:HH:MM:SS" (e.g. "00:03:45:00"), or null')
     need(
         "checkpointing.metric_name",

@@ -111,12 +111,7 @@ def _policy() -> ConfigDict:
                 train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
                 sequence_length_round=64,
             ),
-            sequence_packing=dict(
-                enabled=False,
-                train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
-                algorithm="modified_first_fit_decreasing",  # or first_fit, best_fit, first_fit_decreasing
-                sequence_length_round=64,
-            ),
+            sequence_packing=_sequence_packing(),
             optimizer=dict(
                 name="torch.optim.AdamW",
                 kwargs=dict(
@@ -148,6 +143,20 @@ def _tokenizer() -> dict:
         chat_template=placeholder(str),  # set in _policy to NeMo RL's squad template
         chat_template_kwargs=placeholder(dict),
         custom_template=placeholder(str),  # the guide's key; when set it wins over chat_template
+    )
+
+
+def _sequence_packing() -> ConfigDict:
+    """policy.sequence_packing.*: packed rows."""
+    return ConfigDict(
+        dict(
+            enabled=False,
+            train_mb_tokens=placeholder(int),  # null: max_total_sequence_length * train_micro_batch_size
+            algorithm="modified_first_fit_decreasing",  # or first_fit, best_fit, first_fit_decreasing
+            sequence_length_round=64,
+            # NeMo RL's newest key (after 7ea279ab): at most this many sequences in a packed row; null: no bound.
+            max_sequences_per_bin=placeholder(int),
+        )
     )
 
 
@@ -318,9 +327,12 @@ def _data() -> ConfigDict:
             skip_examples_without_loss=False,  # false: a conversation with no loss token is an error
             num_workers=0,  # Grain worker processes for templating/tokenising (0: in-process)
             # "lazy": each step's examples are templated and tokenised when the step is assembled (start-up
-            # and memory independent of the dataset's size; a bad row fails when reached). "upfront": this
-            # process's shards are tokenised at start-up (bad rows fail before the first step).
-            tokenize="upfront",
+            # and memory independent of the dataset's size; a bad row fails when reached, or before training
+            # with --validate_data). "upfront": this process's shards are tokenised at start-up.
+            tokenize="lazy",
+            # With a `weight` on every data.train entry: what the weights share out, "examples" (sequences)
+            # or "tokens"; without weights the train datasets are concatenated.
+            mixture_by="examples",
         )
     )
     return c

@@ -46,6 +46,8 @@ from jax_sft.config.checks import value_problems
 from jax_sft.config.defaults import get_config as _defaults
 from jax_sft.config.keys import escape, field, get, leaves, merge, paths, problem, show
 from jax_sft.config.nemo_rl import DERIVED, IGNORED, INERT, MUST_BE_DISABLED, OPEN, megatron_section
+from jax_sft.config.override_values import OverrideValueError, parse_value
+from jax_sft.config.paths import resolve_relative_paths
 from jax_sft.errors import ConfigError
 
 __all__ = [
@@ -160,15 +162,20 @@ def _join_override(op: str, key: str, raw: str) -> str:
 
 
 def _parse_value(raw: str, field: tuple[type, bool] | None) -> Any:
-    """A command-line value as YAML (null, 1e-5, true, [1, 2], {a: 1}, 'quoted'); a str field
-    keeps the text as given unless it is null or quoted."""
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
-    if field is not None and field[0] is str and value is not None and not isinstance(value, str):
+    """A command-line value as Hydra's override grammar reads it (NeMo RL's parser: `null`, `1e-5`,
+    `true`, `[1,2]`, `{rope_theta:1000}`, `'quoted'`; see `override_values`). A str field keeps
+    the text as given (a Jinja template, a path) unless it is null or quoted."""
+    if field is not None and field[0] is str:
+        text = raw.strip()
+        if text.lower() == "null":
+            return None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return parse_value(text)
         return raw
-    return value
+    try:
+        return parse_value(raw)
+    except OverrideValueError as e:
+        raise ConfigError([f"cannot read the value: {e} (Hydra's override grammar)"]) from None
 
 
 def _set(tree: dict, key: str, value: Any) -> None:
@@ -207,7 +214,11 @@ def _apply(tree: dict, overrides: Sequence[str], source: str) -> tuple[dict, set
             if op == "~":
                 _delete(tree, key)
                 continue
-            _set(tree, key, _parse_value(raw, field(defaults, key)))
+            try:
+                value = _parse_value(raw, field(defaults, key))
+            except ConfigError as e:
+                raise ConfigError([f"override {text!r}: {p}" for p in e.problems]) from None
+            _set(tree, key, value)
             if op == "+":
                 added.add(key)
         except ConfigError as e:
@@ -294,6 +305,9 @@ def _write(
                 problems.append(f"{leaf}={show(leaf_value)}: unknown key; {hint}")
         elif isinstance(field, ConfigDict):
             if isinstance(value, Mapping):
+                if path in OPEN:  # a key removed (`~`, `_override_`) is absent: its reader's default applies
+                    for gone in set(field) - set(value):
+                        del field[gone]
                 _write(field, value, f"{path}.", known, problems, ignored, added)
             else:
                 problems.append(problem(path, value, "a section with keys " + ", ".join(field)))
@@ -345,7 +359,9 @@ def validate(cfg: ConfigDict | Mapping, source: str = "config", added: Set[str] 
     """A new, locked ConfigDict: `cfg` written onto the defaults (keys and types checked), its null
     `DERIVED` keys filled from their source, every value checked. Raises ConfigError listing all
     problems found. Unknown keys in `added` (overrides given with '+') are dropped with the
-    warning, as NeMo RL accepts new keys that way."""
+    warning, as NeMo RL accepts new keys that way. An `OPEN` section (`policy.optimizer.kwargs`)
+    is taken as written: a default key it lacks is absent, so its reader's (torch's) default
+    applies, as in NeMo RL."""
     c = _build(cfg.to_dict() if isinstance(cfg, ConfigDict) else cfg, source, added)
     derived = {key for key in DERIVED if get(c, key) is None}
     for key in derived:
@@ -370,7 +386,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     if path is not None:
         tree = merge(tree, _read(str(path)))
     tree, added = _apply(tree, overrides, source)
-    return validate(_resolve(tree, source), source, added)
+    tree = _resolve(tree, source)
+    if path is not None and str(path).endswith((".yaml", ".yml")):
+        tree = resolve_relative_paths(tree, path)  # a NeMo RL recipe run from outside its checkout
+    return validate(tree, source, added)
 
 
 def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
@@ -381,8 +400,17 @@ def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 
 
 def to_yaml(cfg: ConfigDict) -> str:
-    """The config as YAML (to print and save); `load_config` reads it back to an equal config."""
-    return yaml.safe_dump(escape(cfg.to_dict()), sort_keys=False, allow_unicode=True, width=100)
+    """The config as YAML (to print and save); `load_config` reads it back to an equal config (an
+    `OPEN` section that lost a default key is marked `_override_: true`, so the key stays absent)."""
+    tree, defaults = cfg.to_dict(), default_config()
+    for key in OPEN:
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        if set(get(defaults, key)) - set(node[leaf]):
+            node[leaf] = {"_override_": True, **node[leaf]}
+    return yaml.safe_dump(escape(tree), sort_keys=False, allow_unicode=True, width=100)
 
 
 def save_config(cfg: ConfigDict, path: str | os.PathLike) -> Path:

@@ -37,6 +37,7 @@ from jax_sft.models.decoder import sharding_problems
 from jax_sft.models.hf_write import export_target_problem
 from jax_sft.models.options import Fp8Config, LoraConfig, ModelOptions
 from jax_sft.models.sharding import mesh_shape, padded_vocab_size
+from jax_sft.sinks import sink_folders, sink_problems
 
 __all__ = [
     "RunPlan",
@@ -218,6 +219,7 @@ def _batch_plan(cfg: ConfigDict, dp: int, problems: list[str]) -> BatchPlan:
         rank_rows,
         s.val_global_batch_size,
         s.val_micro_batch_size,
+        p.sequence_packing.max_sequences_per_bin,
     )
 
 
@@ -303,6 +305,7 @@ def make_plan(
             seed=s.seed,
             val_period=s.val_period,
             val_batches=s.val_batches,
+            mixture_by=d.mixture_by,
         ),
         loss_chunk=loss_chunk(batch.seq_len, p.jax_cfg.loss_chunk_size, mesh.context),
     )
@@ -346,11 +349,15 @@ def _writable(key: str, path: Path) -> list[str]:
 
 
 def output_problems(plan: RunPlan) -> list[str]:
-    """What keeps a training run from writing its outputs: checkpoint and log folders that are not
-    writable, an export target that the final export may not replace."""
-    ck = plan.checkpoint
+    """What keeps a training run from writing its outputs: checkpoint, log and sink folders that are
+    not writable, a metric sink that cannot start (a package or the W&B login missing:
+    `jax_sft.sinks.sink_problems`), an export target that the final export may not replace."""
+    ck, logger = plan.checkpoint, plan.config.logger
     problems = _writable("checkpointing.checkpoint_dir", ck.directory) if ck.enabled else []
-    problems += _writable("logger.log_dir", Path(plan.config.logger.log_dir))
+    problems += _writable("logger.log_dir", Path(logger.log_dir))
+    for key, folder in sink_folders(logger).items():
+        problems += _writable(key, folder)
+    problems += sink_problems(logger)
     if ck.export_dir is not None:
         problem = export_target_problem(
             ck.export_dir, protected=protected_folders(plan), is_checkpoint=is_checkpoint_folder

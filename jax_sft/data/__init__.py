@@ -1,11 +1,12 @@
 """The data side of jax_sft, layered one way: file readers (`readers`) <- row formats and the
 dataset protocol (`formats`) <- NeMo RL's datasets (`builtin`) <- the config layouts (`sections`) <-
-tokens and batches (`tokens`, `batches`) <- the Grain pipeline (`pipeline`); `chat` renders, tokenises
-and loss-masks conversations.
+weighted mixtures (`mixture`), tokens and batches (`tokens`, `batches`) <- the Grain pipeline
+(`pipeline`); `chat` renders, tokenises and loss-masks conversations.
 
     tokenizer = load_tokenizer(cfg)                     # policy.tokenizer + chat-template choice
     describe_data(cfg)                                  # one line per dataset; checks, loads nothing
-    data = SFTData(plan.data, tokenizer)                # builds the dataset; tokenises up front or lazily
+    data = SFTData(plan.data, tokenizer)                # builds the dataset; tokenises lazily (or up front)
+    data.describe_mixture()                             # a weighted mixture's proportions (start-up log)
     it = data.train_iterator()                          # StepBatch per optimizer step
     state = it.get_state(); it.set_state(state)         # JSON-serialisable, exact resume
     for mb in data.val_batches(): ...                   # fresh from the start on every call

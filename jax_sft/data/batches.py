@@ -61,6 +61,7 @@ class BatchPlan:
     rank_rows: int
     val_global_batch: int
     val_micro_batch: int
+    max_sequences_per_bin: int | None = None  # packed rows: most sequences in one row (None: no bound)
 
     @property
     def rank_batch(self) -> int:
@@ -76,11 +77,13 @@ class BatchPlan:
         return self.val_global_batch // self.dp
 
 
-def pack(lengths: Sequence[int], capacity: int, algorithm: str) -> list[list[int]]:
-    """Bins (lists of item indices) of total length <= capacity. "first_fit": items in order, each
-    into the first bin with room; "first_fit_decreasing" and "modified_first_fit_decreasing" (NeMo
-    RL's default name; MFFD's pairing refinement is not implemented): first fit, longest first;
-    "best_fit": longest first, each into the fullest bin with room.
+def pack(lengths: Sequence[int], capacity: int, algorithm: str, max_sequences: int | None = None) -> list[list[int]]:
+    """Bins (lists of item indices) of total length <= capacity and, with `max_sequences`
+    (`policy.sequence_packing.max_sequences_per_bin`), at most that many items: a bin holding
+    that many has no room left. "first_fit": items in order, each into the first bin with room;
+    "first_fit_decreasing" and "modified_first_fit_decreasing" (NeMo RL's default name; MFFD's
+    pairing refinement is not implemented): first fit, longest first; "best_fit": longest first,
+    each into the fullest bin with room.
 
     (Grain's FirstFit/BestFitPackIterDataset pack a stream into a rolling set of bins that spans
     step boundaries; an optimizer step here packs exactly its own sequences, hence this function.)"""
@@ -90,18 +93,23 @@ def pack(lengths: Sequence[int], capacity: int, algorithm: str) -> list[list[int
     if len(lengths) and lengths.max() > capacity:
         raise ValueError(f"a sequence of {lengths.max()} tokens does not fit a row of {capacity}")
     order = range(len(lengths)) if algorithm == "first_fit" else np.argsort(-lengths, kind="stable")
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"policy.sequence_packing.max_sequences_per_bin={max_sequences}: expected >= 1 or null")
     free = np.zeros(0, np.int64)
     bins: list[list[int]] = []
     for i in order:
         n = lengths[i]
         fits = np.flatnonzero(free >= n)
         if len(fits) == 0:
-            bins.append([int(i)])
-            free = np.append(free, capacity - n)
-            continue
-        b = fits[np.argmin(free[fits])] if algorithm == "best_fit" else fits[0]
+            b = len(bins)
+            bins.append([])
+            free = np.append(free, capacity)
+        else:
+            b = fits[np.argmin(free[fits])] if algorithm == "best_fit" else fits[0]
         bins[b].append(int(i))
         free[b] -= n
+        if max_sequences is not None and len(bins[b]) >= max_sequences:
+            free[b] = -1  # full: no item fits any more
     return bins
 
 
@@ -207,6 +215,7 @@ class StepBatch:
     num_tokens: int
     num_loss_tokens: int
     indices: np.ndarray  # int64 [local_sequences]: the sequences' indices in the train split
+    dataset_epochs: tuple[int, ...] | None = None  # weighted mixture: each train dataset's epoch
 
     @property
     def num_micro_batches(self) -> int:
@@ -227,7 +236,8 @@ def rank_rows(seqs: list[tuple[np.ndarray, np.ndarray]], layout: ProcessRows, pa
     """One rank's rows: each a list of (ids, loss) sequences (packed) or a single one (padded)."""
     if not packing:
         return [[s] for s in seqs]
-    return [[seqs[i] for i in b] for b in pack([len(s[0]) for s in seqs], layout.seq_len, layout.algorithm)]
+    bins = pack([len(s[0]) for s in seqs], layout.seq_len, layout.algorithm, layout.batch.max_sequences_per_bin)
+    return [[seqs[i] for i in b] for b in bins]
 
 
 def micro_batches(

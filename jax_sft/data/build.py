@@ -16,6 +16,7 @@ from jax_sft.data.chat import apply_task_spec
 from jax_sft.data.formats import RawDataset, TaskDataSpec
 from jax_sft.data.readers import PreservingDataset, record_place, source_row
 from jax_sft.data.sections import (
+    WEIGHT,
     Section,
     check_data,
     data_sections,
@@ -26,6 +27,14 @@ from jax_sft.data.sections import (
 )
 
 log = logging.getLogger(__name__)
+
+# jax_sft applies system_prompt_file; NeMo RL's SFT formatting (at 7ea279ab: get_formatted_message_log
+# applies only the prompt) never reads it. Said at start-up whenever the key is set.
+SYSTEM_PROMPT_NOTE = (
+    "system_prompt_file={!r}: its text is put first, as a system message, in every conversation that has "
+    "none; NeMo RL's SFT does not apply system_prompt_file, so these token ids differ from NeMo RL's "
+    "(remove the key to train as NeMo RL does)"
+)
 
 __all__ = ["MixedRows", "MixedDataset", "build_dataset", "row_place"]
 
@@ -113,7 +122,7 @@ def row_place(s: Section, d: RawDataset, rows: Any, j: int) -> str:
 def _load_section(s: Section) -> RawDataset:
     cls = resolve_class(s.keys["dataset_name"], s.origin.get("dataset_name", f"{s.where}.dataset_name"))
     params, var_kw = parameters(cls)
-    kwargs = {k: v for k, v in s.keys.items() if var_kw or k in params}
+    kwargs = {k: v for k, v in s.keys.items() if (var_kw or k in params) and k != WEIGHT}
     if cls in REGISTRY.values():  # jax_sft's built-ins read null as their default
         kwargs = {k: v for k, v in kwargs.items() if v is not None or params[k].default is None}
     data = cls(**kwargs)
@@ -168,6 +177,8 @@ def build_dataset(cfg):
         "validation": _mix([(rows, val_specs[name]) for rows, name in val_parts]),
     }
     for s, d in zip(train_sections + val_sections, train + validation):
+        if s.keys.get("system_prompt_file"):
+            log.warning("%s: %s", s.label, SYSTEM_PROMPT_NOTE.format(s.keys["system_prompt_file"]))
         carved = len(d.val_dataset) if d.val_dataset is not None and s in train_sections else 0
         log.info(
             "%s: %s, %d rows%s",

@@ -44,7 +44,7 @@ from jax_sft.data.formats import (
     user_assistant,
 )
 from jax_sft.data.readers import load_source, local_copy, read_json_records, require_column
-from jax_sft.errors import DataError
+from jax_sft.errors import DataError, MissingFileError
 
 __all__ = ["REGISTRY", "ALIASES", "VISION_LANGUAGE", "NOT_SFT", "PROCESSORS"]
 
@@ -105,7 +105,7 @@ class OasstDataset(RawDataset):
 
 def _first_record_is_tree(path: str) -> bool:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"open_assistant data_path={path!r}: no such file")
+        raise MissingFileError(f"open_assistant data_path={path!r}: no such file")
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         line = next((line for line in f if line.strip()), "{}")

@@ -46,7 +46,7 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from jax_sft.errors import DataError
+from jax_sft.errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def resolve_chat_template(tok_cfg, tokenizer: PreTrainedTokenizerBase, tokenizer
     if spec.endswith(".jinja"):
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{key}={spec!r}: no such template file")
+            raise MissingFileError(f"{key}={spec!r}: no such template file")
         return path.read_text(encoding="utf-8")
     return spec
 
@@ -172,14 +172,23 @@ class Encoded:
 
 
 def check_conversation(
-    row: Any, where: Any, spec=None, *, content_parts: bool = False, null_content: bool = True
+    row: Any,
+    where: Any,
+    spec=None,
+    *,
+    content_parts: bool = False,
+    null_content: bool = True,
+    string_arguments: bool = False,
 ) -> tuple[list[dict], list | None]:
     """(messages, tools) of a formatted row, validated: a dict with a non-empty `messages` list of
     dicts with a known `role` and a `content` that is a string or a list of OpenAI content parts.
     Keys whose value is None are dropped (Arrow fills them in), except the content of an
     assistant message with `tool_calls`: None (or absent) stays None (`null_content`, for templates
-    that take None: DeepSeek-V3 renders the tool calls only then), or is "" for templates that
+    that render the calls then: DeepSeek-V3 renders them only then), or is "" for templates that
     expect a string (see `ConversationEncoder`), as an OpenAI client's message renders at inference.
+    A tool call's `arguments` is handed over as an object (a JSON string is parsed), or, with
+    `string_arguments` (templates that concatenate it as text: DeepSeek-V3), as a JSON string (an
+    object is encoded as `tojson` would, a string is kept as written).
 
     Content parts (`[{"type": "text", "text": ...}, ...]`): only text parts are accepted; they are
     joined with "\\n" (what vLLM and NeMo RL's multimodal path hand a template that expects a
@@ -194,35 +203,37 @@ def check_conversation(
         raise DataError(f"{where}: missing key 'messages', or it is null; the row's keys are {present}")
     if not isinstance(raw, (list, tuple)) or len(raw) == 0:
         raise DataError(f"{where}: 'messages' must be a non-empty list of messages, got {raw!r:.80}")
-    messages = []
-    for j, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: message {j}: expected a dict with 'role' and 'content', got {message!r:.80}")
-        message = {k: v for k, v in message.items() if v is not None}
-        role = message.get("role")
-        if role not in ROLES:
-            raise DataError(f"{where}: message {j}: unknown role {role!r}; expected one of {ROLES}")
-        if isinstance(message.get("tool_calls"), (list, tuple)):
-            message["tool_calls"] = [
-                _parse_arguments(call, f"{where}: message {j}: tool call {c}")
-                for c, call in enumerate(message["tool_calls"])
-            ]
-        content = message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            message["content"] = None if null_content else ""
-        elif isinstance(content, (list, tuple)):
-            message["content"] = _text_parts(content, content_parts, f"{where}: message {j} ({role})")
-        elif not isinstance(content, str):
-            raise DataError(
-                f"{where}: message {j} ({role}): 'content' must be a string or a list of text parts, "
-                f"got {type(content).__name__}"
-            )
-        messages.append(message)
-    messages = apply_task_spec(messages, spec)
+    forms = dict(content_parts=content_parts, null_content=null_content, string_arguments=string_arguments)
+    messages = apply_task_spec([_check_message(m, f"{where}: message {j}", **forms) for j, m in enumerate(raw)], spec)
     tools = row.get("tools")
     if tools is not None and not isinstance(tools, (list, tuple)):
         raise DataError(f"{where}: 'tools' must be a list of tool schemas, got {type(tools).__name__}")
     return messages, (list(tools) if tools else None)
+
+
+def _check_message(message: Any, where: str, *, content_parts: bool, null_content: bool, string_arguments: bool):
+    """One message of `check_conversation`, checked and in the form the template takes."""
+    if not isinstance(message, dict):
+        raise DataError(f"{where}: expected a dict with 'role' and 'content', got {message!r:.80}")
+    message = {k: v for k, v in message.items() if v is not None}
+    role = message.get("role")
+    if role not in ROLES:
+        raise DataError(f"{where}: unknown role {role!r}; expected one of {ROLES}")
+    if isinstance(message.get("tool_calls"), (list, tuple)):
+        message["tool_calls"] = [
+            _arguments_as_text(call) if string_arguments else _parse_arguments(call, f"{where}: tool call {c}")
+            for c, call in enumerate(message["tool_calls"])
+        ]
+    content = message.get("content")
+    if content is None and role == "assistant" and message.get("tool_calls"):
+        message["content"] = None if null_content else ""
+    elif isinstance(content, (list, tuple)):
+        message["content"] = _text_parts(content, content_parts, f"{where} ({role})")
+    elif not isinstance(content, str):
+        raise DataError(
+            f"{where} ({role}): 'content' must be a string or a list of text parts, got {type(content).__name__}"
+        )
+    return message
 
 
 def _text_parts(parts, keep: bool, where: str) -> str | list[dict]:
@@ -296,6 +307,20 @@ def _parse_arguments(call: Any, where: str) -> Any:
             )
         return call
     target = {**target, "arguments": parsed}
+    return {**call, "function": target} if nested else target
+
+
+def _arguments_as_text(call: Any) -> Any:
+    """A tool call whose `arguments` (in `function`, or at the top) is an object gets them as JSON
+    text, as `tojson` writes it (templates that concatenate the arguments, such as DeepSeek-V3's)."""
+    if not isinstance(call, dict):
+        return call
+    nested = isinstance(call.get("function"), dict)
+    target = call["function"] if nested else call
+    arguments = target.get("arguments")
+    if isinstance(arguments, str) or arguments is None:
+        return call
+    target = {**target, "arguments": json.dumps(arguments, ensure_ascii=False)}
     return {**call, "function": target} if nested else target
 
 
@@ -381,22 +406,42 @@ class ConversationEncoder:
         }
         self._special_tokens = tuple(sorted(special, key=len, reverse=True))
         self.content_parts = self._takes_content_parts()
-        self.null_content = self._renders_null_content()
+        self.null_content, self.string_arguments = self._tool_call_form()
 
-    def _renders_null_content(self) -> bool:
-        """Whether the template takes `content: None` on an assistant message with tool calls (the
-        OpenAI value, which DeepSeek-V3's template tests to render the calls). A template that fails
-        on None or prints it ("None", e.g. `content | trim`) expects a string: such messages get ""."""
-        call = {"type": "function", "function": {"name": "jaxsft_probe_tool", "arguments": {"x": 1}}}
+    def _tool_call_form(self) -> tuple[bool, bool]:
+        """(null_content, string_arguments): how an assistant turn with tool calls and no content
+        must reach the template for the calls to be rendered, found by rendering one: content None
+        (the OpenAI value; DeepSeek-V3 renders the calls only then) or "" (templates that expect a
+        string), arguments an object (most templates apply `tojson`) or a JSON string (templates that
+        concatenate it: DeepSeek-V3). The first form whose rendering holds the call's name and its
+        arguments as JSON, with no "None" and no Python repr, wins, in that order. A template that
+        renders no form of the call (no tool support) gets None where it takes None, else ""."""
+        arguments = {"jaxsft_probe_arg": 1}
+        for null_content, as_text in ((True, False), (True, True), (False, False), (False, True)):
+            call = {"name": "jaxsft_probe_tool", "arguments": json.dumps(arguments) if as_text else arguments}
+            text = self._probe_tool_turn(None if null_content else "", call)
+            if (
+                text is not None
+                and "jaxsft_probe_tool" in text
+                and '"jaxsft_probe_arg"' in text
+                and "'jaxsft_probe_arg'" not in text
+                and "None" not in text
+            ):
+                return null_content, as_text
+        text = self._probe_tool_turn(None, {"name": "jaxsft_probe_tool", "arguments": arguments})
+        return text is not None and "None" not in text, False
+
+    def _probe_tool_turn(self, content: str | None, function: dict) -> str | None:
+        """The template's rendering of a user turn and an assistant turn with `content` and one tool
+        call of `function`; None when the template fails on it."""
         probe = [
             {"role": "user", "content": "jaxsft-probe"},
-            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "assistant", "content": content, "tool_calls": [{"type": "function", "function": function}]},
         ]
         try:
-            text = self._render_raw([probe], None, False)[0]
-        except (jinja2.TemplateError, TypeError, AttributeError):  # `in`, `+` or string methods on None
-            return False
-        return "None" not in text
+            return self._render_raw([probe], None, False)[0]
+        except (jinja2.TemplateError, TypeError, AttributeError):  # `in`, `+` or string methods on None / dicts
+            return None
 
     def _takes_content_parts(self) -> bool:
         """Whether the template renders a list of text parts itself (iterates over `content`), rather
@@ -508,7 +553,12 @@ class ConversationEncoder:
         texts, all_spans, ends_trained = [], [], []
         for row, where in zip(rows, wheres):
             messages, tools = check_conversation(
-                row, where, self.task_spec, content_parts=self.content_parts, null_content=self.null_content
+                row,
+                where,
+                self.task_spec,
+                content_parts=self.content_parts,
+                null_content=self.null_content,
+                string_arguments=self.string_arguments,
             )
             full, spans = self.spans(messages, tools, where)
             texts.append(full)

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from jax_sft.data.builtin import REGISTRY
+from jax_sft.data.mixture import describe_weights
 from jax_sft.data.readers import FILE_TYPES
 from jax_sft.data.sections import (
     COMMON,
     NO_VALIDATION,
+    WEIGHT,
     Section,
     check_data,
     data_sections,
@@ -21,10 +23,11 @@ from jax_sft.data.sections import (
     resolve_class,
 )
 
-__all__ = ["describe_data"]
+__all__ = ["describe_data", "looks_local"]
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
+    """Whether a data path names a local file or folder rather than a hub id."""
     return Path(path).suffix in FILE_TYPES or path.endswith(".gz") or path.startswith(("/", ".", "~"))
 
 
@@ -36,7 +39,7 @@ def _file_problems(s: Section, cls: type) -> list[str]:
         if not isinstance(value, str):
             continue
         hub_ok = key in ("data_path", "data_files") and cls in (REGISTRY["ResponseDataset"], REGISTRY["arrow_text"])
-        if Path(value).expanduser().exists() or (hub_ok and not _looks_local(value)):
+        if Path(value).expanduser().exists() or (hub_ok and not looks_local(value)):
             continue
         if key in ("data_path", "data_files") and cls in REGISTRY.values() and not hub_ok:
             what = "a local copy of the hub dataset"
@@ -58,7 +61,7 @@ def _describe(s: Section, cls: type) -> str:
     if path and hub:
         parts.append(f"local {path} in place of hub {hub}")
     elif path:
-        parts.append(f"{'local' if _looks_local(path) or Path(path).exists() else 'hub'} {path}")
+        parts.append(f"{'local' if looks_local(path) or Path(path).exists() else 'hub'} {path}")
     elif hub:
         parts.append(f"hub {hub}")
     if k.get("subset"):
@@ -74,9 +77,12 @@ def _describe(s: Section, cls: type) -> str:
     for key in ("input_key", "output_key", "chat_key", "text_key"):
         if key in s.keys and s.keys[key] is not None:
             parts.append(f"{key} {s.keys[key]}")
-    for key in ("prompt_file", "system_prompt_file"):
-        if k.get(key):
-            parts.append(f"{key} {k[key]}")
+    if k.get("prompt_file"):
+        parts.append(f"prompt_file {k['prompt_file']}")
+    if k.get("system_prompt_file"):
+        parts.append(f"system_prompt_file {k['system_prompt_file']} (a system message; NeMo RL's SFT ignores the key)")
+    if s.keys.get("weight") is not None:
+        parts.append(f"weight {s.keys['weight']}")
     return f"{s.label}: {s.keys['dataset_name']} ({', '.join(parts)})"
 
 
@@ -105,6 +111,8 @@ def describe_data(cfg) -> list[str]:
         problems += _file_problems(s, cls)
         lines.append(_describe(s, cls))
     raise_problems(list(dict.fromkeys(problems)))
+    if any(s.keys.get(WEIGHT) is not None for s in train):
+        lines.append(describe_weights([s.keys[WEIGHT] for s in train], [s.label for s in train], data.mixture_by))
     carves = any(s.keys.get("split_validation_size", _default(s, "split_validation_size")) for s in train)
     if not validation and not carves:
         if cfg.sft.val_period > 0:

@@ -30,11 +30,12 @@ from jax_sft.data.readers import (
     format_rows,
     load_source,
     local_copy,
+    naming_bad_bytes,
     read_json_records,
     record_place,
     require_column,
 )
-from jax_sft.errors import DataError
+from jax_sft.errors import DataError, MissingFileError
 
 __all__ = [
     "TaskDataSpec",
@@ -86,7 +87,7 @@ class TaskDataSpec:
 def _read_text(path: str, key: str) -> str:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{key}={path!r}: no such file")
+        raise MissingFileError(f"{key}={path!r}: no such file")
     return p.read_text(encoding="utf-8")
 
 
@@ -173,7 +174,7 @@ def map_rows(ds, fn, where: str, columns: tuple[str, ...], path: str | None = No
     for col in columns:
         require_column(ds, col, where)
     place = functools.partial(_format_place, where, path)
-    return format_rows(ds, lambda row, i: fn(row, Place(place, i)), where)
+    return format_rows(ds, lambda row, i: fn(row, Place(place, i)), where, path)
 
 
 def _format_place(where: str, path: str | None, i: int) -> str:
@@ -303,12 +304,13 @@ class OpenAIFormatRows:
         ds = load_source(path, None, None, key=key)
         # Every row gets a "tools" value (None without): `map` takes its columns from the first rows
         # it writes, so an optional key would be dropped from all rows, or missing from some.
-        ds = ds.map(
-            lambda rec, i: self.format(rec, Place(functools.partial(record_place, path), i), tools_column=True),
-            with_indices=True,
-            remove_columns=ds.column_names,
-            desc=f"formatting {path}",
-        )
+        with naming_bad_bytes(path):
+            ds = ds.map(
+                lambda rec, i: self.format(rec, Place(functools.partial(record_place, path), i), tools_column=True),
+                with_indices=True,
+                remove_columns=ds.column_names,
+                desc=f"formatting {path}",
+            )
         _warn_if_none_filled(ds, path)
         return ds
 

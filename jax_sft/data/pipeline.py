@@ -1,16 +1,16 @@
 """From formatted conversations to device-ready batches, with Grain.
 
-`data.tokenize=upfront` (default): construction (`SFTData`) templates, tokenises and loss-masks this
-process's share of both splits once, into flat int32/uint8 arrays (the cache), so that bad input
-fails at start-up and the training loop only gathers, packs and pads; the work runs in
-`data.num_workers` Grain worker processes (`mp_prefetch`; 0: in-process). `data.tokenize=lazy`:
-construction encodes nothing; each step encodes its own examples when it is assembled (in the
-workers, ahead of the training loop), so start-up time and memory do not depend on the dataset's
-size (bench/data_scale.py) and a bad row fails when its step is reached, naming its file and line
-(`python -m jax_sft.inspect_data --validate_data` checks every row beforehand). Both give the same
-batches, except that a lazily dropped or skipped example leaves its step one sequence short
-instead of being taken out of its shard. One core does the whole pipeline at a few hundred
-thousand tokens per second (bench/data_pipeline.py), far beyond what a training step consumes.
+`data.tokenize=lazy` (default): construction (`SFTData`) encodes nothing; each step templates,
+tokenises and loss-masks its own examples when it is assembled (in `data.num_workers` Grain worker
+processes, `mp_prefetch`, ahead of the training loop; 0: a thread of this process), so start-up
+time and memory do not depend on the dataset's size (bench/data_scale.py) and a bad row fails when
+its step is reached, naming its file and line (`--validate_data`, `check_dataset`, checks every row
+beforehand). `data.tokenize=upfront`: construction encodes this process's share of both splits
+once, into flat int32/uint8 arrays (the cache), so that bad input fails at start-up and the
+training loop only gathers, packs and pads. Both give the same batches, except that a lazily
+dropped or skipped example leaves its step one sequence short instead of being taken out of its
+shard. One core does the whole pipeline at a few hundred thousand tokens per second
+(bench/data_pipeline.py), far beyond what a training step consumes.
 
 The iterator state is the index of the next step (and what the stream depends on): the same on
 every process, so a run resumes on any number of processes and devices.
@@ -25,6 +25,10 @@ smallest shard has examples (NeMo RL drops the last partial batch too). Data-par
 dp supplies shards [r G/dp, (r+1) G/dp), and a process tokenises only the examples of the shards
 of its ranks (`dp_ranks`). Validation is cut likewise into val_global_batch_size shards without
 permutation, so that validation batch b is examples [b Gv, (b+1) Gv) as in NeMo RL.
+
+A weighted mixture (a `weight` on every `data.train` entry) replaces the shards of the train split
+by draws that are a pure function of the seed and the step (`jax_sft.data.mixture`), so that the
+state stays the next step's index.
 
 Rows have the plan's fixed length (`BatchPlan.seq_len`), so that the train step compiles once;
 micro-batches and their arrays: `jax_sft.data.batches`.
@@ -47,13 +51,21 @@ from jax_sft.data.batches import BatchPlan, ProcessRows, StepBatch, micro_batche
 from jax_sft.data.build import build_dataset
 from jax_sft.data.chat import ConversationEncoder
 from jax_sft.data.formats import SFTDataset
+from jax_sft.data.mixture import MixturePicks, mixture_of, sample_means
 from jax_sft.data.sections import NO_VALIDATION
-from jax_sft.data.tokens import LazySplit, TokenizedSplit, dataset_place, start_workers, tokenize_split
+from jax_sft.data.tokens import (
+    LazySplit,
+    TokenizedSplit,
+    check_rows,
+    dataset_place,
+    start_workers,
+    tokenize_split,
+)
 from jax_sft.distributed import allgather_ints
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataPlan", "SFTData", "TrainIterator"]
+__all__ = ["DataPlan", "SFTData", "TrainIterator", "check_dataset"]
 
 _STATE_VERSION = 2
 _ENDLESS = 2**62  # steps of the stream (epochs repeat)
@@ -71,26 +83,17 @@ def _shard_members(
     return [by_shard[a:b] for a, b in zip(starts, ends)]
 
 
-class _AssembleStep:
-    """Grain map: step index -> StepBatch (reads the token cache, or encodes lazily; picklable).
+class _ShardPicks:
+    """The concatenation's picker: step -> (epoch, the positions in the split of each local rank's
+    sequences), one example of every shard of the rank (picklable).
 
     Each shard's order in epoch e is a permutation seeded by (seed, shard, e) (identity without
     `data.shuffle`), the same in whichever process holds the shard. (Grain's index shuffle costs
-    about a millisecond per lookup on shards this small; a step needs one lookup per sequence.)
-    A step's sequences are `split.examples(picks)`; a lazily dropped or skipped one (None) leaves
-    its rank one sequence short in that step."""
+    about a millisecond per lookup on shards this small; a step needs one lookup per sequence.)"""
 
-    def __init__(
-        self,
-        split: TokenizedSplit | LazySplit,
-        members: list[list[np.ndarray]],
-        shards: list[list[int]],
-        layout: ProcessRows,
-        steps_per_epoch: int,
-        seed: int | None,
-    ):
-        self.split, self.members, self.shards = split, members, shards  # [local rank][shard of the rank]
-        self.layout, self.steps_per_epoch, self.seed = layout, steps_per_epoch, seed
+    def __init__(self, members: list[list[np.ndarray]], shards: list[list[int]], steps_per_epoch: int, seed):
+        self.members, self.shards = members, shards  # [local rank][shard of the rank]
+        self.steps_per_epoch, self.seed = steps_per_epoch, seed
         self._epoch, self._orders = -1, []
 
     def _orders_of(self, epoch: int) -> list[list[np.ndarray]]:
@@ -105,13 +108,30 @@ class _AssembleStep:
             self._epoch = epoch
         return self._orders
 
+    def __call__(self, step: int) -> tuple[int, list[list[int]]]:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        return epoch, [[int(order[b]) for order in orders] for orders in self._orders_of(epoch)]
+
+    def dataset_epochs(self, step: int) -> None:
+        return None
+
+
+class _AssembleStep:
+    """Grain map: step index -> StepBatch (reads the token cache, or encodes lazily; picklable).
+    `picks(step)`: (epoch, positions in `split` of each local rank's sequences), from the shards of
+    the concatenation (`_ShardPicks`) or a weighted mixture (`jax_sft.data.mixture.MixturePicks`).
+    A step's sequences are `split.examples(picks)`; a lazily dropped or skipped one (None) leaves
+    its rank one sequence short in that step."""
+
+    def __init__(self, split: TokenizedSplit | LazySplit, picks: _ShardPicks | MixturePicks, layout: ProcessRows):
+        self.split, self.picks, self.layout = split, picks, layout
+
     def __call__(self, step: int) -> StepBatch:
         step = int(step)
-        epoch, b = divmod(step, self.steps_per_epoch)
+        epoch, ranks = self.picks(step)
         L = self.layout
         picks, per_rank, tokens = [], [], 0
-        for orders in self._orders_of(epoch):
-            rank_picks = [int(order[b]) for order in orders]
+        for rank_picks in ranks:
             seqs = self.split.examples(rank_picks)
             picks += [p for p, seq in zip(rank_picks, seqs) if seq is not None]
             seqs = [seq for seq in seqs if seq is not None]
@@ -127,6 +147,7 @@ class _AssembleStep:
             int(tokens),
             sum(int(mb["loss_mask"].sum()) for mb in micro),
             self.split.sources(picks),
+            self.picks.dataset_epochs(step),
         )
 
 
@@ -203,6 +224,21 @@ class DataPlan:
     seed: int  # sft.seed
     val_period: int  # sft.val_period
     val_batches: int  # sft.val_batches (<= 0: the whole split)
+    mixture_by: str = "examples"  # data.mixture_by (weighted data.train entries)
+
+
+def check_dataset(plan: DataPlan, dataset: SFTDataset, encoder: ConversationEncoder, part: int = 0, parts: int = 1):
+    """`--validate_data`: the error message of every row of both splits of `dataset` that fails to
+    encode as training encodes it (template, tokens, `data.overlength`, the no-loss rule), in
+    order; rows part, part + parts, ... of each split (a process's share), in `data.num_workers`
+    worker processes. Independent of `data.tokenize`, so that it runs before an up-front cache."""
+    args = dict(
+        max_length=plan.batch.max_input_length, overlength=plan.overlength, skip_without_loss=plan.skip_without_loss
+    )
+    for name in ("train", "validation"):
+        rows = dataset.formatted_ds[name]
+        split = LazySplit(rows, encoder, dataset_place(dataset, name), **args)
+        yield from check_rows(split, np.arange(part, len(rows), parts), num_workers=plan.num_workers)
 
 
 class SFTData:
@@ -241,16 +277,51 @@ class SFTData:
 
         self._train_shards = my_train = [owned(r, G) for r in L.dp_ranks]
         my_val = [owned(r, Gv) for r in L.dp_ranks]
+        self.mixture = mixture_of(self.dataset, plan.mixture_by)
+        if self.mixture is not None:  # any example may land in any rank's slot: every row is this process's
+            my_train = [list(range(G))]
         if self.tokenize == "lazy":
             self._lazy(train_rows, val_rows, dealt, my_train, my_val)
         else:
             self._upfront(train_rows, val_rows, dealt, my_train, my_val)
+        if self.mixture is not None:
+            self._mix()
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the train split has too few usable examples for one step of "
                 f"train_global_batch_size={G} (a shard of its examples is empty)"
             )
         log.info("data: %d steps per epoch; %s", self.steps_per_epoch, self.stats)
+
+    def _mix(self) -> None:
+        """A weighted mixture: each dataset's examples (up front: those kept), its mean length when
+        the weights share out tokens, and an epoch of as many sequences as the datasets hold."""
+        m, split = self.mixture, self.train_split
+        if isinstance(split, TokenizedSplit):
+            ends = np.asarray(m.starts) + np.asarray(m.sizes)
+            self._mixture_members = [
+                np.flatnonzero((split.source >= a) & (split.source < b)) for a, b in zip(m.starts, ends)
+            ]
+            for label, members in zip(m.labels, self._mixture_members):
+                if not len(members):
+                    raise ValueError(f"{label}: no usable example left (all dropped or skipped)")
+            if m.by == "tokens":
+                m = m.with_means([split.lengths[members].mean() for members in self._mixture_members])
+            self.steps_per_epoch = len(split) // self.layout.global_batch
+        else:
+            self._mixture_members = None
+            if m.by == "tokens":
+                m = m.with_means(sample_means(m, self._lengths, self.plan.seed))
+        self.mixture = m
+        for line in self.describe_mixture():
+            log.info("%s", line)
+
+    def _lengths(self, rows: list[int]) -> list[int | None]:
+        return [None if e is None else len(e[0]) for e in self.train_split.examples(rows)]
+
+    def describe_mixture(self) -> list[str]:
+        """The start-up log's lines of a weighted mixture (none without weights)."""
+        return [] if self.mixture is None else self.mixture.describe(self.layout.global_batch)
 
     def _split_args(self) -> dict[str, Any]:
         return dict(
@@ -329,14 +400,21 @@ class SFTData:
     def train_iterator(self) -> TrainIterator:
         """A fresh iterator from the first step; `set_state` moves it to a saved position."""
         L, seed = self.layout, self.plan.seed
-        assemble = _AssembleStep(
-            self.train_split,
-            self._train_members,
-            self._train_shards,
-            L,
-            self.steps_per_epoch,
-            seed if self.plan.shuffle else None,
-        )
+        if self.mixture is None:
+            picks = _ShardPicks(
+                self._train_members, self._train_shards, self.steps_per_epoch, seed if self.plan.shuffle else None
+            )
+        else:
+            picks = MixturePicks(
+                self.mixture,
+                self._mixture_members,
+                self._train_shards,
+                L.global_batch,
+                self.steps_per_epoch,
+                seed,
+                self.plan.shuffle,
+            )
+        assemble = _AssembleStep(self.train_split, picks, L)
         workers = self.plan.num_workers if self.tokenize == "lazy" else 0
         build = functools.partial(_step_stream, assemble, workers)
         # What the stream depends on; not the device layout (a run may resume on another one).
@@ -349,6 +427,8 @@ class SFTData:
             seq_len=L.seq_len,
             packing=L.packing,
         )
+        if self.mixture is not None:
+            fingerprint["mixture"] = self.mixture.fingerprint()
         return TrainIterator(build, fingerprint)
 
     @property

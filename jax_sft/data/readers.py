@@ -5,6 +5,7 @@ JSON-lines reader (`read_json_records`, plain or gzipped), and where a row came 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
@@ -30,6 +31,7 @@ __all__ = [
     "require_column",
     "format_rows",
     "is_saved_dataset",
+    "naming_bad_bytes",
 ]
 
 FILE_TYPES = {
@@ -172,6 +174,22 @@ def source_row(rows: Any, j: int) -> int:
     return int(indices.column(0)[j].as_py()) if indices is not None else j
 
 
+@contextlib.contextmanager
+def naming_bad_bytes(path: str | Path | None) -> Iterator[None]:
+    """Runs the block; a UnicodeDecodeError in it (Arrow reads a JSON string with bytes that are not
+    UTF-8 without complaint, and fails only when the row is read) becomes a DataError naming the
+    file and, for JSON files, the 1-based line of the first bad byte."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        if path is not None and Path(path).is_file() and Path(path).suffix in (".json", ".jsonl", ".gz"):
+            read_json_records(path)  # raises the DataError naming the line
+        where = path if path is not None else "a dataset row"
+        raise DataError(
+            f"{where}: bytes that are not UTF-8 ({e.object[e.start : e.end]!r}); text data must be UTF-8"
+        ) from None
+
+
 def _raise_json_error(path: Path, error: Exception) -> None:
     """Re-raises a failed Arrow JSON load with the file and line of the first malformed line."""
     if path.suffix in (".json", ".jsonl"):
@@ -194,8 +212,13 @@ def require_column(ds, name: str, where: str) -> None:
         raise KeyError(f"{where}: no column {name!r}; the columns are {cols}")
 
 
-def format_rows(ds: hf_datasets.Dataset, fn: Callable[[dict, int], dict], where: str) -> hf_datasets.Dataset:
-    return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"formatting {where}")
+def format_rows(
+    ds: hf_datasets.Dataset, fn: Callable[[dict, int], dict], where: str, path: str | None = None
+) -> hf_datasets.Dataset:
+    """`ds` mapped by fn(row, index); bad bytes in the rows read (`path`: the file they came from)
+    are a DataError naming the file and line."""
+    with naming_bad_bytes(path):
+        return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"formatting {where}")
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -212,7 +235,7 @@ def load_source(path: str, subset: str | None = None, split: str | None = "train
         if subset is not None:
             raise ValueError(f"{key}={path!r}: a subset applies to hub datasets, not to a local file; remove it")
         if not p.is_file():
-            raise FileNotFoundError(f"{key}={path!r}: no such file")
+            raise MissingFileError(f"{key}={path!r}: no such file")
         raw = load_file(FILE_TYPES[suffix], p, None)
     elif is_saved_dataset(p):
         raw = hf_datasets.load_from_disk(str(p))
@@ -231,7 +254,7 @@ def local_copy(path: str, split: str | None, key: str):
     """A local `data_path` in place of a hub split: a file is the split; a saved DatasetDict gives `split`."""
     p = Path(path)
     if p.suffix not in FILE_TYPES and not is_saved_dataset(p):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{key}={path!r}: not a local {'/'.join(sorted(FILE_TYPES))} file or a "
             "save_to_disk folder (this dataset's hub id is fixed; data_path is a local copy)"
         )

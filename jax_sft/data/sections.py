@@ -55,6 +55,7 @@ __all__ = [
     "NO_VALIDATION",
     "FLAT_KEYS",
     "COMMON",
+    "WEIGHT",
 ]
 
 NO_VALIDATION = (
@@ -64,6 +65,8 @@ NO_VALIDATION = (
 )
 # Keys every section may hold besides its dataset's constructor arguments.
 COMMON = ("dataset_name", "prompt_file", "system_prompt_file", "processor")
+# jax_sft's own key of a data.train entry: its share of a weighted mixture (jax_sft.data.mixture).
+WEIGHT = "weight"
 # Flat keys handed to a dataset that takes them (the guide's keys of the formats).
 _FLAT_BAG = (
     "input_key",
@@ -318,7 +321,7 @@ def _section_problems(s: Section, cls: type) -> list[str]:
     params, var_kw = parameters(cls)
     name = s.keys["dataset_name"]
     problems = []
-    takes = sorted(set(COMMON) | set(params))
+    takes = sorted(set(COMMON) | set(params) | ({WEIGHT} if s.where.startswith("data.train") else set()))
     for key in sorted(s.own):
         if key in takes or var_kw:
             continue
@@ -355,10 +358,31 @@ def _section_problems(s: Section, cls: type) -> list[str]:
     return problems
 
 
+def _weight_problems(train: list[Section], validation: list[Section], default: Any) -> list[str]:
+    """`weight` on data.train entries: a positive number on every entry, or on none; nowhere else."""
+    problems = []
+    weighted = [s for s in train if WEIGHT in s.own]
+    for s in weighted:
+        w = s.keys[WEIGHT]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            problems.append(f"{s.where}.{WEIGHT}={w!r}: expected a positive number (the entry's share of the mixture)")
+    if weighted and len(weighted) < len(train):
+        missing = ", ".join(s.where for s in train if WEIGHT not in s.own)
+        problems.append(f"{missing}: no {WEIGHT}; when one data.train entry has a weight, every entry needs one")
+    for s in validation:
+        if WEIGHT in s.own:
+            problems.append(f"{s.where}.{WEIGHT}: weights apply to data.train entries only (validation uses every row)")
+    if isinstance(default, Mapping) and WEIGHT in default:
+        problems.append(f"data.default.{WEIGHT}: give each data.train entry its own weight")
+    return problems
+
+
 def check_data(data) -> list[str]:
     """Problems with the dataset names, section keys and processors of `data` (the config's data
     section), without loading anything: what config validation and `--dry_run` report."""
     train, validation, problems = data_sections(data)
+    default = data.get("default") if data.get("train") is not None else None
+    problems += _weight_problems(train, validation, default)
     var_kw, bad_names = False, set()
     for s in train + validation:
         name = s.keys.get("dataset_name")
@@ -371,11 +395,10 @@ def check_data(data) -> list[str]:
             continue
         var_kw = var_kw or parameters(cls)[1]
         problems += _section_problems(s, cls)
-    default = data.get("default") if data.get("train") is not None else None
     if isinstance(default, Mapping) and not var_kw:
         known = _all_builtin_keys() | set(NEMO_RL_KEYS)
         for key in default:
-            if key not in known:
+            if key not in known and key != WEIGHT:
                 problems.append(f"data.default.{key}: unknown key; dataset sections take {', '.join(sorted(known))}")
     return list(dict.fromkeys(problems))
 

@@ -23,7 +23,16 @@ from jax_sft.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TokenizedSplit", "LazySplit", "tokenize_split", "apply_overlength", "dataset_place", "start_workers"]
+__all__ = [
+    "TokenizedSplit",
+    "LazySplit",
+    "tokenize_split",
+    "apply_overlength",
+    "check_rows",
+    "dataset_place",
+    "read_rows",
+    "start_workers",
+]
 
 
 @dataclasses.dataclass
@@ -80,7 +89,9 @@ class LazySplit:
 
     def examples(self, indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         indices = [int(i) for i in indices]
-        encoded = self.encoder.encode([self.rows[i] for i in indices], [Place(self.place, i) for i in indices])
+        encoded = self.encoder.encode(
+            read_rows(self.rows, indices, self.place), [Place(self.place, i) for i in indices]
+        )
         out = []
         for i, e in zip(indices, encoded):
             ids, loss, status = apply_overlength(e.ids, e.loss, self.max_length, self.overlength)
@@ -90,6 +101,60 @@ class LazySplit:
 
     def sources(self, indices: Sequence[int]) -> np.ndarray:
         return np.asarray(indices, np.int64)
+
+
+def read_rows(rows, indices: Sequence[int], place: Callable[[int], str]) -> list:
+    """rows[i] for i in indices; a row holding bytes that are not UTF-8 (Arrow decodes strings when a
+    row is read) is a DataError naming it."""
+    try:
+        return [rows[i] for i in indices]
+    except UnicodeDecodeError:
+        for i in indices:
+            try:
+                rows[i]
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{place(i)}: bytes that are not UTF-8 ({e.object[e.start : e.end]!r}); text data must be UTF-8"
+                ) from None
+        raise
+
+
+class _CheckChunk:
+    """Grain map: positions in `indices` -> the errors (one message each) of encoding those rows as
+    training does (`LazySplit.examples`)."""
+
+    def __init__(self, split: LazySplit, indices: np.ndarray):
+        self.split, self.indices = split, indices
+
+    def __call__(self, chunk: Sequence[int]) -> list[str]:
+        idx = [int(self.indices[p]) for p in chunk]
+        try:
+            self.split.examples(idx)
+            return []
+        except DataError:
+            errors = []
+            for i in idx:  # which ones
+                try:
+                    self.split.examples([i])
+                except DataError as e:
+                    errors.append(str(e))
+            return errors
+
+
+def check_rows(split: LazySplit, indices: np.ndarray, *, num_workers: int = 0, chunk_size: int = 64) -> Iterator[str]:
+    """The error message of every row of `split` at `indices` that fails to encode as training
+    encodes it (template, tokens, `data.overlength`, the no-loss rule), in order; the work runs in
+    `num_workers` Grain worker processes (0: in-process). What `--validate_data` runs."""
+    ds = grain.MapDataset.range(len(indices)).batch(chunk_size, batch_fn=list).map(_CheckChunk(split, indices))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=1))
+    if num_workers > 0:
+        it = start_workers(it, num_workers)
+    iterator = iter(it)
+    try:
+        for errors in iterator:
+            yield from errors
+    finally:
+        iterator.close()
 
 
 def _has_loss(
@@ -135,7 +200,7 @@ class _EncodeChunk:
 
     def __call__(self, chunk: Sequence[int]) -> tuple[list[int], bytes, bytes]:
         idx = [int(self.indices[p]) for p in chunk]
-        encoded = self.encoder.encode([self.rows[i] for i in idx], [Place(self.place, i) for i in idx])
+        encoded = self.encoder.encode(read_rows(self.rows, idx, self.place), [Place(self.place, i) for i in idx])
         return (
             [len(e.ids) for e in encoded],
             b"".join(e.ids.astype(np.int32).tobytes() for e in encoded),

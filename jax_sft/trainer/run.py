@@ -24,6 +24,7 @@ from jax_sft.config.plan import model_notes, protected_folders
 from jax_sft.metrics import MetricsLogger
 from jax_sft.models import save_pretrained
 from jax_sft.models import sharding as sharding_lib
+from jax_sft.sinks import tensorboard_dir
 from jax_sft.trainer.loop import Loop, diverged
 from jax_sft.trainer.setup import Run, memory_line, setup, sharding_table
 
@@ -33,6 +34,7 @@ class RunResult:
     """What a finished run leaves behind (returned by `run`, printed by `main`)."""
 
     run_dir: Path | None  # None: nothing was trained (already at the last step)
+    tensorboard_dir: Path | None  # where the TensorBoard events went (None: logger.tensorboard_enabled=false)
     checkpoint_dir: Path | None
     export_dir: Path | None
     final_step: int
@@ -49,8 +51,10 @@ def next_run_dir(log_dir: Path) -> Path:
     return log_dir / f"exp_{max(taken, default=0) + 1:03d}"
 
 
-def run(cfg, stop_signals: distributed.StopSignals | None = None) -> RunResult:
+def run(cfg, stop_signals: distributed.StopSignals | None = None, *, validate_data: bool = False) -> RunResult:
     """Trains per `cfg` (validated ConfigDict); resumes from checkpoint_dir when it has a step.
+    validate_data: encode every row of both splits before the model is loaded (`--validate_data`),
+    reporting each that fails, and stop (DataError) if any did.
 
     SIGTERM / SIGUSR1 / a first SIGINT during the run: the current step finishes, a checkpoint is
     saved and the result has `exit_code` = distributed.stop_exit_code (75; 130 for SIGINT; before
@@ -62,12 +66,12 @@ def run(cfg, stop_signals: distributed.StopSignals | None = None) -> RunResult:
             stop_signals = stack.enter_context(distributed.StopSignals())
         if cfg.policy.precision == "float32":  # true fp32 matmuls (GPUs would otherwise use TF32)
             stack.enter_context(jax.default_matmul_precision("highest"))
-        return _run(cfg, stop_signals, stack)
+        return _run(cfg, stop_signals, stack, validate_data)
 
 
-def _run(cfg, stop_signals: distributed.StopSignals, stack: contextlib.ExitStack) -> RunResult:
+def _run(cfg, stop_signals: distributed.StopSignals, stack: contextlib.ExitStack, validate_data: bool) -> RunResult:
     start_time = time.time()
-    r = setup(cfg, stack)
+    r = setup(cfg, stack, validate_data=validate_data)
     if r.resumed_from is not None and r.resumed_from >= r.total_steps:
         return _finished_already(r)
     run_dir = next_run_dir(Path(cfg.logger.log_dir))
@@ -95,6 +99,7 @@ def _run(cfg, stop_signals: distributed.StopSignals, stack: contextlib.ExitStack
         )
     return RunResult(
         run_dir=run_dir,
+        tensorboard_dir=tensorboard_dir(cfg.logger, run_dir) if cfg.logger.tensorboard_enabled else None,
         checkpoint_dir=r.ckpt.dir if r.ckpt else None,
         export_dir=export_dir if not loop.exit_code else None,
         final_step=r.state.step,
@@ -127,6 +132,8 @@ def _log_start(r: Run, logger: MetricsLogger, run_dir: Path, config_yaml: str) -
         if r.resumed_from is not None:
             logger.write(f"resumed from {r.ckpt.step_dir(r.resumed_from)} (step {r.state.step}, epoch {r.state.epoch})")
         logger.write("data: " + ", ".join(f"{k.removeprefix('data/')}={v}" for k, v in r.data.stats.items()))
+        for line in r.data.describe_mixture():
+            logger.write(f"data: {line}")
     logger.log_config(r.plan.config.to_dict())
 
 
@@ -138,6 +145,7 @@ def _finished_already(r: Run) -> RunResult:
         print(f"{r.ckpt.step_dir(step)}: already at step {step} of {r.total_steps}; nothing to train", flush=True)
     return RunResult(
         run_dir=None,
+        tensorboard_dir=None,
         checkpoint_dir=r.ckpt.dir,
         export_dir=None,
         final_step=step,

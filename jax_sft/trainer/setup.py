@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,10 @@ from jax_sft.checkpoint import (
 from jax_sft.config import plan as plan_lib
 from jax_sft.config.keys import plain
 from jax_sft.config.plan import RunPlan
-from jax_sft.data import SFTData, TrainIterator, load_tokenizer
+from jax_sft.data import ConversationEncoder, SFTData, TrainIterator, build_dataset, load_tokenizer
 from jax_sft.data.batches import ARRAY_KEYS
-from jax_sft.errors import ConfigError
+from jax_sft.data.pipeline import check_dataset
+from jax_sft.errors import ConfigError, DataError
 from jax_sft.models import from_pretrained, read_config
 from jax_sft.models import sharding as sharding_lib
 from jax_sft.models.config import ModelConfig
@@ -125,9 +127,10 @@ def plan_run(cfg: Any, devices: list[jax.Device]) -> tuple[RunPlan, Path]:
     return plan, model_dir
 
 
-def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
-    """Devices, plan and checks, lock, data, model, optimizer, step functions, and the resumed
-    state. Imports that touch JAX devices come after distributed.initialize (see train.main)."""
+def setup(cfg: Any, stack: contextlib.ExitStack, *, validate_data: bool = False) -> Run:
+    """Devices, plan and checks, lock, data (every row encoded first with `validate_data`), model,
+    optimizer, step functions, and the resumed state. Imports that touch JAX devices come after
+    distributed.initialize (see train.main)."""
     if cfg.policy.jax_cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cfg.policy.jax_cfg.compilation_cache_dir))
     devices = distributed.select_devices(cfg.cluster)
@@ -138,7 +141,10 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
     if plan.checkpoint.enabled:
         lock = stack.enter_context(hold_run_lock(plan.checkpoint.directory))
     tokenizer = load_tokenizer(cfg)
-    data = SFTData(plan.data, tokenizer, dp_ranks=sharding_lib.local_dp_ranks(mesh))
+    dataset = build_dataset(cfg)
+    if validate_data:  # before an up-front cache would stop at the first bad row
+        check_every_row(plan, tokenizer, dataset)
+    data = SFTData(plan.data, tokenizer, dp_ranks=sharding_lib.local_dp_ranks(mesh), dataset=dataset)
     model = from_pretrained(
         model_dir, plan.model.options, mesh=mesh, hf_config_overrides=plan.model.hf_config_overrides
     )
@@ -170,6 +176,22 @@ def setup(cfg: Any, stack: contextlib.ExitStack) -> Run:
     if plan.checkpoint.enabled:
         run = _resume(run, *shardings)
     return run
+
+
+def check_every_row(plan: RunPlan, tokenizer: Any, dataset: Any) -> None:
+    """`--validate_data`: every row of both splits encoded as training does (each process a share),
+    an `error:` line for each that fails, then a DataError when any did (all processes agree)."""
+    encoder = ConversationEncoder.from_config(plan.config, tokenizer, dataset.task_spec)
+    failed = 0
+    for message in check_dataset(plan.data, dataset, encoder, jax.process_index(), jax.process_count()):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        failed += 1
+    total = int(distributed.allgather_ints([failed]).sum())
+    rows = len(dataset.formatted_ds["train"]) + len(dataset.formatted_ds["validation"])
+    if total:
+        raise DataError(f"--validate_data: {total} of {rows} rows failed to encode (listed above); fix them")
+    if jax.process_index() == 0:
+        print(f"validate_data: all {rows} rows encode", flush=True)
 
 
 def _compile_steps(
