@@ -26,7 +26,7 @@ from jax_sft.models.config import ModelConfig
 from jax_sft.models.layers import ACTIVATIONS, Attention, RMSNorm, meta, normal_init, projection
 from jax_sft.models.mamba import Mamba2
 from jax_sft.models.moe import expert_parallel, grouped_experts, ungated
-from jax_sft.models.options import LoraConfig
+from jax_sft.models.options import Fp8Config, LoraConfig
 
 
 class UpDownMLP(nnx.Module):
@@ -42,10 +42,11 @@ class UpDownMLP(nnx.Module):
         rngs: nnx.Rngs,
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
+        fp8: Fp8Config | None = None,
     ):
         e, bias = cfg.hidden_size, cfg.mlp_bias
         ad = lambda name: lora if name in adapted else None  # noqa: E731
-        dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8)
         self.up_proj = projection(
             "bte,em->btm", (e, size), ("embed", "mlp"), (size,) if bias else None, ("mlp",), lora=ad("up_proj"), **dense
         )
@@ -154,7 +155,8 @@ class SigmoidMoE(nnx.Module):
 
 class HybridLayer(nnx.Module):
     """One block of a hybrid model: x + mixer(norm(x)), the mixer of `cfg.layer_kinds[layer]`.
-    Built and called like `decoder.DecoderLayer`."""
+    Built and called like `decoder.DecoderLayer`; with `fp8`, the attention and MLP mixers' projections
+    run FP8 matmuls (Mamba mixers and MoE experts stay in the compute dtype)."""
 
     def __init__(
         self,
@@ -169,6 +171,8 @@ class HybridLayer(nnx.Module):
         mesh=None,
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
+        fp8: Fp8Config | None = None,
+        context=None,
     ):
         self.kind = cfg.layer_kinds[layer]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -176,9 +180,11 @@ class HybridLayer(nnx.Module):
         if self.kind == "mamba":
             self.mixer = Mamba2(cfg, **common)
         elif self.kind == "attention":
-            self.mixer = Attention(cfg, layer, implementation=implementation, max_segments=max_segments, **common)
+            self.mixer = Attention(
+                cfg, layer, implementation=implementation, max_segments=max_segments, fp8=fp8, context=context, **common
+            )
         elif self.kind == "mlp":
-            self.mixer = UpDownMLP(cfg, cfg.intermediate_size, **common)
+            self.mixer = UpDownMLP(cfg, cfg.intermediate_size, fp8=fp8, **common)
         else:
             self.mixer = SigmoidMoE(cfg, mesh=mesh, **common)
         self.num_experts = cfg.num_experts
