@@ -52,6 +52,20 @@ def test_squad_from_local_files(tmp_path):
         build_dataset(cfg_with(train={"dataset_name": "squad", "data_path": bad}))
 
 
+def test_a_hub_dataset_that_cannot_be_reached_names_the_local_copy_key(monkeypatch):
+    """Offline (as the tests run: HF_DATASETS_OFFLINE=1) or without network, a hub dataset is one
+    error naming the section's data_path, not datasets' ConnectionError traceback."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(hf_datasets.config, "HF_DATASETS_OFFLINE", True)
+    cfg = cfg_with(train={"dataset_name": "OpenMathInstruct-2", "split": "train_1M"})
+    with pytest.raises(
+        DataError, match=r"^data.train: dataset_name='OpenMathInstruct-2' is read from the Hugging Face "
+    ):
+        build_dataset(cfg)
+    with pytest.raises(DataError, match=r"set data.train.data_path to a local copy"):
+        build_dataset(cfg)
+
+
 def _oasst_rows():
     def m(mid, parent, role, text):
         return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "lang": "en"}

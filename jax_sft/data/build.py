@@ -25,6 +25,7 @@ from jax_sft.data.sections import (
     raise_problems,
     resolve_class,
 )
+from jax_sft.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,14 @@ def _load_section(s: Section) -> RawDataset:
     kwargs = {k: v for k, v in s.keys.items() if (var_kw or k in params) and k != WEIGHT}
     if cls in REGISTRY.values():  # jax_sft's built-ins read null as their default
         kwargs = {k: v for k, v in kwargs.items() if v is not None or params[k].default is None}
-    data = cls(**kwargs)
+    try:
+        data = cls(**kwargs)
+    except ConnectionError as e:  # what `datasets` raises for a hub it cannot reach (or offline mode)
+        raise DataError(
+            f"{s.where}: dataset_name={s.keys['dataset_name']!r} is read from the Hugging Face hub, which "
+            f"cannot be reached here ({e}); set {s.where}.data_path to a local copy (a jsonl or parquet file, "
+            "or a save_to_disk folder, with the hub dataset's columns)"
+        ) from None
     if hasattr(data, "set_task_spec"):
         data.set_task_spec(s.keys)
     else:
