@@ -226,6 +226,8 @@ def test_two_processes_match_one_process_with_four_devices(assets, reference, tm
     # Each process stored its own data-iterator state in every checkpoint.
     assert saved_steps(reference / "ckpt")[-1] == STEPS
     assert sorted(p.name for p in (reference / "ckpt" / "step_10" / "data").glob("*.json")) == [
+        "_FILES.process_0-of-2.json",  # each process lists the files it wrote (checkpoint_verify)
+        "_FILES.process_1-of-2.json",
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]

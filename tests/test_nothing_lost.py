@@ -251,7 +251,7 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_one_stops_at_once(assets, tmp_p
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs before this ends
-    monkeypatch.setattr(train, "run", lambda cfg, stop_signals: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train, "run", lambda cfg, stop_signals, **_: (_ for _ in ()).throw(KeyboardInterrupt))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--config", str(ROOT / "configs" / "quickstart.py"), *overrides(assets, tmp_path)])
