@@ -28,3 +28,28 @@ def fixture_tokenizer_path():
         return path
 
     return get
+
+
+# The longest files first (measured on 2 cores), so that under pytest-xdist's `--dist loadfile`
+# (.ci/run) the two workers end together instead of one running a long file alone at the end.
+LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_distributed.py",
+    "test_train.py",
+    "test_bench.py",
+    "test_lora_train.py",
+    "test_nemotron_h.py",
+    "test_context.py",
+    "test_families.py",
+    "test_data_pipeline.py",
+    "test_first_contact.py",
+    "test_nothing_lost.py",
+    "test_dry_run.py",
+    "test_fp8.py",
+    "test_nemo_recipes.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

@@ -589,6 +589,7 @@ def test_a_mixture_draws_its_weights_over_10k_sequences(fixture_tokenizer_path, 
     assert len(drawn) == 10_000
     is_a = drawn < 40
     share = is_a.mean() if by == "examples" else sum(lengths[i] for i in drawn[is_a]) / sum(map(lengths.get, drawn))
+    print(f"\nmixture by {by}: dataset a's share {share:.4%} over 10,000 draws (weight 75%)")
     assert abs(share - 0.75) < 0.01, share
     for rows, n in ((drawn[is_a], 40), (drawn[~is_a], 25)):
         counts = np.bincount(rows - rows.min(), minlength=n)
