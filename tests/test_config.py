@@ -541,3 +541,16 @@ def test_max_sequences_per_bin_and_mixture_by_are_checked():
     e = errors(None, ["policy.sequence_packing.max_sequences_per_bin=0", "data.mixture_by=rows"])
     assert any("max_sequences_per_bin=0: expected a positive number" in p for p in e.problems)
     assert any("data.mixture_by='rows': expected one of examples, tokens" in p for p in e.problems)
+
+
+def test_an_interpolation_that_cannot_resolve_names_its_key(tmp_path):
+    """NeMo RL's sft.yaml names its W&B run after ${data.train.dataset_name}; a data.train list
+    (a mixture) leaves that unresolvable: the error names the key that holds the interpolation."""
+    path = tmp_path / "sft.yaml"
+    path.write_text(
+        'data:\n  train:\n    dataset_name: squad\nlogger:\n  wandb:\n    name: "sft-dev-${data.train.dataset_name}"\n'
+    )
+    assert load_quiet(path).logger.wandb.name == "sft-dev-squad"
+    message = str(errors(path, ["data.train=[{dataset_name:squad,weight:3},{dataset_name:squad,weight:1}]"]))
+    assert "logger.wandb.name: cannot resolve an interpolation" in message, message
+    assert "set logger.wandb.name to a plain value" in message and "\n" not in message, message

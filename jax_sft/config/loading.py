@@ -238,7 +238,10 @@ def _resolve(tree: dict, source: str) -> dict:
     try:
         return OmegaConf.to_container(OmegaConf.create(tree), resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
-        problem = f"cannot resolve an interpolation or a ??? value: {e}"
+        key, why = getattr(e, "full_key", None), str(e).splitlines()[0]
+        problem = f"cannot resolve an interpolation or a ??? value: {why}"
+        if key:  # the key whose value holds the interpolation, e.g. logger.wandb.name
+            problem = f"{key}: {problem}; set {key} to a plain value or fix what it refers to"
         raise ConfigError([problem], source) from None
 
 
