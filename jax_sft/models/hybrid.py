@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_sft.models import context as context_lib
 from jax_sft.models.config import ModelConfig
 from jax_sft.models.layers import ACTIVATIONS, Attention, RMSNorm, meta, normal_init, projection
 from jax_sft.models.mamba import Mamba2
@@ -172,7 +173,7 @@ class HybridLayer(nnx.Module):
         lora: LoraConfig | None = None,
         adapted: frozenset[str] = frozenset(),
         fp8: Fp8Config | None = None,
-        context=None,
+        context: context_lib.ContextParallel | None = None,
     ):
         self.kind = cfg.layer_kinds[layer]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
